@@ -1,0 +1,1 @@
+"""Model backends, one small Protocol per capability, registered by name (see curation.stage)."""

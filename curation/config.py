@@ -1,0 +1,223 @@
+"""pipelines.yaml validated into typed config: unknown keys and bad values fail at once, naming the key path."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key path it was found at."""
+
+
+def field(default=dataclasses.MISSING, *, ge=None, le=None, gt=None, lt=None, choices=None, **kw):
+    """A dataclass field with range / choice constraints checked by ``from_dict``."""
+    meta = {k: v for k, v in dict(ge=ge, le=le, gt=gt, lt=lt, choices=choices).items() if v is not None}
+    if default is not dataclasses.MISSING and isinstance(default, (list, dict)):
+        val = default
+        return dataclasses.field(default_factory=lambda: json.loads(json.dumps(val)), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (recursing into dataclasses, lists, dicts, Optionals)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {args}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def _check_meta(value, meta: dict, path: str) -> None:
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {list(meta['choices'])}")
+    for key, ok, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("le", lambda v, b: v <= b, "<="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        if key in meta:
+            vals = value if isinstance(value, list) else [value]
+            for v in vals:
+                if not ok(v, meta[key]):
+                    raise ConfigError(f"{path}: {value!r} is out of range; must be {word} {meta[key]}")
+
+
+def from_dict(cls, data: Any, path: str = ""):
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}; allowed keys at {path or '<root>'}: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], sub)
+            _check_meta(kwargs[name], f.metadata, sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {sub}")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(path)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The top-level schema. Stage params are validated against each stage's own ``Params`` dataclass.
+
+
+@dataclasses.dataclass
+class Resources:
+    num_cpus: float = field(0.25, gt=0)
+    num_gpus: float = field(0.0, ge=0)
+    batch_size: int = field(4, ge=1)
+    concurrency: int = field(1, ge=1)
+
+
+@dataclasses.dataclass
+class StageSpec:
+    stage: str
+    group: str = ""  # consecutive stages with the same non-empty group run in one worker call
+    params: dict[str, Any] = field({})
+    backend: dict[str, Any] = field({})  # e.g. {name: qwen2_5_vl, model_path: ...}
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclasses.dataclass
+class SourceSpec:
+    kind: Literal["panda70m", "dir", "sample"]
+    csv: str = ""  # panda70m: metadata CSV
+    videos_dir: str = ""  # panda70m: where {videoID}.mp4|.mkv|.webm live; dir: the folder to scan
+    download: bool = False  # panda70m: fetch missing videos with yt-dlp
+    sample_dir: str = "data/sample"  # sample: where the generated footage and CSV are written
+    limit: int = field(0, ge=0)  # 0 = all videos
+
+
+@dataclasses.dataclass
+class RayConfig:
+    address: str = ""  # empty: RAY_ADDRESS from the environment, else a local instance
+    num_cpus: int = field(2, ge=1)  # local instance only
+    dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+    node_ip: str = "127.0.0.1"
+
+
+@dataclasses.dataclass
+class Config:
+    output_dir: str = "output"
+    models_dir: str = "models"
+    default_source: str = "sample"
+    default_pipeline: str = "default"
+    sources: dict[str, SourceSpec] = field({})
+    pipelines: dict[str, list[StageSpec]] = field({})
+    ray: RayConfig = field(default_factory=RayConfig)
+    models: dict[str, Any] = field({})  # named model files: {name: {path:, sha256:, url:}}
+
+    def validate(self, path: str = "") -> None:
+        if self.default_source not in self.sources:
+            raise ConfigError(f"default_source: {self.default_source!r} is not one of {sorted(self.sources)}")
+        if self.default_pipeline not in self.pipelines:
+            raise ConfigError(
+                f"default_pipeline: {self.default_pipeline!r} is not one of {sorted(self.pipelines)}"
+            )
+        for pname, specs in self.pipelines.items():
+            for i, spec in enumerate(specs):
+                validate_stage_spec(spec, f"pipelines.{pname}[{i}]")
+
+
+def validate_stage_spec(spec: StageSpec, path: str):
+    """Check a stage exists and its params match its Params dataclass; returns the typed params."""
+    from curation.stages import load_all  # registers every stage
+
+    stages = load_all()
+    if spec.stage not in stages:
+        raise ConfigError(f"{path}.stage: unknown stage {spec.stage!r}; allowed values: {sorted(stages)}")
+    cls = stages[spec.stage]
+    if cls.Params is None:
+        if spec.params:
+            raise ConfigError(f"{path}.params: stage {spec.stage!r} takes no params")
+        return None
+    return from_dict(cls.Params, spec.params, f"{path}.params")
+
+
+def load_config(path: str | Path = "pipelines.yaml") -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return from_dict(Config, data)
+
+
+def config_hash(cfg: Config, pipeline: str) -> str:
+    """A short stable hash of what makes the output: the pipeline's stages and their params."""
+    blob = json.dumps([dataclasses.asdict(s) for s in cfg.pipelines[pipeline]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
