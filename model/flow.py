@@ -1,0 +1,292 @@
+"""Rectified-flow math for Phantom: noising, timestep sampling, the video-only loss, condition dropout, dual-CFG Euler sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+# Convention (paper §3.3): x_t = (1 - t) * x0 + t * eps, t = 0 is data and t = 1 is pure noise; the model
+# regresses the constant velocity u = dx_t/dt = eps - x0, and sampling integrates from t = 1 down to t = 0.
+
+
+@dataclass
+class Conditioning:
+    """Everything the MMDiT is conditioned on besides (x_t, t). Shapes as in MMDiT.forward."""
+
+    text: torch.Tensor  # (B, L, text_dim)
+    text_mask: torch.Tensor  # (B, L) bool
+    ref_latents: torch.Tensor | None = None  # (B, n, C, H, W)
+    ref_clip: torch.Tensor | None = None  # (B, n, clip_dim) or (B, n, k, clip_dim)
+    ref_mask: torch.Tensor | None = None  # (B, n) bool
+
+    @property
+    def batch_size(self) -> int:
+        return self.text.shape[0]
+
+    @property
+    def num_refs(self) -> int:
+        for r in (self.ref_latents, self.ref_clip):
+            if r is not None:
+                return r.shape[1]
+        return 0
+
+    def full_ref_mask(self) -> torch.Tensor:
+        """(B, n) bool, all True where ref_mask was not given."""
+        if self.ref_mask is not None:
+            return self.ref_mask.bool()
+        return torch.ones(
+            self.batch_size, self.num_refs, dtype=torch.bool, device=self.text.device
+        )
+
+    def as_kwargs(self) -> dict:
+        return {
+            "text": self.text,
+            "text_mask": self.text_mask,
+            "ref_latents": self.ref_latents,
+            "ref_clip": self.ref_clip,
+            "ref_mask": self.ref_mask,
+        }
+
+    def drop_text(self, which: torch.Tensor | None = None) -> Conditioning:
+        """Remove the text for the samples in `which` ((B,) bool; None = all): zero states, all-False mask."""
+        which = _which(which, self.batch_size, self.text.device)
+        keep = ~which
+        return replace(
+            self,
+            text=self.text * keep[:, None, None].to(self.text.dtype),
+            text_mask=self.text_mask.bool() & keep[:, None],
+        )
+
+    def drop_image(self, which: torch.Tensor | None = None) -> Conditioning:
+        """Remove every reference (VAE and CLIP) for the samples in `which`: zero features, ref_mask False."""
+        if self.num_refs == 0:
+            return self
+        which = _which(which, self.batch_size, self.text.device)
+        keep = ~which
+        return replace(
+            self,
+            ref_latents=_zero_rows(self.ref_latents, keep),
+            ref_clip=_zero_rows(self.ref_clip, keep),
+            ref_mask=self.full_ref_mask() & keep[:, None],
+        )
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        """Move to a device; float tensors also to `dtype` (masks stay bool)."""
+
+        def mv(a):
+            if a is None:
+                return None
+            return (
+                a.to(device=device, dtype=dtype)
+                if a.is_floating_point()
+                else a.to(device=device)
+            )
+
+        return Conditioning(**{k: mv(a) for k, a in self.as_kwargs().items()})
+
+    @staticmethod
+    def cat(conds: list[Conditioning]) -> Conditioning:
+        """Stack along the batch (all must have the same L and n)."""
+        out = {}
+        for key in ("text", "text_mask", "ref_latents", "ref_clip"):
+            vals = [getattr(c, key) for c in conds]
+            out[key] = None if vals[0] is None else torch.cat(vals, dim=0)
+        out["ref_mask"] = (
+            torch.cat([c.full_ref_mask() for c in conds], 0)
+            if conds[0].num_refs
+            else None
+        )
+        return Conditioning(**out)
+
+
+def _which(which, B, device) -> torch.Tensor:
+    return (
+        torch.ones(B, dtype=torch.bool, device=device)
+        if which is None
+        else which.bool().to(device)
+    )
+
+
+def _zero_rows(a: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
+    # a: (B, ...) ; keep: (B,) bool
+    if a is None:
+        return None
+    return a * keep.view(-1, *([1] * (a.dim() - 1))).to(a.dtype)
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) * x0 + t * eps; t: (B,) broadcast over the other dims of x0."""
+    t = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * eps
+
+
+def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """u = dx_t/dt = eps - x0."""
+    return eps - x0
+
+
+def sample_timesteps(
+    B: int,
+    generator: torch.Generator | None = None,
+    mode: str = "logit_normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    device=None,
+) -> torch.Tensor:
+    """(B,) training timesteps in (0, 1). logit_normal (SD3's default noise sampling) or uniform."""
+    device = (
+        device
+        if device is not None
+        else (generator.device if generator is not None else "cpu")
+    )
+    if mode == "logit_normal":
+        return torch.sigmoid(
+            mean + std * torch.randn(B, generator=generator, device=device)
+        )
+    if mode == "uniform":
+        return torch.rand(B, generator=generator, device=device)
+    raise ValueError(
+        f"unknown timestep mode {mode!r}; allowed: 'logit_normal', 'uniform'"
+    )
+
+
+def video_mse(pred_video: torch.Tensor, target_video: torch.Tensor) -> torch.Tensor:
+    """(B,) per-sample MSE over the video latents only; the reference tail never enters (eq. 4)."""
+    return (
+        F.mse_loss(pred_video.float(), target_video.float(), reduction="none")
+        .flatten(1)
+        .mean(1)
+    )
+
+
+def rf_loss(
+    model,
+    x0: torch.Tensor,
+    cond: Conditioning,
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    t_mode: str = "logit_normal",
+    t_mean: float = 0.0,
+    t_std: float = 1.0,
+) -> tuple[torch.Tensor, dict]:
+    """Rectified-flow loss ||v - (eps - x0)||^2 on the video tokens only.
+
+    x0: (B, C, T, H, W) clean video latents. t, noise: optional fixed values (else drawn from `generator`).
+    Returns (scalar loss, info) with info = {"loss_per_sample": (B,), "t": (B,)} (detached).
+    """
+    B = x0.shape[0]
+    if t is None:
+        t = sample_timesteps(B, generator, t_mode, t_mean, t_std, device=x0.device)
+    if noise is None:
+        noise = torch.randn(
+            x0.shape, generator=generator, device=x0.device, dtype=x0.dtype
+        )
+    xt = add_noise(x0, noise, t)
+    out = model(xt, t.to(x0.dtype), **cond.as_kwargs())
+    per_sample = video_mse(out.video, velocity_target(x0, noise))
+    return per_sample.mean(), {"loss_per_sample": per_sample.detach(), "t": t.detach()}
+
+
+def apply_condition_dropout(
+    cond: Conditioning,
+    p_text: float,
+    p_image: float,
+    p_ref_vae: float = 0.7,
+    generator: torch.Generator | None = None,
+) -> Conditioning:
+    """Training-time dropout, drawn per sample (and per reference for the VAE part).
+
+    p_text: drop the whole text of a sample (learns the image-only branch of eq. 5).
+    p_image: drop every reference of a sample, VAE and CLIP (learns the unconditional branch).
+    p_ref_vae: zero the VAE latent of a reference while keeping its CLIP feature, so the pixel-level
+      VAE features do not overshadow the semantic CLIP ones (paper §3.3 uses 0.7). The zeroed reference
+      stays in ref_mask: the model sees a blank latent frame, as in feature dropout.
+    """
+    B, dev = cond.batch_size, cond.text.device
+    gdev = generator.device if generator is not None else "cpu"
+    drop_t = torch.rand(B, generator=generator, device=gdev).to(dev) < p_text
+    drop_i = torch.rand(B, generator=generator, device=gdev).to(dev) < p_image
+    out = cond.drop_text(drop_t).drop_image(drop_i)
+    if out.ref_latents is not None and p_ref_vae > 0:
+        n = out.ref_latents.shape[1]
+        keep_vae = (torch.rand(B, n, generator=generator, device=gdev) >= p_ref_vae).to(
+            dev
+        )  # (B, n)
+        out = replace(
+            out,
+            ref_latents=out.ref_latents
+            * keep_vae[:, :, None, None, None].to(out.ref_latents.dtype),
+        )
+    return out
+
+
+def timestep_schedule(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
+    """(steps + 1,) times from 1 to 0; shift > 1 spends more steps at high noise (SD3's resolution shift)."""
+    t = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@torch.no_grad()
+def euler_sample(
+    model,
+    cond: Conditioning,
+    shape: tuple[int, ...],
+    steps: int = 50,
+    w_img: float = 3.0,
+    w_txt: float = 7.5,
+    generator: torch.Generator | None = None,
+    shift: float = 1.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Euler integration of the flow from t = 1 (noise) to t = 0 with Phantom's two-weight guidance (eq. 5).
+
+    v = v_uncond + w_img * (v_img - v_uncond) + w_txt * (v_txt_img - v_img), where v_img is conditioned on
+    the references only and v_txt_img on text and references. The three branches run as one batch of 3B.
+    shape: (B, C, T, H, W). Returns the (B, C, T, H, W) sample at t = 0.
+    """
+    dev = cond.text.device
+    x = (
+        noise
+        if noise is not None
+        else torch.randn(shape, generator=generator, device=dev)
+    )
+    B = shape[0]
+    img_only = cond.drop_text()
+    cond3 = Conditioning.cat(
+        [img_only.drop_image(), img_only, cond]
+    )  # uncond, image, text+image
+    ts = timestep_schedule(steps, shift, device=dev)
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        v3 = model(torch.cat([x] * 3, 0), t.expand(3 * B), **cond3.as_kwargs()).video
+        v_u, v_i, v_ti = v3.chunk(3, dim=0)
+        v = v_u + w_img * (v_i - v_u) + w_txt * (v_ti - v_i)
+        x = x + (t_next - t) * v  # dt < 0: moves towards data
+    return x
+
+
+@torch.no_grad()
+def euler_sample_cond(
+    model,
+    cond: Conditioning,
+    shape: tuple[int, ...],
+    steps: int = 50,
+    generator: torch.Generator | None = None,
+    shift: float = 1.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain conditional Euler sampling (no guidance): the w_img = w_txt = 1 case of euler_sample."""
+    dev = cond.text.device
+    x = (
+        noise
+        if noise is not None
+        else torch.randn(shape, generator=generator, device=dev)
+    )
+    ts = timestep_schedule(steps, shift, device=dev)
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        x = x + (t_next - t) * model(x, t.expand(shape[0]), **cond.as_kwargs()).video
+    return x
