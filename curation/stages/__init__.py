@@ -1,6 +1,7 @@
 """Pipeline stages, one module each; importing this package's modules registers them."""
 
 import importlib
+import os
 import pkgutil
 
 
@@ -13,4 +14,8 @@ def load_all() -> dict:
         for mod in pkgutil.iter_modules(pkg.__path__):
             if not mod.name.startswith("_"):
                 importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    # Extra stage modules (a user's own stages, or test stages) named in CURATION_PLUGINS, comma-separated;
+    # read here so Ray workers, which inherit the environment, register them too.
+    for name in filter(None, os.environ.get("CURATION_PLUGINS", "").split(",")):
+        importlib.import_module(name.strip())
     return STAGES

@@ -106,3 +106,23 @@ def test_duplicate_video_ids_are_an_error(tmp_path):
     rows = _rows(tmp_path)
     with pytest.raises(ValueError, match="duplicate video_id"):
         run_pipeline(_cfg(), "p", rows + rows[:1], StageContext(out_dir=str(tmp_path)), runner="sequential")
+
+
+@pytest.mark.slow
+def test_ray_runner_gives_the_same_records_as_sequential(tmp_path, monkeypatch):
+    import ray
+
+    repo = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("CURATION_PLUGINS", __name__)
+    monkeypatch.setenv("PYTHONPATH", repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cfg, rows = _cfg(), _rows(tmp_path)
+    seq = run_pipeline(cfg, "p", rows, StageContext(out_dir=str(tmp_path / "seq")), runner="sequential")
+    try:
+        par = run_pipeline(cfg, "p", rows, StageContext(out_dir=str(tmp_path / "ray")), runner="ray")
+    finally:
+        ray.shutdown()
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "error"} for r in rs]
+
+    assert strip(par.rows) == strip(seq.rows) and par.outputs == seq.outputs
