@@ -1,4 +1,4 @@
-"""`make bench`: run every bench/bench_*.py, merge the figures into one flat bench-results.json, print a table."""
+"""`make bench`: run every bench/bench_*.py, merge their figures into bench-results.json, print a table."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pipelines.yaml validated into typed config: unknown keys and bad values fail at once, naming the key path."""
+"""pipelines.yaml validated into typed config: unknown keys and bad values fail at once, naming their path."""
 
 from __future__ import annotations
 

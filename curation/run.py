@@ -55,7 +55,7 @@ def print_summary(s: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="pipelines.yaml")
-    ap.add_argument("--source", default=None, help="a source name from pipelines.yaml (default: default_source)")
+    ap.add_argument("--source", default=None, help="a source from pipelines.yaml")
     ap.add_argument("--pipeline", default=None, help="a pipeline name (default: default_pipeline)")
     ap.add_argument("--out", default=None, help="output folder (default: <output_dir>/<source>)")
     ap.add_argument("--runner", choices=["ray", "sequential"], default="ray")

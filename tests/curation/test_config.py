@@ -58,7 +58,8 @@ def test_wrong_type(tmp_path, raw):
 def test_out_of_range_resource(tmp_path, raw):
     data = copy.deepcopy(raw)
     data["pipelines"]["default"][0]["resources"]["batch_size"] = 0
-    with pytest.raises(ConfigError, match=r"pipelines\.default\[0\]\.resources\.batch_size: 0 is out of range"):
+    msg = r"pipelines\.default\[0\]\.resources\.batch_size: 0 is out of range"
+    with pytest.raises(ConfigError, match=msg):
         _load(tmp_path, data)
 
 
