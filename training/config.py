@@ -1,0 +1,229 @@
+"""Typed training configuration: YAML (safe_load) into dataclasses; unknown keys and bad values raise."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class PhaseConfig:
+    """One training phase (paper §3.3: low resolution first, then mixed higher resolution)."""
+
+    name: str = "phase"
+    steps: int = 100
+    # Aspect-ratio buckets as [height_px, width_px]; each clip goes to the bucket closest in log aspect.
+    buckets: list[list[int]] = field(default_factory=lambda: [[64, 64]])
+    num_frames: int = 9
+    fps: float = 8.0
+    batch_size: int = 2
+
+
+@dataclass
+class DataConfig:
+    shards: str = "output/sample/shards"
+    shuffle_buffer: int = 64
+    shuffle_initial: int = 16
+    # DataLoader workers; each is one deterministic stream, so this also fixes the data order.
+    num_workers: int = 1
+    prefetch_factor: int = 2
+    mp_context: str = "fork"
+    max_refs: int = 4
+    verify_sha256: bool = False
+    # Directory for cached encoder outputs (safetensors); None disables caching.
+    cache_dir: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    # Cosine decay ends at lr * min_lr_ratio on the last step of the last phase.
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    grad_accum: int = 1
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    strategy: str = "ddp"
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    # Field overrides for model.mmdit.MMDiTConfig (its constructor rejects unknown names).
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FlowConfig:
+    # Keyword arguments for model.flow.apply_condition_dropout (paper: VAE reference dropout 0.7).
+    dropout: dict[str, Any] = field(default_factory=dict)
+    # Keyword arguments for model.flow.rf_loss beyond (model, x0, cond, generator).
+    loss: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = "runs/train_tiny"
+    log_every: int = 1
+    ckpt_every: int = 50
+    keep_checkpoints: int = 3
+    sample_every: int = 0
+    sample_steps: int = 10
+    sample_w_img: float = 3.0
+    sample_w_txt: float = 7.5
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Passed to training.encoders.build_encoders, which validates its own keys.
+    encoders: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A bad training config: the message names the key path and what is allowed."""
+
+
+_ALLOWED = {
+    "scaling.strategy": ("ddp", "fsdp"),
+    "data.mp_context": ("fork", "spawn", "forkserver"),
+}
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a plain mapping; an unknown key raises with its dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key(s) {[where + k for k in unknown]}; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check value ranges that types alone do not catch."""
+    for key, allowed in _ALLOWED.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+    if not cfg.phases:
+        raise ConfigError("phases: at least one phase is required")
+    for i, phase in enumerate(cfg.phases):
+        where = f"phases[{i}]"
+        if phase.steps <= 0 or phase.batch_size <= 0 or phase.num_frames <= 0 or phase.fps <= 0:
+            raise ConfigError(f"{where}: steps, batch_size, num_frames and fps must be positive")
+        if not phase.buckets or any(len(b) != 2 or min(b) <= 0 for b in phase.buckets):
+            raise ConfigError(f"{where}.buckets: expected a list of [height_px, width_px] pairs")
+    if cfg.data.num_workers < 0:
+        raise ConfigError("data.num_workers: must be >= 0")
+    if not 1 <= cfg.data.max_refs <= 4:
+        raise ConfigError("data.max_refs: Phantom takes 1 to 4 references")
+    if cfg.scaling.num_workers < 1:
+        raise ConfigError("scaling.num_workers: must be >= 1")
+    if cfg.optim.grad_accum < 1 or cfg.optim.warmup_steps < 0:
+        raise ConfigError("optim: grad_accum must be >= 1 and warmup_steps >= 0")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise ConfigError("optim.ema_decay: must be in [0, 1)")
+    return cfg
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set data['a']['b'] for 'a.b' (used by --set key=value overrides)."""
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a mapping")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (safe_load), apply dotted overrides, and validate it into a TrainConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return validate(from_dict(TrainConfig, data))
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from TrainConfig.to_dict() output (e.g. inside a Ray worker)."""
+    return validate(from_dict(TrainConfig, data))

@@ -1,0 +1,450 @@
+"""The training loop shared by Ray Train workers and the --no-ray path: phases, RF loss, EMA, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.flow import Conditioning, apply_condition_dropout, rf_loss
+from model.mmdit import MMDiT, mmdit_config
+from training import checkpoint as ckpt
+from training.config import PhaseConfig, TrainConfig
+from training.data import (
+    CorruptTally,
+    DataPosition,
+    EncodingCache,
+    StreamSpec,
+    build_loader,
+    list_shards,
+    to_unit_range,
+)
+from training.encoders import DEFAULT_BACKENDS, IMAGE_BACKENDS, TEXT_BACKENDS, VAE_BACKENDS, build_encoders
+
+log = logging.getLogger(__name__)
+
+CSV_FIELDS = ["step", "phase", "loss", "lr", "grad_norm", "samples_per_s", "step_ms", "corrupt", "wall_s"]
+
+
+@dataclass
+class Context:
+    """Where the loop runs: rank layout, device, how to wrap the model, and an optional metrics hook."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    report: Callable[[dict[str, float]], None] | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup to 1, then cosine decay to min_ratio at total_steps (picklable)."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def phase_at(phases: list[PhaseConfig], step: int) -> tuple[int, int]:
+    """(phase index, first step of that phase) for a global step; past the end -> (len(phases), total)."""
+    start = 0
+    for i, phase in enumerate(phases):
+        if step < start + phase.steps:
+            return i, start
+        start += phase.steps
+    return len(phases), start
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+def _encoder_cfg(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Put the encoders on the training device unless the YAML pins one."""
+    out = {k: dict(v or {}) for k, v in (cfg or {}).items()}
+    for section, registry in (("vae", VAE_BACKENDS), ("text", TEXT_BACKENDS), ("image", IMAGE_BACKENDS)):
+        sub = out.setdefault(section, {})
+        name = sub.get("backend", DEFAULT_BACKENDS[section])
+        if name in registry and "device" in registry[name][1] and "device" not in sub:
+            sub["device"] = str(device)
+    return out
+
+
+def encoder_signature(cfg: dict[str, Any]) -> str:
+    """Names the encoder setup, so cached outputs of another setup are never reused."""
+    return repr(sorted((k, sorted((v or {}).items())) for k, v in (cfg or {}).items()))
+
+
+@torch.no_grad()
+def _encode_fresh(batch: dict[str, Any], enc, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Run the frozen encoders on a batch; per-sample tensors (text and refs unpadded)."""
+    video = to_unit_range(batch["video"].to(device))  # (B, 3, T, H, W) in [-1, 1]
+    latents = enc.vae.encode(video).float()  # (B, C, T', h, w)
+    text, text_mask = enc.text.encode(batch["captions"])  # (B, L, D), (B, L)
+    ref_mask = batch["ref_mask"].to(device)  # (B, n)
+    refs = to_unit_range(batch["refs"].to(device)[ref_mask])  # (N_valid, 3, H, W), only real refs
+    ref_lat = enc.vae.encode_image(refs).float()  # (N_valid, C, h, w)
+    ref_clip = enc.image.encode((refs + 1) / 2).float()  # (N_valid, clip_dim)
+    out, j = [], 0
+    for i in range(latents.shape[0]):
+        n = int(ref_mask[i].sum())
+        out.append(
+            {
+                "latents": latents[i],
+                "text": text[i][text_mask[i].bool()],
+                "ref_latents": ref_lat[j : j + n],
+                "ref_clip": ref_clip[j : j + n],
+            }
+        )
+        j += n
+    return out
+
+
+def _pad_stack(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (l_i, ...) -> ((B, length, ...) zero-padded, (B, length) bool mask)."""
+    shape = (len(rows), length, *rows[0].shape[1:])
+    out = rows[0].new_zeros(shape)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return out, mask
+
+
+def encode_batch(
+    batch: dict[str, Any], enc, device: torch.device, cache: EncodingCache | None = None, phase=None
+) -> tuple[torch.Tensor, Conditioning]:
+    """Batch from the loader -> (x0 latents (B, C, T', h, w), Conditioning), reading/writing the cache."""
+    B = len(batch["keys"])
+    per_sample: list[dict[str, torch.Tensor] | None] = [None] * B
+    paths = []
+    if cache is not None:
+        for i, key in enumerate(batch["keys"]):
+            paths.append(cache.path(key, batch["bucket"], phase.num_frames, phase.fps))
+            hit = cache.load(paths[i])
+            if hit is not None and hit["ref_latents"].shape[0] == int(batch["ref_mask"][i].sum()):
+                per_sample[i] = {k: v.to(device) for k, v in hit.items()}
+    missing = [i for i in range(B) if per_sample[i] is None]
+    if missing:
+        sub = {
+            "video": batch["video"][missing],
+            "captions": [batch["captions"][i] for i in missing],
+            "refs": batch["refs"][missing],
+            "ref_mask": batch["ref_mask"][missing],
+        }
+        for i, enc_out in zip(missing, _encode_fresh(sub, enc, device)):
+            per_sample[i] = enc_out
+            if cache is not None:
+                cache.save(paths[i], enc_out)
+    x0 = torch.stack([s["latents"] for s in per_sample])  # (B, C, T', h, w)
+    text, text_mask = _pad_stack([s["text"] for s in per_sample], max(s["text"].shape[0] for s in per_sample))
+    n_max = batch["ref_mask"].shape[1]
+    ref_latents, ref_mask = _pad_stack([s["ref_latents"] for s in per_sample], n_max)
+    ref_clip, _ = _pad_stack([s["ref_clip"] for s in per_sample], n_max)
+    cond = Conditioning(
+        text=text, text_mask=text_mask, ref_latents=ref_latents, ref_clip=ref_clip, ref_mask=ref_mask
+    )
+    return x0, cond
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """CSV (always) and TensorBoard (optional) on rank 0; a resume drops rows past the resumed step."""
+
+    def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool) -> None:
+        self.path = out_dir / "metrics.csv"
+        rows = []
+        if self.path.exists() and resume_step > 0:
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, row: dict[str, float]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "phase"):
+                    self.tb.add_scalar(f"train/{k}", v, int(row["step"]))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """metrics.csv as a list of float rows (tests and the benchmark compare loss curves with it)."""
+    with open(Path(out_dir) / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _all_reduce_mean(x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if ctx.distributed:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= ctx.world_size
+    return x
+
+
+def _gather(obj: Any, ctx: Context) -> list[Any]:
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig) -> MMDiT:
+    return MMDiT(mmdit_config(cfg.model.preset, **cfg.model.overrides))
+
+
+def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None = None) -> dict[str, Any]:
+    """Train through every phase (resuming from out_dir/checkpoints if there is one).
+
+    stop_at_step: leave right after that step's checkpoint, as if killed there (tests, debugging).
+    Returns a summary: final step, losses seen by this call, skipped-sample counts.
+    """
+    ctx = ctx or Context()
+    out_dir = Path(cfg.log.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    is_main = ctx.rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    use_cuda = ctx.device.type == "cuda"
+    seed_everything(cfg.seed)
+
+    enc = build_encoders(_encoder_cfg(cfg.encoders, ctx.device))
+    model = build_model(cfg).to(ctx.device)
+    model = ctx.prepare_model(model)
+    ema = ckpt.EMA(model, cfg.optim.ema_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    total = cfg.total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
+    )
+    # One generator per rank for everything random in the loss (t, noise, condition dropout).
+    generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1000 + ctx.rank)
+    num_streams = max(1, cfg.data.num_workers)
+    position = DataPosition(num_streams)
+    tally = CorruptTally()
+    step = 0
+    saved_phase = 0
+
+    latest = ckpt.latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest)
+        ckpt.load_training_state(state, model, optimizer, scheduler, ema)
+        ranks = state["ranks"]
+        if len(ranks) != ctx.world_size:
+            raise ValueError(f"{latest} was written by {len(ranks)} ranks, this run has {ctx.world_size}")
+        mine = ranks[ctx.rank]
+        ckpt.set_rng_state(mine["rng"], generator)
+        position.load_state_dict(mine["position"])
+        tally.load_state_dict(mine["corrupt"])
+        step = int(state["step"])
+        saved_phase = int(state["phase"])
+        log.info("resumed from %s at step %d", latest, step)
+        del state
+    metrics = MetricsLog(out_dir, step, cfg.log.tensorboard) if is_main else None
+
+    urls = list_shards(cfg.data.shards, cfg.data.verify_sha256)
+    cache = EncodingCache(cfg.data.cache_dir, encoder_signature(cfg.encoders)) if cfg.data.cache_dir else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
+    losses: list[float] = []
+    t_start = time.perf_counter()
+
+    def save(step: int, phase_idx: int) -> None:
+        state = ckpt.training_state(model, optimizer, scheduler, ema)  # collective under FSDP
+        rank_state = {
+            "rng": ckpt.rng_state(generator),
+            "position": position.state_dict(),
+            "corrupt": tally.state_dict(),
+        }
+        ranks = _gather(rank_state, ctx)
+        if is_main:
+            state.update(step=step, phase=phase_idx, ranks=ranks, config=cfg.to_dict())
+            ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, step), state)
+            ckpt.prune_checkpoints(ckpt_dir, cfg.log.keep_checkpoints)
+        if ctx.distributed:
+            dist.barrier()
+
+    phase_idx, phase_start = phase_at(cfg.phases, step)
+    if phase_idx != saved_phase:  # resumed on a phase boundary: the new phase's stream starts at 0
+        tally.new_phase()
+        position = DataPosition(num_streams)
+    while phase_idx < len(cfg.phases):
+        phase = cfg.phases[phase_idx]
+        spec = StreamSpec(
+            urls=urls,
+            buckets=phase.buckets,
+            num_frames=phase.num_frames,
+            fps=phase.fps,
+            batch_size=phase.batch_size,
+            # Each phase reads its own stream, so its data position restarts at 0.
+            seed=cfg.seed + 7919 * phase_idx,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            num_streams=num_streams,
+            start_batch=position.consumed,
+            stream_skip=list(position.next_group),
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            shuffle_initial=cfg.data.shuffle_initial,
+            max_refs=cfg.data.max_refs,
+        )
+        loader = build_loader(spec, cfg.data.num_workers, cfg.data.prefetch_factor, cfg.data.mp_context)
+        batches = iter(loader)
+        phase_end = phase_start + phase.steps
+        while step < phase_end:
+            t0 = time.perf_counter()
+            model.train()
+            n_samples = 0
+            loss_sum = torch.zeros((), device=ctx.device)
+            for micro in range(cfg.optim.grad_accum):
+                batch = next(batches)
+                position.update(batch)
+                tally.update(batch)
+                n_samples += len(batch["keys"])
+                x0, cond = encode_batch(batch, enc, ctx.device, cache, phase)
+                cond = apply_condition_dropout(cond, generator=generator, **cfg.flow.dropout)
+                last = micro == cfg.optim.grad_accum - 1
+                # DDP: all-reduce gradients only on the last micro-batch.
+                sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                with sync, autocast:
+                    loss, _ = rf_loss(model, x0, cond, generator=generator, **cfg.flow.loss)
+                    (loss / cfg.optim.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            if hasattr(model, "clip_grad_norm_"):  # FSDP clips across shards
+                grad_norm = model.clip_grad_norm_(cfg.optim.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            ema.update(model)
+            step += 1
+            mean_loss = float(_all_reduce_mean(loss_sum / cfg.optim.grad_accum, ctx))
+            losses.append(mean_loss)
+            step_s = time.perf_counter() - t0
+
+            if step % cfg.log.log_every == 0 or step == total:
+                corrupt = torch.tensor(float(tally.total()), device=ctx.device)
+                corrupt = float(_all_reduce_mean(corrupt, ctx)) * ctx.world_size
+                row = {
+                    "step": step,
+                    "phase": phase_idx,
+                    "loss": mean_loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "samples_per_s": n_samples * ctx.world_size / step_s,
+                    "step_ms": 1000 * step_s,
+                    "corrupt": corrupt,
+                    "wall_s": time.perf_counter() - t_start,
+                }
+                if metrics is not None:
+                    metrics.write(row)
+                if ctx.report is not None:
+                    ctx.report(row)
+            if cfg.log.sample_every and step % cfg.log.sample_every == 0:
+                _write_sample(cfg, model, ema, enc, batch, step, ctx)
+            done = step == total or step == stop_at_step
+            if step % cfg.log.ckpt_every == 0 or done:
+                save(step, phase_idx)
+            if step == stop_at_step:
+                break
+        del batches, loader
+        if step == stop_at_step:
+            break
+        tally.new_phase()
+        position = DataPosition(num_streams)
+        phase_idx, phase_start = phase_idx + 1, phase_end
+
+    if metrics is not None:
+        metrics.close()
+    return {
+        "step": step,
+        "losses": losses,
+        "corrupt": tally.totals(),
+        "cache_hits": cache.hits if cache else 0,
+    }
+
+
+def _write_sample(cfg: TrainConfig, model, ema: ckpt.EMA, enc, batch, step: int, ctx: Context) -> None:
+    """EMA sample for the first item of the last batch, written as an mp4 by rank 0.
+
+    Under FSDP every rank must take part in the forward passes; under DDP rank 0 samples alone on the
+    unwrapped module.
+    """
+    from training.sample import generate, write_mp4
+
+    sharded = cfg.scaling.strategy == "fsdp" and ctx.distributed
+    if ctx.rank != 0 and not sharded:
+        return
+    net = model if sharded else getattr(model, "module", model)
+    n = int(batch["ref_mask"][0].sum())
+    with ema.swapped(model):
+        net.eval()
+        video = generate(
+            net,
+            enc,
+            batch["refs"][0, :n],
+            batch["captions"][0],
+            num_frames=batch["video"].shape[2],
+            steps=cfg.log.sample_steps,
+            w_img=cfg.log.sample_w_img,
+            w_txt=cfg.log.sample_w_txt,
+            seed=cfg.seed,
+            device=ctx.device,
+        )
+    if ctx.rank == 0:
+        path = Path(cfg.log.out_dir) / "samples" / f"step_{step:08d}.mp4"
+        write_mp4(video, path, fps=cfg.phases[0].fps)
