@@ -1,4 +1,4 @@
-"""Rectified-flow math for Phantom: noising, timestep sampling, the video-only loss, condition dropout, dual-CFG Euler sampling."""
+"""Rectified-flow math for Phantom: noising, timesteps, video-only loss, condition dropout, dual-CFG Euler."""
 
 from __future__ import annotations
 
@@ -36,9 +36,7 @@ class Conditioning:
         """(B, n) bool, all True where ref_mask was not given."""
         if self.ref_mask is not None:
             return self.ref_mask.bool()
-        return torch.ones(
-            self.batch_size, self.num_refs, dtype=torch.bool, device=self.text.device
-        )
+        return torch.ones(self.batch_size, self.num_refs, dtype=torch.bool, device=self.text.device)
 
     def as_kwargs(self) -> dict:
         return {
@@ -78,11 +76,7 @@ class Conditioning:
         def mv(a):
             if a is None:
                 return None
-            return (
-                a.to(device=device, dtype=dtype)
-                if a.is_floating_point()
-                else a.to(device=device)
-            )
+            return a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device=device)
 
         return Conditioning(**{k: mv(a) for k, a in self.as_kwargs().items()})
 
@@ -93,20 +87,12 @@ class Conditioning:
         for key in ("text", "text_mask", "ref_latents", "ref_clip"):
             vals = [getattr(c, key) for c in conds]
             out[key] = None if vals[0] is None else torch.cat(vals, dim=0)
-        out["ref_mask"] = (
-            torch.cat([c.full_ref_mask() for c in conds], 0)
-            if conds[0].num_refs
-            else None
-        )
+        out["ref_mask"] = torch.cat([c.full_ref_mask() for c in conds], 0) if conds[0].num_refs else None
         return Conditioning(**out)
 
 
 def _which(which, B, device) -> torch.Tensor:
-    return (
-        torch.ones(B, dtype=torch.bool, device=device)
-        if which is None
-        else which.bool().to(device)
-    )
+    return torch.ones(B, dtype=torch.bool, device=device) if which is None else which.bool().to(device)
 
 
 def _zero_rows(a: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
@@ -136,29 +122,17 @@ def sample_timesteps(
     device=None,
 ) -> torch.Tensor:
     """(B,) training timesteps in (0, 1). logit_normal (SD3's default noise sampling) or uniform."""
-    device = (
-        device
-        if device is not None
-        else (generator.device if generator is not None else "cpu")
-    )
+    device = device if device is not None else (generator.device if generator is not None else "cpu")
     if mode == "logit_normal":
-        return torch.sigmoid(
-            mean + std * torch.randn(B, generator=generator, device=device)
-        )
+        return torch.sigmoid(mean + std * torch.randn(B, generator=generator, device=device))
     if mode == "uniform":
         return torch.rand(B, generator=generator, device=device)
-    raise ValueError(
-        f"unknown timestep mode {mode!r}; allowed: 'logit_normal', 'uniform'"
-    )
+    raise ValueError(f"unknown timestep mode {mode!r}; allowed: 'logit_normal', 'uniform'")
 
 
 def video_mse(pred_video: torch.Tensor, target_video: torch.Tensor) -> torch.Tensor:
     """(B,) per-sample MSE over the video latents only; the reference tail never enters (eq. 4)."""
-    return (
-        F.mse_loss(pred_video.float(), target_video.float(), reduction="none")
-        .flatten(1)
-        .mean(1)
-    )
+    return F.mse_loss(pred_video.float(), target_video.float(), reduction="none").flatten(1).mean(1)
 
 
 def rf_loss(
@@ -181,9 +155,7 @@ def rf_loss(
     if t is None:
         t = sample_timesteps(B, generator, t_mode, t_mean, t_std, device=x0.device)
     if noise is None:
-        noise = torch.randn(
-            x0.shape, generator=generator, device=x0.device, dtype=x0.dtype
-        )
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     xt = add_noise(x0, noise, t)
     out = model(xt, t.to(x0.dtype), **cond.as_kwargs())
     per_sample = video_mse(out.video, velocity_target(x0, noise))
@@ -212,13 +184,10 @@ def apply_condition_dropout(
     out = cond.drop_text(drop_t).drop_image(drop_i)
     if out.ref_latents is not None and p_ref_vae > 0:
         n = out.ref_latents.shape[1]
-        keep_vae = (torch.rand(B, n, generator=generator, device=gdev) >= p_ref_vae).to(
-            dev
-        )  # (B, n)
+        keep_vae = (torch.rand(B, n, generator=generator, device=gdev) >= p_ref_vae).to(dev)  # (B, n)
         out = replace(
             out,
-            ref_latents=out.ref_latents
-            * keep_vae[:, :, None, None, None].to(out.ref_latents.dtype),
+            ref_latents=out.ref_latents * keep_vae[:, :, None, None, None].to(out.ref_latents.dtype),
         )
     return out
 
@@ -248,16 +217,10 @@ def euler_sample(
     shape: (B, C, T, H, W). Returns the (B, C, T, H, W) sample at t = 0.
     """
     dev = cond.text.device
-    x = (
-        noise
-        if noise is not None
-        else torch.randn(shape, generator=generator, device=dev)
-    )
+    x = noise if noise is not None else torch.randn(shape, generator=generator, device=dev)
     B = shape[0]
     img_only = cond.drop_text()
-    cond3 = Conditioning.cat(
-        [img_only.drop_image(), img_only, cond]
-    )  # uncond, image, text+image
+    cond3 = Conditioning.cat([img_only.drop_image(), img_only, cond])  # uncond, image, text+image
     ts = timestep_schedule(steps, shift, device=dev)
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
@@ -280,11 +243,7 @@ def euler_sample_cond(
 ) -> torch.Tensor:
     """Plain conditional Euler sampling (no guidance): the w_img = w_txt = 1 case of euler_sample."""
     dev = cond.text.device
-    x = (
-        noise
-        if noise is not None
-        else torch.randn(shape, generator=generator, device=dev)
-    )
+    x = noise if noise is not None else torch.randn(shape, generator=generator, device=dev)
     ts = timestep_schedule(steps, shift, device=dev)
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]

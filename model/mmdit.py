@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 #   text stream   F_T = text tokens (B, L, text_dim) ⊕ reference CLIP tokens (B, n*k, clip_dim), each
 #                 projected to `hidden` first;
 #   visual stream F_V = video latent patches (B, T*h*w, hidden) ⊕ reference VAE patches (B, n*h*w, hidden),
-#                 where h = H / patch, w = W / patch and each reference is one latent frame of the video's H, W.
+#                 where h = H / patch, w = W / patch; each reference is one latent frame of the video's H, W.
 # Positions (3D RoPE on visual tokens only; text tokens are not rotated, as in SD3):
 #   video token (t, y, x) -> (t, y, x);  reference i token (y, x) -> (T + i, y, x).
 #   So a reference sits "after" the video on the time axis (the t+n of eq. 2) and adding or removing
@@ -40,31 +40,19 @@ class MMDiTConfig:
     window_size: int = 9  # 0 = full attention
     window_unit: str = "frames"  # "frames" (latent frames per window) or "tokens"
     rope_theta: float = 10000.0
-    rope_axes_dim: tuple[int, int, int] | None = (
-        None  # (t, h, w) split of head_dim; None = auto
-    )
-    qk_norm: bool = (
-        True  # RMSNorm on q and k, keeps joint attention logits bounded (SD3.5, Wan)
-    )
-    pooled_text: bool = (
-        True  # add a masked mean of the text states to the adaLN conditioning
-    )
+    rope_axes_dim: tuple[int, int, int] | None = None  # (t, h, w) split of head_dim; None = auto
+    qk_norm: bool = True  # RMSNorm on q and k, keeps joint attention logits bounded (SD3.5, Wan)
+    pooled_text: bool = True  # add a masked mean of the text states to the adaLN conditioning
     context_only_last: bool = True  # last block updates only the visual stream (SD3)
     grad_checkpoint: bool = False
 
     def __post_init__(self):
         if self.hidden % self.num_heads:
-            raise ValueError(
-                f"hidden={self.hidden} is not divisible by num_heads={self.num_heads}"
-            )
+            raise ValueError(f"hidden={self.hidden} is not divisible by num_heads={self.num_heads}")
         if self.window_unit not in ("frames", "tokens"):
-            raise ValueError(
-                f"window_unit={self.window_unit!r}; allowed: 'frames', 'tokens'"
-            )
+            raise ValueError(f"window_unit={self.window_unit!r}; allowed: 'frames', 'tokens'")
         if self.window_size < 0:
-            raise ValueError(
-                f"window_size={self.window_size} must be >= 0 (0 = full attention)"
-            )
+            raise ValueError(f"window_size={self.window_size} must be >= 0 (0 = full attention)")
         if self.rope_axes_dim is not None:
             self.rope_axes_dim = tuple(int(d) for d in self.rope_axes_dim)
             if (
@@ -73,7 +61,8 @@ class MMDiTConfig:
                 or any(d % 2 for d in self.rope_axes_dim)
             ):
                 raise ValueError(
-                    f"rope_axes_dim={self.rope_axes_dim} must be 3 even numbers summing to head_dim={self.head_dim}"
+                    f"rope_axes_dim={self.rope_axes_dim} must be 3 even numbers summing to "
+                    f"head_dim={self.head_dim}"
                 )
 
     @property
@@ -86,18 +75,14 @@ class MMDiTConfig:
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - allowed)
         if unknown:
-            raise ValueError(
-                f"unknown MMDiTConfig keys {unknown}; allowed: {sorted(allowed)}"
-            )
+            raise ValueError(f"unknown MMDiTConfig keys {unknown}; allowed: {sorted(allowed)}")
         return cls(**d)
 
 
 def mmdit_config(name: str, **overrides) -> MMDiTConfig:
     """A preset from MMDIT_CONFIGS with overrides (unknown keys raise)."""
     if name not in MMDIT_CONFIGS:
-        raise ValueError(
-            f"unknown MMDiT preset {name!r}; allowed: {sorted(MMDIT_CONFIGS)}"
-        )
+        raise ValueError(f"unknown MMDiT preset {name!r}; allowed: {sorted(MMDIT_CONFIGS)}")
     base = {f.name: getattr(MMDIT_CONFIGS[name], f.name) for f in fields(MMDiTConfig)}
     return MMDiTConfig.from_dict({**base, **overrides})
 
@@ -124,9 +109,7 @@ MMDIT_CONFIGS: dict[str, MMDiTConfig] = {
 
 class ModelOutput(NamedTuple):
     video: torch.Tensor  # (B, C, T, H, W) predicted velocity of the video latents
-    ref: (
-        torch.Tensor | None
-    )  # (B, n, C, H, W) the reference tail; excluded from the loss (eq. 4)
+    ref: torch.Tensor | None  # (B, n, C, H, W) the reference tail; excluded from the loss (eq. 4)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -140,16 +123,12 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
-        )
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(
-            -math.log(10000.0)
-            * torch.arange(half, device=t.device, dtype=torch.float32)
-            / half
+            -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
         )
         args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -159,18 +138,14 @@ class TimestepEmbedder(nn.Module):
 class Rope3D(nn.Module):
     """Rotary angles for (t, y, x) positions, head_dim split into (t, h, w) parts."""
 
-    def __init__(
-        self, head_dim: int, axes_dim: tuple[int, int, int] | None, theta: float
-    ):
+    def __init__(self, head_dim: int, axes_dim: tuple[int, int, int] | None, theta: float):
         super().__init__()
         if axes_dim is None:
             hw = 2 * ((head_dim // 3) // 2)  # even share for h and w, the rest to t
             axes_dim = (head_dim - 2 * hw, hw, hw)
         self.axes_dim = axes_dim
         for i, d in enumerate(axes_dim):
-            inv = 1.0 / theta ** (
-                torch.arange(0, d, 2, dtype=torch.float32) / d
-            )  # (d/2,)
+            inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # (d/2,)
             self.register_buffer(f"inv_freq{i}", inv, persistent=False)
 
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,9 +179,7 @@ class StreamQKV(nn.Module):
 
     def forward(self, x, shift, scale):
         q, k, v = (
-            self.qkv(modulate(self.norm(x), shift, scale))
-            .unflatten(-1, (3, self.nh, self.hd))
-            .unbind(2)
+            self.qkv(modulate(self.norm(x), shift, scale)).unflatten(-1, (3, self.nh, self.hd)).unbind(2)
         )
         return self.q_norm(q), self.k_norm(k), v  # each (B, N, nh, hd)
 
@@ -259,26 +232,16 @@ def windowed_joint_attention(
     def windows(a):  # (B, Nv, nh, hd) -> (B, nW, Wt, nh, hd), zero-padded at the end
         return F.pad(a, (0, 0, 0, 0, 0, pad)).view(B, nW, Wt, nh, hd)
 
-    def with_ctx(
-        a_vid, a_ctx
-    ):  # -> (B*nW, nh, Wt+Nc, hd): each window followed by a copy of the context
-        a = torch.cat(
-            [windows(a_vid), a_ctx.unsqueeze(1).expand(B, nW, Nc, nh, hd)], dim=2
-        )
+    def with_ctx(a_vid, a_ctx):  # -> (B*nW, nh, Wt+Nc, hd): each window followed by a copy of the context
+        a = torch.cat([windows(a_vid), a_ctx.unsqueeze(1).expand(B, nW, Nc, nh, hd)], dim=2)
         return a.flatten(0, 1).transpose(1, 2)
 
     k, v = with_ctx(k_vid, k_ctx), with_ctx(v_vid, v_ctx)
-    q = (
-        with_ctx(q_vid, q_ctx)
-        if ctx_queries
-        else windows(q_vid).flatten(0, 1).transpose(1, 2)
-    )
+    q = with_ctx(q_vid, q_ctx) if ctx_queries else windows(q_vid).flatten(0, 1).transpose(1, 2)
 
     attn_mask = None
     if pad or not bool(ctx_mask.all()):
-        vid_valid = (
-            torch.arange(nW * Wt, device=q_vid.device).view(nW, Wt) < Nv
-        )  # (nW, Wt)
+        vid_valid = torch.arange(nW * Wt, device=q_vid.device).view(nW, Wt) < Nv  # (nW, Wt)
         key_valid = torch.cat(
             [
                 vid_valid.expand(B, nW, Wt),
@@ -288,19 +251,15 @@ def windowed_joint_attention(
         )  # (B, nW, Wt+Nc); every window holds >= 1 real video token so no row is fully masked
         attn_mask = key_valid.flatten(0, 1)[:, None, None, :]  # (B*nW, 1, 1, Wt+Nc)
 
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask
-    )  # (B*nW, nh, Sq, hd)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B*nW, nh, Sq, hd)
     out = out.transpose(1, 2).reshape(B, nW, -1, nh * hd)  # (B, nW, Sq, D)
     out_vid = out[:, :, :Wt].reshape(B, nW * Wt, nh * hd)[:, :Nv]
-    out_ctx = (
-        out[:, :, Wt:].mean(dim=1) if ctx_queries else None
-    )  # average the per-window copies
+    out_ctx = out[:, :, Wt:].mean(dim=1) if ctx_queries else None  # average the per-window copies
     return out_vid, out_ctx
 
 
 class MMDiTBlock(nn.Module):
-    """Dual-stream block: separate adaLN-Zero, QKV and MLP for the visual and text streams, joint attention."""
+    """Dual-stream block: own adaLN-Zero, QKV and MLP for the visual and text streams, joint attention."""
 
     def __init__(self, cfg: MMDiTConfig, context_only: bool = False):
         super().__init__()
@@ -309,9 +268,7 @@ class MMDiTBlock(nn.Module):
         self.vis_mod = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.vis_qkv, self.vis_out = StreamQKV(cfg), StreamOut(cfg)
         # context-only: the text stream only supplies keys/values, so it needs just shift/scale
-        self.txt_mod = nn.Sequential(
-            nn.SiLU(), nn.Linear(D, (2 if context_only else 6) * D)
-        )
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(D, (2 if context_only else 6) * D))
         self.txt_qkv = StreamQKV(cfg)
         self.txt_out = None if context_only else StreamOut(cfg)
 
@@ -321,9 +278,7 @@ class MMDiTBlock(nn.Module):
         rope: (cos, sin) for the Nv+Nr visual tokens; n_vid = Nv; txt_mask: (B, Lt); ref_tok_mask: (B, Nr).
         Returns updated (vis, txt); txt is None after a context-only block.
         """
-        v_shift1, v_scale1, v_gate1, v_shift2, v_scale2, v_gate2 = self.vis_mod(
-            c
-        ).chunk(6, dim=1)
+        v_shift1, v_scale1, v_gate1, v_shift2, v_scale2, v_gate2 = self.vis_mod(c).chunk(6, dim=1)
         t_mods = self.txt_mod(c).chunk(2 if self.context_only else 6, dim=1)
         qv, kv, vv = self.vis_qkv(vis, v_shift1, v_scale1)  # (B, Nv+Nr, nh, hd)
         qv, kv = apply_rope(qv, *rope), apply_rope(kv, *rope)
@@ -351,9 +306,7 @@ class MMDiTBlock(nn.Module):
         vis = self.vis_out(vis, attn_vis, v_gate1, v_shift2, v_scale2, v_gate2)
         if self.context_only:
             return vis, None
-        txt = self.txt_out(
-            txt, out_ctx[:, n_ref:], t_mods[2], t_mods[3], t_mods[4], t_mods[5]
-        )
+        txt = self.txt_out(txt, out_ctx[:, n_ref:], t_mods[2], t_mods[3], t_mods[4], t_mods[5])
         return vis, txt
 
 
@@ -376,27 +329,17 @@ class MMDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, p = cfg.hidden, cfg.patch_size
-        self.patch_embed = nn.Linear(
-            cfg.in_channels * p * p, D
-        )  # shared by video and reference latents
+        self.patch_embed = nn.Linear(cfg.in_channels * p * p, D)  # shared by video and reference latents
         self.t_embed = TimestepEmbedder(D)
-        self.text_in = nn.Sequential(
-            nn.RMSNorm(cfg.text_dim, eps=1e-6), nn.Linear(cfg.text_dim, D)
-        )
-        self.clip_in = nn.Sequential(
-            nn.RMSNorm(cfg.clip_dim, eps=1e-6), nn.Linear(cfg.clip_dim, D)
-        )
+        self.text_in = nn.Sequential(nn.RMSNorm(cfg.text_dim, eps=1e-6), nn.Linear(cfg.text_dim, D))
+        self.clip_in = nn.Sequential(nn.RMSNorm(cfg.clip_dim, eps=1e-6), nn.Linear(cfg.clip_dim, D))
         self.pooled_in = (
-            nn.Sequential(nn.Linear(cfg.text_dim, D), nn.SiLU(), nn.Linear(D, D))
-            if cfg.pooled_text
-            else None
+            nn.Sequential(nn.Linear(cfg.text_dim, D), nn.SiLU(), nn.Linear(D, D)) if cfg.pooled_text else None
         )
         self.rope = Rope3D(cfg.head_dim, cfg.rope_axes_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(
             [
-                MMDiTBlock(
-                    cfg, context_only=cfg.context_only_last and i == cfg.depth - 1
-                )
+                MMDiTBlock(cfg, context_only=cfg.context_only_last and i == cfg.depth - 1)
                 for i in range(cfg.depth)
             ]
         )
@@ -433,30 +376,22 @@ class MMDiT(nn.Module):
         t = torch.arange(T + n_ref, device=device, dtype=torch.float32)
         y = torch.arange(h, device=device, dtype=torch.float32)
         x = torch.arange(w, device=device, dtype=torch.float32)
-        return torch.stack(torch.meshgrid(t, y, x, indexing="ij"), dim=-1).reshape(
-            -1, 3
-        )
+        return torch.stack(torch.meshgrid(t, y, x, indexing="ij"), dim=-1).reshape(-1, 3)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, F, H, W) -> (B, F*h*w, C*p*p) with tokens in (f, y, x) raster order
         B, C, Fr, H, W = x.shape
         p = self.cfg.patch_size
-        x = x.view(B, C, Fr, H // p, p, W // p, p).permute(
-            0, 2, 3, 5, 1, 4, 6
-        )  # (B, F, h, w, C, p, p)
+        x = x.view(B, C, Fr, H // p, p, W // p, p).permute(0, 2, 3, 5, 1, 4, 6)  # (B, F, h, w, C, p, p)
         return x.reshape(B, Fr * (H // p) * (W // p), C * p * p)
 
     def unpatchify(self, x: torch.Tensor, Fr: int, H: int, W: int) -> torch.Tensor:
         # x: (B, F*h*w, C*p*p) -> (B, C, F, H, W)
         B, C, p = x.shape[0], self.cfg.in_channels, self.cfg.patch_size
-        x = x.view(B, Fr, H // p, W // p, C, p, p).permute(
-            0, 4, 1, 2, 5, 3, 6
-        )  # (B, C, F, h, p, w, p)
+        x = x.view(B, Fr, H // p, W // p, C, p, p).permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, F, h, p, w, p)
         return x.reshape(B, C, Fr, H, W)
 
-    def forward(
-        self, x, t, text, text_mask, ref_latents=None, ref_clip=None, ref_mask=None
-    ) -> ModelOutput:
+    def forward(self, x, t, text, text_mask, ref_latents=None, ref_clip=None, ref_mask=None) -> ModelOutput:
         """Predict the velocity of the video latents (and of the reference tail, which the loss ignores).
 
         x: (B, C, T, H, W) noisy video latents; t: (B,) in [0, 1] (1 = pure noise).
@@ -470,24 +405,12 @@ class MMDiT(nn.Module):
         B, C, T, H, W = x.shape
         p = cfg.patch_size
         if C != cfg.in_channels or H % p or W % p:
-            raise ValueError(
-                f"x {tuple(x.shape)} needs C={cfg.in_channels} and H, W divisible by {p}"
-            )
+            raise ValueError(f"x {tuple(x.shape)} needs C={cfg.in_channels} and H, W divisible by {p}")
         h, w = H // p, W // p
         n_ref = 0 if ref_latents is None else ref_latents.shape[1]
-        if (
-            ref_clip is not None
-            and ref_clip.shape[1] != n_ref
-            and ref_latents is not None
-        ):
-            raise ValueError(
-                f"ref_clip has {ref_clip.shape[1]} references, ref_latents {n_ref}"
-            )
-        n_ref_any = (
-            n_ref
-            if ref_latents is not None
-            else (0 if ref_clip is None else ref_clip.shape[1])
-        )
+        if ref_clip is not None and ref_clip.shape[1] != n_ref and ref_latents is not None:
+            raise ValueError(f"ref_clip has {ref_clip.shape[1]} references, ref_latents {n_ref}")
+        n_ref_any = n_ref if ref_latents is not None else (0 if ref_clip is None else ref_clip.shape[1])
         if ref_mask is None:
             ref_mask = torch.ones(B, n_ref_any, dtype=torch.bool, device=x.device)
         ref_mask = ref_mask.bool()
@@ -498,37 +421,25 @@ class MMDiT(nn.Module):
         n_vid = vis.shape[1]
         if n_ref:
             if ref_latents.shape[2:] != (C, H, W):
-                raise ValueError(
-                    f"ref_latents {tuple(ref_latents.shape)} must be (B, n, {C}, {H}, {W})"
-                )
+                raise ValueError(f"ref_latents {tuple(ref_latents.shape)} must be (B, n, {C}, {H}, {W})")
             refs = self.patchify(ref_latents.transpose(1, 2))  # (B, n*h*w, C*p*p)
             vis = torch.cat([vis, refs.to(vis.dtype)], dim=1)
         vis = self.patch_embed(vis)  # (B, Nv+Nr, D)
-        ref_tok_mask = (
-            ref_mask.repeat_interleave(h * w, dim=1) if n_ref else ref_mask[:, :0]
-        )  # (B, Nr)
+        ref_tok_mask = ref_mask.repeat_interleave(h * w, dim=1) if n_ref else ref_mask[:, :0]  # (B, Nr)
 
         # text stream: text ⊕ reference CLIP tokens (eq. 1)
         txt = self.text_in(text)  # (B, L, D)
         txt_mask = text_mask
         if ref_clip is not None and ref_clip.shape[1] > 0:
-            clip = (
-                ref_clip if ref_clip.dim() == 4 else ref_clip.unsqueeze(2)
-            )  # (B, n, k, clip_dim)
+            clip = ref_clip if ref_clip.dim() == 4 else ref_clip.unsqueeze(2)  # (B, n, k, clip_dim)
             k_tok = clip.shape[2]
-            txt = torch.cat(
-                [txt, self.clip_in(clip.flatten(1, 2))], dim=1
-            )  # (B, L + n*k, D)
-            txt_mask = torch.cat(
-                [text_mask, ref_mask.repeat_interleave(k_tok, dim=1)], dim=1
-            )
+            txt = torch.cat([txt, self.clip_in(clip.flatten(1, 2))], dim=1)  # (B, L + n*k, D)
+            txt_mask = torch.cat([text_mask, ref_mask.repeat_interleave(k_tok, dim=1)], dim=1)
 
         c = self.t_embed(t)  # (B, D)
         if self.pooled_in is not None:
             m = text_mask.unsqueeze(-1).to(text.dtype)
-            pooled = (text * m).sum(1) / m.sum(1).clamp(
-                min=1.0
-            )  # (B, text_dim); 0 when text is dropped
+            pooled = (text * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, text_dim); 0 when text is dropped
             c = c + self.pooled_in(pooled)
 
         cos, sin = self.rope(self.positions(T, h, w, n_ref, x.device))
@@ -544,9 +455,7 @@ class MMDiT(nn.Module):
         video = self.unpatchify(out[:, :n_vid], T, H, W)
         ref = None
         if n_ref:
-            ref = self.unpatchify(out[:, n_vid:], n_ref, H, W).transpose(
-                1, 2
-            )  # (B, n, C, H, W)
+            ref = self.unpatchify(out[:, n_vid:], n_ref, H, W).transpose(1, 2)  # (B, n, C, H, W)
         return ModelOutput(video=video, ref=ref)
 
 

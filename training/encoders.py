@@ -1,4 +1,4 @@
-"""Phantom's frozen input head (video VAE, text encoder, reference image encoder) as backends chosen by name."""
+"""Phantom's frozen input head (video VAE, text encoder, reference image encoder) as named backends."""
 
 from __future__ import annotations
 
@@ -82,18 +82,14 @@ class PixelPatchVAE:
         B, C, T, H, W = video.shape
         f = self.spatial_factor
         if H % f or W % f:
-            raise ValueError(
-                f"pixel_patch: H={H}, W={W} must be divisible by factor {f}"
-            )
+            raise ValueError(f"pixel_patch: H={H}, W={W} must be divisible by factor {f}")
         frames = video.transpose(1, 2).reshape(B * T, C, H, W)
         lat = F.pixel_unshuffle(frames, f)  # (B*T, C*f*f, H/f, W/f)
         return lat.view(B, T, *lat.shape[1:]).transpose(1, 2)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         B, C, T, h, w = latents.shape
-        frames = F.pixel_shuffle(
-            latents.transpose(1, 2).reshape(B * T, C, h, w), self.spatial_factor
-        )
+        frames = F.pixel_shuffle(latents.transpose(1, 2).reshape(B * T, C, h, w), self.spatial_factor)
         return frames.view(B, T, *frames.shape[1:]).transpose(1, 2)
 
     def encode_image(self, img: torch.Tensor) -> torch.Tensor:
@@ -129,30 +125,20 @@ class WanVAE:
                 "(or use encoders.vae.backend: pixel_patch offline)"
             ) from e
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
-        self.vae = (
-            AutoencoderKLWan.from_pretrained(str(p), torch_dtype=self.dtype)
-            .to(self.device)
-            .eval()
-        )
+        self.vae = AutoencoderKLWan.from_pretrained(str(p), torch_dtype=self.dtype).to(self.device).eval()
         self.vae.requires_grad_(False)
         cfg = self.vae.config
         self.latent_channels = int(cfg.z_dim)
         self.temporal_factor = int(
-            getattr(cfg, "scale_factor_temporal", None)
-            or 2 ** sum(cfg.temperal_downsample)
+            getattr(cfg, "scale_factor_temporal", None) or 2 ** sum(cfg.temperal_downsample)
         )
         self.spatial_factor = int(
-            getattr(cfg, "scale_factor_spatial", None)
-            or 2 ** len(cfg.temperal_downsample)
+            getattr(cfg, "scale_factor_spatial", None) or 2 ** len(cfg.temperal_downsample)
         )
         self.sample = sample
         # (1, C, 1, 1, 1) so they broadcast over (B, C, T, H, W)
-        self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(
-            1, -1, 1, 1, 1
-        )
-        self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(
-            1, -1, 1, 1, 1
-        )
+        self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -173,7 +159,7 @@ class WanVAE:
 
 
 class HFTextEncoder:
-    """Token-level hidden states of any transformers model from a local folder (T5/UMT5 encoder, BERT, or an LLM).
+    """Token-level hidden states of a transformers model from a local folder (T5/UMT5 encoder, BERT, LLM).
 
     Encoder-decoder checkpoints load only their encoder. `hidden_layer` picks which hidden state
     (-1 = last; LLM-based video models often take a late layer).
@@ -198,16 +184,12 @@ class HFTextEncoder:
             yaml_key="encoders.text.path",
         )
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(p))
-        if (
-            self.tokenizer.pad_token is None
-        ):  # LLM tokenizers often have none; padding is masked anyway
+        if self.tokenizer.pad_token is None:  # LLM tokenizers often have none; padding is masked anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
         config = transformers.AutoConfig.from_pretrained(str(p))
         kw = {"dtype": getattr(torch, dtype)}
         if getattr(config, "is_encoder_decoder", False):
-            arch = (config.architectures or [""])[0].replace(
-                "ForConditionalGeneration", "EncoderModel"
-            )
+            arch = (config.architectures or [""])[0].replace("ForConditionalGeneration", "EncoderModel")
             cls = getattr(transformers, arch, None)
             model = (
                 cls.from_pretrained(str(p), **kw)
@@ -234,27 +216,17 @@ class HFTextEncoder:
             tok["input_ids"].to(self.device),
             tok["attention_mask"].to(self.device),
         )
-        if (
-            ids.shape[1] == 0
-        ):  # every prompt empty and the tokenizer adds no special tokens
-            ids = torch.full(
-                (len(texts), 1), self.tokenizer.pad_token_id, device=self.device
-            )
+        if ids.shape[1] == 0:  # every prompt empty and the tokenizer adds no special tokens
+            ids = torch.full((len(texts), 1), self.tokenizer.pad_token_id, device=self.device)
             mask = torch.zeros_like(ids)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             output_hidden_states=self.hidden_layer != -1,
         )
-        states = (
-            out.last_hidden_state
-            if self.hidden_layer == -1
-            else out.hidden_states[self.hidden_layer]
-        )
+        states = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]
         mask = mask.bool()
-        return states.float() * mask.unsqueeze(
-            -1
-        ), mask  # padded positions zeroed: (B, L, dim), (B, L)
+        return states.float() * mask.unsqueeze(-1), mask  # padded positions zeroed: (B, L, dim), (B, L)
 
 
 def minilm_text_encoder(max_length: int = 128, device: str = "cpu") -> HFTextEncoder:
@@ -272,8 +244,8 @@ def minilm_text_encoder(max_length: int = 128, device: str = "cpu") -> HFTextEnc
 
 
 def _resize_normalize(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    # images: (N, 3, H, W) in [0, 1] -> (N, 3, size, size) normalized (subject crops are squashed, not cropped,
-    # so no part of the subject is lost)
+    # images: (N, 3, H, W) in [0, 1] -> (N, 3, size, size) normalized; subject crops are squashed, not
+    # cropped, so no part of the subject is lost
     x = F.interpolate(
         images.float(),
         size=(size, size),
@@ -303,9 +275,7 @@ class MobileNetV2Encoder:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        x = _resize_normalize(
-            images.to(self.device), self.image_size, IMAGENET_MEAN, IMAGENET_STD
-        )
+        x = _resize_normalize(images.to(self.device), self.image_size, IMAGENET_MEAN, IMAGENET_STD)
         return self.features(x).mean(dim=(2, 3))  # (N, 1280, h, w) -> (N, 1280)
 
 
@@ -334,9 +304,7 @@ class OpenCLIPEncoder:
         )
         if model_config:
             open_clip.add_model_config(model_config)
-        model, _, _ = open_clip.create_model_and_transforms(
-            arch, pretrained=str(p), device=device
-        )
+        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=str(p), device=device)
         self.device = torch.device(device)
         self.model = model.eval().requires_grad_(False)
         visual = self.model.visual
@@ -351,9 +319,7 @@ class OpenCLIPEncoder:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        x = _resize_normalize(
-            images.to(self.device), self.image_size, self.mean, self.std
-        )
+        x = _resize_normalize(images.to(self.device), self.image_size, self.mean, self.std)
         return self.model.encode_image(x).float()  # (N, dim)
 
 
@@ -401,15 +367,11 @@ class Encoders:
 
 def build_one(section: str, cfg: dict | None):
     """Build one encoder from {"backend": name, **kwargs}; unknown names and keys raise."""
-    registry = {"vae": VAE_BACKENDS, "text": TEXT_BACKENDS, "image": IMAGE_BACKENDS}[
-        section
-    ]
+    registry = {"vae": VAE_BACKENDS, "text": TEXT_BACKENDS, "image": IMAGE_BACKENDS}[section]
     cfg = dict(cfg or {})
     name = cfg.get("backend", DEFAULT_BACKENDS[section])
     if name not in registry:
-        raise ValueError(
-            f"encoders.{section}.backend={name!r}; allowed: {sorted(registry)}"
-        )
+        raise ValueError(f"encoders.{section}.backend={name!r}; allowed: {sorted(registry)}")
     factory, allowed, required = registry[name]
     _check_keys(section, cfg, allowed)
     if "path" in required and not cfg.get("path"):
@@ -426,7 +388,7 @@ def build_one(section: str, cfg: dict | None):
 
 
 def build_encoders(cfg: dict | None = None) -> Encoders:
-    """cfg = {"vae": {...}, "text": {...}, "image": {...}}, each {"backend": name, **kwargs}; {} = offline defaults.
+    """cfg = {"vae": {...}, "text": {...}, "image": {...}}, each {"backend": name, **kwargs}; {} = defaults.
 
     A production backend whose model folder or file is missing raises ModelNotFound naming the path and
     how to provide it (`make weights`, or the YAML key encoders.<section>.path).
@@ -434,9 +396,7 @@ def build_encoders(cfg: dict | None = None) -> Encoders:
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(DEFAULT_BACKENDS))
     if unknown:
-        raise ValueError(
-            f"encoders: unknown keys {unknown}; allowed: {sorted(DEFAULT_BACKENDS)}"
-        )
+        raise ValueError(f"encoders: unknown keys {unknown}; allowed: {sorted(DEFAULT_BACKENDS)}")
     return Encoders(
         vae=build_one("vae", cfg.get("vae")),
         text=build_one("text", cfg.get("text")),
