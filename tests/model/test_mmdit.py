@@ -1,4 +1,4 @@
-"""Tests of the MMDiT: shapes for 0-4 references, zero output at init, windowed injection vs a per-window loop."""
+"""Tests of the MMDiT: shapes for 0-4 references, zero init, windowed injection vs a per-window loop."""
 
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def test_padded_text_is_ignored():
 
 def loop_reference(q_vid, k_vid, v_vid, q_ctx, k_ctx, v_ctx, ctx_mask, window_tokens):
     """Figure 5 done literally, one sample and one window at a time: build [window | references + text],
-    drop the masked context keys, softmax attention, keep the window's video rows, average the context rows."""
+    drop the masked context keys, softmax attention, keep the window's video rows, average the context
+    rows."""
     B, Nv, nh, hd = q_vid.shape
     Nc = q_ctx.shape[1]
     out_vid = torch.zeros(B, Nv, nh * hd, dtype=torch.float64)
