@@ -99,10 +99,10 @@ def test_masked_references_are_ignored_and_do_not_move_the_video():
             "ref_latents": inp["ref_latents"][b : b + 1, :n_real],
             "ref_clip": inp["ref_clip"][b : b + 1, :n_real],
         }
-        torch.testing.assert_close(model(**single).video, out_padded[b : b + 1], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(**single).video, out_padded[b : b + 1], atol=1e-4, rtol=1e-4)
     none_real = model(**inp, ref_mask=torch.zeros(2, 4, dtype=torch.bool)).video
     no_refs = model(**{**inp, "ref_latents": None, "ref_clip": None}).video
-    torch.testing.assert_close(none_real, no_refs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(none_real, no_refs, atol=1e-4, rtol=1e-4)
 
 
 def test_padded_text_is_ignored():
