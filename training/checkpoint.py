@@ -102,7 +102,8 @@ class EMA:
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         with self.swapped(model):
-            return get_model_state_dict(model, options=_FULL)
+            # Copies: an unsharded CPU state dict aliases the parameters, which the swap then restores.
+            return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=_FULL).items()}
 
     def load_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load EMA weights through the model; the caller loads the model's own weights afterwards."""

@@ -1,0 +1,175 @@
+"""Tests for the shard loader: transforms, bucketing, corrupt-sample counting, resumable data position."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from training.data import (
+    CorruptTally,
+    DataPosition,
+    EncodingCache,
+    StreamSpec,
+    build_loader,
+    choose_bucket,
+    epoch_shards,
+    frame_indices,
+    letterbox,
+    list_shards,
+    resize_center_crop,
+)
+
+BUCKETS = [[32, 64], [48, 48]]
+
+
+def _spec(shards, **kw) -> StreamSpec:
+    args = dict(
+        urls=list_shards(shards),
+        buckets=BUCKETS,
+        num_frames=3,
+        fps=8.0,
+        batch_size=2,
+        seed=0,
+        shuffle_buffer=8,
+        shuffle_initial=4,
+    )
+    args.update(kw)
+    return StreamSpec(**args)
+
+
+def test_epoch_shards_split_disjoint_and_resampled():
+    urls = [f"s{i}" for i in range(8)]
+    # 2 ranks x 2 streams: one epoch covers every shard exactly once
+    got = [epoch_shards(urls, 0, 0, r, 2, s, 2) for r in range(2) for s in range(2)]
+    assert sorted(itertools.chain(*got)) == sorted(urls)
+    assert epoch_shards(urls, 0, 1, 0, 2, 0, 2) != got[0]  # reshuffled per epoch
+    # more streams than shards: every stream still gets a shard
+    few = ["a", "b"]
+    assert all(len(epoch_shards(few, 0, 0, r, 3, 0, 1)) == 1 for r in range(3))
+
+
+def test_choose_bucket_and_frame_indices():
+    assert choose_bucket(640, 272, BUCKETS) == 0  # bikes, wide
+    assert choose_bucket(176, 144, BUCKETS) == 1  # carphone, near square
+    idx = frame_indices(100, 25.0, 4, 5.0, random.Random(0))
+    assert np.all(np.diff(idx) == 5)  # 25 fps -> 5 fps: every 5th frame
+    short = frame_indices(6, 25.0, 4, 5.0, random.Random(0))  # too short: spread over the clip
+    assert short[0] == 0 and short[-1] == 5 and len(short) == 4
+
+
+def test_resize_center_crop_and_letterbox():
+    frames = np.zeros((2, 30, 100, 3), np.uint8)
+    frames[:, :, 45:55] = 255  # a white vertical bar in the middle
+    out = resize_center_crop(frames, (32, 32))
+    assert out.shape == (3, 2, 32, 32) and out.dtype == torch.uint8
+    assert out[:, :, :, 16].float().mean() > 200 and out[:, :, :, 0].float().mean() < 5  # centered crop
+    ref = letterbox(np.zeros((20, 40, 3), np.uint8), (32, 32))
+    assert ref.shape == (3, 32, 32)
+    assert ref[:, 0].float().mean() == 255 and ref[:, 16].float().mean() == 0  # padded top, image middle
+
+
+def test_loader_batches_from_real_shards(triplet_shards):
+    loader = build_loader(_spec(triplet_shards, num_streams=2), num_workers=2)
+    seen_buckets = set()
+    for batch in itertools.islice(loader, 8):
+        b, _, t, h, w = batch["video"].shape
+        assert (b, t) == (2, 3) and [h, w] == batch["bucket"]
+        assert batch["video"].dtype == torch.uint8 and batch["video"].float().std() > 5  # real pixels
+        n = batch["refs"].shape[1]
+        assert batch["refs"].shape == (2, n, 3, h, w) and batch["ref_mask"].shape == (2, n)
+        assert batch["ref_mask"][:, 0].all() and batch["ref_mask"].sum(1).max() == n  # padded to max
+        for key, caption in zip(batch["keys"], batch["captions"]):
+            wide = key.startswith("bikes")
+            assert [h, w] == BUCKETS[0 if wide else 1]  # each clip in its aspect bucket
+            assert ("street" in caption) == wide
+        seen_buckets.add((h, w))
+    assert seen_buckets == {(32, 64), (48, 48)}
+
+
+def test_corrupt_samples_skipped_and_counted(corrupt_shards):
+    loader = build_loader(_spec(corrupt_shards, num_streams=1), num_workers=1)
+    tally = CorruptTally()
+    keys = []
+    for batch in itertools.islice(loader, 30):  # 60 samples: every shard read at least twice
+        tally.update(batch)
+        keys += batch["keys"]
+    totals = tally.totals()
+    assert all(totals.get(reason, 0) >= 1 for reason in ("bad_mp4", "missing:txt", "bad_ref"))
+    broken = {"00003", "00008", "00013"}  # conftest breaks samples 3, 8, 13
+    assert not broken & {k.rsplit("-", 1)[1] for k in keys}
+    assert len(set(keys)) == 21  # every good sample came through
+
+
+def test_resume_continues_the_exact_stream(corrupt_shards):
+    """Batches after a resume from DataPosition equal those of the uninterrupted stream (2 workers)."""
+    spec = _spec(corrupt_shards, num_streams=2)
+    full, pos, tally = [], DataPosition(2), CorruptTally()
+    saved = None
+    for i, batch in enumerate(itertools.islice(build_loader(spec, num_workers=2), 14)):
+        full.append(batch["keys"])
+        pos.update(batch)
+        tally.update(batch)
+        if i == 6:  # "checkpoint" after 7 batches: an odd count, so the worker rotation matters
+            saved = (pos.state_dict(), tally.state_dict())
+    resumed_pos, resumed_tally = DataPosition(2), CorruptTally()
+    resumed_pos.load_state_dict(saved[0])
+    resumed_tally.load_state_dict(saved[1])
+    spec2 = _spec(
+        corrupt_shards,
+        num_streams=2,
+        start_batch=resumed_pos.consumed,
+        stream_skip=resumed_pos.next_group,
+    )
+    rest = []
+    for batch in itertools.islice(build_loader(spec2, num_workers=2), 7):
+        rest.append(batch["keys"])
+        resumed_pos.update(batch)
+        resumed_tally.update(batch)
+    assert rest == full[7:]
+    assert resumed_pos.state_dict() == pos.state_dict()
+    assert resumed_tally.totals() == tally.totals()
+
+
+def test_ranks_read_different_data(triplet_shards):
+    keys = []
+    for rank in range(2):
+        spec = _spec(triplet_shards, rank=rank, world_size=2, num_streams=1)
+        keys.append({k for b in itertools.islice(build_loader(spec, num_workers=0), 3) for k in b["keys"]})
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+
+
+def test_list_shards_confined_and_checked(tmp_path, triplet_shards):
+    assert len(list_shards(triplet_shards, verify_sha256=True)) == 4
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [{"name": "../escape.tar"}]}))
+    (tmp_path.parent / "escape.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="escapes"):
+        list_shards(tmp_path)
+    index = json.loads((triplet_shards / "index.json").read_text())
+    index["shards"][0]["sha256"] = "0" * 64
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for entry in index["shards"]:
+        (bad / entry["name"]).write_bytes((triplet_shards / entry["name"]).read_bytes())
+    (bad / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="sha256"):
+        list_shards(bad, verify_sha256=True)
+
+
+def test_encoding_cache_roundtrip(tmp_path):
+    cache = EncodingCache(tmp_path, "sig-a")
+    path = cache.path("clip-1", [32, 64], 3, 8.0)
+    assert cache.load(path) is None
+    tensors = {"latents": torch.randn(12, 3, 16, 32), "text": torch.randn(7, 384)}
+    cache.save(path, tensors)
+    got = cache.load(path)
+    assert torch.equal(got["latents"], tensors["latents"]) and (cache.hits, cache.misses) == (1, 1)
+    assert EncodingCache(tmp_path, "sig-b").path("clip-1", [32, 64], 3, 8.0) != path
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # a safetensors file, not a pickle
+        assert sorted(f.keys()) == ["latents", "text"]
