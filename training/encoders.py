@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -183,7 +184,7 @@ class HFTextEncoder:
             what="text encoder (transformers folder)",
             yaml_key="encoders.text.path",
         )
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(p))
+        self.tokenizer = _load_tokenizer(transformers, p)
         if self.tokenizer.pad_token is None:  # LLM tokenizers often have none; padding is masked anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
         config = transformers.AutoConfig.from_pretrained(str(p))
@@ -227,6 +228,15 @@ class HFTextEncoder:
         states = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]
         mask = mask.bool()
         return states.float() * mask.unsqueeze(-1), mask  # padded positions zeroed: (B, L, dim), (B, L)
+
+
+def _load_tokenizer(transformers, path: Path):
+    """The tokenizer class the folder declares; transformers 5's AutoTokenizer prefers the class of the
+    model type in config.json, which tokenizes wrongly when a model reuses another family's tokenizer."""
+    cfg_file = Path(path) / "tokenizer_config.json"
+    declared = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.exists() else None
+    cls = getattr(transformers, declared, None) if isinstance(declared, str) else None
+    return (cls or transformers.AutoTokenizer).from_pretrained(str(path))
 
 
 def minilm_text_encoder(max_length: int = 128, device: str = "cpu") -> HFTextEncoder:
