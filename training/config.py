@@ -203,14 +203,29 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set data['a']['b'] for 'a.b' (used by --set key=value overrides)."""
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {k} is not a mapping")
-    node[keys[-1]] = value
+    """Set data['a']['b'] for 'a.b', and data['phases'][0]['steps'] for 'phases[0].steps' (--set)."""
+    path: list[str | int] = []
+    for part in dotted.split("."):
+        name, _, rest = part.partition("[")
+        path.append(name)
+        path += [int(i) for i in rest.rstrip("]").split("][")] if rest else []
+    node: Any = data
+    for key, nxt in zip(path[:-1], path[1:]):
+        if isinstance(key, int):
+            if not isinstance(node, list) or key >= len(node):
+                raise ConfigError(f"--set {dotted}: no item {key} in the list")
+            node = node[key]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {key} is not inside a mapping")
+            node = node.setdefault(key, [] if isinstance(nxt, int) else {})
+    last = path[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ConfigError(f"--set {dotted}: no item {last} in the list")
+    elif not isinstance(node, dict):
+        raise ConfigError(f"--set {dotted}: {last} is not inside a mapping")
+    node[last] = value
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -14,6 +14,25 @@ import pytest
 
 CLIP_FRAMES = 20
 
+# The smallest training config that still runs every part of the loop (two phases, all encoders).
+TINY = {
+    "seed": 0,
+    "model": {"preset": "tiny", "overrides": {"depth": 1}},
+    "encoders": {
+        "vae": {"backend": "pixel_patch", "factor": 2},
+        "text": {"backend": "minilm", "max_length": 16},
+        "image": {"backend": "mobilenet_v2", "image_size": 32},
+    },
+    "data": {"shuffle_buffer": 8, "shuffle_initial": 4, "num_workers": 2},
+    "optim": {"lr": 2e-3, "warmup_steps": 2, "ema_decay": 0.9},
+    "flow": {"dropout": {"p_text": 0.2, "p_image": 0.2, "p_ref_vae": 0.7}},
+    "phases": [
+        {"name": "low", "steps": 4, "buckets": [[32, 64], [48, 48]], "num_frames": 2, "batch_size": 2},
+        {"name": "mixed", "steps": 2, "buckets": [[32, 64], [48, 96]], "num_frames": 2, "batch_size": 2},
+    ],
+    "log": {"log_every": 1, "ckpt_every": 100, "keep_checkpoints": 0, "tensorboard": False},
+}
+
 
 @cache
 def _footage() -> dict[str, tuple[np.ndarray, float]]:
