@@ -1,0 +1,151 @@
+"""Benchmark of the MMDiT: windowed vs full joint attention in one block, one tiny training step."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+
+# One block at >= 4k video tokens: 16 latent frames of 16 x 16 patches = 4096 video tokens, 1 reference
+# (256 tokens), 32 text tokens; hidden 256, 4 heads of 64. Windows of 2 latent frames = 512 video tokens,
+# so 8 windows, each [512 video | 256 reference | 32 text] = 800 tokens against 4384 for full attention.
+BLOCK = dict(hidden=256, num_heads=4, frames=16, side=16, window_frames=2, n_refs=1, text_len=32)
+
+
+def _block_inputs(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fr, side, D = BLOCK["frames"], BLOCK["side"], cfg.hidden
+    n_vid, n_ref = fr * side * side, BLOCK["n_refs"] * side * side
+    vis = torch.randn(1, n_vid + n_ref, D, generator=g, requires_grad=True)
+    txt = torch.randn(1, BLOCK["text_len"], D, generator=g, requires_grad=True)
+    c = torch.randn(1, D, generator=g)
+    return vis, txt, c, n_vid
+
+
+def _block_and_args(window_size: int):
+    from model.mmdit import MMDiTBlock, Rope3D, mmdit_config
+
+    cfg = mmdit_config("tiny", hidden=BLOCK["hidden"], num_heads=BLOCK["num_heads"], window_size=window_size)
+    torch.manual_seed(0)
+    block = MMDiTBlock(cfg)
+    torch.nn.init.normal_(block.vis_mod[-1].weight, std=0.02)  # live gates, as after training
+    torch.nn.init.normal_(block.txt_mod[-1].weight, std=0.02)
+    vis, txt, c, n_vid = _block_inputs(cfg)
+    fr, side, n_refs = BLOCK["frames"], BLOCK["side"], BLOCK["n_refs"]
+    # RoPE positions as MMDiT.positions: video (t, y, x), then reference i at (fr + i, y, x)
+    axes = (torch.arange(fr + n_refs), torch.arange(side), torch.arange(side))
+    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3).float()
+    rope = Rope3D(cfg.head_dim, cfg.rope_axes_dim, cfg.rope_theta)(pos)
+    txt_mask = torch.ones(1, BLOCK["text_len"], dtype=torch.bool)
+    ref_mask = torch.ones(1, n_refs * side * side, dtype=torch.bool)
+    return block, (vis, txt, c, rope, n_vid, txt_mask, ref_mask, window_size * side * side)
+
+
+def _fwd_bwd(block, args):
+    vis, txt = block(*args)
+    (vis.square().mean() + txt.square().mean()).backward()
+
+
+def _time_blocks(window_sizes: tuple[int, ...], repeats: int) -> list[float]:
+    """Seconds per forward+backward for each window size; runs interleaved and keeps the fastest, so load
+    from other processes on a shared machine biases neither side."""
+    blocks = [_block_and_args(w) for w in window_sizes]
+    for block, args in blocks:
+        _fwd_bwd(block, args)  # warm-up
+    times = [[] for _ in blocks]
+    for _ in range(repeats):
+        for i, (block, args) in enumerate(blocks):
+            t0 = time.perf_counter()
+            _fwd_bwd(block, args)
+            times[i].append(time.perf_counter() - t0)
+    return [min(t) for t in times]
+
+
+def _peak_alloc_bytes(window_size: int, math_kernel: bool = False) -> float:
+    """Peak bytes held by tensors allocated during one forward+backward of the block (CPU).
+
+    From the profiler's allocation timeline: every allocation and free is a [memory] event with a signed
+    size; the running sum's maximum is the peak above what existed before (weights, inputs).
+    math_kernel: force SDPA's reference kernel, which materializes the (S, S) score matrix per head, to
+    show the memory a non-fused attention kernel needs (CPU SDPA is otherwise a fused flash kernel).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    block, args = _block_and_args(window_size)
+    ctx = sdpa_kernel([SDPBackend.MATH]) if math_kernel else contextlib.nullcontext()
+    with ctx, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _fwd_bwd(block, args)
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return float(peak)
+
+
+def _attention_matrix_ratio() -> float:
+    """Analytic: scores held by windowed attention (nW * (S + R)^2) over full attention (N^2)."""
+    side = BLOCK["side"]
+    n_vid = BLOCK["frames"] * side * side
+    shared = BLOCK["n_refs"] * side * side + BLOCK["text_len"]
+    S = BLOCK["window_frames"] * side * side
+    n_windows = -(-n_vid // S)
+    return n_windows * (S + shared) ** 2 / (n_vid + shared) ** 2
+
+
+def _tiny_step_ms(steps: int = 10) -> float:
+    from model.flow import Conditioning, rf_loss
+    from model.mmdit import MMDiT, mmdit_config
+
+    torch.manual_seed(0)
+    model = MMDiT(mmdit_config("tiny")).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    B, n = 2, 2  # a 4-frame 32x32 video as pixel_patch latents (12, 4, 16, 16), 2 references, 16 text tokens
+    x0 = torch.randn(B, 12, 4, 16, 16, generator=g)
+    cond = Conditioning(
+        text=torch.randn(B, 16, 384, generator=g),
+        text_mask=torch.ones(B, 16, dtype=torch.bool),
+        ref_latents=torch.randn(B, n, 12, 16, 16, generator=g),
+        ref_clip=torch.randn(B, n, 1280, generator=g),
+    )
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        loss, _ = rf_loss(model, x0, cond, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 2:  # skip warm-up
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def run() -> dict[str, float]:
+    torch.set_num_threads(2)
+    full_s, win_s = _time_blocks((0, BLOCK["window_frames"]), repeats=3)
+    full_mem = _peak_alloc_bytes(0)
+    win_mem = _peak_alloc_bytes(BLOCK["window_frames"])
+    return {
+        "window_bench_video_tokens": float(BLOCK["frames"] * BLOCK["side"] ** 2),
+        "window_block_fwd_bwd_full_s": full_s,
+        "window_block_fwd_bwd_windowed_s": win_s,
+        "window_vs_full_attn_speedup": full_s / win_s,
+        "window_attn_peak_mem_ratio": win_mem / full_mem,
+        "window_block_peak_mem_full_mb": full_mem / 2**20,
+        "window_block_peak_mem_windowed_mb": win_mem / 2**20,
+        "window_attn_peak_mem_ratio_math_kernel": _peak_alloc_bytes(BLOCK["window_frames"], True)
+        / _peak_alloc_bytes(0, True),
+        "window_attn_matrix_ratio_analytic": _attention_matrix_ratio(),
+        "mmdit_tiny_step_ms": _tiny_step_ms(),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=1))
