@@ -99,6 +99,19 @@ def _attention_matrix_ratio() -> float:
     return n_windows * (S + shared) ** 2 / (n_vid + shared) ** 2
 
 
+def _flop_speedup_analytic() -> float:
+    """Forward FLOPs of the block, full over windowed: linear layers (24 * D^2 per token: QKV, projection,
+    4x MLP, each a multiply-add) are the same in both; attention costs 4 * S^2 * D per sequence of S."""
+    side, D = BLOCK["side"], BLOCK["hidden"]
+    n_vid = BLOCK["frames"] * side * side
+    shared = BLOCK["n_refs"] * side * side + BLOCK["text_len"]
+    S = BLOCK["window_frames"] * side * side
+    linear = 24 * D * D * (n_vid + shared)
+    full = linear + 4 * (n_vid + shared) ** 2 * D
+    windowed = linear + -(-n_vid // S) * 4 * (S + shared) ** 2 * D
+    return full / windowed
+
+
 def _tiny_step_ms(steps: int = 10) -> float:
     from model.flow import Conditioning, rf_loss
     from model.mmdit import MMDiT, mmdit_config
@@ -143,6 +156,7 @@ def run() -> dict[str, float]:
         "window_attn_peak_mem_ratio_math_kernel": _peak_alloc_bytes(BLOCK["window_frames"], True)
         / _peak_alloc_bytes(0, True),
         "window_attn_matrix_ratio_analytic": _attention_matrix_ratio(),
+        "window_vs_full_flop_speedup_analytic": _flop_speedup_analytic(),
         "mmdit_tiny_step_ms": _tiny_step_ms(),
     }
 
