@@ -113,6 +113,14 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x0
 
 
+def _draw(fn, shape, generator: torch.Generator | None, device=None, dtype=None) -> torch.Tensor:
+    """Random numbers from `generator` on its own device, then moved to `device` (a CPU generator can
+    feed CUDA tensors and the draws do not depend on where they end up)."""
+    gdev = generator.device if generator is not None else (device or "cpu")
+    out = fn(*shape, generator=generator, device=gdev, dtype=dtype)
+    return out if device is None else out.to(device)
+
+
 def sample_timesteps(
     B: int,
     generator: torch.Generator | None = None,
@@ -122,11 +130,10 @@ def sample_timesteps(
     device=None,
 ) -> torch.Tensor:
     """(B,) training timesteps in (0, 1). logit_normal (SD3's default noise sampling) or uniform."""
-    device = device if device is not None else (generator.device if generator is not None else "cpu")
     if mode == "logit_normal":
-        return torch.sigmoid(mean + std * torch.randn(B, generator=generator, device=device))
+        return torch.sigmoid(mean + std * _draw(torch.randn, (B,), generator, device))
     if mode == "uniform":
-        return torch.rand(B, generator=generator, device=device)
+        return _draw(torch.rand, (B,), generator, device)
     raise ValueError(f"unknown timestep mode {mode!r}; allowed: 'logit_normal', 'uniform'")
 
 
@@ -155,7 +162,7 @@ def rf_loss(
     if t is None:
         t = sample_timesteps(B, generator, t_mode, t_mean, t_std, device=x0.device)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = _draw(torch.randn, x0.shape, generator, x0.device, x0.dtype)
     xt = add_noise(x0, noise, t)
     out = model(xt, t.to(x0.dtype), **cond.as_kwargs())
     per_sample = video_mse(out.video, velocity_target(x0, noise))
@@ -217,7 +224,7 @@ def euler_sample(
     shape: (B, C, T, H, W). Returns the (B, C, T, H, W) sample at t = 0.
     """
     dev = cond.text.device
-    x = noise if noise is not None else torch.randn(shape, generator=generator, device=dev)
+    x = noise if noise is not None else _draw(torch.randn, shape, generator, dev)
     B = shape[0]
     img_only = cond.drop_text()
     cond3 = Conditioning.cat([img_only.drop_image(), img_only, cond])  # uncond, image, text+image
@@ -243,7 +250,7 @@ def euler_sample_cond(
 ) -> torch.Tensor:
     """Plain conditional Euler sampling (no guidance): the w_img = w_txt = 1 case of euler_sample."""
     dev = cond.text.device
-    x = noise if noise is not None else torch.randn(shape, generator=generator, device=dev)
+    x = noise if noise is not None else _draw(torch.randn, shape, generator, dev)
     ts = timestep_schedule(steps, shift, device=dev)
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]

@@ -334,7 +334,11 @@ class MMDiT(nn.Module):
         self.text_in = nn.Sequential(nn.RMSNorm(cfg.text_dim, eps=1e-6), nn.Linear(cfg.text_dim, D))
         self.clip_in = nn.Sequential(nn.RMSNorm(cfg.clip_dim, eps=1e-6), nn.Linear(cfg.clip_dim, D))
         self.pooled_in = (
-            nn.Sequential(nn.Linear(cfg.text_dim, D), nn.SiLU(), nn.Linear(D, D)) if cfg.pooled_text else None
+            nn.Sequential(
+                nn.RMSNorm(cfg.text_dim, eps=1e-6), nn.Linear(cfg.text_dim, D), nn.SiLU(), nn.Linear(D, D)
+            )
+            if cfg.pooled_text
+            else None
         )
         self.rope = Rope3D(cfg.head_dim, cfg.rope_axes_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(
