@@ -11,6 +11,8 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as `python training/run.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Before torch loads OpenMP: spinning OpenMP threads make torch many times slower on shared cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import yaml  # noqa: E402
 
@@ -110,7 +112,9 @@ def init_ray(cfg: TrainConfig) -> None:
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         # Local workers start in a temp dir: let them import this repo's packages.
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+        runtime_env={
+            "env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
+        },
     )
 
 
