@@ -34,6 +34,12 @@ OPTIONAL_COLUMNS = ("desirable_filtering", "shot_boundary_detection")
 PANDA_VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm")
 VIDEO_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TIMESTAMP_RE = re.compile(r"^\s*(?:(\d+):)?([0-5]?\d):([0-5]?\d(?:\.\d+)?)\s*$")
+_TS = r"'\d+:\d{1,2}:\d{1,2}(?:\.\d+)?'"
+_PAIR = rf"\[\s*{_TS}\s*,\s*{_TS}\s*\]"
+# the usual shape of Panda's timestamp text, parsed without ast (ast.walk is most of the parse time)
+SPANS_FAST_RE = re.compile(rf"^\s*\[\s*{_PAIR}(?:\s*,\s*{_PAIR})*\s*\]\s*$")
+_NUM = r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?"
+SCORES_FAST_RE = re.compile(rf"^\s*\[\s*{_NUM}(?:\s*,\s*{_NUM})*\s*\]\s*$")
 MAX_LITERAL_CHARS = 1_000_000  # a Panda row's longest list is a few kB; bigger text is not metadata
 _LITERAL_NODES = (
     ast.Expression,
@@ -101,7 +107,10 @@ def format_time(t_s: float) -> str:
 
 def parse_spans(text: str) -> list[list[float]]:
     """Panda ``timestamp`` text -> [[start_s, end_s], ...]; raises ValueError naming the bad span."""
-    value = parse_literal(text)
+    if len(text) <= MAX_LITERAL_CHARS and SPANS_FAST_RE.match(text):
+        value = [list(p) for p in re.findall(r"'([^']*)'\s*,\s*'([^']*)'", text)]
+    else:
+        value = parse_literal(text)
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError("timestamp is not a non-empty list of [start, end] pairs")
     spans = []
@@ -141,7 +150,10 @@ def parse_scores(text: str, n_spans: int) -> list[float] | None:
     """``matching_score`` text -> floats parallel to spans; raises ValueError when it does not fit."""
     if text is None or not text.strip():
         return None
-    value = parse_literal(text)
+    if len(text) <= MAX_LITERAL_CHARS and SCORES_FAST_RE.match(text):
+        value = [float(x) for x in re.findall(_NUM, text)]
+    else:
+        value = parse_literal(text)
     if isinstance(value, (int, float)):
         value = [value]
     if not isinstance(value, (list, tuple)) or len(value) != n_spans:
@@ -154,13 +166,18 @@ def parse_scores(text: str, n_spans: int) -> list[float] | None:
     return out
 
 
-def resolve_video(videos_dir: str, video_id: str) -> tuple[str | None, str | None]:
+def resolve_video(
+    videos_dir: str, video_id: str, names: set[str] | None = None
+) -> tuple[str | None, str | None]:
     """(absolute path, None) of ``{video_id}.mp4|.mkv|.webm`` inside ``videos_dir``, or (None, reason)
-    with reason ``bad_video_id`` (not an id, or a symlink leaving the folder) or ``missing_video``."""
+    with reason ``bad_video_id`` (not an id, or a symlink leaving the folder) or ``missing_video``.
+    ``names``: the folder's file names listed once up front, to skip a stat per missing candidate."""
     if not VIDEO_ID_RE.match(video_id or ""):
         return None, "bad_video_id"
     root = os.path.realpath(videos_dir)
     for ext in PANDA_VIDEO_EXTENSIONS:
+        if names is not None and video_id + ext not in names:
+            continue
         cand = os.path.join(root, video_id + ext)
         if not os.path.lexists(cand):
             continue
@@ -215,7 +232,7 @@ def _merge(into: dict[str, Any], rec: dict[str, Any], line: int) -> None:
 
 
 def _parse_row(
-    row: dict[str, str], line: int, videos_dir: str, source: str, download: bool
+    row: dict[str, str], line: int, videos_dir: str, source: str, download: bool, names: set[str] | None
 ) -> dict[str, Any]:
     raw_id = (row.get("videoID") or "").strip()
     if not VIDEO_ID_RE.match(raw_id):
@@ -242,7 +259,7 @@ def _parse_row(
             extra[col] = parse_literal(text)
         except LiteralError:
             warnings.append(f"bad_{col}")
-    path, why = resolve_video(videos_dir, raw_id)
+    path, why = resolve_video(videos_dir, raw_id, names)
     detail = None
     if path is None and why == "missing_video" and download:
         path, detail = download_video(raw_id, videos_dir)
@@ -288,6 +305,7 @@ def read_panda_csv(
             f"videos folder {videos_dir} does not exist "
             "(put {videoID}.mp4 files there, or set download: true)"
         )
+    names = set(os.listdir(videos_dir)) if os.path.isdir(videos_dir) else set()
     records: dict[str, dict[str, Any]] = {}
     with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
         reader = csv.reader(f)
@@ -329,7 +347,7 @@ def read_panda_csv(
                     row=line,
                 )
                 continue
-            rec = _parse_row(dict(zip(header, cells)), line, videos_dir, source, download)
+            rec = _parse_row(dict(zip(header, cells)), line, videos_dir, source, download, names)
             vid = rec["video_id"]
             if vid not in records:
                 records[vid] = rec

@@ -12,9 +12,11 @@ from curation.config import SourceSpec
 from curation.sources import load_source
 from curation.sources.folder import list_videos, video_id_for
 from curation.sources.panda70m import (
+    SPANS_FAST_RE,
     LiteralError,
     format_time,
     parse_literal,
+    parse_scores,
     parse_spans,
     parse_time_s,
     read_panda_csv,
@@ -171,6 +173,21 @@ def test_literal_and_time_parsers():
         assert parse_time_s(format_time(t)) == pytest.approx(t)
     with pytest.raises(ValueError, match="span 1"):
         parse_spans("[['0:00:00.000', '0:00:01.000'], ['0:00:01.000']]")
+    # the regex fast path (single quotes, H:MM:SS) and the ast path agree
+    for text in (
+        "[['0:00:00.000', '0:00:05.005'], ['0:00:05.005', '0:00:12.846']]",
+        ' [ [ "0:00:01.5" , "0:01:00" ] ] ',
+        "[['0:00:01', '0:00:02'],]",
+        "[[1.5, 2]]",
+    ):
+        want = [[round(parse_time_s(a), 3), round(parse_time_s(b), 3)] for a, b in parse_literal(text)]
+        assert parse_spans(text) == want, text
+    assert SPANS_FAST_RE.match("[['0:00:00.000', '0:00:05.005']]")
+    assert not SPANS_FAST_RE.match("[['0:00:00.000', '0:00:05.005']] + x")
+    assert parse_scores("[0.41, -2, 1e-3]", 3) == [0.41, -2.0, 0.001]
+    assert parse_scores("(0.5,)", 1) == [0.5]
+    with pytest.raises(ValueError):
+        parse_scores("[0.4, 'x']", 2)
 
 
 def test_folder_listing(tmp_path):
