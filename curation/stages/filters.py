@@ -135,7 +135,7 @@ class Aesthetic(Stage):
         cfg = dict(self.backend_cfg)
         name = cfg.pop("name", "off")
         # "configured" means weights named; a name alone (or name: off) keeps the filter off, visibly.
-        self.off = name == "off" or not (cfg.get("clip_path") and cfg.get("mlp_path"))
+        self.off = name in ("off", "none") or not (cfg.get("clip_path") and cfg.get("mlp_path"))
         self.backend_name, self.backend_kwargs = name, cfg
         self.uses_model = not self.off
         self.scorer = None
