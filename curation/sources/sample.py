@@ -26,7 +26,7 @@ import numpy as np
 
 from curation.frames import REF_FRACTIONS, ref_frame_indices
 
-GENERATOR_VERSION = "1"  # bump whenever the generated files change; stale samples are rebuilt
+GENERATOR_VERSION = "2"  # bump whenever the generated files change; stale samples are rebuilt
 FPS = 25
 FRAME_W, FRAME_H = 448, 336
 SEED = 1234
@@ -92,7 +92,7 @@ SUBJECTS: dict[str, Subject] = {
         verb="glides slowly across the frame", crop=(70, 15, 490, 365), scale=0.45),
     "rocket": Subject(
         category="other", is_face=False, name="rocket", asset="rocket",
-        description="a tall white rocket", verb="drifts slowly upward",
+        description="a tall white rocket", verb="glides slowly past",
         crop=(265, 100, 375, 427), scale=0.75),
     "person_a": Subject(
         category="human", is_face=True, name="woman", asset="t1",
@@ -200,7 +200,7 @@ VIDEOS: dict[str, list[Shot]] = {
     ],
     "gen06": [
         Shot("grass", 80, (P("coffee", (0.2, 0.3), (0.7, 0.6), rot_deg=10, hue_deg=15, scale=1.1),)),
-        Shot("meadow", 90, (P("rocket", (0.1, 0.95), (0.4, 0.05), rot_deg=-5),)),
+        Shot("meadow", 90, (P("rocket", (0.05, 0.6), (0.65, 0.3), rot_deg=-5, scale=1.1),)),
         Shot("brick", 75, (P("astronaut", (0.5, 0.5), (0.5, 0.5)),), bad="static"),
     ],
     "gen07": [
@@ -1029,3 +1029,30 @@ def true_cross_pairs(gt: dict, include_bad: bool = False) -> set[frozenset[str]]
                 if va != vb and oa != ob:
                     pairs.add(frozenset((ka, kb)))
     return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m curation.sources.sample [SAMPLE_DIR] [--force]`: build the sample, say what it holds."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("sample_dir", nargs="?", default="data/sample")
+    ap.add_argument("--force", action="store_true", help="rebuild even when the stamp is current")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    paths = build_sample(args.sample_dir, force=args.force)
+    gt = load_ground_truth(paths)
+    n_shots = sum(len(v["shots"]) for v in gt["videos"].values())
+    footage_s = sum(v["duration_s"] for v in gt["videos"].values())
+    print(
+        f"sample in {paths.root}: {len(gt['videos'])} videos, {n_shots} shots, {footage_s:.1f} s of footage, "
+        f"{len(true_cross_pairs(gt))} true cross-video pairs, {len(copy_pairs(gt))} exact copies "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    print(f"  csv: {paths.csv}\n  ground truth: {paths.ground_truth}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
