@@ -158,10 +158,8 @@ def read_clip_frames(
     Returns (indices, frames (n, h, w, 3), next_frames (n, h, w, 3))."""
     import decord
 
-    vr0 = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    h0, w0 = vr0[0].shape[:2]
-    del vr0
-    w, h = analysis_size(w0, h0, short_side)
+    info = probe(path)
+    w, h = analysis_size(info.width, info.height, short_side)
     vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
     last = min(end_frame, len(vr)) - 1 - gap
     idx = sorted({int(round(x)) for x in np.linspace(start_frame, max(start_frame, last), n)})

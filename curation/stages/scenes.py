@@ -100,7 +100,7 @@ class Scenes(Stage):
         pair_gap_frames: int = field(
             1, ge=1, le=30
         )  # motion pairs: each kept frame and the one this many later
-        max_samples_per_video: int = field(3600, ge=16)  # memory guard for long videos (lowers sample_fps)
+        max_samples_per_video: int = field(1800, ge=16)  # memory guard for long videos (lowers sample_fps)
         max_pixels: int = field(MAX_PIXELS_8K, ge=1)  # bigger videos are refused (video:too_large)
         min_video_frames: int = field(2, ge=2)
         allow_vfr: bool = False  # variable-frame-rate videos are rejected unless this is set

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import av
@@ -40,6 +41,7 @@ def test_clips_are_frame_accurate(cut):
     src_path, ctx, rows = cut
     src = read_all(src_path)
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    json.dumps(rows)  # records cross Ray boundaries as JSON
     for r in rows:
         assert r["clip_path"] == f"clips/multi/{r['clip_id']}.mp4" and not any(k.startswith("_") for k in r)
         frames, fps, codec, pix_fmt = probe_clip(os.path.join(ctx.out_dir, r["clip_path"]))

