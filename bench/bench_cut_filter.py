@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -96,12 +97,9 @@ def _child() -> dict:
 
 
 def run() -> dict[str, float]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_cut_filter", "--child"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "bench.bench_cut_filter", "--child"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo)
     if proc.returncode != 0:
         raise RuntimeError(f"bench_cut_filter child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
