@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default: <output_dir>/<source>)")
     ap.add_argument("--runner", choices=["ray", "sequential"], default="ray")
     ap.add_argument("--limit", type=int, default=None, help="only the first N videos")
+    ap.add_argument("--videos", default="", help="only these video ids (comma-separated)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None:
         spec.limit = args.limit
     rows = load_source(spec, out_dir)
+    if args.videos:
+        wanted = set(args.videos.split(","))
+        rows = [r for r in rows if r["video_id"] in wanted]
     ctx = StageContext(out_dir=out_dir, models_dir=cfg.models_dir, config_hash=config_hash(cfg, pipeline))
     total = len(rows)
     done = [0]
