@@ -97,9 +97,8 @@ class Scenes(Stage):
         trim_frames: int = field(2, ge=0, le=100)
         analysis_short_side: int = field(144, ge=32, le=1080)
         sample_fps: float = field(2.0, gt=0, le=60)  # analysis frames kept per second of video
-        pair_gap_frames: int = field(
-            1, ge=1, le=30
-        )  # motion pairs: each kept frame and the one this many later
+        # motion pairs: each kept frame is stored with the frame this many later
+        pair_gap_frames: int = field(1, ge=1, le=30)
         max_samples_per_video: int = field(1800, ge=16)  # memory guard for long videos (lowers sample_fps)
         max_pixels: int = field(MAX_PIXELS_8K, ge=1)  # bigger videos are refused (video:too_large)
         min_video_frames: int = field(2, ge=2)
@@ -117,7 +116,8 @@ class Scenes(Stage):
         cfg = dict(self.backend_cfg)
         self.detector_name = cfg.pop("name", "adaptive")
         self.detector_kwargs = cfg
-        # TransNetV2 holds weights: run it as an actor pool so they load once per worker.
+        # TransNetV2 holds weights: a runner that asks the built stage (not the class) can give it an
+        # actor pool so they load once per worker; the PySceneDetect detectors are plain functions.
         self.uses_model = self.detector_name == "transnetv2"
         self.detector = None
 
