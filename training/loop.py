@@ -231,6 +231,18 @@ def _gather(obj: Any, ctx: Context) -> list[Any]:
     return out
 
 
+def fully_shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2: shard each MMDiT block, then the root (works on CPU/gloo too, unlike Ray's FSDP1 wrapper)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -362,10 +374,9 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
                     loss, _ = rf_loss(model, x0, cond, generator=generator, **cfg.flow.loss)
                     (loss / cfg.optim.grad_accum).backward()
                 loss_sum += loss.detach().float()
-            if hasattr(model, "clip_grad_norm_"):  # FSDP clips across shards
-                grad_norm = model.clip_grad_norm_(cfg.optim.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over all shards is a DTensor
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]

@@ -77,13 +77,15 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from training.loop import Context, train
+    from training.loop import Context, fully_shard_model, train
 
     cfg = config_from_dict(config["cfg"])
     tctx = ray.train.get_context()
     strategy = cfg.scaling.strategy
 
     def prepare(model):
+        if strategy == "fsdp":  # Ray's own FSDP wrapper is GPU-only; FSDP2 also runs on CPU
+            return fully_shard_model(model, ray.train.torch.get_device())
         return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
 
     ctx = Context(

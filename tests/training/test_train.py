@@ -14,21 +14,26 @@ from training.config import ConfigError, load_config
 from training.loop import WarmupCosine, phase_at, read_metrics, train
 
 
-def _config(tmp_path, shards, name, **log):
+def _config(tmp_path, shards, name, cache_dir=None, **log):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(TINY))
-    overrides = {"data.shards": str(shards), "log.out_dir": str(tmp_path / name)}
+    overrides = {"data.shards": str(shards), "log.out_dir": str(tmp_path / name), "data.cache_dir": cache_dir}
     overrides.update({f"log.{k}": v for k, v in log.items()})
     return load_config(path, overrides)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corrupt_shards):
-    """One uninterrupted run, and one killed at step 2 (mid-phase) and at 4 (phase boundary), resumed."""
+    """One uninterrupted run, and one killed at step 2 (mid-phase) and at 4 (phase boundary), resumed.
+
+    Both share an encoder-output cache: the first run fills it, the resumed one reads it, so equal
+    losses also show that cached encodings equal fresh ones.
+    """
     tmp = tmp_path_factory.mktemp("train")
-    full_cfg = _config(tmp, corrupt_shards, "full", sample_every=6, sample_steps=2)
+    cache = str(tmp / "cache")
+    full_cfg = _config(tmp, corrupt_shards, "full", cache, sample_every=6, sample_steps=2)
     full = train(full_cfg)
-    cut_cfg = _config(tmp, corrupt_shards, "cut", sample_every=6, sample_steps=2)
+    cut_cfg = _config(tmp, corrupt_shards, "cut", cache, sample_every=6, sample_steps=2)
     parts = [train(cut_cfg, stop_at_step=2), train(cut_cfg, stop_at_step=4), train(cut_cfg)]
     return full_cfg, full, cut_cfg, parts
 
@@ -45,6 +50,34 @@ def test_resume_continues_the_same_loss_curve(runs):
     assert not all(torch.equal(a["model"][k], a["ema"][k]) for k in a["model"])  # EMA lags the weights
     assert a["ranks"][0]["position"] == b["ranks"][0]["position"]
     assert a["scheduler"] == b["scheduler"] and a["step"] == 6
+    assert full["cache_hits"] < sum(p["cache_hits"] for p in parts)  # the resumed run read the cache
+
+
+def test_fsdp2_matches_plain_training(runs, tmp_path, corrupt_shards):
+    """FSDP2 (fully_shard, gloo, one process) runs the same loop: same losses, plain full state dicts."""
+    import socket
+
+    import torch.distributed as dist
+
+    from training.loop import Context, fully_shard_model
+
+    full_cfg, full = runs[0], runs[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        cfg = _config(tmp_path, corrupt_shards, "fsdp")
+        cfg.scaling.strategy = "fsdp"
+        ctx = Context(prepare_model=lambda m: fully_shard_model(m, torch.device("cpu")))
+        out = train(cfg, ctx, stop_at_step=2)
+    finally:
+        dist.destroy_process_group()
+    assert out["losses"] == pytest.approx(full["losses"][:2], rel=1e-5)
+    sharded = ckpt.load_checkpoint(ckpt.latest_checkpoint(f"{cfg.log.out_dir}/checkpoints"))
+    plain = ckpt.load_checkpoint(ckpt.latest_checkpoint(f"{full_cfg.log.out_dir}/checkpoints"))
+    assert sharded["model"].keys() == plain["model"].keys() == sharded["ema"].keys()
+    assert all(type(v) is torch.Tensor for v in sharded["model"].values())  # gathered, not DTensors
 
 
 def test_corrupt_samples_counted_not_fatal(runs):
