@@ -53,17 +53,19 @@ def plan(specs: list[StageSpec]) -> tuple[list[GroupPlan], list[StageSpec]]:
             continue
         if globals_:
             raise ValueError(f"map stage {spec.stage!r} comes after a global stage; put global stages last")
+        # A stage may decide from its backend whether it holds a model (constructors only store config).
+        uses_model = build_stage(spec, StageContext(out_dir="")).uses_model
         r = spec.resources
         if groups and spec.group and groups[-1].name == spec.group:
             g = groups[-1]
             g.specs.append(spec)
-            g.uses_model |= cls.uses_model
+            g.uses_model |= uses_model
             g.num_cpus = max(g.num_cpus, r.num_cpus)
             g.num_gpus = max(g.num_gpus, r.num_gpus)
             g.batch_size = min(g.batch_size, r.batch_size)
             g.concurrency = max(g.concurrency, r.concurrency)
         else:
-            groups.append(GroupPlan(spec.group or spec.stage, [spec], cls.uses_model, r.num_cpus,
+            groups.append(GroupPlan(spec.group or spec.stage, [spec], uses_model, r.num_cpus,
                                     r.num_gpus, r.batch_size, r.concurrency))
     return groups, globals_
 
