@@ -152,6 +152,15 @@ def decode_clip(mp4_bytes: bytes, num_frames: int, target_fps: float, rng: rando
     return vr.get_batch(idx).asnumpy()
 
 
+def video_size(mp4_bytes: bytes) -> tuple[int, int]:
+    """(width, height) of a clip from its container header, without decoding frames."""
+    import av
+
+    with av.open(io.BytesIO(mp4_bytes)) as container:
+        ctx = container.streams.video[0].codec_context
+        return int(ctx.width), int(ctx.height)
+
+
 def decode_image(jpg_bytes: bytes) -> np.ndarray:
     """JPEG/PNG bytes -> (H, W, 3) uint8; a truncated or bogus file raises."""
     with Image.open(io.BytesIO(jpg_bytes)) as img:
@@ -291,10 +300,21 @@ class TripletStream(torch.utils.data.IterableDataset):
                 continue
             try:
                 meta = json.loads(sample["json"])
-                width, height = int(meta["width"]), int(meta["height"])
-                if width <= 0 or height <= 0:
-                    raise ValueError("non-positive size")
+                if not isinstance(meta, dict):
+                    raise ValueError("json is not an object")
             except Exception:  # noqa: BLE001 - any malformed json is one counted reason
+                counter.add("bad_json")
+                continue
+            try:
+                width, height = int(meta["width"]), int(meta["height"])
+            except (KeyError, TypeError, ValueError):
+                # No size recorded: read it from the mp4 header (no decoding).
+                try:
+                    width, height = video_size(sample["mp4"])
+                except Exception:  # noqa: BLE001
+                    counter.add("bad_mp4")
+                    continue
+            if width <= 0 or height <= 0:
                 counter.add("bad_json")
                 continue
             sample["_meta"] = meta

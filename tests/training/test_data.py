@@ -173,3 +173,21 @@ def test_encoding_cache_roundtrip(tmp_path):
 
     with safe_open(str(path), "pt") as f:  # a safetensors file, not a pickle
         assert sorted(f.keys()) == ["latents", "text"]
+
+
+def test_bucket_from_mp4_header_when_json_has_no_size(triplet_shards):
+    from tests.training.conftest import _clips
+    from training.data import CorruptCounter, TripletStream
+
+    clip = _clips()[0]  # bikes: wide
+    meta = {k: v for k, v in clip["meta"].items() if k not in ("width", "height")}
+    base = {"__key__": "k", "mp4": clip["mp4"], "txt": b"x", "ref_0.jpg": b""}
+    samples = [
+        dict(base, json=json.dumps(meta).encode()),
+        dict(base, json=b"{not json"),
+        dict(base, json=json.dumps(meta).encode(), mp4=b"garbage"),
+    ]
+    counter = CorruptCounter()
+    out = list(TripletStream(_spec(triplet_shards))._with_meta(iter(samples), counter))
+    assert [s["_bucket"] for s in out] == [0]
+    assert counter.counts == {"bad_json": 1, "bad_mp4": 1}
