@@ -157,9 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         log.info("skipped samples: %s", summary["corrupt"] or "none")
     else:
         result = run_ray(cfg, stop_at_step=args.stop_at_step)
-        log.info("ray train finished: %s", result.metrics)
         if result.error:
             raise result.error
+        from training.loop import read_metrics
+
+        rows = read_metrics(cfg.log.out_dir)
+        if rows:
+            log.info(
+                "ray train done at step %d: loss %.4f -> %.4f, skipped samples %d; logs in %s",
+                int(rows[-1]["step"]),
+                rows[0]["loss"],
+                rows[-1]["loss"],
+                int(rows[-1]["corrupt"]),
+                cfg.log.out_dir,
+            )
     return 0
 
 
