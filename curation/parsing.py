@@ -1,0 +1,419 @@
+"""Robust parsers for model replies (JSON in prose, subject lists, bbox_2d boxes) and the reference-box rules."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+CATEGORIES = ("human", "animal", "clothes", "product", "landmark", "ip_character", "other")
+
+# Words LLMs use instead of our category names. Anything not here and not a category maps to "other".
+_CATEGORY_SYNONYMS = {
+    "person": "human", "people": "human", "man": "human", "woman": "human", "child": "human", "boy": "human",
+    "girl": "human", "humans": "human", "persons": "human", "face": "human",
+    "animals": "animal", "pet": "animal", "dog": "animal", "cat": "animal", "bird": "animal",
+    "clothing": "clothes", "garment": "clothes", "apparel": "clothes", "outfit": "clothes", "cloth": "clothes",
+    "accessory": "clothes",
+    "object": "product", "item": "product", "products": "product", "vehicle": "product", "device": "product",
+    "building": "landmark", "place": "landmark", "location": "landmark", "scene": "landmark",
+    "ip character": "ip_character", "ip-character": "ip_character", "character": "ip_character",
+    "cartoon": "ip_character", "cartoon character": "ip_character", "ip": "ip_character",
+    "others": "other",
+}
+
+_FENCE = re.compile(r"```(?:json|JSON|python)?\s*(.*?)```", re.S)
+_TRAILING_COMMA = re.compile(r",\s*([\]}])")
+
+
+def _balanced_spans(text: str) -> list[str]:
+    """Every top-level ``[...]`` or ``{...}`` span in ``text`` (string-aware), in order of appearance."""
+    spans, depth, start, in_str, esc, quote = [], 0, -1, False, False, ""
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == quote:
+                in_str = False
+            continue
+        if ch == '"' or (ch == "'" and depth > 0 and _opens_string(text, i)):
+            in_str, quote = True, ch
+        elif ch in "[{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch in "]}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                spans.append(text[start : i + 1])
+    if depth > 0 and start >= 0:
+        spans.append(text[start:])  # truncated reply (max_new_tokens hit): try to close it below
+    return spans
+
+
+def json_closed(text: str) -> bool:
+    """True once ``text`` holds a complete top-level JSON list/object (generation can stop there)."""
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            esc = (ch == "\\") and not esc
+            if ch == '"' and not esc:
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                return True
+    return False
+
+
+def _opens_string(text: str, i: int) -> bool:
+    # A single quote opens a string only after a structural char (so "man's" inside prose does not).
+    j = i - 1
+    while j >= 0 and text[j] in " \t\r\n":
+        j -= 1
+    return j >= 0 and text[j] in "[{,:"
+
+
+def _close_truncated(s: str) -> str:
+    """Close a reply cut at max_new_tokens: keep up to the last complete object, then close open brackets."""
+    cut = s.rfind("}")
+    body = s[: cut + 1] if cut > 0 else s
+    closers, in_str, esc = [], False, False
+    for ch in body:
+        if in_str:
+            esc = (ch == "\\") and not esc
+            if ch == '"' and not esc:
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "[{":
+            closers.append("]" if ch == "[" else "}")
+        elif ch in "]}" and closers:
+            closers.pop()
+    return body.rstrip().rstrip(",") + "".join(reversed(closers))
+
+
+def _loads_lenient(s: str) -> Any:
+    """json.loads, then with trailing commas removed, then as a Python literal (single quotes, True/None)."""
+    for cand in (s, _TRAILING_COMMA.sub(r"\1", s)):
+        try:
+            return json.loads(cand)
+        except (json.JSONDecodeError, ValueError):
+            pass
+    cand = _TRAILING_COMMA.sub(r"\1", s)
+    try:
+        # literal_eval only builds literals (no calls, no names), so it is safe on model output.
+        return ast.literal_eval(re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False",
+                                                                     re.sub(r"\bnull\b", "None", cand))))
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return None
+
+
+def extract_json(text: str | None) -> Any:
+    """The first JSON value found in a model reply: inside code fences or prose, tolerating trailing commas,
+    single quotes, Python literals and a reply truncated mid-list. None when there is none."""
+    if not text or not isinstance(text, str):
+        return None
+    text = text.strip()
+    candidates = [m.group(1).strip() for m in _FENCE.finditer(text)]
+    if "```" in text and not candidates:  # an opening fence with no closing one (truncated reply)
+        candidates.append(text.split("```", 1)[1].lstrip("json").lstrip("JSON"))
+    candidates.append(text)
+    for cand in candidates:
+        val = _loads_lenient(cand)
+        if isinstance(val, (list, dict)):
+            return val
+        for span in _balanced_spans(cand):
+            val = _loads_lenient(span)
+            if val is None:
+                val = _loads_lenient(_close_truncated(span))
+            if isinstance(val, (list, dict)):
+                return val
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Subjects
+
+
+def normalize_category(value: Any) -> str:
+    """A category name from the schema; synonyms are mapped, anything unknown becomes ``other``."""
+    c = str(value or "").strip().lower().replace("_", " ")
+    c = re.sub(r"\s+", " ", c)
+    if c.replace(" ", "_") in CATEGORIES:
+        return c.replace(" ", "_")
+    return _CATEGORY_SYNONYMS.get(c, "other")
+
+
+_STOP = {"a", "an", "the", "of", "in", "on", "with", "and", "his", "her", "their", "its", "this", "that", "to",
+         "at", "by", "for", "from", "some", "two", "three", "one", "another", "other", "is", "are", "who"}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _stem(w: str) -> str:
+    # Plural -> singular, enough for "dogs"/"dog", "women"/"woman", "glasses"/"glass", "puppies"/"puppy".
+    if w.endswith("men"):
+        return w[:-3] + "man"
+    if w.endswith("ies") and len(w) > 4:
+        return w[:-3] + "y"
+    if w.endswith(("ses", "xes", "ches", "shes")):
+        return w[:-2]
+    if w.endswith("s") and not w.endswith("ss") and len(w) > 3:
+        return w[:-1]
+    return w
+
+
+# Head nouns with an unambiguous category. Small LLMs (SmolLM2-135M) often mislabel categories, and the
+# offline grounder only boxes humans, so a known head noun overrides the LLM's label when they disagree.
+_LEXICON = {
+    "human": "man woman person people boy girl child kid baby toddler teenager adult guy lady gentleman player "
+             "athlete dancer singer chef cook doctor nurse worker student teacher anchor reporter presenter host "
+             "astronaut soldier police officer driver rider cyclist biker skier surfer runner swimmer musician "
+             "guitarist drummer pianist actor actress model bride groom couple family crowd audience customer "
+             "farmer fisherman mother father son daughter grandmother grandfather friend businessman "
+             "businesswoman speaker youtuber vlogger blogger influencer performer climber hiker skateboarder",
+    "animal": "dog puppy cat kitten bird horse cow sheep goat pig chicken duck goose rabbit bunny deer bear lion "
+              "tiger elephant monkey fish shark whale dolphin turtle snake lizard frog butterfly bee insect "
+              "spider squirrel mouse rat fox wolf giraffe zebra camel parrot owl eagle penguin seal retriever "
+              "labrador poodle bulldog terrier hamster pony calf lamb",
+    "clothes": "shirt t-shirt tshirt dress skirt jacket coat suit pants trousers jeans shorts sweater hoodie "
+               "hat cap helmet scarf shoe shoes sneaker sneakers boot boots glove gloves uniform blouse vest "
+               "raincoat spacesuit costume apron tie glasses sunglasses necklace bag backpack handbag watch",
+    "product": "car bus truck bicycle bike motorcycle phone smartphone laptop computer screen monitor camera "
+               "cup mug bottle glass plate bowl knife guitar piano ball toy book umbrella chair table sofa "
+               "lamp box board microphone headphones tablet keyboard vehicle boat train plane airplane drone "
+               "controller remote pen cake pizza",
+    "landmark": "tower bridge temple church cathedral castle palace statue monument pyramid skyscraper stadium "
+                "lighthouse fountain",
+}
+_LEXICON_INDEX = {w: cat for cat, words in _LEXICON.items() for w in words.split()}
+
+
+_CUT = {"in", "with", "on", "of", "at", "wearing", "holding", "who", "that", "from", "near", "under", "by"}
+
+
+def head_noun(name: str) -> str | None:
+    """The head noun of a subject name: the last content word before any prepositional phrase
+    ("man in a grey suit" -> "man", "cup of coffee" -> "cup")."""
+    words = _words(name)
+    for i, w in enumerate(words):
+        if w in _CUT and i > 0:
+            words = words[:i]
+            break
+    content = [w for w in words if w not in _STOP]
+    return content[-1] if content else None
+
+
+def lexicon_category(name: str) -> str | None:
+    """The category of the subject's head noun when it is unambiguous, else None."""
+    head = head_noun(name)
+    if head is None:
+        return None
+    return _LEXICON_INDEX.get(head) or _LEXICON_INDEX.get(_stem(head))
+
+
+def supported_by_caption(name: str, caption: str) -> bool:
+    """True when the subject's head noun (``head_noun``) occurs in the caption (plurals folded)."""
+    head = head_noun(name)
+    return head is not None and _stem(head) in {_stem(w) for w in _words(caption)}
+
+
+@dataclass
+class SubjectParse:
+    """The outcome of parsing one extractor reply: valid subjects, dropped ones with reasons, an error code."""
+
+    subjects: list[dict]
+    dropped: list[dict]
+    error: str | None  # None, "no_json", "not_a_list", "no_subjects", "unsupported"
+
+
+def parse_subjects(text: str | None, caption: str | None = None, max_subjects: int = 8,
+                   use_lexicon: bool = True) -> SubjectParse:
+    """Parse and validate a subject list ``[{name, description, category}]`` from an LLM reply.
+
+    Accepts a bare list, ``{"subjects": [...]}`` or a single subject object; strings become names. Names are
+    deduplicated; unknown categories become ``other``; with ``caption`` given, a subject whose head noun is
+    not in the caption is dropped (reason ``not_in_caption``); with ``use_lexicon`` an unambiguous head noun
+    (``lexicon_category``) overrides the model's category."""
+    val = extract_json(text)
+    if val is None:
+        return SubjectParse([], [], "no_json")
+    if isinstance(val, dict):
+        inner = next((val[k] for k in ("subjects", "objects", "entities", "items") if k in val), None)
+        val = inner if inner is not None else ([val] if "name" in val else None)
+    if not isinstance(val, list):
+        return SubjectParse([], [], "not_a_list")
+    subjects, dropped, seen = [], [], set()
+    for item in val:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            dropped.append({"item": str(item)[:80], "reason": "not_an_object"})
+            continue
+        name = str(item.get("name") or item.get("subject") or "").strip().strip(".").strip()
+        if not name or len(name) > 80:
+            dropped.append({"item": str(item)[:80], "reason": "bad_name"})
+            continue
+        key = name.lower()
+        if key in seen:
+            dropped.append({"name": name, "reason": "duplicate"})
+            continue
+        if caption is not None and not supported_by_caption(name, caption):
+            dropped.append({"name": name, "reason": "not_in_caption"})
+            continue
+        seen.add(key)
+        desc = item.get("description") or item.get("appearance") or ""
+        category = normalize_category(item.get("category") or item.get("type"))
+        if use_lexicon:
+            category = lexicon_category(name) or category
+        subjects.append({"name": name, "description": str(desc).strip() or name, "category": category})
+    subjects = subjects[:max_subjects]
+    if subjects:
+        return SubjectParse(subjects, dropped, None)
+    unsupported = any(d.get("reason") == "not_in_caption" for d in dropped)
+    return SubjectParse([], dropped, "unsupported" if unsupported else "no_subjects")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Boxes
+
+# Qwen2-VL style reply "<|box_start|>(x0,y0),(x1,y1)<|box_end|>" (0-1000 normalised).
+_QWEN2_BOX = re.compile(r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)\s*,\s*"
+                        r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)")
+
+
+def _as_box(v: Any) -> list[float] | None:
+    if isinstance(v, (list, tuple)) and len(v) == 4:
+        try:
+            return [float(x) for x in v]
+        except (TypeError, ValueError):
+            return None
+    if isinstance(v, dict) and all(k in v for k in ("x1", "y1", "x2", "y2")):
+        return _as_box([v["x1"], v["y1"], v["x2"], v["y2"]])
+    return None
+
+
+def parse_bbox_reply(text: str | None) -> list[dict]:
+    """Boxes in a grounding reply: ``[{"bbox_2d": [x0,y0,x1,y1], "label": ..}]`` (also ``bbox``/``box`` keys,
+    a single object, a bare 4-list, and Qwen2-VL's ``(x0,y0),(x1,y1)``). Each: {box, label, complete, raw_mode}
+    where raw_mode is "qwen2_norm1000" for the parenthesised form and "json" otherwise."""
+    out: list[dict] = []
+    val = extract_json(text)
+    items: list = []
+    if isinstance(val, dict):
+        items = [val]
+    elif isinstance(val, list):
+        items = [val] if _as_box(val) is not None else val
+    for it in items:
+        if isinstance(it, dict):
+            box = next((_as_box(it[k]) for k in ("bbox_2d", "bbox", "box", "box_2d") if k in it), None)
+            if box is None:
+                box = _as_box(it)
+            if box is None:
+                continue
+            complete = it.get("complete")
+            out.append({"box": box, "label": str(it.get("label", "")),
+                        "complete": complete if isinstance(complete, bool) else None, "raw_mode": "json"})
+        else:
+            box = _as_box(it)
+            if box is not None:
+                out.append({"box": box, "label": "", "complete": None, "raw_mode": "json"})
+    if not out and text:
+        for m in _QWEN2_BOX.finditer(text):
+            out.append({"box": [float(g) for g in m.groups()], "label": "", "complete": None,
+                        "raw_mode": "qwen2_norm1000"})
+    return out
+
+
+def to_frame_box(box: list[float], frame_hw: tuple[int, int], input_hw: tuple[int, int] | None,
+                 coords: str = "absolute") -> tuple[list[float] | None, str | None]:
+    """Map a model box to frame pixels, fix swapped corners, clamp to the frame.
+
+    ``coords``: "absolute" (pixels of the resized model input ``input_hw``, Qwen2.5-VL), "norm1000" (0-1000,
+    Qwen2-VL) or "auto" (norm1000 when the box exceeds the input size yet stays within 1000). Returns
+    (box, None), (clamped box, "clamped") when part of it lay outside the frame, or (None, reason) with
+    reason "outside_frame" / "degenerate"."""
+    fh, fw = frame_hw
+    x0, y0, x1, y1 = box
+    x0, x1 = min(x0, x1), max(x0, x1)
+    y0, y1 = min(y0, y1), max(y0, y1)
+    if coords == "auto":
+        ih, iw = input_hw or (fh, fw)
+        over = x1 > iw * 1.02 or y1 > ih * 1.02
+        coords = "norm1000" if over and max(x1, y1) <= 1000 else "absolute"
+    if coords == "norm1000":
+        sx, sy = fw / 1000.0, fh / 1000.0
+    else:
+        ih, iw = input_hw or (fh, fw)
+        sx, sy = fw / float(iw), fh / float(ih)
+    x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+    if x1 <= 0 or y1 <= 0 or x0 >= fw or y0 >= fh:
+        return None, "outside_frame"
+    cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(fw), x1), min(float(fh), y1)
+    if cx1 - cx0 < 1 or cy1 - cy0 < 1:
+        return None, "degenerate"
+    clamped = (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
+    return [round(cx0, 1), round(cy0, 1), round(cx1, 1), round(cy1, 1)], ("clamped" if clamped else None)
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+_SIDES = ("left", "top", "right", "bottom")
+
+
+def touched_sides(box: list[float], frame_hw: tuple[int, int], margin_px: float) -> list[str]:
+    fh, fw = frame_hw
+    x0, y0, x1, y1 = box
+    hits = (x0 <= margin_px, y0 <= margin_px, x1 >= fw - margin_px, y1 >= fh - margin_px)
+    return [s for s, h in zip(_SIDES, hits) if h]
+
+
+def apply_box_rules(dets: list[dict], frame_hw: tuple[int, int], min_area_frac: float = 0.01,
+                    max_iou: float = 0.7, border_margin_px: float = 2.0,
+                    incomplete_sides: tuple[str, ...] = ("left", "top", "right")) -> tuple[list[dict], list[dict]]:
+    """Phantom supp. §5 rules on one reference frame's detections ``[{subject, box, score, complete?,
+    border_box?}]`` (several subjects): drop ``small`` (area fraction below ``min_area_frac``), ``incomplete``
+    (judged incomplete by the model, or ``border_box`` - default the box - touching one of
+    ``incomplete_sides``), then ``overlap`` (IoU with another subject's kept box above ``max_iou``: the
+    lower-scoring one goes). Returns (kept, rejected) with ``reason`` set on each rejected detection."""
+    fh, fw = frame_hw
+    kept, rejected = [], []
+    for d in dets:
+        x0, y0, x1, y1 = d["box"]
+        area_frac = (x1 - x0) * (y1 - y0) / float(fh * fw)
+        sides = touched_sides(d.get("border_box") or d["box"], frame_hw, border_margin_px)
+        if area_frac < min_area_frac:
+            rejected.append({**d, "reason": "small"})
+        elif d.get("complete") is False or any(s in incomplete_sides for s in sides):
+            rejected.append({**d, "reason": "incomplete"})
+        else:
+            kept.append(d)
+    kept.sort(key=lambda d: -float(d.get("score") or 0.0))
+    final: list[dict] = []
+    for d in kept:
+        clash = next((k for k in final if k["subject"] != d["subject"] and box_iou(k["box"], d["box"]) > max_iou),
+                     None)
+        if clash is not None:
+            rejected.append({**d, "reason": "overlap", "overlaps_subject": clash["subject"]})
+        else:
+            final.append(d)
+    return final, rejected

@@ -1,0 +1,134 @@
+"""Reply parsers and box rules against a corpus of realistic and malformed model replies."""
+
+import pytest
+
+from curation.parsing import (
+    apply_box_rules,
+    box_iou,
+    extract_json,
+    head_noun,
+    normalize_category,
+    parse_bbox_reply,
+    parse_subjects,
+    to_frame_box,
+)
+
+CAPTION = ("A man with short brown hair in a black t-shirt talks on a phone while his golden retriever sits "
+           "beside him on a sofa.")
+
+SUBJECT_REPLIES = [
+    # (reply, expected names or None when parsing must fail, error code)
+    ('[{"name": "man", "description": "man with short brown hair", "category": "human"}]', ["man"], None),
+    ('Sure! Here are the subjects:\n```json\n[{"name": "man", "description": "a man in a black t-shirt", '
+     '"category": "human"},\n {"name": "golden retriever", "description": "dog", "category": "animal"},]\n```\n'
+     "Let me know if you need more.", ["man", "golden retriever"], None),
+    ("[{'name': 'phone', 'description': 'a phone', 'category': 'product'}, {'name': 'sofa', 'description': "
+     "'sofa', 'category': None}]", ["phone", "sofa"], None),
+    ('{"subjects": [{"name": "t-shirt", "description": "black t-shirt", "category": "Clothing"}]}',
+     ["t-shirt"], None),
+    ('The subjects are [{"name": "man", "description": "talking man", "category": "human"}, {"name": "dog", '
+     '"descrip', ["man"], None),  # truncated at max_new_tokens
+    ('[{"name": "man", "description": "x", "category": "human"}, {"name": "man", "description": "y"}]',
+     ["man"], None),
+    ("[]", None, "no_subjects"),
+    ("I cannot find any subjects in this caption.", None, "no_json"),
+    ('{"answer": 3}', None, "not_a_list"),
+    ('[{"name": "cat", "description": "a cat", "category": "animal"}]', None, "unsupported"),
+    ('[{"description": "no name here"}, 42]', None, "no_subjects"),
+]
+
+
+@pytest.mark.parametrize("reply,names,error", SUBJECT_REPLIES)
+def test_parse_subjects_corpus(reply, names, error):
+    res = parse_subjects(reply, CAPTION)
+    assert res.error == error
+    assert [s["name"] for s in res.subjects] == (names or [])
+    for s in res.subjects:
+        assert s["category"] in ("human", "animal", "clothes", "product", "landmark", "ip_character", "other")
+        assert s["description"]
+
+
+def test_categories_unknown_map_to_other_and_lexicon_overrides():
+    assert normalize_category("spaceship") == "other"
+    assert normalize_category("IP Character") == "ip_character"
+    assert normalize_category("Person") == "human"
+    res = parse_subjects('[{"name": "bus", "description": "red bus", "category": "human"}, '
+                         '{"name": "gizmo", "description": "thing", "category": "weird"}]', "A red bus and a gizmo.")
+    assert [s["category"] for s in res.subjects] == ["product", "other"]
+    raw = parse_subjects('[{"name": "bus", "description": "red bus", "category": "human"}]', use_lexicon=False)
+    assert raw.subjects[0]["category"] == "human"
+
+
+def test_head_noun_and_caption_support():
+    assert head_noun("man in a grey suit") == "man"
+    assert head_noun("the two women") == "women"
+    res = parse_subjects('[{"name": "women", "description": "w"}, {"name": "puppies", "description": "p"}]',
+                         "A woman plays with a puppy.")
+    assert [s["name"] for s in res.subjects] == ["women", "puppies"]
+
+
+def test_extract_json_variants():
+    assert extract_json("```\n{\"a\": [1, 2,],}\n```") == {"a": [1, 2]}
+    assert extract_json("prose {'ok': True, 'none': None} more") == {"ok": True, "none": None}
+    assert extract_json("The man's box: [1, 2, 3, 4].") == [1, 2, 3, 4]
+    assert extract_json("") is None and extract_json(None) is None and extract_json("[unclosed") is None
+
+
+BBOX_REPLIES = [
+    ('```json\n[\n\t{"bbox_2d": [120, 40, 300, 400], "label": "man"}\n]\n```', [120, 40, 300, 400], "json"),
+    ('{"bbox_2d": [10, 20, 30, 40], "label": "dog", "complete": false}', [10, 20, 30, 40], "json"),
+    ("The box is [5, 6, 50, 60].", [5, 6, 50, 60], "json"),
+    ('[{"bbox": {"x1": 1, "y1": 2, "x2": 3, "y2": 4}}]', [1, 2, 3, 4], "json"),
+    ("<|object_ref_start|>man<|object_ref_end|><|box_start|>(100,200),(500,900)<|box_end|>",
+     [100, 200, 500, 900], "qwen2_norm1000"),
+]
+
+
+@pytest.mark.parametrize("reply,box,mode", BBOX_REPLIES)
+def test_parse_bbox_reply_corpus(reply, box, mode):
+    got = parse_bbox_reply(reply)
+    assert got and got[0]["box"] == [float(v) for v in box] and got[0]["raw_mode"] == mode
+
+
+def test_parse_bbox_reply_rejects_garbage():
+    assert parse_bbox_reply("[]") == []
+    assert parse_bbox_reply("ĠrandomĠtokens }{ ] ,, 12") == []
+    assert parse_bbox_reply('[{"bbox_2d": [1, 2, 3]}]') == []  # three numbers are not a box
+
+
+def test_to_frame_box_mapping():
+    frame_hw, input_hw = (144, 176), (140, 168)  # smart_resize(144, 176) with factor 28
+    # Absolute coords in the resized input map by the per-axis scale.
+    box, note = to_frame_box([84, 70, 168, 140], frame_hw, input_hw, "absolute")
+    assert box == [88.0, 72.0, 176.0, 144.0] and note is None
+    # Swapped corners are sorted.
+    assert to_frame_box([168, 140, 84, 70], frame_hw, input_hw)[0] == [88.0, 72.0, 176.0, 144.0]
+    # 0-1000 normalised.
+    assert to_frame_box([0, 0, 500, 500], frame_hw, input_hw, "norm1000")[0] == [0.0, 0.0, 88.0, 72.0]
+    # auto: coordinates past the input size but within 1000 are read as normalised.
+    assert to_frame_box([500, 500, 1000, 1000], frame_hw, input_hw, "auto")[0] == [88.0, 72.0, 176.0, 144.0]
+    # Partly outside: clamped and flagged; fully outside: rejected.
+    box, note = to_frame_box([-20, 10, 100, 300], frame_hw, input_hw)
+    assert box[0] == 0.0 and box[3] == 144.0 and note == "clamped"
+    assert to_frame_box([200, 200, 300, 300], frame_hw, input_hw) == (None, "outside_frame")
+    assert to_frame_box([10, 10, 10.2, 50], frame_hw, input_hw) == (None, "degenerate")
+
+
+def test_box_rules():
+    hw = (100, 200)
+    dets = [
+        {"subject": 0, "box": [50, 20, 120, 99], "score": 0.9},  # kept (bottom contact allowed by default)
+        {"subject": 1, "box": [52, 21, 121, 99], "score": 0.5},  # overlaps subject 0 -> overlap
+        {"subject": 2, "box": [10, 10, 14, 14], "score": 0.9},  # 16 px^2 of 20000 -> small
+        {"subject": 3, "box": [0, 30, 40, 80], "score": 0.9},  # touches the left border -> incomplete
+        {"subject": 4, "box": [150, 30, 190, 80], "score": 0.9, "complete": False},  # model says cut -> incomplete
+        {"subject": 5, "box": [130, 10, 199.5, 90], "score": 0.8, "border_box": [150, 20, 170, 40]},  # face ok
+    ]
+    kept, rejected = apply_box_rules(dets, hw, min_area_frac=0.01, max_iou=0.7)
+    assert sorted(d["subject"] for d in kept) == [0, 5]
+    reasons = {d["subject"]: d["reason"] for d in rejected}
+    assert reasons == {1: "overlap", 2: "small", 3: "incomplete", 4: "incomplete"}
+    assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+    # Bottom truncation counts when configured.
+    _, rej = apply_box_rules(dets[:1], hw, incomplete_sides=("bottom",))
+    assert rej[0]["reason"] == "incomplete"
