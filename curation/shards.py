@@ -1,0 +1,247 @@
+"""WebDataset shards: deterministic plans, atomic tar files, resume from a progress file, the shard index."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SHARD_PATTERN = "shard-%06d.tar"
+INDEX_FILE = "index.json"
+PROGRESS_FILE = ".progress.json"
+TAR_BLOCK = 512
+
+
+def safe_component(s: str) -> str:
+    """An id made safe as one path component / WebDataset key: no separators, dots or '..' (ids come from
+    CSVs, and WebDataset splits a member name at its first dot)."""
+    s = re.sub(r"[^A-Za-z0-9_-]+", "_", str(s)).strip("_")
+    return s or "_"
+
+
+def confined(root: str | os.PathLike, rel: str) -> Path:
+    """``root/rel`` resolved, refusing paths that escape ``root``."""
+    base = Path(root).resolve()
+    p = (base / rel).resolve()
+    if not p.is_relative_to(base):
+        raise ValueError(f"path {rel!r} escapes {base}")
+    return p
+
+
+def _atomic(path: str | os.PathLike, write: Callable) -> None:
+    path = str(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def atomic_write_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
+    _atomic(path, lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False))
+
+
+def load_npy(path: str | os.PathLike) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# A sample is {"__key__": str, ext: bytes | Path}; Path values are read only when the shard is written.
+Sample = dict
+
+
+def member_bytes(n: int) -> int:
+    """Bytes one tar member of ``n`` data bytes takes: a 512-byte header plus data padded to 512."""
+    return TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK
+
+
+def _value_len(v) -> int:
+    return os.path.getsize(v) if isinstance(v, Path) else len(v)
+
+
+def sample_bytes(sample: Sample) -> int:
+    return sum(member_bytes(_value_len(v)) for k, v in sample.items() if k != "__key__")
+
+
+def plan_shards(sizes: list[int], maxcount: int, maxsize: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) ranges of samples per shard: a shard closes before a sample that would take
+    it past ``maxcount`` samples or ``maxsize`` bytes (a lone oversize sample gets a shard of its own).
+    Depends only on the sizes, so a re-run plans the same shards."""
+    plans, start, used = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and (i - start >= maxcount or used + n > maxsize):
+            plans.append((start, i))
+            start, used = i, 0
+        used += n
+    if start < len(sizes):
+        plans.append((start, len(sizes)))
+    return plans
+
+
+def write_tar(path: str | os.PathLike, samples: list[Sample]) -> None:
+    """One shard, atomically (tmp file + os.replace), byte-reproducible: fixed mtime, owner and mode; members
+    of a sample in sorted extension order (webdataset's TarWriter)."""
+    from webdataset import TarWriter
+
+    def write(f):
+        w = TarWriter(f, encoder=False, mtime=0.0, user="phantom", group="phantom", mode=0o444)
+        for s in samples:
+            w.write({k: (v.read_bytes() if isinstance(v, Path) else v) for k, v in s.items()})
+        w.close()
+
+    _atomic(path, write)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+class ShardSetWriter:
+    """Writes samples (sorted by key) as ``shard-%06d.tar`` under ``out_dir`` with count/size limits.
+
+    Resumable: ``.progress.json`` records every finished shard (keys, bytes, sha256); on a re-run a shard
+    whose file exists with the recorded sha256 and the same planned keys is kept, others are (re)written.
+    Stale temp files and shards beyond the plan are removed; ``index.json`` is written last, so its presence
+    means the set is complete."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        maxcount: int = 1000,
+        maxsize: int = 1 << 30,
+        meta: dict | None = None,
+    ):
+        self.out_dir = Path(out_dir)
+        self.maxcount, self.maxsize = maxcount, maxsize
+        self.meta = meta or {}
+        self.n_written = self.n_kept = 0
+
+    def _clean(self, planned: set[str]) -> None:
+        for p in self.out_dir.iterdir():
+            if ".tmp" in p.name:
+                p.unlink()
+            elif re.fullmatch(r"shard-\d{6}\.tar", p.name) and p.name not in planned:
+                p.unlink()  # left by an earlier, larger run
+
+    def write(self, samples: list[Sample]) -> dict:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        samples = sorted(samples, key=lambda s: s["__key__"])
+        keys = [s["__key__"] for s in samples]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate sample keys")
+        plans = plan_shards([sample_bytes(s) for s in samples], self.maxcount, self.maxsize)
+        names = [SHARD_PATTERN % i for i in range(len(plans))]
+        index_path = self.out_dir / INDEX_FILE
+        progress_path = self.out_dir / PROGRESS_FILE
+        done = _read_json(progress_path).get("shards", {})
+        for e in _read_json(index_path).get("shards", []):  # a finished earlier run counts as progress too
+            done.setdefault(e["name"], e)
+        if index_path.exists():
+            index_path.unlink()  # the set is being changed: no index until it is complete again
+        self._clean(set(names))
+        entries = []
+        for name, (a, b) in zip(names, plans):
+            path = self.out_dir / name
+            want = keys[a:b]
+            prev = done.get(name)
+            if (
+                prev
+                and prev.get("keys") == want
+                and path.exists()
+                and sha256_file(path) == prev.get("sha256")
+            ):
+                entries.append(prev)
+                self.n_kept += 1
+                continue
+            write_tar(path, samples[a:b])
+            entry = {
+                "name": name,
+                "samples": b - a,
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+                "keys": want,
+            }
+            entries.append(entry)
+            done[name] = entry
+            atomic_write_json(progress_path, {"shards": done})
+            self.n_written += 1
+        index = {
+            **self.meta,
+            "shards": entries,
+            "total_samples": len(samples),
+            "total_bytes": sum(e["bytes"] for e in entries),
+        }
+        atomic_write_json(index_path, index)
+        log.info(
+            "shards: %d written, %d kept from an earlier run, %d samples",
+            self.n_written,
+            self.n_kept,
+            len(samples),
+        )
+        return index
+
+
+def read_index(shards_dir: str | os.PathLike) -> dict:
+    with open(Path(shards_dir) / INDEX_FILE) as f:
+        return json.load(f)
+
+
+def iter_tar_samples(path: str | os.PathLike):
+    """(key, {ext: bytes}) per sample of one shard, in file order, with plain tarfile (raises on a bad
+    tar)."""
+    cur_key, cur = None, {}
+    with tarfile.open(path, "r") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            key, _, ext = base.partition(".")
+            data = tf.extractfile(m).read()
+            if len(data) != m.size:
+                raise tarfile.ReadError(f"{m.name}: truncated ({len(data)} of {m.size} bytes)")
+            if key != cur_key and cur_key is not None:
+                yield cur_key, cur
+                cur = {}
+            cur_key = key
+            cur[ext] = data
+    if cur_key is not None:
+        yield cur_key, cur
+
+
+def decode_json(data: bytes) -> dict:
+    return json.loads(io.BytesIO(data).read().decode("utf-8"))
