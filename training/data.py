@@ -140,8 +140,10 @@ def letterbox(image: np.ndarray, out_hw: tuple[int, int], fill: int = 255) -> to
     return canvas.round().clamp(0, 255).to(torch.uint8)
 
 
-def decode_clip(mp4_bytes: bytes, num_frames: int, target_fps: float, rng: random.Random) -> np.ndarray:
-    """H.264 bytes -> (num_frames, H, W, 3) uint8 sampled at target_fps (decord, straight from memory)."""
+def decode_clip(
+    mp4_bytes: bytes, num_frames: int, target_fps: float, rng: random.Random
+) -> tuple[np.ndarray, list[int]]:
+    """H.264 bytes -> ((num_frames, H, W, 3) uint8 at target_fps, source frame indices); decord, in memory."""
     import decord  # imported here: decord starts threads, keep it out of processes that never decode
 
     vr = decord.VideoReader(io.BytesIO(mp4_bytes), num_threads=1)
@@ -149,7 +151,7 @@ def decode_clip(mp4_bytes: bytes, num_frames: int, target_fps: float, rng: rando
     if num_src == 0:
         raise ValueError("clip has no frames")
     idx = frame_indices(num_src, float(vr.get_avg_fps()), num_frames, target_fps, rng)
-    return vr.get_batch(idx).asnumpy()
+    return vr.get_batch(idx).asnumpy(), idx
 
 
 def video_size(mp4_bytes: bytes) -> tuple[int, int]:
@@ -338,7 +340,7 @@ class TripletStream(torch.utils.data.IterableDataset):
         # keeps resume exact and lets encoder outputs be cached.
         rng = random.Random(f"frames-{s.seed}-{key}")
         try:
-            frames = decode_clip(sample["mp4"], s.num_frames, s.fps, rng)
+            frames, idx = decode_clip(sample["mp4"], s.num_frames, s.fps, rng)
             video = resize_center_crop(frames, out_hw)
         except Exception as exn:  # noqa: BLE001 - any decoder failure is one counted reason
             counter.add("bad_mp4")
@@ -358,6 +360,7 @@ class TripletStream(torch.utils.data.IterableDataset):
             counter.add("bad_txt")
             return None
         meta = {k: sample["_meta"].get(k) for k in ("clip_id", "source_id", "pair_type")}
+        meta["frame_indices"] = idx
         return {"video": video, "refs": refs, "caption": caption, "key": key, "meta": meta}
 
     def stream(self, stream: int, skip: int = 0) -> Iterator[dict[str, Any]]:
@@ -476,8 +479,9 @@ class EncodingCache:
         self.hits = 0
         self.misses = 0
 
-    def path(self, key: str, bucket: list[int], num_frames: int, fps: float) -> Path:
-        ident = json.dumps([self.signature, key, list(bucket), num_frames, fps])
+    def path(self, key: str, bucket: list[int], frame_indices: list[int], num_refs: int) -> Path:
+        """Keyed by everything the encodings depend on: encoders, sample, output size, the exact frames."""
+        ident = json.dumps([self.signature, key, list(bucket), list(frame_indices), num_refs])
         digest = hashlib.sha256(ident.encode()).hexdigest()
         return self.root / digest[:2] / f"{digest}.safetensors"
 

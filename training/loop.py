@@ -136,7 +136,7 @@ def _pad_stack(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, tor
 
 
 def encode_batch(
-    batch: dict[str, Any], enc, device: torch.device, cache: EncodingCache | None = None, phase=None
+    batch: dict[str, Any], enc, device: torch.device, cache: EncodingCache | None = None
 ) -> tuple[torch.Tensor, Conditioning]:
     """Batch from the loader -> (x0 latents (B, C, T', h, w), Conditioning), reading/writing the cache."""
     B = len(batch["keys"])
@@ -144,9 +144,10 @@ def encode_batch(
     paths = []
     if cache is not None:
         for i, key in enumerate(batch["keys"]):
-            paths.append(cache.path(key, batch["bucket"], phase.num_frames, phase.fps))
+            n_refs = int(batch["ref_mask"][i].sum())
+            paths.append(cache.path(key, batch["bucket"], batch["meta"][i]["frame_indices"], n_refs))
             hit = cache.load(paths[i])
-            if hit is not None and hit["ref_latents"].shape[0] == int(batch["ref_mask"][i].sum()):
+            if hit is not None:
                 per_sample[i] = {k: v.to(device) for k, v in hit.items()}
     missing = [i for i in range(B) if per_sample[i] is None]
     if missing:
@@ -365,7 +366,7 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
                 position.update(batch)
                 tally.update(batch)
                 n_samples += len(batch["keys"])
-                x0, cond = encode_batch(batch, enc, ctx.device, cache, phase)
+                x0, cond = encode_batch(batch, enc, ctx.device, cache)
                 cond = apply_condition_dropout(cond, generator=generator, **cfg.flow.dropout)
                 last = micro == cfg.optim.grad_accum - 1
                 # DDP: all-reduce gradients only on the last micro-batch.

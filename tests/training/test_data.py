@@ -162,13 +162,14 @@ def test_list_shards_confined_and_checked(tmp_path, triplet_shards):
 
 def test_encoding_cache_roundtrip(tmp_path):
     cache = EncodingCache(tmp_path, "sig-a")
-    path = cache.path("clip-1", [32, 64], 3, 8.0)
+    path = cache.path("clip-1", [32, 64], [0, 3, 6], 2)
     assert cache.load(path) is None
     tensors = {"latents": torch.randn(12, 3, 16, 32), "text": torch.randn(7, 384)}
     cache.save(path, tensors)
     got = cache.load(path)
     assert torch.equal(got["latents"], tensors["latents"]) and (cache.hits, cache.misses) == (1, 1)
-    assert EncodingCache(tmp_path, "sig-b").path("clip-1", [32, 64], 3, 8.0) != path
+    assert EncodingCache(tmp_path, "sig-b").path("clip-1", [32, 64], [0, 3, 6], 2) != path
+    assert cache.path("clip-1", [32, 64], [1, 4, 7], 2) != path  # other frames, other entry
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:  # a safetensors file, not a pickle

@@ -140,3 +140,36 @@ def test_config_rejects_unknown_and_bad_values(tmp_path):
 
 
 TINY_PHASES = load_config(None, {"phases": TINY["phases"]}).phases
+
+
+def test_sigkill_then_resume_gives_the_same_curve(runs, tmp_path, corrupt_shards):
+    """A real kill: SIGKILL the --no-ray process once its step-2 checkpoint exists, rerun, compare."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full = runs[1]
+    config = tmp_path / "kill.yaml"
+    config.write_text(yaml.safe_dump(dict(TINY, log=dict(TINY["log"], ckpt_every=2))))
+    out_dir = tmp_path / "killed"
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "training/run.py", "--config", str(config), "--shards", str(corrupt_shards)]
+    cmd += ["--out-dir", str(out_dir), "--no-ray"]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out_dir / "checkpoints" / "step_00000002.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "run ended before its first checkpoint"
+            )
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # really killed, not finished
+    assert ckpt.latest_checkpoint(out_dir / "checkpoints").name != "step_00000006.pt"
+    subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, timeout=300)
+    assert [r["loss"] for r in read_metrics(out_dir)] == full["losses"]
