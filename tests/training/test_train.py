@@ -135,8 +135,22 @@ def test_config_rejects_unknown_and_bad_values(tmp_path):
         load_config(None, {"scaling.strategy": "zero3"})
     with pytest.raises(ConfigError, match=r"phases\[0\].steps"):
         load_config(None, {"phases": [{"steps": "many"}]})
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "train_tiny.yaml")
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    cfg = load_config(configs / "train_tiny.yaml")
     assert len(cfg.phases) == 2 and cfg.total_steps == 200
+    big = load_config(configs / "train_1b.yaml")
+    assert [p.steps for p in big.phases] == [50_000, 20_000] and [720, 1280] in big.phases[1].buckets
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_gpu(tmp_path, triplet_shards):
+    """The GPU path: encoders and MMDiT on CUDA under bf16 autocast; a few finite-loss steps."""
+    cfg = _config(tmp_path, triplet_shards, "gpu")
+    cfg.scaling.use_gpu = True
+    from training.loop import Context
+
+    out = train(cfg, Context(device=torch.device("cuda")), stop_at_step=3)
+    assert out["step"] == 3 and all(torch.isfinite(torch.tensor(out["losses"])))
 
 
 TINY_PHASES = load_config(None, {"phases": TINY["phases"]}).phases
