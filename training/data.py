@@ -240,6 +240,8 @@ class StreamSpec:
     shuffle_buffer: int = 64
     shuffle_initial: int = 16
     max_refs: int = 4
+    # Unusable samples in a row before the stream stops: then the data is broken, not a few samples in it.
+    max_consecutive_bad: int = 2000
 
 
 class TripletStream(torch.utils.data.IterableDataset):
@@ -292,7 +294,11 @@ class TripletStream(torch.utils.data.IterableDataset):
 
     def _with_meta(self, samples: Iterator[dict[str, Any]], counter: CorruptCounter):
         """Attach the parsed json and the bucket; samples with missing keys or bad json are counted."""
+        bad_run = 0  # unusable samples in a row
         for sample in samples:
+            if bad_run >= self.spec.max_consecutive_bad:
+                raise RuntimeError(f"{bad_run} unusable samples in a row: {dict(counter.counts)}")
+            bad_run += 1
             missing = [k for k in REQUIRED_KEYS if k not in sample]
             if missing:
                 counter.add("missing:" + ",".join(missing))
@@ -321,6 +327,7 @@ class TripletStream(torch.utils.data.IterableDataset):
                 continue
             sample["_meta"] = meta
             sample["_bucket"] = choose_bucket(width, height, self.spec.buckets)
+            bad_run = 0
             yield sample
 
     def _bucketed(self, samples: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
@@ -375,11 +382,17 @@ class TripletStream(torch.utils.data.IterableDataset):
             next(groups)
         # Problems met while skipping were counted by the run that consumed those batches.
         counter.counts.clear()
+        bad_groups = 0
         for index in itertools.count(skip):
             group = next(groups)
             decoded = [d for d in (self._decode(x, counter) for x in group) if d is not None]
             if not decoded:
-                continue  # a whole batch of corrupt samples: counted, and the next one is used
+                # A whole batch of corrupt samples: counted, and the next one is used.
+                bad_groups += 1
+                if bad_groups * s.batch_size >= s.max_consecutive_bad:
+                    raise RuntimeError(f"{bad_groups} undecodable batches in a row: {dict(counter.counts)}")
+                continue
+            bad_groups = 0
             batch = collate(decoded)
             batch.update(
                 stream=stream,

@@ -15,6 +15,7 @@ from training.data import (
     DataPosition,
     EncodingCache,
     StreamSpec,
+    TripletStream,
     build_loader,
     choose_bucket,
     epoch_shards,
@@ -192,3 +193,22 @@ def test_bucket_from_mp4_header_when_json_has_no_size(triplet_shards):
     out = list(TripletStream(_spec(triplet_shards))._with_meta(iter(samples), counter))
     assert [s["_bucket"] for s in out] == [0]
     assert counter.counts == {"bad_json": 1, "bad_mp4": 1}
+
+
+def test_all_broken_data_fails_clearly_instead_of_hanging(tmp_path, corrupt_shards):
+    import webdataset as wds
+
+    good = next(iter(wds.WebDataset(list_shards(corrupt_shards), shardshuffle=False)))
+    fields = {k: v for k, v in good.items() if not k.startswith("__")}
+    broken = {
+        "no_caption": {k: v for k, v in fields.items() if k != "txt"},  # fails on metadata
+        "bad_video": dict(fields, mp4=b"not a video"),  # fails on decoding
+    }
+    for name, sample in broken.items():
+        (tmp_path / name).mkdir()
+        with wds.ShardWriter(str(tmp_path / name / "shard-%06d.tar"), maxcount=10, verbose=0) as sink:
+            for i in range(3):
+                sink.write(dict(sample, __key__=f"{name}{i}"))
+        stream = TripletStream(_spec(tmp_path / name, max_consecutive_bad=20)).stream(0)
+        with pytest.raises(RuntimeError, match="in a row"):
+            next(stream)
