@@ -1,4 +1,4 @@
-"""Robust parsers for model replies (JSON in prose, subject lists, bbox_2d boxes) and the reference-box rules."""
+"""Robust parsers for model replies (JSON in prose, subjects, bbox_2d boxes) and the reference-box rules."""
 
 from __future__ import annotations
 
@@ -12,15 +12,42 @@ CATEGORIES = ("human", "animal", "clothes", "product", "landmark", "ip_character
 
 # Words LLMs use instead of our category names. Anything not here and not a category maps to "other".
 _CATEGORY_SYNONYMS = {
-    "person": "human", "people": "human", "man": "human", "woman": "human", "child": "human", "boy": "human",
-    "girl": "human", "humans": "human", "persons": "human", "face": "human",
-    "animals": "animal", "pet": "animal", "dog": "animal", "cat": "animal", "bird": "animal",
-    "clothing": "clothes", "garment": "clothes", "apparel": "clothes", "outfit": "clothes", "cloth": "clothes",
+    "person": "human",
+    "people": "human",
+    "man": "human",
+    "woman": "human",
+    "child": "human",
+    "boy": "human",
+    "girl": "human",
+    "humans": "human",
+    "persons": "human",
+    "face": "human",
+    "animals": "animal",
+    "pet": "animal",
+    "dog": "animal",
+    "cat": "animal",
+    "bird": "animal",
+    "clothing": "clothes",
+    "garment": "clothes",
+    "apparel": "clothes",
+    "outfit": "clothes",
+    "cloth": "clothes",
     "accessory": "clothes",
-    "object": "product", "item": "product", "products": "product", "vehicle": "product", "device": "product",
-    "building": "landmark", "place": "landmark", "location": "landmark", "scene": "landmark",
-    "ip character": "ip_character", "ip-character": "ip_character", "character": "ip_character",
-    "cartoon": "ip_character", "cartoon character": "ip_character", "ip": "ip_character",
+    "object": "product",
+    "item": "product",
+    "products": "product",
+    "vehicle": "product",
+    "device": "product",
+    "building": "landmark",
+    "place": "landmark",
+    "location": "landmark",
+    "scene": "landmark",
+    "ip character": "ip_character",
+    "ip-character": "ip_character",
+    "character": "ip_character",
+    "cartoon": "ip_character",
+    "cartoon character": "ip_character",
+    "ip": "ip_character",
     "others": "other",
 }
 
@@ -113,8 +140,9 @@ def _loads_lenient(s: str) -> Any:
     cand = _TRAILING_COMMA.sub(r"\1", s)
     try:
         # literal_eval only builds literals (no calls, no names), so it is safe on model output.
-        return ast.literal_eval(re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False",
-                                                                     re.sub(r"\bnull\b", "None", cand))))
+        return ast.literal_eval(
+            re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", re.sub(r"\bnull\b", "None", cand)))
+        )
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         return None
 
@@ -155,8 +183,36 @@ def normalize_category(value: Any) -> str:
     return _CATEGORY_SYNONYMS.get(c, "other")
 
 
-_STOP = {"a", "an", "the", "of", "in", "on", "with", "and", "his", "her", "their", "its", "this", "that", "to",
-         "at", "by", "for", "from", "some", "two", "three", "one", "another", "other", "is", "are", "who"}
+_STOP = {
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "with",
+    "and",
+    "his",
+    "her",
+    "their",
+    "its",
+    "this",
+    "that",
+    "to",
+    "at",
+    "by",
+    "for",
+    "from",
+    "some",
+    "two",
+    "three",
+    "one",
+    "another",
+    "other",
+    "is",
+    "are",
+    "who",
+}
 
 
 def _words(text: str) -> list[str]:
@@ -179,25 +235,28 @@ def _stem(w: str) -> str:
 # Head nouns with an unambiguous category. Small LLMs (SmolLM2-135M) often mislabel categories, and the
 # offline grounder only boxes humans, so a known head noun overrides the LLM's label when they disagree.
 _LEXICON = {
-    "human": "man woman person people boy girl child kid baby toddler teenager adult guy lady gentleman player "
-             "athlete dancer singer chef cook doctor nurse worker student teacher anchor reporter presenter host "
-             "astronaut soldier police officer driver rider cyclist biker skier surfer runner swimmer musician "
-             "guitarist drummer pianist actor actress model bride groom couple family crowd audience customer "
-             "farmer fisherman mother father son daughter grandmother grandfather friend businessman "
-             "businesswoman speaker youtuber vlogger blogger influencer performer climber hiker skateboarder",
-    "animal": "dog puppy cat kitten bird horse cow sheep goat pig chicken duck goose rabbit bunny deer bear lion "
-              "tiger elephant monkey fish shark whale dolphin turtle snake lizard frog butterfly bee insect "
-              "spider squirrel mouse rat fox wolf giraffe zebra camel parrot owl eagle penguin seal retriever "
-              "labrador poodle bulldog terrier hamster pony calf lamb",
+    "human": "man woman person people boy girl child kid baby toddler teenager adult guy lady "
+    "gentleman player "
+    "athlete dancer singer chef cook doctor nurse worker student teacher anchor reporter presenter host "
+    "astronaut soldier police officer driver rider cyclist biker skier surfer runner swimmer musician "
+    "guitarist drummer pianist actor actress model bride groom couple family crowd audience customer "
+    "farmer fisherman mother father son daughter grandmother grandfather friend businessman "
+    "businesswoman speaker youtuber vlogger blogger influencer performer climber hiker skateboarder",
+    "animal": "dog puppy cat kitten bird horse cow sheep goat pig chicken duck goose rabbit bunny "
+    "deer bear lion "
+    "tiger elephant monkey fish shark whale dolphin turtle snake lizard frog butterfly bee insect "
+    "spider squirrel mouse rat fox wolf giraffe zebra camel parrot owl eagle penguin seal retriever "
+    "labrador poodle bulldog terrier hamster pony calf lamb",
     "clothes": "shirt t-shirt tshirt dress skirt jacket coat suit pants trousers jeans shorts sweater hoodie "
-               "hat cap helmet scarf shoe shoes sneaker sneakers boot boots glove gloves uniform blouse vest "
-               "raincoat spacesuit costume apron tie glasses sunglasses necklace bag backpack handbag watch",
+    "hat cap helmet scarf shoe shoes sneaker sneakers boot boots glove gloves uniform blouse vest "
+    "raincoat spacesuit costume apron tie glasses sunglasses necklace bag backpack handbag watch",
     "product": "car bus truck bicycle bike motorcycle phone smartphone laptop computer screen monitor camera "
-               "cup mug bottle glass plate bowl knife guitar piano ball toy book umbrella chair table sofa "
-               "lamp box board microphone headphones tablet keyboard vehicle boat train plane airplane drone "
-               "controller remote pen cake pizza",
-    "landmark": "tower bridge temple church cathedral castle palace statue monument pyramid skyscraper stadium "
-                "lighthouse fountain",
+    "cup mug bottle glass plate bowl knife guitar piano ball toy book umbrella chair table sofa "
+    "lamp box board microphone headphones tablet keyboard vehicle boat train plane airplane drone "
+    "controller remote pen cake pizza",
+    "landmark": "tower bridge temple church cathedral castle palace statue monument pyramid "
+    "skyscraper stadium "
+    "lighthouse fountain",
 }
 _LEXICON_INDEX = {w: cat for cat, words in _LEXICON.items() for w in words.split()}
 
@@ -233,15 +292,16 @@ def supported_by_caption(name: str, caption: str) -> bool:
 
 @dataclass
 class SubjectParse:
-    """The outcome of parsing one extractor reply: valid subjects, dropped ones with reasons, an error code."""
+    """One parsed extractor reply: valid subjects, dropped ones with reasons, and an error code."""
 
     subjects: list[dict]
     dropped: list[dict]
     error: str | None  # None, "no_json", "not_a_list", "no_subjects", "unsupported"
 
 
-def parse_subjects(text: str | None, caption: str | None = None, max_subjects: int = 8,
-                   use_lexicon: bool = True) -> SubjectParse:
+def parse_subjects(
+    text: str | None, caption: str | None = None, max_subjects: int = 8, use_lexicon: bool = True
+) -> SubjectParse:
     """Parse and validate a subject list ``[{name, description, category}]`` from an LLM reply.
 
     Accepts a bare list, ``{"subjects": [...]}`` or a single subject object; strings become names. Names are
@@ -291,8 +351,10 @@ def parse_subjects(text: str | None, caption: str | None = None, max_subjects: i
 # Boxes
 
 # Qwen2-VL style reply "<|box_start|>(x0,y0),(x1,y1)<|box_end|>" (0-1000 normalised).
-_QWEN2_BOX = re.compile(r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)\s*,\s*"
-                        r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)")
+_QWEN2_BOX = re.compile(
+    r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)\s*,\s*"
+    r"\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)"
+)
 
 
 def _as_box(v: Any) -> list[float] | None:
@@ -308,7 +370,8 @@ def _as_box(v: Any) -> list[float] | None:
 
 def parse_bbox_reply(text: str | None) -> list[dict]:
     """Boxes in a grounding reply: ``[{"bbox_2d": [x0,y0,x1,y1], "label": ..}]`` (also ``bbox``/``box`` keys,
-    a single object, a bare 4-list, and Qwen2-VL's ``(x0,y0),(x1,y1)``). Each: {box, label, complete, raw_mode}
+    a single object, a bare 4-list, and Qwen2-VL's ``(x0,y0),(x1,y1)``). Each: {box, label, complete,
+    raw_mode}
     where raw_mode is "qwen2_norm1000" for the parenthesised form and "json" otherwise."""
     out: list[dict] = []
     val = extract_json(text)
@@ -325,21 +388,34 @@ def parse_bbox_reply(text: str | None) -> list[dict]:
             if box is None:
                 continue
             complete = it.get("complete")
-            out.append({"box": box, "label": str(it.get("label", "")),
-                        "complete": complete if isinstance(complete, bool) else None, "raw_mode": "json"})
+            out.append(
+                {
+                    "box": box,
+                    "label": str(it.get("label", "")),
+                    "complete": complete if isinstance(complete, bool) else None,
+                    "raw_mode": "json",
+                }
+            )
         else:
             box = _as_box(it)
             if box is not None:
                 out.append({"box": box, "label": "", "complete": None, "raw_mode": "json"})
     if not out and text:
         for m in _QWEN2_BOX.finditer(text):
-            out.append({"box": [float(g) for g in m.groups()], "label": "", "complete": None,
-                        "raw_mode": "qwen2_norm1000"})
+            out.append(
+                {
+                    "box": [float(g) for g in m.groups()],
+                    "label": "",
+                    "complete": None,
+                    "raw_mode": "qwen2_norm1000",
+                }
+            )
     return out
 
 
-def to_frame_box(box: list[float], frame_hw: tuple[int, int], input_hw: tuple[int, int] | None,
-                 coords: str = "absolute") -> tuple[list[float] | None, str | None]:
+def to_frame_box(
+    box: list[float], frame_hw: tuple[int, int], input_hw: tuple[int, int] | None, coords: str = "absolute"
+) -> tuple[list[float] | None, str | None]:
     """Map a model box to frame pixels, fix swapped corners, clamp to the frame.
 
     ``coords``: "absolute" (pixels of the resized model input ``input_hw``, Qwen2.5-VL), "norm1000" (0-1000,
@@ -387,9 +463,14 @@ def touched_sides(box: list[float], frame_hw: tuple[int, int], margin_px: float)
     return [s for s, h in zip(_SIDES, hits) if h]
 
 
-def apply_box_rules(dets: list[dict], frame_hw: tuple[int, int], min_area_frac: float = 0.01,
-                    max_iou: float = 0.7, border_margin_px: float = 2.0,
-                    incomplete_sides: tuple[str, ...] = ("left", "top", "right")) -> tuple[list[dict], list[dict]]:
+def apply_box_rules(
+    dets: list[dict],
+    frame_hw: tuple[int, int],
+    min_area_frac: float = 0.01,
+    max_iou: float = 0.7,
+    border_margin_px: float = 2.0,
+    incomplete_sides: tuple[str, ...] = ("left", "top", "right"),
+) -> tuple[list[dict], list[dict]]:
     """Phantom supp. §5 rules on one reference frame's detections ``[{subject, box, score, complete?,
     border_box?}]`` (several subjects): drop ``small`` (area fraction below ``min_area_frac``), ``incomplete``
     (judged incomplete by the model, or ``border_box`` - default the box - touching one of
@@ -410,8 +491,9 @@ def apply_box_rules(dets: list[dict], frame_hw: tuple[int, int], min_area_frac: 
     kept.sort(key=lambda d: -float(d.get("score") or 0.0))
     final: list[dict] = []
     for d in kept:
-        clash = next((k for k in final if k["subject"] != d["subject"] and box_iou(k["box"], d["box"]) > max_iou),
-                     None)
+        clash = next(
+            (k for k in final if k["subject"] != d["subject"] and box_iou(k["box"], d["box"]) > max_iou), None
+        )
         if clash is not None:
             rejected.append({**d, "reason": "overlap", "overlaps_subject": clash["subject"]})
         else:

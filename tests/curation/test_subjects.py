@@ -1,0 +1,90 @@
+"""Subjects stage: hf_llm on real SmolLM2 and a tiny Qwen2, retries, the OpenAI-compatible path."""
+
+import pytest
+
+from curation.backends.llm import reply_done
+from curation.stage import StageContext
+from curation.stages.subjects import SubjectsStage, build_conversation
+from tests.curation.test_caption import ChatServer
+from tests.curation.tiny_models import tiny_qwen2_llm_dir
+
+CAPTION = (
+    "A man with short brown hair, wearing a black t-shirt, is talking on a phone in a car. The background "
+    "shows trees passing by the window."
+)
+
+
+def _row(caption, i=0):
+    return {"video_id": "v", "clip_id": f"v-{i:04d}", "status": "ok", "caption": caption}
+
+
+def test_smollm2_extracts_subjects(tmp_path):
+    st = SubjectsStage(
+        params=SubjectsStage.Params(max_new_tokens=96), ctx=StageContext(out_dir=str(tmp_path))
+    )  # default backend: hf_llm on SmolLM2-135M
+    out = st([_row(CAPTION), _row("", 1)])
+    ok, empty = out
+    assert ok["status"] == "ok", ok
+    names = [s["name"].lower() for s in ok["subjects"]]
+    assert any("man" in n for n in names)
+    man = next(s for s in ok["subjects"] if "man" in s["name"].lower())
+    assert man["category"] == "human" and man["description"]
+    # Every kept subject is supported by the caption (the deterministic post-check).
+    from curation.parsing import supported_by_caption
+
+    assert all(supported_by_caption(s["name"], CAPTION) for s in ok["subjects"])
+    assert empty["status"] == "rejected" and empty["reason"] == "subjects:no_caption"
+
+
+def test_tiny_qwen2_random_replies_are_retried_then_rejected(tmp_path):
+    backend = {"name": "hf_llm", "model_path": str(tiny_qwen2_llm_dir()), "batch_size": 2}
+    st = SubjectsStage(
+        params=SubjectsStage.Params(max_new_tokens=16, retries=1),
+        backend=backend,
+        ctx=StageContext(out_dir=str(tmp_path)),
+    )
+    out = st([_row(CAPTION, 0), _row("A dog runs on a beach.", 1), _row("A red car drives on a road.", 2)])
+    for r in out:
+        # A random-init model emits random tokens: never a subject list. Both attempts are kept for debugging.
+        assert r["status"] == "rejected" and r["reason"].startswith("subjects:"), r
+        assert r["reason"] in ("subjects:parse_failed", "subjects:none", "subjects:unsupported")
+        assert len(r["subjects_raw"]) == 2 and all(isinstance(x, str) for x in r["subjects_raw"])
+
+
+def test_openai_extractor_with_retry(tmp_path):
+    server = ChatServer(
+        [
+            "Sorry, here you go: the man.",  # unparseable -> retried with a correction turn
+            '```json\n[{"name": "man", "description": "man in a black t-shirt on the phone", '
+            '"category": "Person"},\n'
+            ' {"name": "car", "description": "car interior", "category": "vehicle"},]\n```',
+        ]
+    )
+    try:
+        backend = {"name": "openai_compatible", "base_url": server.url, "model": "qwen2.5-7b-instruct"}
+        st = SubjectsStage(backend=backend, ctx=StageContext(out_dir=str(tmp_path)))
+        (r,) = st([_row(CAPTION)])
+        assert r["status"] == "ok" and r["subjects_attempts"] == 2
+        assert [(s["name"], s["category"]) for s in r["subjects"]] == [("man", "human"), ("car", "product")]
+        retry_msgs = server.requests[1]["body"]["messages"]
+        assert retry_msgs[-2] == {"role": "assistant", "content": "Sorry, here you go: the man."}
+        assert retry_msgs[-1]["role"] == "user"
+    finally:
+        server.close()
+
+
+def test_prompt_and_stop_rule():
+    conv = build_conversation(CAPTION)
+    assert conv[0]["role"] == "system" and "appearance" in conv[0]["content"]
+    assert conv[-1]["content"].endswith(CAPTION) and sum(m["role"] == "assistant" for m in conv) == 2
+    assert reply_done('[{"name": "man"}]')
+    assert reply_done('[{"name": "man", "description": "x"}, {"name": "Man"')  # a repeat: the model loops
+    assert not reply_done('[{"name": "man", "description": "x"}, {"name": "dog"')
+
+
+@pytest.mark.parametrize("bad", [{"max_subjects": 0}, {"retries": 9}])
+def test_params_are_validated(bad):
+    from curation.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError):
+        from_dict(SubjectsStage.Params, bad, "subjects.params")
