@@ -1,0 +1,155 @@
+"""`make weights`: fetch the production models named in pipelines.yaml into models/ and record sha256."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from curation.models import sha256_file
+
+
+def model_entries(cfg: dict) -> list[dict]:
+    """Every model with a ``hub_id`` in the config: stage backends ({model_path, hub_id, revision?,
+    allow_patterns?}; any ``*_path`` key paired with ``*_hub_id`` too) and the top-level ``models``."""
+    found: dict[str, dict] = {}
+
+    def add(where: str, path: str, hub_id: str, spec: dict):
+        if path and hub_id:
+            found.setdefault(
+                path,
+                {
+                    "where": where,
+                    "path": path,
+                    "hub_id": hub_id,
+                    "revision": spec.get("revision"),
+                    "allow_patterns": spec.get("allow_patterns"),
+                },
+            )
+
+    for pname, stages in (cfg.get("pipelines") or {}).items():
+        for i, st in enumerate(stages or []):
+            backend = st.get("backend") or {}
+            where = f"pipelines.{pname}[{i}].{st.get('stage')}.backend"
+            add(where, backend.get("model_path", ""), backend.get("hub_id", ""), backend)
+            for key, val in backend.items():
+                if key.endswith("_hub_id"):
+                    add(f"{where}.{key}", backend.get(key[: -len("_hub_id")] + "_path", ""), val, backend)
+    for name, spec in (cfg.get("models") or {}).items():
+        if isinstance(spec, dict):
+            add(f"models.{name}", spec.get("path", ""), spec.get("hub_id", ""), spec)
+    return list(found.values())
+
+
+def hub_reachable(endpoint: str, timeout_s: float) -> str | None:
+    """None when the hub answers within ``timeout_s``, else why not (offline mode, DNS, refused, timeout)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:
+        return None  # the server answered (any status): the network path works
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        return f"{endpoint} unreachable ({getattr(e, 'reason', e)})"
+
+
+def record_hashes(models_dir: Path, targets: list[Path]) -> dict[str, str]:
+    """Add the sha256 of every file under ``targets`` to ``<models_dir>/SHA256SUMS.json`` (relpath -> sha256,
+    what curation.models checks at load time); written atomically."""
+    sums_path = models_dir / "SHA256SUMS.json"
+    sums = json.loads(sums_path.read_text()) if sums_path.exists() else {}
+    root = models_dir.resolve()
+    for t in targets:
+        files = [t] if t.is_file() else sorted(p for p in t.rglob("*") if p.is_file())
+        for f in files:
+            rel = f.resolve().relative_to(root)
+            if rel.parts[0].startswith(".") or ".cache" in rel.parts:
+                continue  # huggingface_hub's download metadata, not model files
+            sums[str(rel)] = sha256_file(f)
+    tmp = sums_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(sorted(sums.items())), indent=1) + "\n")
+    os.replace(tmp, sums_path)
+    return sums
+
+
+def _present(p: Path) -> bool:
+    return p.is_file() or (p.is_dir() and any(x.is_file() for x in p.rglob("*") if ".cache" not in x.parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default="pipelines.yaml")
+    ap.add_argument("--models-dir", default=None, help="default: models_dir from the config")
+    ap.add_argument(
+        "--timeout-s", type=float, default=10.0, help="network timeout for the reachability check"
+    )
+    ap.add_argument("--endpoint", default=os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    args = ap.parse_args(argv)
+
+    with open(args.config) as f:
+        cfg = yaml.safe_load(f) or {}
+    models_dir = Path(args.models_dir or cfg.get("models_dir") or "models")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    entries = model_entries(cfg)
+    if not entries:
+        print(f"{args.config}: no backend names a model_path with a hub_id; nothing to fetch.")
+        return 0
+
+    targets, missing = [], []
+    offline_why: str | None = ""  # "" = not checked yet
+    for e in entries:
+        target = Path(e["path"]) if os.path.isabs(e["path"]) else models_dir / e["path"]
+        if _present(target):
+            print(f"present  {target}  ({e['hub_id']})")
+            targets.append(target)
+            continue
+        if offline_why == "":
+            offline_why = hub_reachable(args.endpoint, args.timeout_s)
+        if offline_why:
+            missing.append((e, target, offline_why))
+            continue
+        try:
+            from huggingface_hub import snapshot_download
+
+            os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(args.timeout_s)))
+            os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(max(args.timeout_s, 60))))
+            print(f"fetching {e['hub_id']} -> {target}")
+            snapshot_download(
+                repo_id=e["hub_id"],
+                revision=e["revision"],
+                local_dir=str(target),
+                allow_patterns=e["allow_patterns"],
+            )
+            targets.append(target)
+        except Exception as ex:  # one failed model must not hide the others' status
+            missing.append((e, target, f"{type(ex).__name__}: {ex}"))
+
+    if targets:
+        record_hashes(models_dir, targets)
+        print(f"recorded sha256 of {len(targets)} model(s) in {models_dir / 'SHA256SUMS.json'}")
+    if missing:
+        print(f"\nMISSING {len(missing)} model(s):", file=sys.stderr)
+        for e, target, why in missing:
+            print(
+                f"  {e['hub_id']} -> {target}\n      named at {e['where']}; not fetched: {why}",
+                file=sys.stderr,
+            )
+        print(
+            "Provide them by running `make weights` where the hub is reachable, or by copying each model "
+            "folder to the path shown (then rerun `make weights` to record its sha256), or point the "
+            "model_path in pipelines.yaml at a local copy.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
