@@ -47,8 +47,8 @@ class Pair(Stage):
 
     @dataclasses.dataclass
     class Params:
-        low: float = field(0.55, ge=-1.0, le=1.0)
-        high: float = field(0.97, ge=-1.0, le=1.0)
+        low: float = field(0.78, ge=-1.0, le=1.0)  # MobileNetV2 features; set per embedder in the YAML
+        high: float = field(0.99, ge=-1.0, le=1.0)
         top_k: int = field(4, ge=1)
         candidates: int = field(16, ge=1)  # neighbours scored per subject (every one recorded)
         same_source: bool = False  # also pair with other clips of the same source video
@@ -56,8 +56,8 @@ class Pair(Stage):
         exact_max: int = field(20000, ge=1)  # auto: exact search up to this many subjects per category
         nprobe: int = field(16, ge=1)
         phash_copy_distance: int = field(4, ge=-1, le=64)  # crops this close across videos are copies; -1 off
-        face_low: float = field(0.45, ge=-1.0, le=1.0)
-        face_high: float = field(0.97, ge=-1.0, le=1.0)
+        face_low: float = field(0.5, ge=-1.0, le=1.0)
+        face_high: float = field(0.99, ge=-1.0, le=1.0)
         face_top_k: int = field(4, ge=1)
         hist_bins: int = field(40, ge=2)
 

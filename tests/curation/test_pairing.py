@@ -237,3 +237,53 @@ def test_sample_faces_pair_same_person_only(sample_pairs):
     # person_a and person_b are two different people who each appear once: never paired
     lonely = {r["shot_key"] for r in rows if _identities(gt, r["shot_key"]) & {"person_a", "person_b"}}
     assert lonely and not any(k & lonely for k in found)
+
+
+def test_open_clip_backend_loads_a_local_checkpoint_of_a_tiny_architecture(tmp_path):
+    """The production embedder's code path with a tiny random-init ViT (config registered from a JSON file,
+    weights from a local checkpoint, sha256-checked)."""
+    import open_clip
+    import torch
+
+    from curation.backends import embedders  # noqa: F401  (registers the backends)
+    from curation.models import sha256_file
+    from curation.stage import build_backend
+
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp_path / "tiny-vit-h6.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-vit-h6.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-vit-h6", pretrained=None)
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    emb = build_backend(
+        "image_embedder",
+        "open_clip",
+        arch="tiny-vit-h6",
+        model_path=str(tmp_path / "tiny.pt"),
+        sha256=sha256_file(tmp_path / "tiny.pt"),
+        model_config=str(tmp_path / "tiny-vit-h6.json"),
+        models_dir=str(tmp_path),
+    )
+    rng = np.random.default_rng(0)
+    imgs = [
+        rng.integers(0, 255, (50, 80, 3), dtype=np.uint8),
+        rng.integers(0, 255, (90, 40, 3), dtype=np.uint8),
+    ]
+    a, b = emb.embed(imgs), emb.embed(imgs[:1])
+    assert a.shape == (2, 32) == (2, emb.dim)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+    assert float(a[0] @ a[1]) < 0.9999
+    with pytest.raises(Exception, match="sha256"):
+        build_backend(
+            "image_embedder",
+            "open_clip",
+            arch="tiny-vit-h6",
+            model_path=str(tmp_path / "tiny.pt"),
+            sha256="0" * 64,
+            models_dir=str(tmp_path),
+        )
