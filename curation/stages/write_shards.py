@@ -17,17 +17,19 @@ log = logging.getLogger(__name__)
 MAX_REFS = 4
 
 
-def best_crop(subject: dict, ref_frames: list[dict] | None = None) -> dict | None:
+MIDDLE_REF = 1  # reference frames sit at 0.05 / 0.5 / 0.95 of the clip (curation.frames.REF_FRACTIONS)
+
+
+def best_crop(subject: dict) -> dict | None:
     """The reference crop to use for a subject: a non-duplicate crop, preferring the middle reference frame
     (0.5 of the clip), then the largest."""
     crops = [c for c in subject.get("crops") or [] if c.get("duplicate_of") is None]
     if not crops:
         return None
-    mid = 1 if ref_frames is None or len(ref_frames) != 3 else 1
 
     def rank(c):
         w, h = c.get("size_px") or [0, 0]
-        return (c["ref"] != mid, -w * h, c["ref"])
+        return (c["ref"] != MIDDLE_REF, -w * h, c["ref"])
 
     return min(crops, key=rank)
 
