@@ -69,7 +69,13 @@ def build_backend(capability: str, name: str, **kwargs):
         raise ValueError(
             f"unknown {capability} backend {name!r}; registered: {backend_names(capability)}"
         ) from None
+    # Keys that only tell `make weights` where a model comes from are not the backend's business.
+    kwargs = {k: v for k, v in kwargs.items()
+              if k not in _FETCH_KEYS and not k.endswith("_hub_id") and not k.endswith("_hub_file")}
     return factory(**kwargs)
+
+
+_FETCH_KEYS = {"hub_id", "revision", "allow_patterns", "hub_file"}
 
 
 @dataclasses.dataclass

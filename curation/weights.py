@@ -30,6 +30,7 @@ def model_entries(cfg: dict) -> list[dict]:
                     "hub_id": hub_id,
                     "revision": spec.get("revision"),
                     "allow_patterns": spec.get("allow_patterns"),
+                    "hub_file": spec.get("hub_file"),
                 },
             )
 
@@ -121,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(args.timeout_s)))
             os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(max(args.timeout_s, 60))))
             print(f"fetching {e['hub_id']} -> {target}")
+            # A path naming one weight file (an open_clip checkpoint, an MLP head) fetches just that file
+            # into its folder; a folder path fetches the snapshot.
+            one_file = target.suffix in (".bin", ".pt", ".pth", ".safetensors", ".onnx", ".gguf")
             snapshot_download(
                 repo_id=e["hub_id"],
                 revision=e["revision"],
-                local_dir=str(target),
-                allow_patterns=e["allow_patterns"],
+                local_dir=str(target.parent if one_file else target),
+                allow_patterns=[e.get("hub_file") or target.name] if one_file else e["allow_patterns"],
             )
             targets.append(target)
         except Exception as ex:  # one failed model must not hide the others' status
