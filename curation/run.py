@@ -12,7 +12,8 @@ from pathlib import Path
 
 from curation.config import ConfigError, config_hash, load_config
 from curation.manifest import atomic_write_text, count_reasons
-from curation.runner import run_pipeline
+from curation.models import ModelHashMismatch, ModelNotFound
+from curation.runner import ResourceError, run_pipeline
 from curation.sources import load_source
 from curation.stage import StageContext
 
@@ -96,7 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         note = f"{n_clips} clips, {n_ok} ok" if n_clips else f"{rec['status']}: {rec['reason']}"
         print(f"[{done[0]}/{total}] {rec['video_id']}: {note}", flush=True)
 
-    result = run_pipeline(cfg, pipeline, rows, ctx, runner=args.runner, progress=progress)
+    try:
+        result = run_pipeline(cfg, pipeline, rows, ctx, runner=args.runner, progress=progress)
+    except ResourceError as e:
+        print(f"resource error: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:  # a missing or tampered model stops the run with one clear line, no traceback
+        text = str(e)
+        for cls in (ModelNotFound, ModelHashMismatch):
+            if isinstance(e, cls) or cls.__name__ in text:
+                line = next((ln for ln in text.splitlines() if cls.__name__ in ln), text)
+                print(f"model error: {line.split(cls.__name__ + ': ')[-1]}", file=sys.stderr)
+                return 3
+        raise
     summary = summarize(result, source, pipeline, out_dir)
     atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
     print_summary(summary)

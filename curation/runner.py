@@ -178,11 +178,27 @@ def init_ray(cfg: Config) -> None:
     )
 
 
+class ResourceError(RuntimeError):
+    """A stage group asks for more than the Ray cluster has; Ray would otherwise wait forever."""
+
+
+def check_resources(groups: list[GroupPlan], cluster: dict) -> None:
+    for g in groups:
+        for what, need in (("CPU", g.num_cpus), ("GPU", g.num_gpus)):
+            have = float(cluster.get(what, 0.0))
+            if need > have:
+                raise ResourceError(
+                    f"stage group {g.name!r} asks for {need:g} {what} per worker but the Ray cluster has "
+                    f"{have:g}; lower resources.num_{what.lower()}s in pipelines.yaml or use a cluster "
+                    f"that has them (RAY_ADDRESS)")
+
+
 def run_ray(rows: list[Record], groups: list[GroupPlan], ctx: StageContext, cfg: Config) -> Iterator[Record]:
     import ray
     from ray.data import ActorPoolStrategy
 
     init_ray(cfg)
+    check_resources(groups, ray.cluster_resources())
     if not rows:
         return
     ds = ray.data.from_items([{"video_id": r["video_id"], "rec": json.dumps(r)} for r in rows],

@@ -100,3 +100,10 @@ def test_killed_run_resumes_to_the_same_output(reference, tmp_path):
     assert _rows(tmp_path) == _rows(out_seq)
     assert _shards(tmp_path) == _shards(out_seq)
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+
+
+def test_production_pipeline_without_models_is_a_clear_error(tmp_path, capsys):
+    rc = curate.main(["--pipeline", "production", "--runner", "sequential", "--videos", "gen01",
+                      "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 3 and "not found at models/" in err and "make weights" in err

@@ -126,3 +126,13 @@ def test_ray_runner_gives_the_same_records_as_sequential(tmp_path, monkeypatch):
         return [{k: v for k, v in r.items() if k != "error"} for r in rs]
 
     assert strip(par.rows) == strip(seq.rows) and par.outputs == seq.outputs
+
+
+def test_resource_check_names_the_group():
+    from curation.runner import GroupPlan, ResourceError, check_resources
+
+    g = GroupPlan("annotate", [], True, 1.0, 1.0, 8, 1)
+    msg = r"'annotate' asks for 1 GPU per worker but the Ray cluster has 0"
+    with pytest.raises(ResourceError, match=msg):
+        check_resources([g], {"CPU": 2.0})
+    check_resources([g], {"CPU": 2.0, "GPU": 1.0})
