@@ -160,7 +160,8 @@ def gt_rows(sample_root: str, gt: dict) -> list[dict]:
 @pytest.fixture(scope="module")
 def sample_pairs(request, tmp_path_factory):
     # The sample is deterministic and idempotent: keep it in pytest's cache so re-runs skip the build.
-    root = request.config.cache.mkdir("phantom_sample")
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    root = cache.mkdir("phantom_sample") if cache is not None else tmp_path_factory.mktemp("sample")
     paths = build_sample(root)
     gt = load_ground_truth(paths)
     out_dir = tmp_path_factory.mktemp("pairing")
