@@ -56,6 +56,20 @@ def recall(found: set, truth: set) -> float:
     return len(found & truth) / max(1, len(truth))
 
 
+def _ray_100k(x, groups, exact_pairs) -> dict[str, float]:
+    """The Ray-spread faiss search (two tasks sharing the serialised index in the object store), same data."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        t0 = time.perf_counter()
+        nb = pairing.topk_ray(x, groups, CANDIDATES, method="faiss", n_tasks=2)
+        dt = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {"pairing_100k_ray_s": dt, "pairing_100k_ray_recall": recall(band_pairs(nb), exact_pairs)}
+
+
 def run() -> dict[str, float]:
     out: dict[str, float] = {}
     x, planted, groups = synthetic(100_000, seed=1)
@@ -71,6 +85,7 @@ def run() -> dict[str, float]:
     out["pairing_100k_planted_recall_exact"] = recall(exact_pairs, truth)  # 1.0: planted == in-band
     out["pairing_100k_extra_inband_exact"] = float(len(exact_pairs - truth))
     out["pairing_100k_recall"] = recall(band_pairs(approx), exact_pairs)
+    out.update(_ray_100k(x, groups, exact_pairs))
     del x, exact, approx
     gc.collect()
 
