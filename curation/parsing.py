@@ -253,7 +253,8 @@ _LEXICON = {
     "product": "car bus truck bicycle bike motorcycle phone smartphone laptop computer screen monitor camera "
     "cup mug bottle glass plate bowl knife guitar piano ball toy book umbrella chair table sofa "
     "lamp box board microphone headphones tablet keyboard vehicle boat train plane airplane drone "
-    "controller remote pen cake pizza",
+    "controller remote pen cake pizza espresso coffee tea saucer teapot rocket spaceship spacecraft "
+    "shuttle satellite",
     "landmark": "tower bridge temple church cathedral castle palace statue monument pyramid "
     "skyscraper stadium "
     "lighthouse fountain",
