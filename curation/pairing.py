@@ -60,7 +60,9 @@ def merge_topk(a: Neighbours, b: Neighbours, m: int) -> Neighbours:
     idx = torch.from_numpy(np.concatenate([a.idx, b.idx], axis=1))
     sc = torch.from_numpy(np.concatenate([a.score, b.score], axis=1))
     top = torch.topk(sc, min(m, sc.shape[1]), dim=1)
-    return Neighbours(torch.gather(idx, 1, top.indices).numpy(), top.values.numpy())
+    out = Neighbours(torch.gather(idx, 1, top.indices).numpy(), top.values.numpy())
+    out.idx[~np.isfinite(out.score)] = -1  # masked (same-group) entries are no candidates
+    return out
 
 
 def _strip(x, groups, r0: int, r1: int, m: int, symmetric: bool):

@@ -137,7 +137,7 @@ class Pair(Stage):
                 q = rows[t.rows[local]]["subjects"][t.subjects[local]]
                 for j in range(nb.m):
                     c, v = int(nb.idx[qi, j]), int(verdict[qi, j])
-                    if c < 0:
+                    if c < 0 or not np.isfinite(nb.score[qi, j]):
                         continue
                     other = members[c]
                     score = round(float(nb.score[qi, j]), 5)

@@ -73,6 +73,15 @@ def test_exact_blocked_search_matches_brute_force():
     np.testing.assert_allclose(np.take_along_axis(s, nb.idx, 1), nb.score, atol=1e-5)
 
 
+def test_rows_with_few_candidates_get_none_rather_than_same_group_ones():
+    x = pairing.normalize(np.random.default_rng(2).standard_normal((5, 8)))
+    groups = np.array([0, 0, 0, 0, 1])  # rows 0-3 have one candidate (row 4), row 4 has four
+    for nb in (pairing.topk_exact(x, groups, m=3, block_rows=2), pairing.topk_faiss(x, groups, m=3)):
+        assert nb.idx[:4, 0].tolist() == [4, 4, 4, 4] and (nb.idx[:4, 1:] == -1).all()
+        assert np.isneginf(nb.score[:4, 1:]).all()
+        assert len(set(nb.idx[4].tolist())) == 3 and set(nb.idx[4].tolist()) <= {0, 1, 2, 3}
+
+
 def test_faiss_agrees_with_exact_on_planted_pairs():
     x, planted_pairs = planted(6000, 128, 600, clusters=40)
     groups = np.arange(len(x)) // 3  # three subjects per "video"
