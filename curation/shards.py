@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -241,7 +240,3 @@ def iter_tar_samples(path: str | os.PathLike):
             cur[ext] = data
     if cur_key is not None:
         yield cur_key, cur
-
-
-def decode_json(data: bytes) -> dict:
-    return json.loads(io.BytesIO(data).read().decode("utf-8"))
