@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from curation.boxes import box_iou
+
 CATEGORIES = ("human", "animal", "clothes", "product", "landmark", "ip_character", "other")
 
 # Words LLMs use instead of our category names. Anything not here and not a category maps to "other".
@@ -444,14 +446,6 @@ def to_frame_box(
         return None, "degenerate"
     clamped = (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
     return [round(cx0, 1), round(cy0, 1), round(cx1, 1), round(cy1, 1)], ("clamped" if clamped else None)
-
-
-def box_iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 _SIDES = ("left", "top", "right", "bottom")

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from curation.boxes import box_iou
 from curation.frames import REF_FRACTIONS, ref_frame_indices
 from curation.models import verify_sha256
 
@@ -959,14 +960,6 @@ def _interp_box(track: list[dict], frame: float, key: str) -> list[float] | None
             a = (frame - f0) / max(1e-9, f1 - f0)
             return [u + (v - u) * a for u, v in zip(b0, b1)]
     return list(pts[-1][1])
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def subject_boxes_at(

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from curation.boxes import box_iou, containment
 from curation.config import field
 from curation.frames import ref_frames
 from curation.shards import atomic_write_bytes, atomic_write_npy
@@ -14,22 +15,6 @@ from curation.stage import Record, Stage, build_backend, register_stage
 from curation.stages.subject_embed import clip_dir, encode_jpeg, mark_duplicates, pad_box, phash
 
 FACE_CATEGORIES = ("human",)
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def containment(inner, outer) -> float:
-    """Fraction of ``inner``'s area inside ``outer``."""
-    ix = max(0.0, min(inner[2], outer[2]) - max(inner[0], outer[0]))
-    iy = max(0.0, min(inner[3], outer[3]) - max(inner[1], outer[1]))
-    area = (inner[2] - inner[0]) * (inner[3] - inner[1])
-    return ix * iy / area if area > 0 else 0.0
 
 
 def match_faces(face_boxes: list, person_boxes: list, min_containment: float) -> list[tuple[int, int, float]]:
