@@ -84,18 +84,28 @@ def _balanced_spans(text: str) -> list[str]:
     return spans
 
 
+def _outside_strings(text: str):
+    """(index, char) of every character outside double-quoted strings, honouring backslash escapes."""
+    in_str = esc = False
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        else:
+            yield i, ch
+
+
 def json_closed(text: str) -> bool:
     """True once ``text`` holds a complete top-level JSON list/object (generation can stop there)."""
-    depth, in_str, esc = 0, False, False
-    for ch in text:
-        if in_str:
-            esc = (ch == "\\") and not esc
-            if ch == '"' and not esc:
-                in_str = False
-            continue
-        if ch == '"':
-            in_str = True
-        elif ch in "[{":
+    depth = 0
+    for _, ch in _outside_strings(text):
+        if ch in "[{":
             depth += 1
         elif ch in "]}" and depth > 0:
             depth -= 1
@@ -116,16 +126,9 @@ def _close_truncated(s: str) -> str:
     """Close a reply cut at max_new_tokens: keep up to the last complete object, then close open brackets."""
     cut = s.rfind("}")
     body = s[: cut + 1] if cut > 0 else s
-    closers, in_str, esc = [], False, False
-    for ch in body:
-        if in_str:
-            esc = (ch == "\\") and not esc
-            if ch == '"' and not esc:
-                in_str = False
-            continue
-        if ch == '"':
-            in_str = True
-        elif ch in "[{":
+    closers: list[str] = []
+    for _, ch in _outside_strings(body):
+        if ch in "[{":
             closers.append("]" if ch == "[" else "}")
         elif ch in "]}" and closers:
             closers.pop()

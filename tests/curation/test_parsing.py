@@ -175,3 +175,10 @@ def test_box_rules():
     # Bottom truncation counts when configured.
     _, rej = apply_box_rules(dets[:1], hw, incomplete_sides=("bottom",))
     assert rej[0]["reason"] == "incomplete"
+
+
+def test_escaped_quotes_inside_strings_do_not_close_them():
+    from curation.parsing import json_closed
+
+    assert not json_closed('[{"name": "sign", "description": "reads \\"exit]\\" in red"}')
+    assert json_closed('[{"name": "sign", "description": "reads \\"exit]\\" in red"}]')
