@@ -198,11 +198,13 @@ def encode_clips(
     crf: int = 18,
     preset: str = "veryfast",
     fps: float | None = None,
+    keyframe_interval_s: float = 1.0,
 ) -> list[ClipJob]:
     """Decode ``src_path`` once at full resolution (PyAV, frames counted in presentation order, the same
     order decord indexes) and encode each job's frames to H.264 mp4 (libx264, yuv420p, even size, the
     source frame rate). Each file is written to a temp name and os.replace'd, so a reader never sees half
-    a clip. Decoding stops after the last frame any job needs."""
+    a clip. Decoding stops after the last frame any job needs. A keyframe every ``keyframe_interval_s``
+    bounds what a training loader must decode to reach a random frame (0 leaves it to x264)."""
     import av
 
     jobs = sorted(jobs, key=lambda j: j.start_frame)
@@ -230,7 +232,8 @@ def encode_clips(
                     if not (job.start_frame <= idx < job.end_frame):
                         continue
                     if k not in open_enc:
-                        open_enc[k] = _open_encoder(job, w, h, rate, crf, preset)
+                        gop = max(1, round(float(rate) * keyframe_interval_s)) if keyframe_interval_s else 0
+                        open_enc[k] = _open_encoder(job, w, h, rate, crf, preset, gop)
                     out, ost, _ = open_enc[k]
                     # reformat scales (when asked) and converts to yuv420p in one swscale call.
                     vf = frame.reformat(width=w, height=h, format="yuv420p")
@@ -254,7 +257,8 @@ def encode_clips(
     return jobs
 
 
-def _open_encoder(job: ClipJob, w: int, h: int, rate: fractions.Fraction, crf: int, preset: str):
+def _open_encoder(job: ClipJob, w: int, h: int, rate: fractions.Fraction, crf: int, preset: str,
+                  gop: int = 0):
     import av
 
     Path(job.out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +267,7 @@ def _open_encoder(job: ClipJob, w: int, h: int, rate: fractions.Fraction, crf: i
     ost = out.add_stream("libx264", rate=rate)
     ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
     ost.codec_context.time_base = 1 / rate
-    ost.options = {"crf": str(crf), "preset": preset}
+    ost.options = {"crf": str(crf), "preset": preset, **({"g": str(gop)} if gop else {})}
     return out, ost, tmp
 
 

