@@ -69,7 +69,7 @@ def _child() -> dict:
     cut_rate = video_s / min(t_cut)
     dec_rate = video_s / min(t_dec)
     # peak so far: the pipeline's own, taken before TransNetV2 brings torch in below
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak_rss_mb = _peak_rss_mb()
 
     # detectors alone on the same analysis frames of bikes.mp4 (first 100 frames): Adaptive vs TransNetV2
     from curation.backends.shots import adaptive, transnetv2
@@ -94,6 +94,16 @@ def _child() -> dict:
         "shots_adaptive_frames_per_s": det_rates["adaptive"],
         "shots_transnetv2_frames_per_s": det_rates["transnetv2"],
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's own high-water RSS. VmHWM belongs to the memory image exec() made, whereas
+    getrusage's ru_maxrss survives exec and would report the (larger) parent that forked us."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run() -> dict[str, float]:
