@@ -1,1 +1,1 @@
-"""Benchmarks: each `bench/bench_*.py` has `run() -> dict[str, float]`; `python -m bench.run` runs them all."""
+"""Benchmarks: each bench/bench_*.py has run() -> dict[str, float]; `python -m bench.run` runs them all."""
