@@ -212,3 +212,14 @@ def test_all_broken_data_fails_clearly_instead_of_hanging(tmp_path, corrupt_shar
         stream = TripletStream(_spec(tmp_path / name, max_consecutive_bad=20)).stream(0)
         with pytest.raises(RuntimeError, match="in a row"):
             next(stream)
+
+
+def test_window_starts_on_a_keyframe():
+    """With the clip's keyframes the sampled window starts on one, so nothing before it is decoded."""
+    keys = [0, 25, 50, 75]
+    starts = {frame_indices(100, 25.0, 5, 8.0, random.Random(seed), keys)[0] for seed in range(40)}
+    assert starts <= set(keys) and len(starts) > 1
+    free = {frame_indices(100, 25.0, 5, 8.0, random.Random(seed))[0] for seed in range(40)}
+    assert not free <= set(keys)
+    # a keyframe too late for the window is never chosen
+    assert frame_indices(100, 25.0, 5, 8.0, random.Random(1), [0, 95])[0] == 0
