@@ -1,0 +1,274 @@
+"""One storage layer for every reader and writer: a local folder or any pyarrow filesystem URI
+(``s3://bucket/prefix``, ``gs://bucket/prefix``), behind one small ``Store`` object.
+
+Writes are atomic: a local file is written under a temporary name and renamed; an object-store PUT is
+atomic by itself (readers see the old object or the whole new one). Code that needs a real local file
+(decord, PyAV, ffmpeg) asks ``Store.local_path(rel)``: the file itself for a local store, a cached
+download for a remote one. S3-compatible endpoints (MinIO, moto, R2) come from ``AWS_ENDPOINT_URL`` (the
+AWS SDK's variable) or ``PHANTOM_S3_ENDPOINT``; credentials from the usual AWS variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "hdfs")
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return urlparse(str(path)).scheme in REMOTE_SCHEMES
+
+
+def _s3_filesystem():
+    from pyarrow import fs
+
+    endpoint = os.environ.get("PHANTOM_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    kw: dict = {}
+    if endpoint:
+        u = urlparse(endpoint)
+        kw["endpoint_override"] = u.netloc or u.path
+        kw["scheme"] = u.scheme or "https"
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kw["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kw["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    kw["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    return fs.S3FileSystem(**kw)
+
+
+def filesystem_for(uri: str):
+    """(pyarrow FileSystem, path inside it) for a local path or a remote URI."""
+    from pyarrow import fs
+
+    u = urlparse(str(uri))
+    if u.scheme == "s3":
+        return _s3_filesystem(), f"{u.netloc}{u.path}".rstrip("/")
+    if u.scheme in REMOTE_SCHEMES:
+        f, path = fs.FileSystem.from_uri(str(uri))
+        return f, path.rstrip("/")
+    return fs.LocalFileSystem(), os.path.abspath(str(uri))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("PHANTOM_CACHE_DIR") or Path(tempfile.gettempdir()) / "phantom-cache")
+
+
+class Store:
+    """A root (local folder or URI) and relative paths under it. Picklable: Ray tasks receive the URI and
+    rebuild the filesystem in the worker."""
+
+    def __init__(self, root: str | os.PathLike):
+        root = str(root)
+        self.uri = root.rstrip("/") if is_uri(root) else os.path.abspath(root)
+        self.is_local = not is_uri(root)
+        self._fs = None
+        self._base = None
+
+    def __reduce__(self):
+        return (Store, (self.uri,))
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Store) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    # -- paths ------------------------------------------------------------------------------------------
+    @property
+    def fs(self):
+        if self._fs is None:
+            self._fs, self._base = filesystem_for(self.uri)
+        return self._fs
+
+    @property
+    def base(self) -> str:
+        """The root as a path inside ``fs`` (``bucket/prefix`` for S3, an absolute path locally)."""
+        self.fs  # noqa: B018 (resolves _base)
+        return self._base
+
+    def path(self, rel: str = "") -> str:
+        """``rel`` as a path inside ``fs``; refuses paths that climb out of the root."""
+        rel = str(rel).replace("\\", "/").lstrip("/")
+        parts = [p for p in rel.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise ValueError(f"path {rel!r} escapes {self.uri}")
+        return "/".join([self.base, *parts]) if parts else self.base
+
+    def uri_of(self, rel: str = "") -> str:
+        if self.is_local:
+            return self.path(rel)
+        scheme = urlparse(self.uri).scheme
+        return f"{scheme}://{self.path(rel)}"
+
+    def sub(self, rel: str) -> Store:
+        return Store(self.uri_of(rel))
+
+    # -- reads ------------------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        from pyarrow import fs
+
+        return self.fs.get_file_info(self.path(rel)).type != fs.FileType.NotFound
+
+    def is_file(self, rel: str) -> bool:
+        from pyarrow import fs
+
+        return self.fs.get_file_info(self.path(rel)).type == fs.FileType.File
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.get_file_info(self.path(rel)).size)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def read_json(self, rel: str, default=None):
+        """The JSON at ``rel``; ``default`` when it is missing or unreadable (a torn local write)."""
+        try:
+            return json.loads(self.read_bytes(rel))
+        except (FileNotFoundError, OSError, ValueError):
+            return default
+
+    def open_input(self, rel: str):
+        return self.fs.open_input_file(self.path(rel))
+
+    def list(self, prefix: str = "", suffix: str = "") -> Iterator[str]:
+        """Relative paths of the files under ``prefix`` (recursive), sorted; temporary files skipped."""
+        from pyarrow import fs
+
+        root = self.path(prefix)
+        try:
+            infos = self.fs.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))
+        except FileNotFoundError:
+            return
+        base = self.base.rstrip("/") + "/"
+        out = []
+        for info in infos:
+            if info.type != fs.FileType.File:
+                continue
+            name = info.path.rsplit("/", 1)[-1]
+            if ".tmp" in name or (suffix and not name.endswith(suffix)):
+                continue
+            out.append(info.path[len(base):] if info.path.startswith(base) else info.path)
+        yield from sorted(out)
+
+    @contextlib.contextmanager
+    def local_path_ctx(self, rel: str):
+        yield self.local_path(rel)
+
+    def local_path(self, rel: str) -> str:
+        """A local file with the content of ``rel``: the file itself for a local store, else a download
+        into the cache (re-fetched when its size differs), written atomically."""
+        if self.is_local:
+            return self.path(rel)
+        key = hashlib.sha1(self.uri_of(rel).encode()).hexdigest()[:20]
+        dest = _cache_root() / key[:2] / f"{key}-{os.path.basename(rel)}"
+        remote_size = self.size(rel)
+        if dest.exists() and dest.stat().st_size == remote_size:
+            return str(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out, self.fs.open_input_stream(self.path(rel)) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return str(dest)
+
+    # -- writes -----------------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.is_local:
+            _atomic_local(self.path(rel), lambda f: f.write(data))
+            return
+        with self.fs.open_output_stream(self.path(rel)) as f:
+            f.write(data)
+
+    def write_json(self, rel: str, obj, indent: int | None = None) -> None:
+        self.write_bytes(rel, json.dumps(obj, sort_keys=True, indent=indent).encode())
+
+    def put_file(self, rel: str, local: str | os.PathLike) -> None:
+        """Copy a local file to ``rel`` (atomic); a no-op when it is already that file."""
+        local = os.path.abspath(local)
+        if self.is_local:
+            dest = self.path(rel)
+            if os.path.abspath(dest) == local:
+                return
+            _atomic_local(dest, lambda f: _copy_into(local, f))
+            return
+        with open(local, "rb") as src, self.fs.open_output_stream(self.path(rel)) as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+
+    @contextlib.contextmanager
+    def writer(self, rel: str):
+        """A binary file object whose content appears at ``rel`` only when the block ends without error."""
+        if self.is_local:
+            dest = self.path(rel)
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.",
+                                       suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        # Object stores: spool locally, then one PUT, so a failure never leaves a partial object.
+        with tempfile.TemporaryFile() as f:
+            yield f
+            f.seek(0)
+            with self.fs.open_output_stream(self.path(rel)) as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.path(rel))
+
+    def delete_dir(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.fs.delete_dir(self.path(rel))
+
+
+def _copy_into(src: str, f) -> None:
+    with open(src, "rb") as s:
+        shutil.copyfileobj(s, f, 1 << 20)
+
+
+def _atomic_local(path: str, write) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def scratch_dir(store: Store) -> str:
+    """The local working folder for a store: the store itself when local, else a per-store cache folder
+    (stages write there; the runner uploads what they made)."""
+    if store.is_local:
+        return store.path()
+    key = hashlib.sha1(store.uri.encode()).hexdigest()[:16]
+    d = _cache_root() / "scratch" / key
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
