@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -208,13 +209,41 @@ def validate_stage_spec(spec: StageSpec, path: str):
     return from_dict(cls.Params, spec.params, f"{path}.params")
 
 
-def load_config(path: str | Path = "pipelines.yaml") -> Config:
+def yaml_error_line(path: str | Path, e: yaml.YAMLError) -> str:
+    """One line for a YAML error: ``<file>:<line>:<column>: <what is wrong>``. A tag that safe_load refuses
+    (``!!python/...``) is named as such: nothing was constructed or run."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    tag = re.search(r"tag '([^']*)'", problem)
+    if tag:
+        name = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        problem = f"the tag {name} is not allowed (plain YAML only: safe_load builds no Python objects)"
+    context = getattr(e, "context", None)
+    if context and not tag:
+        cmark = getattr(e, "context_mark", None)
+        at = f" at line {cmark.line + 1}" if cmark is not None and cmark is not mark else ""
+        problem = f"{problem} ({' '.join(str(context).split())}{at})"
+    return f"{where}: {problem}"
+
+
+def load_yaml(path: str | Path) -> Any:
+    """``yaml.safe_load`` of a file; a missing file, bad encoding or malformed YAML is a one-line
+    ConfigError naming the file and the line."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    return from_dict(Config, data)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_error_line(path, e)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def load_config(path: str | Path = "pipelines.yaml") -> Config:
+    return from_dict(Config, load_yaml(path))
 
 
 def config_hash(cfg: Config, pipeline: str) -> str:

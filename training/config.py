@@ -7,10 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 # One validator for both YAML files: unknown keys and wrong types name their dotted path.
-from curation.config import ConfigError, from_dict
+from curation.config import ConfigError, from_dict, load_yaml
 
 
 @dataclass
@@ -176,8 +174,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     """Read a YAML config (safe_load), apply dotted overrides, and validate it into a TrainConfig."""
     data: dict[str, Any] = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        data = load_yaml(path) or {}
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     return validate(from_dict(TrainConfig, data))

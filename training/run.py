@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import yaml  # noqa: E402
 
+from curation.config import ConfigError  # noqa: E402
 from training.config import TrainConfig, config_from_dict, load_config  # noqa: E402
 
 log = logging.getLogger("training.run")
@@ -148,7 +149,11 @@ def run_ray(cfg: TrainConfig, stop_at_step: int | None = None):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    cfg = build_config(args)
+    try:
+        cfg = build_config(args)
+    except ConfigError as e:  # a bad YAML or value: one line naming the file/key, no traceback
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     if args.no_ray:
         summary = run_local(cfg, stop_at_step=args.stop_at_step)
         losses = summary["losses"]

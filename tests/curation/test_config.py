@@ -96,9 +96,59 @@ def test_out_of_range_threshold():
 
 def test_yaml_is_read_safely(tmp_path):
     p = tmp_path / "evil.yaml"
-    p.write_text("output_dir: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(yaml.YAMLError):
+    marker = tmp_path / "pwned"
+    p.write_text(f"output_dir: x\nmodels_dir: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError) as e:
         load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:2:13: the tag !!python/object/apply:os.system is not allowed"), msg
+    assert "\n" not in msg and not marker.exists()  # one line, and nothing was run
+
+
+@pytest.mark.parametrize(
+    "text,line,what",
+    [
+        ("output_dir: x\nsources: [1, 2\nray: {}\n", 3, "expected ',' or ']'"),
+        ("output_dir: x\n  models_dir: y\n", 2, "mapping values are not allowed here"),
+        ('output_dir: "open\n', 2, "found unexpected end of stream"),
+        ("output_dir: x\n\t- y\n", 2, "found character '\\t' that cannot start any token"),
+    ],
+)
+def test_malformed_yaml_is_one_line_with_file_and_line(tmp_path, text, line, what):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:{line}:") and what in msg and "\n" not in msg, msg
+
+
+def test_training_config_yaml_errors_are_config_errors(tmp_path):
+    from training.config import load_config as load_train_config
+
+    p = tmp_path / "train.yaml"
+    p.write_text("model:\n  depth: !!python/name:os.system\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:2:10: the tag !!python/name:os.system is not allowed"):
+        load_train_config(p)
+    p.write_text("model: {depth: 2\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:2:1: .*flow mapping"):
+        load_train_config(p)
+
+
+def test_cli_prints_one_line_for_a_bad_yaml(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("output_dir: x\nsources: [1, 2\nray: {}\n")
+    for cmd in (
+        [sys.executable, "-m", "curation.run", "--config", str(p)],
+        [sys.executable, "training/run.py", "--config", str(p), "--no-ray"],
+    ):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1, (cmd, r.stderr[-2000:])
+        assert lines[0].startswith(f"config error: {p}:3:"), lines
 
 
 def test_config_hash_tracks_params():
