@@ -135,19 +135,57 @@ def _close_truncated(s: str) -> str:
     return body.rstrip().rstrip(",") + "".join(reversed(closers))
 
 
+def _segments(text: str) -> list[tuple[bool, str]]:
+    """``text`` split into (is_string, chunk) pieces: double-quoted strings, and single-quoted ones where a
+    quote opens a string (``_opens_string``), backslash escapes honoured; an unclosed string runs to the
+    end."""
+    out, start, quote, i, n = [], 0, "", 0, len(text)
+    while i < n:
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == quote:
+                out.append((True, text[start : i + 1]))
+                start, quote = i + 1, ""
+        elif ch == '"' or (ch == "'" and _opens_string(text, i)):
+            if i > start:
+                out.append((False, text[start:i]))
+            start, quote = i, ch
+        i += 1
+    if start < n:
+        out.append((bool(quote), text[start:]))
+    return out
+
+
+_PY_WORDS = {"true": "True", "false": "False", "null": "None"}
+_JSON_WORD = re.compile(r"\b(true|false|null)\b")
+
+
+def _repair(s: str, python_literals: bool = False) -> str:
+    """Outside strings only: drop a trailing comma before ``]``/``}``; with ``python_literals`` also spell
+    JSON's true/false/null the Python way. String contents are never touched."""
+    parts = []
+    for is_str, chunk in _segments(s):
+        if not is_str:
+            chunk = _TRAILING_COMMA.sub(r"\1", chunk)
+            if python_literals:
+                chunk = _JSON_WORD.sub(lambda m: _PY_WORDS[m.group(1)], chunk)
+        parts.append(chunk)
+    return "".join(parts)
+
+
 def _loads_lenient(s: str) -> Any:
     """json.loads, then with trailing commas removed, then as a Python literal (single quotes, True/None)."""
-    for cand in (s, _TRAILING_COMMA.sub(r"\1", s)):
+    for cand in (s, _repair(s)):
         try:
             return json.loads(cand)
         except (json.JSONDecodeError, ValueError):
             pass
-    cand = _TRAILING_COMMA.sub(r"\1", s)
     try:
         # literal_eval only builds literals (no calls, no names), so it is safe on model output.
-        return ast.literal_eval(
-            re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", re.sub(r"\bnull\b", "None", cand)))
-        )
+        return ast.literal_eval(_repair(s, python_literals=True))
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         return None
 

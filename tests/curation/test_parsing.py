@@ -182,3 +182,25 @@ def test_escaped_quotes_inside_strings_do_not_close_them():
 
     assert not json_closed('[{"name": "sign", "description": "reads \\"exit]\\" in red"}')
     assert json_closed('[{"name": "sign", "description": "reads \\"exit]\\" in red"}]')
+
+
+def test_json_scanner_skips_brackets_inside_prose_strings():
+    # a scanner that ignored strings would return the quoted [1, 2]
+    assert extract_json('He said "[1, 2]" and then [3, 4]') == [3, 4]
+    assert extract_json('The sign reads "{exit}", then: {"label": "man"}') == {"label": "man"}
+    assert extract_json('It is "the man\'s [box]" and [5, 6, 7, 8]') == [5, 6, 7, 8]
+
+
+def test_trailing_comma_repair_leaves_string_contents_alone():
+    assert extract_json('{"a": "true or null",}') == {"a": "true or null"}
+    # a regex over the whole text would turn ", ]" inside the string into "]"
+    assert extract_json('{"a": "1, ]", "b": [1, 2,],}') == {"a": "1, ]", "b": [1, 2]}
+    assert extract_json('[{"name": "sign \\"x,}\\" red", "n": null,},]') == [
+        {"name": 'sign "x,}" red', "n": None}
+    ]
+    # the Python-literal path spells true/null the Python way outside strings only
+    assert extract_json("{'a': 'true or null', 'b': true, 'c': [null,],}") == {
+        "a": "true or null",
+        "b": True,
+        "c": [None],
+    }
