@@ -25,6 +25,11 @@ from torch.utils.checkpoint import checkpoint
 #   `window_size` tokens (window_unit="tokens"); window_size=0 means one window over all video tokens
 #   (full attention). Each window sees [its video tokens, all reference VAE tokens, all text+CLIP
 #   tokens]; the per-window outputs of the shared reference and text tokens are averaged over windows.
+#   Odd blocks shift the window grid by half a window (shift_windows; whole frames for "frames"), so the
+#   tokens at the end of a window share a window with the start of the next one and information crosses
+#   window borders between blocks ("the in-situ features are sequentially shifted to the start of the
+#   next window"). Windows are never padded: each run of equal windows is one attention call, and a
+#   shorter first (shifted) or last window is its own call, so no mask is needed for the video part.
 
 
 @dataclass
@@ -39,12 +44,13 @@ class MMDiTConfig:
     clip_dim: int = 1024  # width of the reference image features
     window_size: int = 9  # 0 = full attention
     window_unit: str = "frames"  # "frames" (latent frames per window) or "tokens"
+    shift_windows: bool = True  # odd blocks shift the window grid by window_size // 2 (Figure 5)
     rope_theta: float = 10000.0
     rope_axes_dim: tuple[int, int, int] | None = None  # (t, h, w) split of head_dim; None = auto
     qk_norm: bool = True  # RMSNorm on q and k, keeps joint attention logits bounded (SD3.5, Wan)
     pooled_text: bool = True  # add a masked mean of the text states to the adaLN conditioning
     context_only_last: bool = True  # last block updates only the visual stream (SD3)
-    grad_checkpoint: bool = False
+    grad_checkpoint: bool = False  # recompute each block in backward: activations of one block, not all
 
     def __post_init__(self):
         if self.hidden % self.num_heads:
@@ -103,7 +109,7 @@ MMDIT_CONFIGS: dict[str, MMDiTConfig] = {
     "S": MMDiTConfig(hidden=384, depth=12, num_heads=6),
     "B": MMDiTConfig(hidden=768, depth=12, num_heads=12),
     # ~1.1B parameters (dual stream: ~36*hidden^2 per block)
-    "1B": MMDiTConfig(hidden=1152, depth=24, num_heads=18),
+    "1B": MMDiTConfig(hidden=1152, depth=24, num_heads=18, grad_checkpoint=True),
 }
 
 
@@ -203,6 +209,42 @@ class StreamOut(nn.Module):
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm(x), shift2, scale2))
 
 
+def window_groups(n_vid: int, window_tokens: int, shift_tokens: int = 0) -> list[tuple[int, int, int]]:
+    """How the Nv video tokens are cut into windows, as runs of equal windows (start, size, count).
+
+    Unshifted: [0, W), [W, 2W), ... with a shorter last window when W does not divide Nv. Shifted by s
+    (0 < s < W, the alternate blocks of Figure 5): [0, s), [s, s + W), [s + W, s + 2W), ..., so the last
+    W - s tokens of each unshifted window move to the start of the next one. window_tokens = 0 or >= Nv
+    is one window over the whole video and is never shifted (there is no next window to move into).
+    Every run becomes one attention call over equal-length sequences: no window is padded or masked.
+    """
+    W = window_tokens if 0 < window_tokens < n_vid else n_vid
+    if W == n_vid:
+        return [(0, n_vid, 1)]
+    if not 0 <= shift_tokens < W:
+        raise ValueError(f"window shift {shift_tokens} must be in [0, window_tokens={W})")
+    groups = [(0, shift_tokens, 1)] if shift_tokens else []
+    body = (n_vid - shift_tokens) // W
+    if body:
+        groups.append((shift_tokens, W, body))
+    tail_start = shift_tokens + body * W
+    if tail_start < n_vid:
+        groups.append((tail_start, n_vid - tail_start, 1))
+    return groups
+
+
+def _window_seqs(a_vid, a_ctx, start: int, size: int, count: int) -> torch.Tensor:
+    """Video tokens [start, start + size*count) as `count` windows, each followed by a copy of the context.
+
+    a_vid: (B, Nv, nh, hd); a_ctx: (B, Nc, nh, hd) or None -> (B*count, nh, size (+ Nc), hd).
+    """
+    B, _, nh, hd = a_vid.shape
+    a = a_vid[:, start : start + size * count].reshape(B, count, size, nh, hd)
+    if a_ctx is not None:
+        a = torch.cat([a, a_ctx.unsqueeze(1).expand(B, count, *a_ctx.shape[1:])], dim=2)
+    return a.flatten(0, 1).transpose(1, 2)
+
+
 def windowed_joint_attention(
     q_vid,
     k_vid,
@@ -213,48 +255,46 @@ def windowed_joint_attention(
     ctx_mask,
     window_tokens: int,
     ctx_queries: bool = True,
+    shift_tokens: int = 0,
 ):
-    """Joint attention of video windows with shared context tokens (Phantom's dynamic injection).
+    """Joint attention of video windows with shared context tokens (Phantom's dynamic injection, Fig. 5).
 
     q/k/v_vid: (B, Nv, nh, hd) video tokens in (t, y, x) raster order.
     q/k/v_ctx: (B, Nc, nh, hd) tokens appended to EVERY window: reference VAE tokens then text+CLIP tokens.
     ctx_mask: (B, Nc) bool, True = real token (padded references and padded text are never attended to).
-    window_tokens: video tokens per window (>= Nv means a single window, i.e. full attention).
+    window_tokens: video tokens per window (0 or >= Nv: a single window, i.e. full attention).
+    shift_tokens: offset of the window grid (window_groups); 0 in even blocks, about W/2 in odd ones.
     Returns (B, Nv, nh*hd) video output and (B, Nc, nh*hd) context output averaged over the windows
     (None if not ctx_queries, e.g. the text stream of a context-only last block).
     """
     B, Nv, nh, hd = q_vid.shape
     Nc = k_ctx.shape[1]
-    Wt = min(window_tokens, Nv) if window_tokens > 0 else Nv
-    nW = -(-Nv // Wt)
-    pad = nW * Wt - Nv
+    groups = window_groups(Nv, window_tokens, shift_tokens)
+    n_windows = sum(count for _, _, count in groups)
+    ctx_mask = ctx_mask.bool()
+    # Only padded context (a batch with fewer references or a shorter prompt) needs a mask; the video
+    # part of every window is real.
+    ctx_all_real = bool(ctx_mask.all())
 
-    def windows(a):  # (B, Nv, nh, hd) -> (B, nW, Wt, nh, hd), zero-padded at the end
-        return F.pad(a, (0, 0, 0, 0, 0, pad)).view(B, nW, Wt, nh, hd)
-
-    def with_ctx(a_vid, a_ctx):  # -> (B*nW, nh, Wt+Nc, hd): each window followed by a copy of the context
-        a = torch.cat([windows(a_vid), a_ctx.unsqueeze(1).expand(B, nW, Nc, nh, hd)], dim=2)
-        return a.flatten(0, 1).transpose(1, 2)
-
-    k, v = with_ctx(k_vid, k_ctx), with_ctx(v_vid, v_ctx)
-    q = with_ctx(q_vid, q_ctx) if ctx_queries else windows(q_vid).flatten(0, 1).transpose(1, 2)
-
-    attn_mask = None
-    if pad or not bool(ctx_mask.all()):
-        vid_valid = torch.arange(nW * Wt, device=q_vid.device).view(nW, Wt) < Nv  # (nW, Wt)
-        key_valid = torch.cat(
-            [
-                vid_valid.expand(B, nW, Wt),
-                ctx_mask.bool().unsqueeze(1).expand(B, nW, Nc),
-            ],
-            dim=2,
-        )  # (B, nW, Wt+Nc); every window holds >= 1 real video token so no row is fully masked
-        attn_mask = key_valid.flatten(0, 1)[:, None, None, :]  # (B*nW, 1, 1, Wt+Nc)
-
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B*nW, nh, Sq, hd)
-    out = out.transpose(1, 2).reshape(B, nW, -1, nh * hd)  # (B, nW, Sq, D)
-    out_vid = out[:, :, :Wt].reshape(B, nW * Wt, nh * hd)[:, :Nv]
-    out_ctx = out[:, :, Wt:].mean(dim=1) if ctx_queries else None  # average the per-window copies
+    out_vid, ctx_sum = [], None
+    for start, size, count in groups:
+        k = _window_seqs(k_vid, k_ctx, start, size, count)  # (B*count, nh, size+Nc, hd)
+        v = _window_seqs(v_vid, v_ctx, start, size, count)
+        q = _window_seqs(q_vid, q_ctx if ctx_queries else None, start, size, count)
+        attn_mask = None
+        if not ctx_all_real:
+            key_valid = torch.cat(
+                [ctx_mask.new_ones(B, count, size), ctx_mask.unsqueeze(1).expand(B, count, Nc)], dim=2
+            )  # (B, count, size+Nc)
+            attn_mask = key_valid.flatten(0, 1)[:, None, None, :]  # (B*count, 1, 1, size+Nc)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B*count, nh, Sq, hd)
+        out = out.transpose(1, 2).reshape(B, count, -1, nh * hd)  # (B, count, Sq, D)
+        out_vid.append(out[:, :, :size].reshape(B, count * size, nh * hd))
+        if ctx_queries:
+            s = out[:, :, size:].sum(dim=1)  # (B, Nc, D)
+            ctx_sum = s if ctx_sum is None else ctx_sum + s
+    out_vid = torch.cat(out_vid, dim=1) if len(out_vid) > 1 else out_vid[0]
+    out_ctx = ctx_sum / n_windows if ctx_queries else None  # the mean of the per-window copies
     return out_vid, out_ctx
 
 
@@ -272,10 +312,11 @@ class MMDiTBlock(nn.Module):
         self.txt_qkv = StreamQKV(cfg)
         self.txt_out = None if context_only else StreamOut(cfg)
 
-    def forward(self, vis, txt, c, rope, n_vid, txt_mask, ref_tok_mask, window_tokens):
+    def forward(self, vis, txt, c, rope, n_vid, txt_mask, ref_tok_mask, window_tokens, window_shift=0):
         """vis: (B, Nv+Nr, D) video ⊕ reference tokens; txt: (B, Lt, D) text ⊕ CLIP tokens; c: (B, D).
 
         rope: (cos, sin) for the Nv+Nr visual tokens; n_vid = Nv; txt_mask: (B, Lt); ref_tok_mask: (B, Nr).
+        window_tokens, window_shift: the window grid of this block (window_groups).
         Returns updated (vis, txt); txt is None after a context-only block.
         """
         v_shift1, v_scale1, v_gate1, v_shift2, v_scale2, v_gate2 = self.vis_mod(c).chunk(6, dim=1)
@@ -300,6 +341,7 @@ class MMDiTBlock(nn.Module):
             v_ctx,
             ctx_mask,
             window_tokens,
+            shift_tokens=window_shift,
         )
         n_ref = vis.shape[1] - n_vid
         attn_vis = torch.cat([out_vid, out_ctx[:, :n_ref]], dim=1)  # (B, Nv+Nr, D)
@@ -375,6 +417,14 @@ class MMDiT(nn.Module):
             return 0
         return self.cfg.window_size * (h * w if self.cfg.window_unit == "frames" else 1)
 
+    def window_shift(self, T: int, h: int, w: int) -> int:
+        """Offset of the window grid in the odd blocks, in tokens: half a window, in whole frames for
+        window_unit="frames"; 0 when windows are off, not shifted, or one window covers the video."""
+        cfg = self.cfg
+        if not cfg.shift_windows or cfg.window_size == 0 or self.window_tokens(T, h, w) >= T * h * w:
+            return 0
+        return (cfg.window_size // 2) * (h * w if cfg.window_unit == "frames" else 1)
+
     def positions(self, T: int, h: int, w: int, n_ref: int, device) -> torch.Tensor:
         """(T*h*w + n_ref*h*w, 3) RoPE positions: video (t, y, x), then reference i at (T + i, y, x)."""
         t = torch.arange(T + n_ref, device=device, dtype=torch.float32)
@@ -447,9 +497,9 @@ class MMDiT(nn.Module):
             c = c + self.pooled_in(pooled)
 
         cos, sin = self.rope(self.positions(T, h, w, n_ref, x.device))
-        wt = self.window_tokens(T, h, w)
-        for blk in self.blocks:
-            args = (vis, txt, c, (cos, sin), n_vid, txt_mask, ref_tok_mask, wt)
+        wt, ws = self.window_tokens(T, h, w), self.window_shift(T, h, w)
+        for i, blk in enumerate(self.blocks):
+            args = (vis, txt, c, (cos, sin), n_vid, txt_mask, ref_tok_mask, wt, ws if i % 2 else 0)
             if self.cfg.grad_checkpoint and self.training:
                 vis, txt = checkpoint(blk, *args, use_reentrant=False)
             else:
