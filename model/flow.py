@@ -169,29 +169,88 @@ def rf_loss(
     return per_sample.mean(), {"loss_per_sample": per_sample.detach(), "t": t.detach()}
 
 
-def apply_condition_dropout(
-    cond: Conditioning,
+# Joint dropout states of a training sample: which conditions are removed. Each state trains one branch
+# of the two-weight guidance (eq. 5): NONE -> x^TI, TEXT -> x^I (references only), BOTH -> x^0
+# (unconditional); IMAGE (text only) keeps the model usable without references.
+DROP_NONE, DROP_TEXT, DROP_IMAGE, DROP_BOTH = 0, 1, 2, 3
+
+
+def draw_condition_dropout(
+    batch_size: int,
     p_text: float,
     p_image: float,
+    p_both: float,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
+    """(B,) int64 joint dropout state per sample: 0 none, 1 text dropped, 2 image dropped, 3 both dropped.
+
+    The rates are of the exclusive states: P(1) = p_text, P(2) = p_image, P(3) = p_both and
+    P(0) = 1 - p_text - p_image - p_both, so the unconditional branch is trained at exactly p_both.
+    One uniform draw per sample from `generator` (on its own device), then moved to `device`.
+    """
+    rates = {"p_text": p_text, "p_image": p_image, "p_both": p_both}
+    for name, p in rates.items():
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"{name}={p} must be in [0, 1]")
+    total = float(p_text) + float(p_image) + float(p_both)
+    if total > 1.0 + 1e-9:
+        raise ValueError(f"p_text + p_image + p_both = {total:.4g} must be <= 1 (the states are exclusive)")
+    if batch_size < 0:
+        raise ValueError(f"batch_size={batch_size} must be >= 0")
+    u = _draw(torch.rand, (batch_size,), generator, dtype=torch.float64)  # (B,) on the generator's device
+    edges = torch.tensor([p_text, p_text + p_image, total], dtype=torch.float64, device=u.device)
+    # bucket k = number of edges <= u: u < p_text -> 0 (text), < p_text + p_image -> 1 (image),
+    # < total -> 2 (both), else 3 (none)
+    states = torch.tensor([DROP_TEXT, DROP_IMAGE, DROP_BOTH, DROP_NONE], device=u.device)
+    out = states[torch.bucketize(u, edges, right=True)]
+    return out if device is None else out.to(device)
+
+
+def apply_condition_state(cond: Conditioning, state: torch.Tensor) -> Conditioning:
+    """Remove what `state` ((B,) ints from draw_condition_dropout) says: text for 1 and 3 (zero states,
+    all-False mask), every reference (VAE and CLIP, ref_mask False) for 2 and 3. State 3 gives exactly
+    the unconditional input euler_sample uses for x^0."""
+    state = torch.as_tensor(state)
+    if state.shape != (cond.batch_size,):
+        raise ValueError(f"state has shape {tuple(state.shape)}, expected ({cond.batch_size},)")
+    if state.is_floating_point() or state.dtype == torch.bool:
+        raise ValueError(f"state must be integer (0 none, 1 text, 2 image, 3 both), got {state.dtype}")
+    if state.numel() and (int(state.min()) < DROP_NONE or int(state.max()) > DROP_BOTH):
+        raise ValueError(f"state values must be in 0..3, got {sorted(set(state.tolist()))}")
+    state = state.to(cond.text.device)
+    drop_text = (state == DROP_TEXT) | (state == DROP_BOTH)
+    drop_image = (state == DROP_IMAGE) | (state == DROP_BOTH)
+    return cond.drop_text(drop_text).drop_image(drop_image)
+
+
+def apply_condition_dropout(
+    cond: Conditioning,
+    p_text: float = 0.0,
+    p_image: float = 0.0,
     p_ref_vae: float = 0.7,
     generator: torch.Generator | None = None,
+    p_both: float | None = None,
 ) -> Conditioning:
-    """Training-time dropout, drawn per sample (and per reference for the VAE part).
+    """Training-time dropout: a joint state per sample (draw_condition_dropout, apply_condition_state),
+    then VAE-only dropout per reference.
 
-    p_text: drop the whole text of a sample (learns the image-only branch of eq. 5).
-    p_image: drop every reference of a sample, VAE and CLIP (learns the unconditional branch).
+    p_text, p_image, p_both: rates of the exclusive states text dropped / every reference dropped / both
+      dropped (see draw_condition_dropout). p_both=None means p_text * p_image, the rate independent
+      text and image drops would give; set it to train the unconditional branch of eq. 5 at a chosen rate.
     p_ref_vae: zero the VAE latent of a reference while keeping its CLIP feature, so the pixel-level
       VAE features do not overshadow the semantic CLIP ones (paper §3.3 uses 0.7). The zeroed reference
       stays in ref_mask: the model sees a blank latent frame, as in feature dropout.
     """
+    if not 0.0 <= p_ref_vae <= 1.0:
+        raise ValueError(f"p_ref_vae={p_ref_vae} must be in [0, 1]")
     B, dev = cond.batch_size, cond.text.device
-    gdev = generator.device if generator is not None else "cpu"
-    drop_t = torch.rand(B, generator=generator, device=gdev).to(dev) < p_text
-    drop_i = torch.rand(B, generator=generator, device=gdev).to(dev) < p_image
-    out = cond.drop_text(drop_t).drop_image(drop_i)
+    p_both = p_text * p_image if p_both is None else p_both
+    state = draw_condition_dropout(B, p_text, p_image, p_both, generator=generator, device=dev)
+    out = apply_condition_state(cond, state)
     if out.ref_latents is not None and p_ref_vae > 0:
         n = out.ref_latents.shape[1]
-        keep_vae = (torch.rand(B, n, generator=generator, device=gdev) >= p_ref_vae).to(dev)  # (B, n)
+        keep_vae = _draw(torch.rand, (B, n), generator, dev) >= p_ref_vae  # (B, n)
         out = replace(
             out,
             ref_latents=out.ref_latents * keep_vae[:, :, None, None, None].to(out.ref_latents.dtype),

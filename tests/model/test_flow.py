@@ -13,6 +13,8 @@ from model.flow import (
     Conditioning,
     add_noise,
     apply_condition_dropout,
+    apply_condition_state,
+    draw_condition_dropout,
     euler_sample,
     euler_sample_cond,
     rf_loss,
@@ -158,26 +160,105 @@ def test_conditioning_drops():
     assert both.batch_size == 4 and both.ref_mask.shape == (4, 2)
 
 
-def test_condition_dropout_rates():
-    B, n = 4000, 4
-    cond = Conditioning(
+def ones_cond(B, n=4):
+    return Conditioning(
         text=torch.ones(B, 3, 8),
         text_mask=torch.ones(B, 3, dtype=torch.bool),
         ref_latents=torch.ones(B, n, 2, 2, 2),
         ref_clip=torch.ones(B, n, 8),
     )
-    out = apply_condition_dropout(cond, 0.1, 0.2, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("rates", [(0.1, 0.15, 0.05), (0.0, 0.3, 0.0), (0.5, 0.25, 0.25)])
+def test_draw_condition_dropout_rates(rates):
+    B = 200_000  # binomial sd <= 0.0011 at these rates: 0.006 is > 5 sd
+    state = draw_condition_dropout(B, *rates, generator=torch.Generator().manual_seed(0))
+    assert state.shape == (B,) and state.dtype == torch.int64
+    freq = torch.bincount(state, minlength=4).double() / B
+    expect = torch.tensor([1 - sum(rates), *rates], dtype=torch.float64)
+    torch.testing.assert_close(freq, expect, atol=0.006, rtol=0)
+    for k, p in enumerate([1 - sum(rates), *rates]):  # a zero rate never happens
+        assert (freq[k] == 0) == (p == 0)
+
+
+def test_draw_condition_dropout_is_seeded_and_checks_rates():
+    draw = lambda seed, **kw: draw_condition_dropout(  # noqa: E731
+        64, 0.2, 0.2, 0.2, generator=torch.Generator().manual_seed(seed), **kw
+    )
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+    assert torch.equal(draw(1, device="cpu"), draw(1))  # where it ends up does not change the draw
+    assert torch.equal(draw_condition_dropout(5, 0, 0, 0), torch.zeros(5, dtype=torch.int64))
+    assert (draw_condition_dropout(1000, 0, 0, 1.0) == 3).all()
+    with pytest.raises(ValueError, match="<= 1"):
+        draw_condition_dropout(4, 0.5, 0.4, 0.2)
+    with pytest.raises(ValueError, match="p_image"):
+        draw_condition_dropout(4, 0.1, -0.1, 0.0)
+
+
+def test_apply_condition_state():
+    _, cond = make_batch(B=4, n=2)
+    cond = replace(cond, text_mask=torch.ones(4, 5, dtype=torch.bool))
+    out = apply_condition_state(cond, torch.tensor([0, 1, 2, 3]))
+    text_kept = out.text_mask.any(1).tolist()
+    img_kept = out.ref_mask.any(1).tolist()
+    assert text_kept == [True, False, True, False] and img_kept == [True, True, False, False]
+    for b in range(4):  # what is kept is untouched, what is dropped is zero
+        assert torch.equal(out.text[b], cond.text[b] if text_kept[b] else torch.zeros_like(cond.text[b]))
+        for key in ("ref_latents", "ref_clip"):
+            kept, orig = getattr(out, key)[b], getattr(cond, key)[b]
+            assert torch.equal(kept, orig if img_kept[b] else torch.zeros_like(orig))
+    with pytest.raises(ValueError, match="0..3"):
+        apply_condition_state(cond, torch.tensor([0, 1, 2, 4]))
+    with pytest.raises(ValueError, match="shape"):
+        apply_condition_state(cond, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="integer"):
+        apply_condition_state(cond, torch.tensor([0.0, 1.0, 2.0, 3.0]))
+
+
+def test_both_dropped_is_the_unconditional_branch_of_eq5():
+    """State 3 gives the model exactly the input euler_sample uses for x^0, and state 1 the one for x^I."""
+    x0, cond = make_batch(n=2)
+    model = tiny_model(perturb=0.05)
+    t = torch.tensor([0.4, 0.7])
+    run = lambda c: model(x0, t, **c.as_kwargs()).video  # noqa: E731
+    torch.testing.assert_close(
+        run(apply_condition_state(cond, torch.tensor([3, 3]))), run(cond.drop_text().drop_image())
+    )
+    torch.testing.assert_close(run(apply_condition_state(cond, torch.tensor([1, 1]))), run(cond.drop_text()))
+    assert (run(apply_condition_state(cond, torch.tensor([3, 3]))) - run(cond)).abs().max() > 1e-4
+
+
+def test_condition_dropout_rates():
+    B, n = 20000, 4
+    cond = ones_cond(B, n)
+    out = apply_condition_dropout(cond, 0.1, 0.2, p_both=0.05, generator=torch.Generator().manual_seed(0))
     text_dropped = ~out.text_mask.any(1)
     img_dropped = ~out.ref_mask.any(1)
-    assert abs(text_dropped.float().mean().item() - 0.1) < 0.02
-    assert abs(img_dropped.float().mean().item() - 0.2) < 0.025
+    assert abs((text_dropped & ~img_dropped).float().mean().item() - 0.1) < 0.01
+    assert abs((img_dropped & ~text_dropped).float().mean().item() - 0.2) < 0.01
+    assert abs((text_dropped & img_dropped).float().mean().item() - 0.05) < 0.01
+    # p_both left out: the rate independent drops would give
+    default = apply_condition_dropout(cond, 0.1, 0.2, generator=torch.Generator().manual_seed(0))
+    both = (~default.text_mask.any(1) & ~default.ref_mask.any(1)).float().mean().item()
+    assert abs(both - 0.02) < 0.005
     # VAE-only dropout (0.7): among kept samples the latent is zeroed but CLIP and ref_mask stay
     kept = ~img_dropped
     vae_zero = out.ref_latents[kept].flatten(2).abs().sum(-1) == 0  # (kept, n)
-    assert abs(vae_zero.float().mean().item() - 0.7) < 0.02
+    assert abs(vae_zero.float().mean().item() - 0.7) < 0.01
     assert (out.ref_clip[kept] == 1).all() and out.ref_mask[kept].all()
     none = apply_condition_dropout(cond, 0.0, 0.0, p_ref_vae=0.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(none.ref_latents, cond.ref_latents) and none.text_mask.all()
+
+
+def test_condition_dropout_is_the_drawn_state_applied():
+    """apply_condition_dropout = apply_condition_state(draw_condition_dropout(...)) on the same stream."""
+    cond = ones_cond(256, 2)
+    got = apply_condition_dropout(cond, 0.1, 0.2, 0.0, torch.Generator().manual_seed(5), p_both=0.3)
+    state = draw_condition_dropout(256, 0.1, 0.2, 0.3, generator=torch.Generator().manual_seed(5))
+    expect = apply_condition_state(cond, state)
+    for key, a in got.as_kwargs().items():
+        assert torch.equal(a, getattr(expect, key)), key
 
 
 def test_guided_euler_with_unit_weights_equals_conditional_sampling():
