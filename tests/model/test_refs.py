@@ -46,3 +46,17 @@ def test_bad_input_raises():
         pad_to_square(torch.zeros(1, 3, 4, 5), fill=(0.0, 1.0))
     with pytest.raises(ValueError, match="empty"):
         pad_to_square(torch.zeros(1, 3, 0, 5))
+
+
+def test_image_encoder_input_is_padded_not_squashed():
+    """The real offline image encoder (MobileNetV2 weights) sees a wide reference exactly as its white
+    padded square, and not as the squashed image."""
+    from training.encoders import MobileNetV2Encoder
+
+    enc = MobileNetV2Encoder(image_size=64)
+    g = torch.Generator().manual_seed(0)
+    wide = torch.rand(2, 3, 40, 96, generator=g)  # (N, 3, H, W) in [0, 1], as the loader letterboxes
+    feats = enc.encode(wide)
+    torch.testing.assert_close(feats, enc.encode(pad_to_square(wide, fill=1.0)))
+    squashed = F.interpolate(wide, size=(96, 96), mode="bilinear", align_corners=False)
+    assert (feats - enc.encode(squashed)).abs().max() > 1e-2
