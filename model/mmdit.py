@@ -500,7 +500,7 @@ class MMDiT(nn.Module):
         wt, ws = self.window_tokens(T, h, w), self.window_shift(T, h, w)
         for i, blk in enumerate(self.blocks):
             args = (vis, txt, c, (cos, sin), n_vid, txt_mask, ref_tok_mask, wt, ws if i % 2 else 0)
-            if self.cfg.grad_checkpoint and self.training:
+            if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
                 vis, txt = checkpoint(blk, *args, use_reentrant=False)
             else:
                 vis, txt = blk(*args)
