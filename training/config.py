@@ -37,6 +37,9 @@ class DataConfig:
     verify_sha256: bool = False
     # Directory for cached encoder outputs (safetensors); None disables caching.
     cache_dir: str | None = None
+    # Latent shards written by training/precompute.py for this config; when set, the loop reads them
+    # instead of data.shards and never runs the VAE or the text encoder on its hot path.
+    latent_shards: str | None = None
 
 
 @dataclass
@@ -62,10 +65,44 @@ class ScalingConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # Module names inside WanTransformer3DModel that get adapters (attention and FFN projections).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    )
+
+
+@dataclass
+class WanConfig:
+    """Phantom-Wan specifics: where the pretrained weights are (local, sha256-pinned) and how to fine-tune."""
+
+    # Base weights: a diffusers folder (Wan2.1-T2V-*-Diffusers/transformer), an original Wan folder, or one
+    # .safetensors/.pth file, in either key layout (detected from the keys). None = random init.
+    weights: str | None = None
+    # sha256 of the file, or {relative file name: sha256} for a folder; required whenever weights is set.
+    weights_sha256: str | dict[str, str] | None = None
+    # The official Phantom-Wan checkpoint (Phantom-Wan-1.3B.pth, original layout) loaded over the base.
+    phantom_ckpt: str | None = None
+    phantom_sha256: str | None = None
+    finetune: str = "full"  # "full" or "lora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    text_len: int = 512  # Wan pads the UMT5 states to 512 tokens with zeros
+    grad_checkpoint: bool = False  # activation checkpointing of every transformer block
+    sample_shift: float = 5.0  # the release's default flow shift at sampling
+    dtype: str = "float32"  # parameter dtype; bf16 autocast runs on CUDA either way
+
+
+@dataclass
 class ModelConfig:
+    family: str = "mmdit"  # "mmdit" (the paper's MMDiT, from scratch) or "phantom_wan" (Wan2.1 DiT)
+    # A preset of the family: model.mmdit.MMDIT_CONFIGS or model.phantom_wan.WAN_PRESETS.
     preset: str = "tiny"
-    # Field overrides for model.mmdit.MMDiTConfig (its constructor rejects unknown names).
+    # Field overrides for MMDiTConfig / WanTransformer3DModel kwargs (unknown names raise).
     overrides: dict[str, Any] = field(default_factory=dict)
+    wan: WanConfig = field(default_factory=WanConfig)
 
 
 @dataclass
@@ -82,6 +119,9 @@ class LogConfig:
     log_every: int = 1
     ckpt_every: int = 50
     keep_checkpoints: int = 3
+    # "full": one weights_only .pt file gathered on rank 0; "dcp": a torch.distributed.checkpoint folder
+    # written shard-by-shard by every rank (no full gather, no full load per rank).
+    checkpoint_format: str = "full"
     sample_every: int = 0
     sample_steps: int = 10
     sample_w_img: float = 3.0
@@ -113,6 +153,8 @@ class TrainConfig:
 _ALLOWED = {
     "scaling.strategy": ("ddp", "fsdp"),
     "data.mp_context": ("fork", "spawn", "forkserver"),
+    "model.family": ("mmdit", "phantom_wan"),
+    "log.checkpoint_format": ("full", "dcp"),
 }
 
 
@@ -123,6 +165,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+    if cfg.model.wan.finetune not in ("full", "lora"):
+        raise ConfigError(f"model.wan.finetune: {cfg.model.wan.finetune!r} is not one of ['full', 'lora']")
+    if cfg.model.wan.weights and not cfg.model.wan.weights_sha256:
+        raise ConfigError("model.wan.weights_sha256: pin the base weights (sha256 of the file, or per file)")
+    if cfg.model.wan.phantom_ckpt and not cfg.model.wan.phantom_sha256:
+        raise ConfigError("model.wan.phantom_sha256: pin the Phantom-Wan checkpoint's sha256")
     if not cfg.phases:
         raise ConfigError("phases: at least one phase is required")
     for i, phase in enumerate(cfg.phases):

@@ -208,6 +208,22 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch of latent-shard samples: per-sample encodings (padded later by encode_batch)."""
+    n_max = max(s["n_refs"] for s in samples)
+    ref_mask = torch.zeros(len(samples), n_max, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        ref_mask[i, : s["n_refs"]] = True
+    return {
+        "encoded": [s["encoded"] for s in samples],
+        "ref_mask": ref_mask,
+        "ref_images": [s["ref_images"] for s in samples],
+        "captions": [s["caption"] for s in samples],
+        "keys": [s["key"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+
+
 def to_unit_range(x_u8: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float in [-1, 1] (what the VAE takes)."""
     return x_u8.float() / 127.5 - 1.0
@@ -253,6 +269,8 @@ class StreamSpec:
     max_refs: int = 4
     # Unusable samples in a row before the stream stops: then the data is broken, not a few samples in it.
     max_consecutive_bad: int = 2000
+    # Set when reading latent shards (training/precompute.py): the member holding this phase's encodings.
+    latent_tag: str | None = None
 
 
 class TripletStream(torch.utils.data.IterableDataset):
@@ -310,6 +328,18 @@ class TripletStream(torch.utils.data.IterableDataset):
             if bad_run >= self.spec.max_consecutive_bad:
                 raise RuntimeError(f"{bad_run} unusable samples in a row: {dict(counter.counts)}")
             bad_run += 1
+            if self.spec.latent_tag is not None:
+                # A latent shard keeps every raw sample in order (the shuffle stays the same); the ones the
+                # raw stream drops here carry the reason it drops them for.
+                if "skip.txt" in sample:
+                    counter.add(sample["skip.txt"].decode())
+                    continue
+                meta = json.loads(sample["json"])
+                sample["_meta"] = meta
+                sample["_bucket"] = choose_bucket(int(meta["width"]), int(meta["height"]), self.spec.buckets)
+                bad_run = 0
+                yield sample
+                continue
             missing = [k for k in REQUIRED_KEYS if k not in sample]
             if missing:
                 counter.add("missing:" + ",".join(missing))
@@ -350,8 +380,35 @@ class TripletStream(torch.utils.data.IterableDataset):
             if len(group) == self.spec.batch_size:
                 yield pending.pop(sample["_bucket"])
 
+    def _load_latents(self, sample: dict[str, Any], counter: CorruptCounter) -> dict[str, Any] | None:
+        """A latent-shard sample: the precomputed encodings of this phase, nothing decoded or encoded."""
+        from safetensors.torch import load as load_safetensors
+
+        tag = self.spec.latent_tag
+        if f"{tag}.err" in sample:  # the raw stream fails this sample's decode in this phase too
+            counter.add(sample[f"{tag}.err"].decode())
+            return None
+        if f"{tag}.safetensors" not in sample:
+            raise ValueError(
+                f"latent shard sample {sample['__key__']} has no encodings for {tag}: "
+                "precompute the shards with this config (training/precompute.py)"
+            )
+        encoded = load_safetensors(sample[f"{tag}.safetensors"])
+        meta = {k: sample["_meta"].get(k) for k in ("clip_id", "source_id", "pair_type")}
+        meta["frame_indices"] = sample["_meta"]["frame_indices"][tag]
+        return {
+            "encoded": encoded,
+            "n_refs": int(encoded["ref_latents"].shape[0]),
+            "ref_images": [sample[k] for k in ref_keys(sample)],
+            "caption": sample["txt"].decode("utf-8").strip(),
+            "key": sample["__key__"],
+            "meta": meta,
+        }
+
     def _decode(self, sample: dict[str, Any], counter: CorruptCounter) -> dict[str, Any] | None:
         s = self.spec
+        if s.latent_tag is not None:
+            return self._load_latents(sample, counter)
         out_hw = tuple(s.buckets[sample["_bucket"]])
         key = sample["__key__"]
         # Frame offset seeded by the sample key: the same clip always yields the same frames, which
@@ -404,7 +461,7 @@ class TripletStream(torch.utils.data.IterableDataset):
                     raise RuntimeError(f"{bad_groups} undecodable batches in a row: {dict(counter.counts)}")
                 continue
             bad_groups = 0
-            batch = collate(decoded)
+            batch = collate_latents(decoded) if s.latent_tag is not None else collate(decoded)
             batch.update(
                 stream=stream,
                 stream_batch=index,

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model.flow import Conditioning, apply_condition_dropout, rf_loss
-from model.mmdit import MMDiT, mmdit_config
+from model.flow import Conditioning
 from training import checkpoint as ckpt
 from training.config import PhaseConfig, TrainConfig
 from training.data import (
@@ -31,7 +30,12 @@ from training.data import (
     list_shards,
     to_unit_range,
 )
-from training.encoders import DEFAULT_BACKENDS, IMAGE_BACKENDS, TEXT_BACKENDS, VAE_BACKENDS, build_encoders
+from training.encoders import build_encoders
+from training.models import build_model, dropout_fn, encoder_cfg, encoder_signature, loss_fn
+
+# Kept for callers of the old names.
+_encoder_cfg = encoder_cfg
+__all__ = ["Context", "build_model", "encode_batch", "encoder_signature", "fully_shard_model", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +87,6 @@ def phase_at(phases: list[PhaseConfig], step: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- encoders
 
 
-def _encoder_cfg(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Put the encoders on the training device unless the YAML pins one."""
-    out = {k: dict(v or {}) for k, v in (cfg or {}).items()}
-    for section, registry in (("vae", VAE_BACKENDS), ("text", TEXT_BACKENDS), ("image", IMAGE_BACKENDS)):
-        sub = out.setdefault(section, {})
-        name = sub.get("backend", DEFAULT_BACKENDS[section])
-        if name in registry and "device" in registry[name][1] and "device" not in sub:
-            sub["device"] = str(device)
-    return out
-
-
-def encoder_signature(cfg: dict[str, Any]) -> str:
-    """Names the encoder setup, so cached outputs of another setup are never reused."""
-    return repr(sorted((k, sorted((v or {}).items())) for k, v in (cfg or {}).items()))
-
-
 @torch.no_grad()
 def _encode_fresh(batch: dict[str, Any], enc, device: torch.device) -> list[dict[str, torch.Tensor]]:
     """Run the frozen encoders on a batch; per-sample tensors (text and refs unpadded)."""
@@ -142,7 +130,9 @@ def encode_batch(
     B = len(batch["keys"])
     per_sample: list[dict[str, torch.Tensor] | None] = [None] * B
     paths = []
-    if cache is not None:
+    if "encoded" in batch:  # from latent shards (training/precompute.py): nothing to encode
+        per_sample = [{k: v.to(device) for k, v in e.items()} for e in batch["encoded"]]
+    elif cache is not None:
         for i, key in enumerate(batch["keys"]):
             n_refs = int(batch["ref_mask"][i].sum())
             paths.append(cache.path(key, batch["bucket"], batch["meta"][i]["frame_indices"], n_refs))
@@ -151,6 +141,7 @@ def encode_batch(
                 per_sample[i] = {k: v.to(device) for k, v in hit.items()}
     missing = [i for i in range(B) if per_sample[i] is None]
     if missing:
+        enc = enc() if callable(enc) else enc
         sub = {
             "video": batch["video"][missing],
             "captions": [batch["captions"][i] for i in missing],
@@ -232,16 +223,21 @@ def _gather(obj: Any, ctx: Context) -> list[Any]:
     return out
 
 
-def fully_shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """FSDP2: shard each MMDiT block, then the root (works on CPU/gloo too, unlike Ray's FSDP1 wrapper)."""
+def fully_shard_model(model: torch.nn.Module, device: torch.device, mp_policy=None) -> torch.nn.Module:
+    """FSDP2: shard each transformer block, then the root (works on CPU/gloo too, unlike Ray's FSDP1 wrapper).
+
+    mp_policy: an optional torch.distributed.fsdp.MixedPrecisionPolicy (bf16 params for compute).
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+    kw = {"mesh": mesh} | ({"mp_policy": mp_policy} if mp_policy is not None else {})
+    units = model.shard_units() if hasattr(model, "shard_units") else list(model.blocks)
+    for block in units:
+        fully_shard(block, **kw)
+    return fully_shard(model, **kw)
 
 
 def seed_everything(seed: int) -> None:
@@ -250,8 +246,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: TrainConfig) -> MMDiT:
-    return MMDiT(mmdit_config(cfg.model.preset, **cfg.model.overrides))
+class LazyEncoders:
+    """The frozen encoders, built on first use: a run on latent shards never loads the VAE or text encoder
+    unless it writes a sample video."""
+
+    def __init__(self, cfg: dict[str, Any], device: torch.device) -> None:
+        self.cfg, self.device, self._enc = cfg, device, None
+
+    def __call__(self):
+        if self._enc is None:
+            self._enc = build_encoders(encoder_cfg(self.cfg, self.device))
+        return self._enc
+
+    @property
+    def built(self) -> bool:
+        return self._enc is not None
 
 
 def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None = None) -> dict[str, Any]:
@@ -269,12 +278,15 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
     use_cuda = ctx.device.type == "cuda"
     seed_everything(cfg.seed)
 
-    enc = build_encoders(_encoder_cfg(cfg.encoders, ctx.device))
+    enc = LazyEncoders(cfg.encoders, ctx.device)
+    if not cfg.data.latent_shards:
+        enc()  # raw shards: the encoders are on the hot path, fail early if one is missing
     model = build_model(cfg).to(ctx.device)
     model = ctx.prepare_model(model)
     ema = ckpt.EMA(model, cfg.optim.ema_decay)
+    compute_loss, drop_conditions = loss_fn(cfg), dropout_fn(cfg)
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps,
@@ -294,12 +306,16 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
 
     latest = ckpt.latest_checkpoint(ckpt_dir)
     if latest is not None:
-        state = ckpt.load_checkpoint(latest)
-        ckpt.load_training_state(state, model, optimizer, scheduler, ema)
-        ranks = state["ranks"]
-        if len(ranks) != ctx.world_size:
-            raise ValueError(f"{latest} was written by {len(ranks)} ranks, this run has {ctx.world_size}")
-        mine = ranks[ctx.rank]
+        if latest.is_dir():  # DCP: each rank reads its own shards and its own rank state
+            state = ckpt.load_sharded(latest, model, optimizer, scheduler, ema, ctx.rank)
+            n_ranks, mine = state["world_size"], state["rank_state"]
+        else:
+            state = ckpt.load_checkpoint(latest)
+            ckpt.load_training_state(state, model, optimizer, scheduler, ema)
+            n_ranks = len(state["ranks"])
+            mine = state["ranks"][ctx.rank] if ctx.rank < n_ranks else None
+        if n_ranks != ctx.world_size:
+            raise ValueError(f"{latest} was written by {n_ranks} ranks, this run has {ctx.world_size}")
         ckpt.set_rng_state(mine["rng"], generator)
         position.load_state_dict(mine["position"])
         tally.load_state_dict(mine["corrupt"])
@@ -309,19 +325,31 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
         del state
     metrics = MetricsLog(out_dir, step, cfg.log.tensorboard) if is_main else None
 
-    urls = list_shards(cfg.data.shards, cfg.data.verify_sha256)
+    latent = bool(cfg.data.latent_shards)
+    urls = list_shards(cfg.data.latent_shards or cfg.data.shards, cfg.data.verify_sha256)
     cache = EncodingCache(cfg.data.cache_dir, encoder_signature(cfg.encoders)) if cfg.data.cache_dir else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
     losses: list[float] = []
     t_start = time.perf_counter()
 
     def save(step: int, phase_idx: int) -> None:
-        state = ckpt.training_state(model, optimizer, scheduler, ema)  # collective under FSDP
         rank_state = {
             "rng": ckpt.rng_state(generator),
             "position": position.state_dict(),
             "corrupt": tally.state_dict(),
         }
+        if cfg.log.checkpoint_format == "dcp":
+            meta = {"step": step, "phase": phase_idx, "config": cfg.to_dict()}
+            path = ckpt.checkpoint_path(ckpt_dir, step, "dcp")
+            ckpt.save_sharded(
+                path, model, optimizer, scheduler, ema, meta, rank_state, ctx.rank, ctx.distributed
+            )
+            if is_main:
+                ckpt.prune_checkpoints(ckpt_dir, cfg.log.keep_checkpoints)
+            if ctx.distributed:
+                dist.barrier()
+            return
+        state = ckpt.training_state(model, optimizer, scheduler, ema)  # collective under FSDP
         ranks = _gather(rank_state, ctx)
         if is_main:
             state.update(step=step, phase=phase_idx, ranks=ranks, config=cfg.to_dict())
@@ -353,6 +381,10 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
             shuffle_initial=cfg.data.shuffle_initial,
             max_refs=cfg.data.max_refs,
         )
+        if latent:
+            from training.precompute import phase_tag
+
+            spec.latent_tag = phase_tag(cfg, phase_idx)
         loader = build_loader(spec, cfg.data.num_workers, cfg.data.prefetch_factor, cfg.data.mp_context)
         batches = iter(loader)
         phase_end = phase_start + phase.steps
@@ -367,12 +399,12 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
                 tally.update(batch)
                 n_samples += len(batch["keys"])
                 x0, cond = encode_batch(batch, enc, ctx.device, cache)
-                cond = apply_condition_dropout(cond, generator=generator, **cfg.flow.dropout)
+                cond = drop_conditions(cond, generator=generator, **cfg.flow.dropout)
                 last = micro == cfg.optim.grad_accum - 1
                 # DDP: all-reduce gradients only on the last micro-batch.
                 sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
                 with sync, autocast:
-                    loss, _ = rf_loss(model, x0, cond, generator=generator, **cfg.flow.loss)
+                    loss, _ = compute_loss(model, x0, cond, generator=generator, **cfg.flow.loss)
                     (loss / cfg.optim.grad_accum).backward()
                 loss_sum += loss.detach().float()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -436,26 +468,35 @@ def _write_sample(cfg: TrainConfig, model, ema: ckpt.EMA, enc, batch, step: int,
     Under FSDP every rank must take part in the forward passes; under DDP rank 0 samples alone on the
     unwrapped module.
     """
+    from training.data import decode_image, letterbox
     from training.sample import generate, write_mp4
 
     sharded = cfg.scaling.strategy == "fsdp" and ctx.distributed
     if ctx.rank != 0 and not sharded:
         return
     net = model if sharded else getattr(model, "module", model)
-    n = int(batch["ref_mask"][0].sum())
+    if "refs" in batch:
+        n = int(batch["ref_mask"][0].sum())
+        refs = batch["refs"][0, :n]
+        num_frames = batch["video"].shape[2]
+    else:  # latent shards carry the reference images for exactly this
+        size = tuple(batch["bucket"])
+        refs = torch.stack([letterbox(decode_image(b), size) for b in batch["ref_images"][0]])
+        num_frames = cfg.phases[phase_at(cfg.phases, step - 1)[0]].num_frames
     with ema.swapped(model):
         net.eval()
         video = generate(
             net,
-            enc,
-            batch["refs"][0, :n],
+            enc() if callable(enc) else enc,
+            refs,
             batch["captions"][0],
-            num_frames=batch["video"].shape[2],
+            num_frames=num_frames,
             steps=cfg.log.sample_steps,
             w_img=cfg.log.sample_w_img,
             w_txt=cfg.log.sample_w_txt,
             seed=cfg.seed,
             device=ctx.device,
+            cfg=cfg,
         )
     if ctx.rank == 0:
         path = Path(cfg.log.out_dir) / "samples" / f"step_{step:08d}.mp4"

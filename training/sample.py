@@ -14,8 +14,11 @@ if __package__ in (None, ""):  # run as `python training/sample.py`: make the re
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.flow import Conditioning, euler_sample  # noqa: E402
+from model.flow import Conditioning  # noqa: E402
 from training.data import decode_image, letterbox, to_unit_range  # noqa: E402
+from training.models import encoder_cfg, sample_latents  # noqa: E402
+
+MAX_REFS = 4
 
 
 @torch.no_grad()
@@ -30,13 +33,18 @@ def generate(
     w_txt: float = 7.5,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    cfg=None,
 ) -> np.ndarray:
-    """refs: (n, 3, H, W) uint8, n in 1..4, at the output size -> (num_frames, H, W, 3) uint8 video."""
+    """refs: (n, 3, H, W) uint8, n in 1..4, at the output size -> (num_frames, H, W, 3) uint8 video.
+
+    cfg (a TrainConfig) picks the family's sampler; None = the MMDiT one.
+    """
     device = torch.device(device)
-    if not 1 <= refs.shape[0] <= 4:
-        raise ValueError(f"Phantom takes 1 to 4 reference images, got {refs.shape[0]}")
+    if not 1 <= refs.shape[0] <= MAX_REFS:
+        raise ValueError(f"Phantom takes 1 to {MAX_REFS} reference images, got {refs.shape[0]}")
     vae = enc.vae
     ref_px = to_unit_range(refs.to(device))  # (n, 3, H, W) in [-1, 1]
+    # Each reference is encoded on its own as a one-frame video (Phantom-Wan get_vae_latents).
     ref_latents = vae.encode_image(ref_px).float()[None]  # (1, n, C, h, w)
     ref_clip = enc.image.encode((ref_px + 1) / 2).float()[None]  # (1, n, clip_dim)
     text, text_mask = enc.text.encode([prompt])  # (1, L, D), (1, L)
@@ -51,10 +59,69 @@ def generate(
     latent_frames = 1 + (num_frames - 1) // vae.temporal_factor
     shape = (1, vae.latent_channels, latent_frames, *ref_latents.shape[-2:])
     generator = torch.Generator(device=device).manual_seed(seed)
-    latents = euler_sample(model, cond, shape, steps=steps, w_img=w_img, w_txt=w_txt, generator=generator)
+    if cfg is None:
+        from model.flow import euler_sample
+
+        latents = euler_sample(model, cond, shape, steps=steps, w_img=w_img, w_txt=w_txt, generator=generator)
+    else:
+        latents = sample_latents(cfg, model, cond, shape, steps, w_img, w_txt, generator)
     video = vae.decode(latents).float()[0]  # (3, T, H, W) in about [-1, 1]
     video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return video.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
+
+
+class Sampler:
+    """A trained model + its encoders, ready to turn reference images and a prompt into a video.
+
+    The interface evaluation codes against: `load_sampler(ckpt)` then `generate(refs, prompt, ...)`.
+    """
+
+    def __init__(self, cfg, model, enc, device: str | torch.device = "cpu") -> None:
+        self.cfg, self.model, self.enc = cfg, model, enc
+        self.device = torch.device(device)
+        last = cfg.phases[-1]
+        self.height, self.width = last.buckets[0]
+        self.num_frames, self.fps = last.num_frames, last.fps
+        self.steps = cfg.log.sample_steps
+
+    @property
+    def family(self) -> str:
+        return self.cfg.model.family
+
+    def generate(
+        self,
+        refs: list[np.ndarray],
+        prompt: str,
+        seed: int = 0,
+        steps: int | None = None,
+        w_img: float = 3.0,
+        w_txt: float = 7.5,
+        num_frames: int | None = None,
+    ) -> np.ndarray:
+        """refs: 1-4 (H, W, 3) uint8 images, any size (letterboxed with white to the output size, as the
+        release does) -> (T, H, W, 3) uint8 frames at (self.height, self.width)."""
+        if not 1 <= len(refs) <= MAX_REFS:
+            raise ValueError(f"Phantom takes 1 to {MAX_REFS} reference images, got {len(refs)}")
+        for i, r in enumerate(refs):
+            r = np.asarray(r)
+            if r.dtype != np.uint8 or r.ndim != 3 or r.shape[2] != 3:
+                raise ValueError(f"reference {i}: expected an (H, W, 3) uint8 array, got {r.dtype} {r.shape}")
+        size = (self.height, self.width)
+        ref_px = torch.stack([letterbox(np.asarray(r), size) for r in refs])  # (n, 3, H, W) uint8
+        self.model.eval()
+        return generate(
+            self.model,
+            self.enc,
+            ref_px,
+            prompt,
+            num_frames=num_frames or self.num_frames,
+            steps=steps or self.steps,
+            w_img=w_img,
+            w_txt=w_txt,
+            seed=seed,
+            device=self.device,
+            cfg=self.cfg,
+        )
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float = 8.0) -> Path:
@@ -82,27 +149,59 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float = 8.0) -> 
     return path
 
 
-def load_for_sampling(checkpoint: str | os.PathLike, use_ema: bool = True, device: str = "cpu"):
-    """(config, model, encoders) from a training checkpoint; EMA weights unless use_ema is False."""
-    from training.checkpoint import load_checkpoint
-    from training.config import config_from_dict
+def load_for_sampling(
+    checkpoint: str | os.PathLike,
+    use_ema: bool = True,
+    device: str = "cpu",
+    config: str | None = None,
+):
+    """(config, model, encoders) from a training checkpoint (.pt file or DCP folder); EMA weights unless
+    use_ema is False. `config`: a YAML to use instead of the one stored in the checkpoint (same model)."""
+    from training.checkpoint import load_weights_for_inference
+    from training.config import config_from_dict, load_config
     from training.encoders import build_encoders
-    from training.loop import _encoder_cfg, build_model
+    from training.models import build_model
 
-    state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"])
+    stored, weights = load_weights_for_inference(checkpoint, use_ema=use_ema)
+    cfg = load_config(config) if config else config_from_dict(stored)
     model = build_model(cfg)
-    weights = state["ema"] if use_ema and "ema" in state else state["model"]
-    model.load_state_dict(weights)
+    trainable_only = cfg.model.family == "phantom_wan" and cfg.model.wan.finetune == "lora"
+    missing, unexpected = model.load_state_dict(weights, strict=not trainable_only)
+    if unexpected:
+        raise ValueError(f"{checkpoint}: weights for another model ({unexpected[:3]})")
     model.to(device).eval()
-    enc = build_encoders(_encoder_cfg(cfg.encoders, torch.device(device)))
+    enc = build_encoders(encoder_cfg(cfg.encoders, torch.device(device)))
     return cfg, model, enc
+
+
+def load_sampler(
+    ckpt: str | os.PathLike, model: str = "mmdit", device: str = "cpu", config: str | None = None
+) -> Sampler:
+    """A Sampler from a checkpoint the trainer wrote; `model` must name the checkpoint's family."""
+    cfg, net, enc = load_for_sampling(ckpt, use_ema=True, device=device, config=config)
+    if cfg.model.family != model:
+        raise ValueError(f"{ckpt} holds a {cfg.model.family!r} model, not {model!r} (pass --model/model=)")
+    return Sampler(cfg, net, enc, device)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--refs", nargs="+", required=True, help="1 to 4 reference images")
+    parser.add_argument(
+        "--model",
+        choices=["mmdit", "phantom_wan"],
+        default=None,
+        help="model family (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--ckpt",
+        "--checkpoint",
+        dest="ckpt",
+        required=True,
+        help="training checkpoint: step_*.pt or a DCP step_* folder",
+    )
+    parser.add_argument("--config", help="YAML to use instead of the checkpoint's stored config")
+    parser.add_argument("--ref", action="append", default=[], help="a reference image (repeat: 1 to 4)")
+    parser.add_argument("--refs", nargs="+", default=[], help="reference images (same as repeated --ref)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", required=True, help="output .mp4")
     parser.add_argument("--height", type=int, help="default: first bucket of the last phase")
@@ -110,34 +209,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-frames", type=int)
     parser.add_argument("--fps", type=float)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--w-img", type=float, default=3.0)
-    parser.add_argument("--w-txt", type=float, default=7.5)
+    parser.add_argument("--w-img", type=float, default=3.0, help="reference-image guidance weight")
+    parser.add_argument("--w-txt", type=float, default=7.5, help="text guidance weight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if not 1 <= len(args.refs) <= 4:
-        parser.error("--refs takes 1 to 4 images")
+    paths = args.ref + args.refs
+    if not 1 <= len(paths) <= MAX_REFS:
+        parser.error(f"give 1 to {MAX_REFS} reference images (--ref a.png --ref b.png)")
+    refs = []
+    for p in paths:
+        try:
+            refs.append(decode_image(Path(p).read_bytes()))
+        except Exception as e:  # noqa: BLE001 - a bad image is a clear CLI error
+            parser.error(f"cannot read reference image {p}: {e}")
 
-    cfg, model, enc = load_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=args.device)
-    last = cfg.phases[-1]
-    height = args.height or last.buckets[0][0]
-    width = args.width or last.buckets[0][1]
-    refs = torch.stack([letterbox(decode_image(Path(p).read_bytes()), (height, width)) for p in args.refs])
-    video = generate(
-        model,
-        enc,
+    cfg, model, enc = load_for_sampling(
+        args.ckpt, use_ema=not args.no_ema, device=args.device, config=args.config
+    )
+    if args.model and args.model != cfg.model.family:
+        parser.error(f"{args.ckpt} holds a {cfg.model.family!r} model, not {args.model!r}")
+    sampler = Sampler(cfg, model, enc, args.device)
+    sampler.height = args.height or sampler.height
+    sampler.width = args.width or sampler.width
+    video = sampler.generate(
         refs,
         args.prompt,
-        num_frames=args.num_frames or last.num_frames,
+        seed=args.seed,
         steps=args.steps,
         w_img=args.w_img,
         w_txt=args.w_txt,
-        seed=args.seed,
-        device=args.device,
+        num_frames=args.num_frames,
     )
-    out = write_mp4(video, args.out, fps=args.fps or last.fps)
-    print(f"wrote {out} ({video.shape[0]} frames, {width}x{height})")
+    out = write_mp4(video, args.out, fps=args.fps or sampler.fps)
+    print(f"wrote {out} ({video.shape[0]} frames, {sampler.width}x{sampler.height})")
     return 0
 
 

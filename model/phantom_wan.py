@@ -1,0 +1,381 @@
+"""Phantom-Wan: the Wan2.1 DiT (diffusers WanTransformer3DModel) with Phantom's reference conditioning.
+
+What the released inference does (svjack/Phantom, phantom_wan/subject2video.py and generate.py), and where
+it is mirrored here:
+  * each reference image is letterboxed with white to the video size (generate.load_ref_images), scaled
+    to [-1, 1] and VAE-encoded on its own as a one-frame video: (C, 1, h, w) per reference
+    (Phantom_Wan_S2V.get_vae_latents); the references are concatenated along the *frame* axis after the
+    video latents: target_shape frames = (F - 1) / 4 + 1 + n_refs.  -> PhantomWan.forward
+  * at every denoising step the last n frames are overwritten with the clean reference latents before the
+    transformer runs, so the references are never noised; the whole sequence gets the same timestep; the
+    reference frames are cut off the result (x0[:, :-n]).  -> PhantomWan.forward (append clean refs,
+    return only the video frames) and wan_flow_loss (the loss never sees the reference frames)
+  * guidance with two weights: noise_pred = neg + w_img * (pos_i - neg) + w_txt * (pos_it - pos_i), where
+    pos_it = (text, refs), pos_i = (null text, refs), neg = (null text, refs replaced by zeros of the same
+    shape: ref_latents_neg = zeros_like).  -> guided_sample
+  * the flow-matching schedule is shifted, sigma' = shift * sigma / (1 + (shift - 1) * sigma), shift 5.0 by
+    default (FlowUniPCMultistepScheduler.set_timesteps(shift=...)), timesteps = 1000 * sigma.  -> shift_sigma.
+    The release samples with UniPC; guided_sample integrates the same shifted schedule with Euler.
+The text goes through UMT5 (Wan's T5 encoder): the per-token states of the real tokens, zero-padded to
+text_len (512 in Wan), which the DiT attends to without a mask, as WanModel does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from model.flow import Conditioning, _draw, add_noise, sample_timesteps, velocity_target, video_mse
+
+# diffusers WanTransformer3DModel configs of the released Wan2.1 T2V models (Wan2.1 config files).
+WAN_PRESETS: dict[str, dict] = {
+    # dim 1536, 12 heads, 30 layers, ffn 8960 (Wan2.1-T2V-1.3B; Phantom-Wan-1.3B continues from it)
+    "1.3B": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+    # dim 5120, 40 heads, 40 layers, ffn 13824 (Wan2.1-T2V-14B)
+    "14B": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+    # the same classes at toy width, for tests and CPU runs
+    "tiny": dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=48, num_layers=2, freq_dim=32),
+}
+_WAN_COMMON = dict(
+    patch_size=(1, 2, 2),
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+NUM_TRAIN_TIMESTEPS = 1000  # Wan's timestep embedding takes t in [0, 1000]
+
+
+def wan_transformer_config(preset: str, **overrides) -> dict:
+    """The diffusers WanTransformer3DModel kwargs of a preset, with overrides (unknown preset raises)."""
+    if preset not in WAN_PRESETS:
+        raise ValueError(f"unknown phantom_wan preset {preset!r}; allowed: {sorted(WAN_PRESETS)}")
+    cfg = dict(_WAN_COMMON, **WAN_PRESETS[preset], **overrides)
+    cfg["patch_size"] = tuple(cfg["patch_size"])
+    return cfg
+
+
+def build_wan_transformer(preset: str, **overrides):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**wan_transformer_config(preset, **overrides))
+
+
+class WanOutput(NamedTuple):
+    video: torch.Tensor  # (B, C, T, h, w) predicted velocity of the video latents only
+    ref: torch.Tensor | None = None  # never returned: the reference frames are cut off
+
+
+class PhantomWan(nn.Module):
+    """Wraps a WanTransformer3DModel with the MMDiT call signature, so loop, loss and samplers see one API.
+
+    ref_mask marks which reference *slots* are real (batches pad to the largest reference count); a dropped
+    reference stays a real slot whose latent is all zeros, exactly like the release's negative branch. Samples
+    with different reference counts run as separate groups: the Wan DiT has no attention mask, and a padded
+    zero frame would change a sample's sequence.
+    """
+
+    def __init__(self, transformer: nn.Module, text_len: int = 512) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.text_len = text_len
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks FSDP2 shards one by one (each also an activation-checkpointing unit)."""
+        return list(self.transformer.blocks)
+
+    def pad_text(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, text_len, D): real-token states then zeros, as WanModel pads its context."""
+        B, L, D = text.shape
+        if L >= self.text_len:
+            return text[:, : self.text_len]
+        return torch.cat([text, text.new_zeros(B, self.text_len - L, D)], dim=1)
+
+    def forward(
+        self, x, t, text, text_mask=None, ref_latents=None, ref_clip=None, ref_mask=None
+    ) -> WanOutput:
+        """x: (B, C, T, h, w) noisy video latents; t: (B,) in [0, 1] (1 = noise); text: (B, L, D) with padded
+        positions zero; ref_latents: (B, n, C, h, w) clean; ref_mask: (B, n) real slots (packed first).
+        ref_clip is not used: Wan2.1-T2V has no image-embedding branch and Phantom-Wan adds none."""
+        B, C, T = x.shape[:3]
+        dtype = next(self.transformer.parameters()).dtype
+        context = self.pad_text(text).to(dtype)
+        timestep = (t.float() * NUM_TRAIN_TIMESTEPS).to(dtype)
+        if ref_latents is None or ref_latents.shape[1] == 0:
+            counts = torch.zeros(B, dtype=torch.long)
+        elif ref_mask is None:
+            counts = torch.full((B,), ref_latents.shape[1], dtype=torch.long)
+        else:
+            counts = ref_mask.bool().sum(1).cpu()
+        out = None
+        for n in sorted(set(counts.tolist())):
+            idx = (counts == n).nonzero().flatten().to(x.device)
+            hidden = x[idx]
+            if n:
+                refs = (
+                    ref_latents[idx, :n].transpose(1, 2).to(hidden.dtype)
+                )  # (b, n, C, h, w) -> (b, C, n, h, w)
+                hidden = torch.cat([hidden, refs], dim=2)  # (b, C, T + n, h, w): refs after the video frames
+            pred = self.transformer(
+                hidden.to(dtype),
+                timestep=timestep[idx],
+                encoder_hidden_states=context[idx],
+                return_dict=False,
+            )[0]
+            pred = pred[:, :, :T]  # the reference frames never leave the model
+            if out is None:
+                out = pred.new_zeros(B, *pred.shape[1:])
+            out[idx] = pred
+        return WanOutput(video=out)
+
+
+# ----------------------------------------------------------------------------- flow matching
+
+
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's timestep shift: sigma' = shift * sigma / (1 + (shift - 1) * sigma); > 1 favours high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def wan_flow_loss(
+    model,
+    x0: torch.Tensor,
+    cond: Conditioning,
+    generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    t_mode: str = "uniform",
+    t_mean: float = 0.0,
+    t_std: float = 1.0,
+    shift: float = 5.0,
+) -> tuple[torch.Tensor, dict]:
+    """Flow-matching loss ||v - (eps - x0)||^2 on the video latents only, t drawn then shifted as Wan does.
+
+    x0: (B, C, T, h, w) clean video latents; the clean reference frames are appended inside the model and
+    are never part of x0, the noise or the target. Returns (loss, {"loss_per_sample", "t"}).
+    """
+    B = x0.shape[0]
+    if t is None:
+        t = shift_sigma(sample_timesteps(B, generator, t_mode, t_mean, t_std, device=x0.device), shift)
+    if noise is None:
+        noise = _draw(torch.randn, x0.shape, generator, x0.device, x0.dtype)
+    xt = add_noise(x0, noise, t)
+    out = model(xt, t.to(x0.dtype), **cond.as_kwargs())
+    per_sample = video_mse(out.video, velocity_target(x0, noise))
+    return per_sample.mean(), {"loss_per_sample": per_sample.detach(), "t": t.detach()}
+
+
+def drop_refs_keep_slots(cond: Conditioning, which: torch.Tensor) -> Conditioning:
+    """Zero the references of the samples in `which` ((B,) bool) but keep their slots (ref_latents_neg)."""
+    keep = (~which.bool()).to(cond.text.device)
+
+    def z(a):
+        return None if a is None else a * keep.view(-1, *([1] * (a.dim() - 1))).to(a.dtype)
+
+    return replace(cond, ref_latents=z(cond.ref_latents), ref_clip=z(cond.ref_clip))
+
+
+def condition_dropout(
+    cond: Conditioning,
+    p_text: float = 0.1,
+    p_image: float = 0.1,
+    p_both: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Conditioning:
+    """Joint dropout state per sample (none / text / image / both), so each guidance branch is trained.
+
+    text dropped: zero states (the null context the sampler uses); image dropped: reference latents zeroed,
+    slots kept (the release's negative branch). p_both is the rate of dropping both at once.
+    """
+    try:  # the explicit draw in model/flow.py, when present
+        from model.flow import draw_condition_dropout
+
+        state = draw_condition_dropout(cond.batch_size, p_text, p_image, p_both, generator).to(
+            cond.text.device
+        )
+    except ImportError:
+        state = _draw_state(cond.batch_size, p_text, p_image, p_both, generator).to(cond.text.device)
+    drop_t = (state == 1) | (state == 3)
+    drop_i = (state == 2) | (state == 3)
+    return drop_refs_keep_slots(cond.drop_text(drop_t), drop_i)
+
+
+def _draw_state(B: int, p_text: float, p_image: float, p_both: float, generator) -> torch.Tensor:
+    """(B,) int: 0 none, 1 text dropped, 2 image dropped, 3 both; one uniform draw per sample."""
+    if min(p_text, p_image, p_both) < 0 or p_text + p_image + p_both > 1:
+        raise ValueError(f"dropout rates {p_text}, {p_image}, {p_both} must be >= 0 and sum to <= 1")
+    u = _draw(torch.rand, (B,), generator)
+    state = torch.zeros(B, dtype=torch.long)
+    state[u < p_text + p_image + p_both] = 3
+    state[u < p_text + p_image] = 2
+    state[u < p_text] = 1
+    return state
+
+
+@torch.no_grad()
+def guided_sample(
+    model,
+    cond: Conditioning,
+    shape: tuple[int, ...],
+    steps: int = 50,
+    w_img: float = 5.0,
+    w_txt: float = 7.5,
+    shift: float = 5.0,
+    generator: torch.Generator | None = None,
+    null_text: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Euler on the shifted schedule with Phantom's two-weight guidance; shape (B, C, T, h, w) video only.
+
+    null_text: (B, L, D) states of the negative prompt (the release encodes its negative prompt); None = the
+    all-zero context that text dropout trains.
+    """
+    dev = cond.text.device
+    x = noise if noise is not None else _draw(torch.randn, shape, generator, dev)
+    B = shape[0]
+    if null_text is None:
+        null = cond.drop_text()
+    else:
+        null = replace(
+            cond,
+            text=null_text.to(cond.text),
+            text_mask=torch.ones(null_text.shape[:2], dtype=torch.bool, device=dev),
+        )
+    neg = drop_refs_keep_slots(null, torch.ones(B, dtype=torch.bool, device=dev))
+    length = max(c.text.shape[1] for c in (cond, null, neg))
+    branches = [_pad_text_to(c, length) for c in (neg, null, cond)]  # neg, pos_i, pos_it
+    cond3 = Conditioning.cat(branches)
+    sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1, device=dev), shift)
+    for i in range(steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v3 = model(torch.cat([x] * 3, 0), s.expand(3 * B), **cond3.as_kwargs()).video.float()
+        v_neg, v_i, v_it = v3.chunk(3, dim=0)
+        v = v_neg + w_img * (v_i - v_neg) + w_txt * (v_it - v_i)
+        x = x + (s_next - s) * v  # ds < 0: towards data
+    return x
+
+
+def _pad_text_to(c: Conditioning, length: int) -> Conditioning:
+    L = c.text.shape[1]
+    if L == length:
+        return c
+    B, _, D = c.text.shape
+    return replace(
+        c,
+        text=torch.cat([c.text, c.text.new_zeros(B, length - L, D)], 1),
+        text_mask=torch.cat([c.text_mask.bool(), c.text_mask.new_zeros(B, length - L, dtype=torch.bool)], 1),
+    )
+
+
+# ----------------------------------------------------------------------------- key layouts
+
+# Original Wan layout (WanModel in Wan2.1 / Phantom-Wan .pth) <-> diffusers WanTransformer3DModel.
+# Tensors are identical (same Conv3d patch embedding, same (p_t, p_h, p_w, c) output order); only names
+# differ. Two things are not one-to-one renames: the original's affine cross-attention norm is `norm3`
+# (diffusers `norm2`), and the per-block modulation is `modulation` (diffusers `scale_shift_table`).
+_TOP = [
+    ("patch_embedding.", "patch_embedding."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.head.", "proj_out."),
+    ("head.modulation", "scale_shift_table"),
+    # I2V / image-conditioned variants (CLIP image embedding MLP)
+    ("img_emb.proj.0.", "condition_embedder.image_embedder.norm1."),
+    ("img_emb.proj.1.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    ("img_emb.proj.3.", "condition_embedder.image_embedder.ff.net.2."),
+    ("img_emb.proj.4.", "condition_embedder.image_embedder.norm2."),
+]
+_BLOCK = [
+    ("modulation", "scale_shift_table"),
+    ("norm3.", "norm2."),
+    ("ffn.0.", "ffn.net.0.proj."),
+    ("ffn.2.", "ffn.net.2."),
+    ("cross_attn.k_img.", "attn2.add_k_proj."),
+    ("cross_attn.v_img.", "attn2.add_v_proj."),
+    ("cross_attn.norm_k_img.", "attn2.norm_added_k."),
+]
+for _orig, _diff in (("self_attn", "attn1"), ("cross_attn", "attn2")):
+    _BLOCK += [
+        (f"{_orig}.q.", f"{_diff}.to_q."),
+        (f"{_orig}.k.", f"{_diff}.to_k."),
+        (f"{_orig}.v.", f"{_diff}.to_v."),
+        (f"{_orig}.o.", f"{_diff}.to_out.0."),
+        (f"{_orig}.norm_q.", f"{_diff}.norm_q."),
+        (f"{_orig}.norm_k.", f"{_diff}.norm_k."),
+    ]
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_PREFIXES = ("model.diffusion_model.", "module.", "_orig_mod.")
+
+
+def _rename(key: str, table_top, table_block, side: int) -> str:
+    other = 1 - side
+    m = _BLOCK_RE.match(key)
+    if m:
+        idx, rest = m.groups()
+        for pair in table_block:
+            src = pair[side]
+            if rest == src or (src.endswith(".") and rest.startswith(src)):
+                return f"blocks.{idx}.{pair[other]}{rest[len(src) :]}"
+    else:
+        for pair in table_top:
+            src = pair[side]
+            if key == src or (src.endswith(".") and key.startswith(src)):
+                return pair[other] + key[len(src) :]
+    raise KeyError(key)
+
+
+def _convert(state: dict[str, torch.Tensor], side: int, what: str) -> dict[str, torch.Tensor]:
+    out, unknown = {}, []
+    for key, value in state.items():
+        k = key
+        for prefix in _PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        if k in ("freqs",) or k.startswith("rope."):  # rope tables: buffers, rebuilt by each model
+            continue
+        try:
+            new = _rename(k, _TOP, _BLOCK, side)
+        except KeyError:
+            unknown.append(key)
+            continue
+        if new in out:
+            raise ValueError(f"{what}: two keys map to {new}")
+        out[new] = value
+    if unknown:
+        raise ValueError(f"{what}: {len(unknown)} keys of no known Wan layout, e.g. {unknown[:5]}")
+    return out
+
+
+def original_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original Wan/Phantom-Wan state dict -> diffusers WanTransformer3DModel keys (unknown keys raise)."""
+    return _convert(state, 0, "original -> diffusers")
+
+
+def diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers WanTransformer3DModel state dict -> original Wan keys (what Phantom-Wan-1.3B.pth holds)."""
+    return _convert(state, 1, "diffusers -> original")
+
+
+def detect_layout(keys) -> str:
+    """'original' or 'diffusers' from a state dict's keys."""
+    keys = list(keys)
+    stripped = [k.split("model.diffusion_model.", 1)[-1] for k in keys]
+    if any(".self_attn." in k or k.startswith("head.head") for k in stripped):
+        return "original"
+    if any(".attn1." in k or k.startswith("proj_out") for k in stripped):
+        return "diffusers"
+    raise ValueError(f"not a Wan transformer state dict (keys like {keys[:3]})")

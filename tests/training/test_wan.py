@@ -1,0 +1,220 @@
+"""Phantom-Wan with tiny random-init models of the real classes: conditioning, loss, layouts, LoRA."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from model.flow import Conditioning
+from model.phantom_wan import (
+    PhantomWan,
+    build_wan_transformer,
+    condition_dropout,
+    detect_layout,
+    diffusers_to_original,
+    guided_sample,
+    original_to_diffusers,
+    wan_flow_loss,
+)
+from training.config import load_config
+from training.wan import build_phantom_wan, save_original_layout
+
+C, TEXT_DIM = 4, 32
+
+
+def _transformer(seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_wan_transformer("tiny", in_channels=C, out_channels=C, text_dim=TEXT_DIM, **kw)
+
+
+def _batch(B=2, n=2, T=2, h=4, w=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, C, T, h, w, generator=g)
+    cond = Conditioning(
+        text=torch.randn(B, 5, TEXT_DIM, generator=g),
+        text_mask=torch.ones(B, 5, dtype=torch.bool),
+        ref_latents=torch.randn(B, n, C, h, w, generator=g),
+        ref_clip=torch.randn(B, n, 8, generator=g),
+        ref_mask=torch.ones(B, n, dtype=torch.bool),
+    )
+    return x0, cond
+
+
+# Names of one block and the top level of the original WanModel (Wan2.1 wan/modules/model.py), as in
+# Wan2.1-T2V-1.3B's diffusion_pytorch_model.safetensors and Phantom-Wan-1.3B.pth.
+ORIGINAL_TOP = {
+    "patch_embedding.weight", "patch_embedding.bias",
+    "text_embedding.0.weight", "text_embedding.0.bias", "text_embedding.2.weight", "text_embedding.2.bias",
+    "time_embedding.0.weight", "time_embedding.0.bias", "time_embedding.2.weight", "time_embedding.2.bias",
+    "time_projection.1.weight", "time_projection.1.bias", "head.head.weight", "head.head.bias",
+    "head.modulation",
+}  # fmt: skip
+ORIGINAL_BLOCK = {
+    "modulation", "norm3.weight", "norm3.bias", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight", "ffn.2.bias",
+    *(f"{a}.{p}.{t}" for a in ("self_attn", "cross_attn") for p in "qkvo" for t in ("weight", "bias")),
+    *(f"{a}.norm_{p}.weight" for a in ("self_attn", "cross_attn") for p in "qk"),
+}  # fmt: skip
+
+
+def test_key_conversion_round_trips_and_names_the_original_layout():
+    model = _transformer()
+    state = model.state_dict()
+    original = diffusers_to_original(state)
+    expected = ORIGINAL_TOP | {f"blocks.{i}.{k}" for i in range(2) for k in ORIGINAL_BLOCK}
+    assert set(original) == expected
+    assert original["head.modulation"].shape == (1, 2, 24) and original["blocks.0.modulation"].shape == (
+        1,
+        6,
+        24,
+    )
+    assert detect_layout(original) == "original" and detect_layout(state) == "diffusers"
+    back = original_to_diffusers({f"model.diffusion_model.{k}": v for k, v in original.items()})
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    with pytest.raises(ValueError, match="no known Wan layout"):
+        original_to_diffusers({**original, "blocks.0.extra.weight": torch.zeros(1)})
+
+
+def test_original_layout_checkpoint_loads_and_gives_the_same_output(tmp_path):
+    """A Phantom-Wan checkpoint written in the original layout (.pth, like Phantom-Wan-1.3B.pth) loads into
+    the diffusers model through the YAML keys, sha256-pinned, and reproduces the source model's output."""
+    source = PhantomWan(_transformer(seed=1), text_len=8).eval()
+    path = save_original_layout(source.transformer, tmp_path / "Phantom-Wan-tiny.pth")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    overrides = {"model.family": "phantom_wan", "model.preset": "tiny", "model.wan.text_len": 8,
+                 "model.overrides": {"in_channels": C, "out_channels": C, "text_dim": TEXT_DIM},
+                 "model.wan.phantom_ckpt": str(path), "model.wan.phantom_sha256": sha}  # fmt: skip
+    loaded = build_phantom_wan(load_config(None, overrides).model).eval()
+    x0, cond = _batch()
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        assert torch.equal(loaded(x0, t, **cond.as_kwargs()).video, source(x0, t, **cond.as_kwargs()).video)
+    fresh = build_phantom_wan(
+        load_config(None, {k: v for k, v in overrides.items() if "phantom" not in k}).model
+    )
+    with torch.no_grad():
+        assert not torch.allclose(
+            fresh(x0, t, **cond.as_kwargs()).video, source(x0, t, **cond.as_kwargs()).video
+        )
+    from curation.models import ModelHashMismatch
+
+    with pytest.raises(ModelHashMismatch):
+        build_phantom_wan(load_config(None, dict(overrides, **{"model.wan.phantom_sha256": "0" * 64})).model)
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="phantom_sha256"):
+        load_config(None, dict(overrides, **{"model.wan.phantom_sha256": None}))
+
+
+def test_references_are_clean_inputs_and_out_of_the_loss():
+    """The transformer sees [noisy video | clean reference latents] along frames; only video is scored."""
+    model = PhantomWan(_transformer(), text_len=8)
+    x0, cond = _batch(n=2, T=2)
+    seen = {}
+
+    def hook(module, args, kwargs, out):
+        seen["input"] = args[0] if args else kwargs["hidden_states"]
+        out[0].retain_grad()
+        seen["output"] = out[0]
+
+    model.transformer.register_forward_hook(hook, with_kwargs=True)
+    g = torch.Generator().manual_seed(0)
+    loss, info = wan_flow_loss(model, x0, cond, generator=g, shift=5.0)
+    loss.backward()
+    inp, out = seen["input"], seen["output"]
+    assert inp.shape[2] == 2 + 2  # T video frames + n reference frames
+    assert torch.equal(inp[:, :, 2:], cond.ref_latents.transpose(1, 2))  # references never noised
+    assert not torch.equal(inp[:, :, :2], x0)  # the video is
+    assert out.grad[:, :, 2:].abs().max() == 0  # reference frames contribute nothing to the loss
+    assert out.grad[:, :, :2].abs().max() > 0
+    assert ((info["t"] > 0) & (info["t"] < 1)).all()
+
+
+def test_shift_moves_training_timesteps_to_high_noise():
+    model = PhantomWan(_transformer(), text_len=8)
+    x0, cond = _batch(B=64, n=1, h=2, w=2)
+    with torch.no_grad():
+        _, plain = wan_flow_loss(model, x0, cond, generator=torch.Generator().manual_seed(0), shift=1.0)
+        _, shifted = wan_flow_loss(model, x0, cond, generator=torch.Generator().manual_seed(0), shift=5.0)
+    assert torch.all(shifted["t"] >= plain["t"]) and shifted["t"].mean() > plain["t"].mean() + 0.15
+
+
+def test_mixed_reference_counts_equal_separate_runs():
+    model = PhantomWan(_transformer(), text_len=8).eval()
+    x0, cond = _batch(B=3, n=3)
+    cond.ref_mask[0, 1:] = False  # 1 reference
+    cond.ref_mask[1, 2:] = False  # 2 references
+    t = torch.tensor([0.2, 0.5, 0.9])
+    with torch.no_grad():
+        joint = model(x0, t, **cond.as_kwargs()).video
+        for i, n in enumerate((1, 2, 3)):
+            alone = model(
+                x0[i : i + 1], t[i : i + 1], cond.text[i : i + 1], ref_latents=cond.ref_latents[i : i + 1, :n]
+            )
+            torch.testing.assert_close(joint[i : i + 1], alone.video, rtol=1e-5, atol=1e-6)
+
+
+def test_condition_dropout_zeroes_refs_but_keeps_slots():
+    _, cond = _batch(B=400, n=2, h=2, w=2)
+    out = condition_dropout(
+        cond, p_text=0.2, p_image=0.2, p_both=0.1, generator=torch.Generator().manual_seed(0)
+    )
+    text_off = out.text.abs().flatten(1).sum(1) == 0
+    refs_off = out.ref_latents.abs().flatten(1).sum(1) == 0
+    assert out.ref_mask.all()  # slots stay: the model sees zero frames, as in the release's negative branch
+    both = (text_off & refs_off).float().mean()
+    assert 0.05 < both < 0.16 and 0.12 < (text_off & ~refs_off).float().mean() < 0.3  # rough rates
+
+
+def test_one_batch_overfits():
+    torch.manual_seed(0)
+    model = PhantomWan(_transformer(), text_len=8)
+    x0, cond = _batch(B=2, n=1, h=4, w=4)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0.4, 0.7])
+    noise = torch.randn(x0.shape, generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss, _ = wan_flow_loss(model, x0, cond, t=t, noise=noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
+
+
+def test_guidance_weights_pick_the_branches():
+    """w_img = w_txt = 0 samples the unconditional branch alone; w_img = w_txt = 1 the conditional one."""
+    model = PhantomWan(_transformer(), text_len=8).eval()
+    x0, cond = _batch(B=1, n=1, h=4, w=4)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    full = guided_sample(model, cond, x0.shape, steps=3, w_img=1, w_txt=1, noise=noise)
+    uncond = guided_sample(model, cond, x0.shape, steps=3, w_img=0, w_txt=0, noise=noise)
+    s = torch.linspace(1, 0, 4)
+    s = 5 * s / (1 + 4 * s)
+    x = noise.clone()
+    with torch.no_grad():
+        for i in range(3):
+            x = x + (s[i + 1] - s[i]) * model(x, s[i].expand(1), **cond.as_kwargs()).video
+    torch.testing.assert_close(full, x, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(full, uncond)
+
+
+def test_lora_trains_adapters_only(tmp_path):
+    overrides = {"model.family": "phantom_wan", "model.preset": "tiny", "model.wan.text_len": 8,
+                 "model.overrides": {"in_channels": C, "out_channels": C, "text_dim": TEXT_DIM},
+                 "model.wan.finetune": "lora", "model.wan.lora": {"rank": 4, "alpha": 4}}  # fmt: skip
+    torch.manual_seed(0)
+    model = build_phantom_wan(load_config(None, overrides).model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    x0, cond = _batch(n=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss, _ = wan_flow_loss(model, x0, cond, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(trainable)

@@ -1,0 +1,266 @@
+"""Latent precompute: a Ray Data job that encodes every triplet once into latent shards the trainer reads.
+
+`python training/precompute.py --config configs/phantom_wan_1.3b.yaml --shards output/full/shards --out
+output/full/latents` writes one latent shard per raw shard (same name, same samples in the same order) and
+an index.json. Each sample keeps its caption, json and reference JPEGs (for sample videos) and gains, per
+training phase, `<tag>.safetensors` with exactly what the trainer's encoders would produce on the fly for
+that phase (the same frames, bucket and letterboxed references: the decode code is the trainer's own):
+latents (C, T', h, w), text (L, D) real tokens only, ref_latents (n, C, h, w), ref_clip (n, clip_dim).
+A sample the trainer would skip keeps its place with the reason (skip.txt, or <tag>.err), so the shuffle
+and batching over latent shards equal those over raw shards and a run gives the same losses.
+
+Then train with `--set data.latent_shards=<out>`: the loop never runs the VAE or the text encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python training/precompute.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+log = logging.getLogger("training.precompute")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def phase_tag(cfg, phase_idx: int) -> str:
+    """Names one phase's encodings by everything they depend on (encoders, frames, sizes, seed)."""
+    from training.models import encoder_signature
+
+    p = cfg.phases[phase_idx]
+    ident = json.dumps(
+        [
+            encoder_signature(cfg.encoders),
+            p.buckets,
+            p.num_frames,
+            p.fps,
+            cfg.seed + 7919 * phase_idx,
+            cfg.data.max_refs,
+        ]
+    )
+    return f"p{phase_idx}_{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def _phase_streams(cfg) -> list:
+    from training.data import StreamSpec, TripletStream
+
+    streams = []
+    for i, p in enumerate(cfg.phases):
+        spec = StreamSpec(
+            urls=[],
+            buckets=p.buckets,
+            num_frames=p.num_frames,
+            fps=p.fps,
+            batch_size=1,
+            seed=cfg.seed + 7919 * i,
+            max_refs=cfg.data.max_refs,
+        )
+        streams.append((phase_tag(cfg, i), TripletStream(spec)))
+    return streams
+
+
+class ShardEncoder:
+    """Ray Data actor: encoders loaded once in the worker; one call turns a raw shard into a latent one."""
+
+    def __init__(self, cfg_dict: dict[str, Any], out_dir: str, device: str = "cpu") -> None:
+        from training.config import config_from_dict
+
+        self.cfg = config_from_dict(cfg_dict)
+        self.out_dir = Path(out_dir)
+        self.device = device
+        self.enc = None
+
+    def setup(self) -> None:
+        import torch
+
+        from training.encoders import build_encoders
+        from training.models import encoder_cfg
+
+        if self.enc is None:
+            torch.set_num_threads(max(1, int(os.environ.get("PRECOMPUTE_THREADS", "1"))))
+            self.enc = build_encoders(encoder_cfg(self.cfg.encoders, torch.device(self.device)))
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.setup()
+        return encode_shard(row["url"], self.out_dir, self.cfg, self.enc, self.device)
+
+
+def _tensors_bytes(tensors) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def encode_shard(url: str, out_dir: Path, cfg, enc, device: str = "cpu") -> dict[str, Any]:
+    """Raw shard -> latent shard of the same name (written atomically); returns its index entry and counts."""
+    import torch
+    import webdataset as wds
+
+    from training.data import CorruptCounter, collate, video_size
+    from training.loop import _encode_fresh
+
+    t0 = time.perf_counter()
+    streams = _phase_streams(cfg)
+    counter = CorruptCounter()
+    ds = wds.WebDataset(
+        [url],
+        shardshuffle=False,
+        nodesplitter=None,
+        workersplitter=None,
+        empty_check=False,
+        handler=counter.handler,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = Path(url).name
+    tmp = out_dir / f".{name}.tmp{os.getpid()}"
+    n = skipped = errors = 0
+    with tarfile.open(tmp, "w") as tar:
+        for sample in ds:
+            n += 1
+            key = sample["__key__"]
+            members: dict[str, bytes] = {}
+            counter.counts.clear()
+            # The trainer's own checks (missing keys, bad json, size): dropped before bucketing.
+            kept = list(streams[0][1]._with_meta(iter([sample]), counter))
+            if not kept:
+                members["skip.txt"] = next(iter(counter.counts)).encode()
+                skipped += 1
+            else:
+                meta = dict(sample["_meta"])
+                if "width" not in meta or "height" not in meta:
+                    meta["width"], meta["height"] = video_size(sample["mp4"])
+                meta["frame_indices"] = {}
+                for tag, stream in streams:
+                    counter.counts.clear()
+                    sample["_bucket"] = stream._with_meta(iter([dict(sample)]), counter).__next__()["_bucket"]
+                    decoded = stream._decode(sample, counter)
+                    if decoded is None:
+                        members[f"{tag}.err"] = next(iter(counter.counts)).encode()
+                        errors += 1
+                        continue
+                    with torch.no_grad():
+                        encoded = _encode_fresh(collate([decoded]), enc, torch.device(device))[0]
+                    members[f"{tag}.safetensors"] = _tensors_bytes(encoded)
+                    meta["frame_indices"][tag] = decoded["meta"]["frame_indices"]
+                members["json"] = json.dumps(meta).encode()
+                for k in sample:
+                    if k == "txt" or k.startswith("ref_"):
+                        members[k] = sample[k]
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = out_dir / name
+    os.replace(tmp, out)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    return {
+        "name": name,
+        "num_samples": n,
+        "bytes": out.stat().st_size,
+        "sha256": digest,
+        "skipped": skipped,
+        "errors": errors,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def precompute(
+    cfg,
+    shards: str,
+    out: str,
+    num_actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    use_ray: bool = True,
+) -> dict[str, Any]:
+    """Encode every shard listed by `shards` into `out`; writes out/index.json (raw shard order kept)."""
+    from training.data import list_shards
+
+    urls = list_shards(shards)
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if gpus_per_actor > 0 else "cpu"
+    if use_ray:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(log_to_driver=True)
+            else:
+                ray.init(
+                    num_cpus=max(2, int(num_actors * cpus_per_actor + 0.999)),
+                    include_dashboard=False,
+                    runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE"}},
+                )
+        ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
+        rows = ds.map(
+            ShardEncoder,
+            fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "out_dir": str(out_dir), "device": device},
+            compute=ActorPoolStrategy(size=num_actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor,
+        ).take_all()  # one small row per shard, never per sample
+    else:  # the same stage in this process (tests, debugging)
+        worker = ShardEncoder(cfg.to_dict(), str(out_dir), device)
+        rows = [worker({"url": u}) for u in urls]
+    by_name = {r["name"]: r for r in rows}
+    entries = [by_name[Path(u).name] for u in urls]
+    index = {
+        "shards": [{k: e[k] for k in ("name", "num_samples", "bytes", "sha256")} for e in entries],
+        "source": str(Path(shards).resolve()),
+        "tags": [phase_tag(cfg, i) for i in range(len(cfg.phases))],
+    }
+    tmp = out_dir / ".index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, out_dir / "index.json")
+    return {
+        "shards": len(entries),
+        "samples": sum(e["num_samples"] for e in entries),
+        "skipped": sum(e["skipped"] for e in entries),
+        "errors": sum(e["errors"] for e in entries),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the training YAML the latents are for")
+    p.add_argument("--shards", required=True, help="raw triplet shard directory")
+    p.add_argument("--out", required=True, help="latent shard directory to write")
+    p.add_argument("--num-actors", type=int, default=1, help="encoder actors (one model copy each)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--no-ray", action="store_true", help="same stage, one process")
+    args = p.parse_args(argv)
+    from training.config import load_config
+
+    cfg = load_config(args.config)
+    stats = precompute(
+        cfg,
+        args.shards,
+        args.out,
+        args.num_actors,
+        args.cpus_per_actor,
+        args.gpus_per_actor,
+        use_ray=not args.no_ray,
+    )
+    log.info("wrote %s: %s", args.out, stats)
+    print(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
