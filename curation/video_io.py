@@ -37,6 +37,31 @@ class VideoInfo:
     duration_s: float
     codec: str
     size_bytes: int
+    rotation: int = 0  # display-matrix rotation, degrees counter-clockwise (0, 90, 180, 270)
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(width, height) as a player shows the video (a 90/270 rotation swaps them)."""
+        return (self.height, self.width) if self.rotation in (90, 270) else (self.width, self.height)
+
+
+def _rotation_of(frame) -> int:
+    """A decoded PyAV frame's display rotation, snapped to a multiple of 90 degrees (0 when unknown)."""
+    try:
+        r = float(getattr(frame, "rotation", 0) or 0)
+    except (TypeError, ValueError):
+        return 0
+    return int(round(r / 90.0)) * 90 % 360
+
+
+def rotate_frames(frames: np.ndarray, rotation: int) -> np.ndarray:
+    """Frames (n, h, w, 3) or one frame (h, w, 3) turned upright for a display rotation (counter-clockwise
+    degrees, ffmpeg's convention): what a player (and ffmpeg's autorotate) shows."""
+    k = (rotation // 90) % 4
+    if k == 0:
+        return frames
+    axes = (1, 2) if frames.ndim == 4 else (0, 1)
+    return np.ascontiguousarray(np.rot90(frames, k, axes=axes))
 
 
 def probe(path: str | os.PathLike, max_pixels: int = MAX_PIXELS_8K) -> VideoInfo:
@@ -64,8 +89,21 @@ def probe(path: str | os.PathLike, max_pixels: int = MAX_PIXELS_8K) -> VideoInfo
                 duration_s = container.duration / 1e6  # av.time_base is microseconds
             else:
                 duration_s = 0.0
+            rotation = 0
+            try:  # the display matrix comes with decoded frames; one frame is cheap
+                rotation = _rotation_of(next(container.decode(stream)))
+            except Exception:
+                pass  # undecodable first frame: the decode below says so with a reason
             info = VideoInfo(
-                path, width, height, fps, int(stream.frames or 0), duration_s, stream.codec_context.name, size
+                path,
+                width,
+                height,
+                fps,
+                int(stream.frames or 0),
+                duration_s,
+                stream.codec_context.name,
+                size,
+                rotation,
             )
     except BadVideo:
         raise
@@ -114,57 +152,213 @@ def is_variable_frame_rate(ts_s: np.ndarray, tol: float = 0.25, max_frac: float 
     return float(np.mean(np.abs(dt - med) > tol * med)) > max_frac
 
 
+def timestamps_problem(ts_s: np.ndarray, n_frames: int, fps: float) -> str | None:
+    """Why a reader's frame timestamps cannot be used, or None when they can: one per frame, finite, of a
+    sane size (decord returns AV_NOPTS_VALUE * time_base, about -3.8e17 s, for AVI frames without pts),
+    non-decreasing but for rare glitches, and spanning about n / fps (a factor of 4 either way: VFR is fine,
+    all-equal or absurd spacing is not)."""
+    ts = np.asarray(ts_s, dtype=np.float64)
+    if len(ts) != n_frames:
+        return f"{len(ts)} timestamps for {n_frames} frames"
+    if n_frames == 0:
+        return None
+    if not np.all(np.isfinite(ts)) or np.abs(ts).max() > 1e7:
+        return f"timestamps out of range (min {ts.min():.4g} s, max {ts.max():.4g} s)"
+    if n_frames < 2:
+        return None
+    dt = np.diff(ts)
+    if np.mean(dt < 0) > 0.01:
+        return f"{int(np.sum(dt < 0))} of {len(dt)} frame intervals run backwards"
+    span, expected = float(ts[-1] - ts[0]), (n_frames - 1) / fps if fps > 0 else 0.0
+    if span <= 0 or (expected > 0 and not (expected / 4 <= span <= expected * 4)):
+        return f"timestamps span {span:.4g} s for {n_frames} frames at {fps:.3f} fps"
+    return None
+
+
+def packet_timestamps(path: str) -> np.ndarray:
+    """Presentation times (s) of the video packets, from the demuxer alone (no decode), in presentation
+    order: pts where the container has it, else dts (AVI), sorted (B-frames arrive out of order)."""
+    import av
+
+    ts = []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        tb = float(stream.time_base) if stream.time_base else 0.0
+        for pkt in container.demux(stream):
+            if pkt.size == 0:
+                continue
+            t = pkt.pts if pkt.pts is not None else pkt.dts
+            if t is not None:
+                ts.append(t * tb)
+    return np.sort(np.asarray(ts, dtype=np.float64))
+
+
+def frame_timestamps(path: str, reader_ts: np.ndarray, n_frames: int, fps: float) -> tuple[np.ndarray, str]:
+    """(timestamps (n,) seconds, source): the reader's when valid, else PyAV's packet times, else frame
+    index / fps. ``source`` is "reader", "pyav" or "fps" (kept on the clip rows)."""
+    if timestamps_problem(reader_ts, n_frames, fps) is None:
+        return np.asarray(reader_ts, dtype=np.float64), "reader"
+    try:
+        ts = packet_timestamps(path)
+    except Exception:
+        ts = np.zeros(0)
+    if len(ts) > n_frames:  # a trailing packet the reader did not count as a frame
+        ts = ts[:n_frames]
+    if timestamps_problem(ts, n_frames, fps) is None:
+        log.info(
+            "%s: reader timestamps invalid (%s); using PyAV's",
+            path,
+            timestamps_problem(reader_ts, n_frames, fps),
+        )
+        return ts, "pyav"
+    return np.arange(n_frames, dtype=np.float64) / fps, "fps"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1][:200] if text else type(e).__name__
+
+
 class AnalysisReader:
-    """The one decode of a video at analysis resolution (decord, which resizes inside its ffmpeg filter
-    graph: about 2x faster than PyAV + reformat here). Frames are RGB uint8 (n, h, w, 3)."""
+    """The one decode of a video at analysis resolution. decord first (it resizes inside its ffmpeg filter
+    graph: about 2x faster than PyAV + reformat here); where decord cannot open or decode a valid file (it
+    fails on some frame sizes, e.g. 48x36), PyAV takes over from the frame decord stopped at. Frames are RGB
+    uint8 (n, h, w, 3), turned upright when the container carries a display rotation."""
 
-    def __init__(self, path: str, width: int, height: int, num_threads: int = 1):
-        import decord
-
+    def __init__(self, path: str, width: int, height: int, num_threads: int = 1, rotation: int = 0):
+        self.path, self.width, self.height, self.rotation = path, width, height, rotation
+        self.backend = "decord"
+        self.vr = None
         try:
+            import decord
+
+            # decord applies the display rotation itself, then scales to the size asked: ask it upright
+            dw, dh = (height, width) if rotation in (90, 270) else (width, height)
             self.vr = decord.VideoReader(
-                path, ctx=decord.cpu(0), width=width, height=height, num_threads=num_threads
+                path, ctx=decord.cpu(0), width=dw, height=dh, num_threads=num_threads
             )
+            self.n_frames = len(self.vr)
+            self.fps = float(self.vr.get_avg_fps() or 0.0)
         except Exception as e:
-            raise BadVideo("video:unreadable", f"decord: {str(e).splitlines()[0][:200]}") from None
-        self.n_frames = len(self.vr)
-        self.fps = float(self.vr.get_avg_fps() or 0.0)
+            self.decord_error = _first_line(e)
+            self.backend = "pyav"
+            self.n_frames = count_packets(path)
+            if self.n_frames == 0:
+                raise BadVideo(
+                    "video:unreadable", f"decord: {self.decord_error}; PyAV: no video packets"
+                ) from None
+            self.fps = 0.0
 
     def timestamps_s(self) -> np.ndarray:
-        """Presentation time of each frame's start, seconds, (n,) from the container index (no decode)."""
+        """The reader's presentation time of each frame's start, seconds, (n,) (no decode); may be garbage:
+        check with ``timestamps_problem`` / use ``frame_timestamps``."""
         if self.n_frames == 0:
             return np.zeros(0)
+        if self.vr is None:
+            try:
+                return packet_timestamps(self.path)
+            except Exception:
+                return np.zeros(0)
         return self.vr.get_frame_timestamp(list(range(self.n_frames)))[:, 0].astype(np.float64)
 
     def chunks(self, chunk_frames: int = 64) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first_index, frames (n, h, w, 3)) in order; a decode error becomes BadVideo."""
-        for start in range(0, self.n_frames, chunk_frames):
-            idx = list(range(start, min(self.n_frames, start + chunk_frames)))
-            try:
-                frames = self.vr.get_batch(idx).asnumpy()
-            except Exception as e:
-                msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-                raise BadVideo(
-                    "video:corrupt", f"decode failed in frames {idx[0]}-{idx[-1]}: {msg}"
-                ) from None
-            yield start, frames
+        """Yield (first_index, frames (n, h, w, 3)) in order; a decode error of both readers is BadVideo."""
+        start = 0
+        if self.vr is not None:
+            for start in range(0, self.n_frames, chunk_frames):
+                idx = list(range(start, min(self.n_frames, start + chunk_frames)))
+                try:
+                    frames = self.vr.get_batch(idx).asnumpy()
+                except Exception as e:
+                    self.decord_error = _first_line(e)
+                    self.backend = "pyav"
+                    log.info(
+                        "%s: decord failed at frame %d (%s); decoding with PyAV",
+                        self.path,
+                        start,
+                        self.decord_error,
+                    )
+                    break
+                yield start, frames
+            else:
+                return
+        yield from self._pyav_chunks(start, chunk_frames)
+
+    def _pyav_chunks(self, skip: int, chunk_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+        import av
+
+        buf, first, i = [], skip, -1
+        try:
+            with av.open(self.path) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for frame in container.decode(stream):
+                    i += 1
+                    if i >= self.n_frames:
+                        break
+                    if i < skip:
+                        continue
+                    buf.append(frame.to_ndarray(width=self.width, height=self.height, format="rgb24"))
+                    if len(buf) == chunk_frames:
+                        yield first, rotate_frames(np.stack(buf), self.rotation)
+                        first, buf = first + len(buf), []
+        except av.error.FFmpegError as e:
+            raise BadVideo("video:corrupt", f"decode failed at frame {i + 1}: {_first_line(e)}") from None
+        if buf:
+            yield first, rotate_frames(np.stack(buf), self.rotation)
+        if i + 1 < min(self.n_frames, skip + 1):
+            detail = f"decord: {getattr(self, 'decord_error', '')}; PyAV decoded {i + 1} frame(s)"
+            raise BadVideo("video:corrupt", detail)
+
+
+def read_frames_at(
+    path: str, indices: Sequence[int], width: int = -1, height: int = -1, rotation: int = 0
+) -> np.ndarray:
+    """RGB uint8 frames (N, H, W, 3) at ``indices`` (clamped to the video), upright (``width``/``height``
+    are the coded size; ``rotation`` the display rotation from ``probe``): one batched decord call, or a
+    PyAV pass up to the last index where decord cannot read the file."""
+    import av
+
+    try:
+        import decord
+
+        dw, dh = (height, width) if rotation in (90, 270) else (width, height)  # decord rotates itself
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=dw, height=dh, num_threads=1)
+        idx = [min(max(int(i), 0), len(vr) - 1) for i in indices]
+        return vr.get_batch(idx).asnumpy()
+    except Exception as e:
+        log.info("%s: decord failed (%s); reading frames with PyAV", path, _first_line(e))
+    wanted = {max(int(i), 0) for i in indices}
+    kw = {} if width <= 0 or height <= 0 else {"width": width, "height": height}
+    got: dict[int, np.ndarray] = {}
+    n, last = 0, None
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
+            n, last = i + 1, frame
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24", **kw)
+            if i >= max(wanted):
+                break
+    if last is None:
+        raise BadVideo("video:unreadable", f"no frame decoded from {path}")
+    if n - 1 not in got:  # indices past the end read the last frame
+        got[n - 1] = last.to_ndarray(format="rgb24", **kw)
+    out = [got[min(max(int(i), 0), n - 1)] for i in indices]
+    return rotate_frames(np.stack(out), rotation)
 
 
 def read_clip_frames(
     path: str, start_frame: int, end_frame: int, n: int, short_side: int, gap: int = 1
 ) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Fallback for filters run without the scenes stage's cached frames: ``n`` evenly spread frames of
-    [start_frame, end_frame) and the frame ``gap`` after each, at analysis resolution.
+    [start_frame, end_frame) and the frame ``gap`` after each, at analysis resolution, upright.
     Returns (indices, frames (n, h, w, 3), next_frames (n, h, w, 3))."""
-    import decord
-
     info = probe(path)
     w, h = analysis_size(info.width, info.height, short_side)
-    vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
-    last = min(end_frame, len(vr)) - 1 - gap
-    idx = sorted({int(round(x)) for x in np.linspace(start_frame, max(start_frame, last), n)})
+    last = max(start_frame, end_frame - 1 - gap)
+    idx = sorted({int(round(x)) for x in np.linspace(start_frame, last, n)})
     both = sorted(set(idx) | {i + gap for i in idx})
-    batch = vr.get_batch(both).asnumpy()
+    batch = read_frames_at(path, both, w, h, info.rotation)
     pos = {i: k for k, i in enumerate(both)}
     return idx, batch[[pos[i] for i in idx]], batch[[pos[i + gap] for i in idx]]
 
@@ -201,10 +395,11 @@ def encode_clips(
     keyframe_interval_s: float = 1.0,
 ) -> list[ClipJob]:
     """Decode ``src_path`` once at full resolution (PyAV, frames counted in presentation order, the same
-    order decord indexes) and encode each job's frames to H.264 mp4 (libx264, yuv420p, even size, the
-    source frame rate). Each file is written to a temp name and os.replace'd, so a reader never sees half
-    a clip. Decoding stops after the last frame any job needs. A keyframe every ``keyframe_interval_s``
-    bounds what a training loader must decode to reach a random frame (0 leaves it to x264)."""
+    order decord indexes; turned upright when the source carries a display rotation) and encode each
+    job's frames to H.264 mp4 (libx264, yuv420p, even size, the source frame rate). Each file is written
+    to a temp name and os.replace'd, so a reader never sees half a clip. Decoding stops after the last
+    frame any job needs. A keyframe every ``keyframe_interval_s`` bounds what a training loader must
+    decode to reach a random frame (0 leaves it to x264)."""
     import av
 
     jobs = sorted(jobs, key=lambda j: j.start_frame)
@@ -222,12 +417,20 @@ def encode_clips(
             else fractions.Fraction(fps).limit_denominator(100000)
         )
         w, h = even_size(vstream.width, vstream.height, short_side)
+        rotation = None  # from the first frame's display matrix: clips are written upright
         idx = -1
         try:
             for frame in src.decode(vstream):
                 idx += 1
                 if idx >= last_needed:
                     break
+                if rotation is None:
+                    rotation = _rotation_of(frame)
+                    if rotation in (90, 270):
+                        w, h = even_size(vstream.height, vstream.width, short_side)
+                if rotation:
+                    upright = rotate_frames(frame.to_ndarray(format="rgb24"), rotation)
+                    frame = av.VideoFrame.from_ndarray(upright, format="rgb24")
                 for k, job in enumerate(jobs):
                     if not (job.start_frame <= idx < job.end_frame):
                         continue
@@ -257,8 +460,9 @@ def encode_clips(
     return jobs
 
 
-def _open_encoder(job: ClipJob, w: int, h: int, rate: fractions.Fraction, crf: int, preset: str,
-                  gop: int = 0):
+def _open_encoder(
+    job: ClipJob, w: int, h: int, rate: fractions.Fraction, crf: int, preset: str, gop: int = 0
+):
     import av
 
     Path(job.out_path).parent.mkdir(parents=True, exist_ok=True)

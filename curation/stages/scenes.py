@@ -16,6 +16,7 @@ from curation.video_io import (
     BadVideo,
     analysis_size,
     count_packets,
+    frame_timestamps,
     is_variable_frame_rate,
     probe,
 )
@@ -102,6 +103,8 @@ class Scenes(Stage):
         max_samples_per_video: int = field(1800, ge=16)  # memory guard for long videos (lowers sample_fps)
         max_pixels: int = field(MAX_PIXELS_8K, ge=1)  # bigger videos are refused (video:too_large)
         min_video_frames: int = field(2, ge=2)
+        # a smaller video (short side, pixels) is video:too_small: nothing to learn a subject from
+        min_short_side_px: int = field(32, ge=2)
         allow_vfr: bool = False  # variable-frame-rate videos are rejected unless this is set
         chunk_frames: int = field(64, ge=1, le=1024)
 
@@ -145,9 +148,14 @@ class Scenes(Stage):
         if path and not os.path.isabs(path):
             raise BadVideo("video:bad_path", f"video_path must be absolute: {path!r}")
         info = probe(path, p.max_pixels)
+        if min(info.width, info.height) < p.min_short_side_px:
+            raise BadVideo(
+                "video:too_small",
+                f"{info.width}x{info.height} is below the {p.min_short_side_px} px short side",
+            )
         w, h = analysis_size(info.width, info.height, p.analysis_short_side)
         try:
-            reader = AnalysisReader(path, w, h)
+            reader = AnalysisReader(path, w, h, rotation=info.rotation)
         except BadVideo:
             n_packets = count_packets(path)
             if info.n_frames_header and n_packets < info.n_frames_header:
@@ -161,12 +169,13 @@ class Scenes(Stage):
         if info.n_frames_header and n < info.n_frames_header - 1:
             # mp4 header lists more frames than the file holds packets for: cut off mid-download.
             raise BadVideo("video:truncated", f"{n} of {info.n_frames_header} frames present")
-        ts_s = reader.timestamps_s()
+        fps = info.fps
+        # decord's timestamps are checked, and PyAV's packet times taken where they are garbage (AVI).
+        ts_s, ts_source = frame_timestamps(path, reader.timestamps_s(), n, fps)
         if not p.allow_vfr and is_variable_frame_rate(ts_s):
             raise BadVideo(
                 "video:variable_frame_rate", f"frame intervals vary (median {np.median(np.diff(ts_s)):.4f} s)"
             )
-        fps = info.fps
 
         stride = max(1, int(round(fps / p.sample_fps)), math.ceil(n / p.max_samples_per_video))
         gap = p.pair_gap_frames
@@ -174,11 +183,15 @@ class Scenes(Stage):
         keep = set(samples) | {i + gap for i in samples}
         store: dict[int, np.ndarray] = {}
         self.detector.start(fps, n)
+        n_seen = 0
         for first, frames in reader.chunks(p.chunk_frames):
             self.detector.push(first, frames)
+            n_seen = first + len(frames)
             for i in range(first, first + len(frames)):
                 if i in keep:
                     store[i] = frames[i - first].copy()  # copy: a view would pin the whole chunk
+        if n_seen < n:
+            raise BadVideo("video:truncated", f"{n_seen} of {n} frames decoded")
         shots = self.detector.shots()
 
         spans = span_frames(row.get("spans"), fps, n)
@@ -207,8 +220,11 @@ class Scenes(Stage):
                 "start_s": round(float(ts_s[a]) - float(ts_s[0]), 4),
                 "end_s": round(float(ts_s[b - 1]) - float(ts_s[0]) + 1.0 / fps, 4),
                 "fps": round(fps, 4),
-                "width": info.width,
-                "height": info.height,
+                "width": info.display_size[0],
+                "height": info.display_size[1],
+                "rotation": info.rotation,
+                "decoder": reader.backend,
+                "timestamps_source": ts_source,
                 "n_frames": b - a,
                 "span_index": si if row.get("spans") is not None else None,
                 "source_caption": captions[si] if isinstance(captions, list) and si < len(captions) else None,
