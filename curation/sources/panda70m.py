@@ -22,10 +22,15 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import math
 import os
 import re
+from array import array
+from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
 
 from curation.sources import rejected_record, source_record
 
@@ -132,9 +137,15 @@ def parse_captions(text: str, n_spans: int) -> tuple[list[str | None], list[str]
     try:
         value = parse_literal(text)
     except LiteralError:
-        value = text.strip() if n_spans == 1 else None  # a bare caption string for a one-span row
-        if value is None:
+        stripped = text.strip()
+        if stripped[0] in "[('\"":
+            # list or string text that does not parse (e.g. cut off: "['A man walks', 'A dog"): never
+            # caption text
+            what = "list" if stripped[0] in "[(" else "string"
+            raise ValueError(f"caption {what} is unterminated or not a literal: {stripped[:60]!r}") from None
+        if n_spans != 1:
             raise
+        value = stripped  # a bare caption string for a one-span row
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
@@ -291,13 +302,22 @@ def _parse_row(
 
 
 def read_panda_csv(
-    csv_path: str, videos_dir: str, source: str = "panda70m", download: bool = False, limit: int = 0
+    csv_path: str, videos_dir: str, source: str = "panda70m", download=False, limit: int = 0
 ) -> list[dict[str, Any]]:
-    """One record per videoID of a Panda-70M CSV (``limit`` > 0: stop after that many records).
+    """``list(iter_panda_csv(...))``: every record in memory (tests, small CSVs)."""
+    return list(iter_panda_csv(csv_path, videos_dir, source, download, limit))
 
-    Raises at once when the CSV is missing, has no header, or lacks a required column, or when
-    ``videos_dir`` does not exist and ``download`` is off. Every other problem is a rejected record.
-    """
+
+def iter_panda_csv(
+    csv_path: str, videos_dir: str, source: str = "panda70m", download=False, limit: int = 0
+) -> Iterator[dict[str, Any]]:
+    """One record per videoID of a Panda-70M CSV, yielded as the file is read (``limit`` > 0: stop after
+    that many records), so a 3.8M-row CSV never sits in memory.
+
+    Raises at once (not at the first ``next``) when the CSV is missing, has no header, or lacks a required
+    column, or when ``videos_dir`` does not exist and ``download`` is off. Every other problem is a
+    rejected record. Rows of a videoID seen more than once are held until its last row and merged (a
+    first pass over the ids, 8 bytes each, finds them); other rows stream straight through."""
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"Panda-70M CSV {csv_path} does not exist")
     if not download and not os.path.isdir(videos_dir):
@@ -305,61 +325,131 @@ def read_panda_csv(
             f"videos folder {videos_dir} does not exist "
             "(put {videoID}.mp4 files there, or set download: true)"
         )
-    names = set(os.listdir(videos_dir)) if os.path.isdir(videos_dir) else set()
-    records: dict[str, dict[str, Any]] = {}
+    header = _read_header(csv_path)
+    if limit:  # a few records: one pass, held until the end (bounded by the limit)
+        return _iter_limited(csv_path, header, videos_dir, source, download, limit)
+    return _iter_streaming(csv_path, header, videos_dir, source, download)
+
+
+def _read_header(csv_path: str) -> list[str]:
     with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        reader = csv.reader(f)
         try:
-            header = next(reader)
+            header = next(csv.reader(f))
         except StopIteration:
             raise ValueError(
                 f"{csv_path}: empty file, expected a header {','.join(REQUIRED_COLUMNS)}"
             ) from None
-        header = [h.strip() for h in header]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise ValueError(
-                f"{csv_path}: missing required column(s) {missing}; found {header}; "
-                f"a Panda-70M CSV has {','.join(REQUIRED_COLUMNS)}"
-            )
+        except csv.Error as e:
+            raise ValueError(f"{csv_path}: unreadable header: {e}") from None
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(
+            f"{csv_path}: missing required column(s) {missing}; found {header}; "
+            f"a Panda-70M CSV has {','.join(REQUIRED_COLUMNS)}"
+        )
+    return header
+
+
+def _rows(
+    csv_path: str, header: list[str], source: str, as_dict: bool = True
+) -> Iterator[tuple[int, Any, dict | None]]:
+    """(line, cells as a dict (or the list), None) for each well-formed row, (line, None, rejected record)
+    for a malformed one; blank lines skipped."""
+    with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        next(reader)
         while True:
             try:
                 cells = next(reader)
             except StopIteration:
-                break
+                return
             except csv.Error as e:  # e.g. a field over the size limit: this line is lost, the file is not
                 line = reader.line_num
-                records[f"row-{line}"] = rejected_record(
-                    f"row-{line}", source, "malformed_row", str(e), row=line
-                )
+                yield line, None, rejected_record(f"row-{line}", source, "malformed_row", str(e), row=line)
                 continue
             line = reader.line_num
             if not cells or all(not c.strip() for c in cells):
                 continue  # blank line
-            if limit and len(records) >= limit:
-                break
             if len(cells) != len(header):
-                records[f"row-{line}"] = rejected_record(
-                    f"row-{line}",
-                    source,
-                    "malformed_row",
-                    f"{len(cells)} columns, expected {len(header)}",
-                    row=line,
-                )
+                detail = f"{len(cells)} columns, expected {len(header)}"
+                yield line, None, rejected_record(f"row-{line}", source, "malformed_row", detail, row=line)
                 continue
-            rec = _parse_row(dict(zip(header, cells)), line, videos_dir, source, download, names)
-            vid = rec["video_id"]
-            if vid not in records:
-                records[vid] = rec
-            elif rec["status"] == "ok" and records[vid]["status"] == "ok":
-                _merge(records[vid], rec, line)
-            elif rec["status"] == "ok":
-                # the first row of this id was bad: the good one takes the id, the bad one keeps its reason
-                bad = records.pop(vid)
-                bad["video_id"] = f"{vid}@row-{bad.get('row')}"
-                records[bad["video_id"]] = bad
-                records[vid] = rec
-            else:
-                rec["video_id"] = f"{vid}@row-{line}"
-                records[rec["video_id"]] = rec
-    return list(records.values())
+            yield line, dict(zip(header, cells)) if as_dict else cells, None
+
+
+def _id_hash(video_id: str) -> int:
+    digest = hashlib.blake2b(video_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _add(records: dict[str, dict[str, Any]], rec: dict[str, Any], line: int) -> None:
+    """Put one parsed row into ``records`` (keyed by video_id): merge a duplicate of an ok record, rename a
+    bad duplicate ``<id>@row-<line>`` so ids stay unique."""
+    vid = rec["video_id"]
+    if vid not in records:
+        records[vid] = rec
+    elif rec["status"] == "ok" and records[vid]["status"] == "ok":
+        _merge(records[vid], rec, line)
+    elif rec["status"] == "ok":
+        # the first row of this id was bad: the good one takes the id, the bad one keeps its reason
+        bad = records.pop(vid)
+        bad["video_id"] = f"{vid}@row-{bad.get('row')}"
+        records[bad["video_id"]] = bad
+        records[vid] = rec
+    else:
+        rec["video_id"] = f"{vid}@row-{line}"
+        records[rec["video_id"]] = rec
+
+
+def _iter_limited(csv_path, header, videos_dir, source, download, limit) -> Iterator[dict[str, Any]]:
+    names = set(os.listdir(videos_dir)) if os.path.isdir(videos_dir) else set()
+    records: dict[str, dict[str, Any]] = {}
+    for line, row, bad in _rows(csv_path, header, source):
+        if len(records) >= limit:
+            break
+        if bad is not None:
+            records[bad["video_id"]] = bad
+        else:
+            _add(records, _parse_row(row, line, videos_dir, source, download, names), line)
+    yield from records.values()
+
+
+def _iter_streaming(csv_path, header, videos_dir, source, download) -> Iterator[dict[str, Any]]:
+    # pass 1: the 64-bit hash of every row's videoID, and the last line of each id seen more than once
+    hashes, lines = array("q"), array("q")
+    col = header.index("videoID")
+    for line, cells, _ in _rows(csv_path, header, source, as_dict=False):
+        raw_id = cells[col].strip() if cells is not None else ""
+        if VIDEO_ID_RE.match(raw_id):
+            hashes.append(_id_hash(raw_id))
+            lines.append(line)
+    h, ln = np.frombuffer(hashes, np.int64), np.frombuffer(lines, np.int64)
+    order = np.lexsort((ln, h))
+    h, ln = h[order], ln[order]
+    dup = np.zeros(len(h), bool)
+    if len(h) > 1:
+        same = h[1:] == h[:-1]
+        dup[1:] |= same
+        dup[:-1] |= same
+    last_line = {int(x): int(y) for x, y in zip(h[dup], ln[dup])}  # sorted by line: the last one wins
+    del hashes, lines, h, ln, order, dup
+
+    # pass 2: parse and yield; rows of a duplicated id wait (in a small dict) for that id's last row
+    names = set(os.listdir(videos_dir)) if os.path.isdir(videos_dir) else set()
+    held: dict[str, dict[str, dict[str, Any]]] = {}
+    for line, row, bad in _rows(csv_path, header, source):
+        if bad is not None:
+            yield bad
+            continue
+        raw_id = row.get("videoID", "").strip()
+        rec = _parse_row(row, line, videos_dir, source, download, names)
+        key = _id_hash(raw_id) if VIDEO_ID_RE.match(raw_id) else None
+        if key not in last_line:
+            yield rec
+            continue
+        _add(held.setdefault(raw_id, {}), rec, line)
+        if line == last_line[key]:
+            yield from held.pop(raw_id).values()
+    for group in held.values():  # a hash collision of two different ids: nothing is lost
+        yield from group.values()

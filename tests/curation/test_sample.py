@@ -109,7 +109,7 @@ def test_videos_decode_with_expected_frames(sample):
 
 def test_csv_spans_and_captions_match_ground_truth(sample):
     paths, gt, _ = sample
-    recs = load_source(SourceSpec(kind="sample", sample_dir=paths.root), "unused")
+    recs = list(load_source(SourceSpec(kind="sample", sample_dir=paths.root), "unused"))
     assert [r["video_id"] for r in recs] == list(gt["videos"])
     for r in recs:
         v = gt["videos"][r["video_id"]]

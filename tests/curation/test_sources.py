@@ -1,6 +1,7 @@
 """Tests of the Panda-70M CSV and folder sources: real-format rows, every malformed kind, confinement."""
 
 import csv
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -236,6 +237,145 @@ def test_folder_listing(tmp_path):
     assert len(ok) == 7 and all(r["spans"] is None and os.path.isabs(r["video_path"]) for r in ok)
     assert all(r["source"] == "dir" for r in recs)
     spec = SourceSpec(kind="dir", videos_dir=str(root), limit=2)
-    assert len(load_source(spec, str(tmp_path / "out"))) == 2
+    assert len(list(load_source(spec, str(tmp_path / "out")))) == 2
     with pytest.raises(FileNotFoundError):
         list_videos(str(tmp_path / "missing"))
+
+
+# ---- sources a user can point at: sidecar captions, lazy iteration, the pre-flight check -------------
+
+
+def _touch_videos(root: Path, rels) -> None:
+    for rel in rels:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REAL_CLIP, root / rel)
+
+
+def test_folder_captions_from_sidecars_and_captions_files(tmp_path):
+    from curation.sources.folder import iter_videos
+
+    root = tmp_path / "vids"
+    _touch_videos(root, ["a.mp4", "b.mkv", "sub/c.mp4", "sub/d.webm", "e.mp4"])
+    (root / "a.txt").write_text("  A man rides a bike\n down a street.  \n")
+    (root / "captions.csv").write_text(
+        "video,caption\n"
+        'sub/c.mp4,"A red car, parked."\n'  # by relative path (a comma inside the quotes)
+        'b,"A woman\nwaves."\n'  # by stem, a caption over two lines
+        "a.mp4,not used: the sidecar wins\n"
+        "d.webm,A dog runs.\n"  # by file name
+    )
+    recs = {r["rel_path"]: r for r in list_videos(str(root))}
+    assert recs["a.mp4"]["span_captions"] == ["A man rides a bike down a street."]
+    assert recs["a.mp4"]["caption_source"] == "sidecar_txt"
+    assert recs["sub/c.mp4"]["span_captions"] == ["A red car, parked."]
+    assert recs["b.mkv"]["span_captions"] == ["A woman waves."]
+    assert recs["sub/d.webm"]["span_captions"] == ["A dog runs."]
+    assert recs["sub/d.webm"]["caption_source"] == "captions.csv"
+    assert recs["e.mp4"]["span_captions"] is None and recs["e.mp4"]["warnings"] == ["no_caption"]
+
+    # a JSONL file named by the source's csv: field, outside the folder
+    (root / "captions.csv").unlink()
+    jl = tmp_path / "caps.jsonl"
+    jl.write_text(
+        '{"video": "e", "caption": "A cat sleeps."}\nnot json\n{"video": "sub/c.mp4", "caption": "Car."}\n'
+    )
+    it = iter_videos(str(root), captions=str(jl))
+    assert iter(it) is it  # an iterator, not a list
+    recs = {r["rel_path"]: r for r in it}
+    assert recs["e.mp4"]["span_captions"] == ["A cat sleeps."] and recs["sub/c.mp4"]["span_captions"] == [
+        "Car."
+    ]
+    assert recs["b.mkv"]["span_captions"] is None
+    with pytest.raises(FileNotFoundError, match="captions file"):
+        iter_videos(str(root), captions="nope.csv")  # raises at the call, not at the first next()
+
+
+def test_folder_caption_reaches_the_clip_rows(tmp_path):
+    from curation.stage import StageContext
+    from curation.stages.scenes import Scenes
+
+    root = tmp_path / "vids"
+    _touch_videos(root, ["bikes.mp4"])
+    (root / "bikes.txt").write_text("A street with cyclists and cars.")
+    (rec,) = list_videos(str(root))
+    rows = Scenes(params=Scenes.Params(), ctx=StageContext(out_dir=str(tmp_path)))([rec])
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(r["source_caption"] == "A street with cyclists and cars." for r in ok)
+
+
+def test_check_source_for_pipeline_names_what_to_configure(tmp_path):
+    import time
+
+    from curation.config import load_config
+    from curation.sources import check_source_for_pipeline
+
+    cfg = load_config("pipelines.yaml")
+    default = cfg.pipelines["default"]
+    assert any(s.stage == "caption" and s.backend.get("name") == "source_caption" for s in default)
+    root = tmp_path / "vids"
+    _touch_videos(root, ["x/a.mp4", "b.mp4"])
+    spec = SourceSpec(kind="dir", videos_dir=str(root))
+    t0 = time.perf_counter()
+    line = check_source_for_pipeline(spec, default)
+    assert time.perf_counter() - t0 < 1.0
+    assert line and "\n" not in line and str(root) in line and "no captions" in line, line
+    assert "<video name>.txt" in line and "captions.csv" in line and "qwen2_5_vl" in line
+    # a captioning backend, a sidecar, or a captions file: nothing to complain about
+    vlm = [
+        dataclasses.replace(s, backend={"name": "qwen2_5_vl", "model_path": "m"})
+        if s.stage == "caption"
+        else s
+        for s in default
+    ]
+    assert check_source_for_pipeline(spec, vlm) is None
+    (root / "x" / "a.txt").write_text("A caption.")
+    assert check_source_for_pipeline(spec, default) is None
+    (root / "x" / "a.txt").unlink()
+    (root / "captions.jsonl").write_text("")
+    assert check_source_for_pipeline(spec, default) is None
+    # sources that cannot be read at all
+    assert "does not exist" in check_source_for_pipeline(
+        SourceSpec(kind="dir", videos_dir=str(tmp_path / "no")), default
+    )
+    assert "csv" in check_source_for_pipeline(SourceSpec(kind="panda70m"), default)
+    assert "does not exist" in check_source_for_pipeline(
+        SourceSpec(kind="panda70m", csv=str(tmp_path / "n.csv")), default
+    )
+    assert check_source_for_pipeline(SourceSpec(kind="sample"), default) is None
+
+
+def test_unterminated_caption_list_is_a_rejection_not_caption_text(tmp_path, videos):
+    stamp = "[['0:00:00.000', '0:00:04.000']]"
+    rows = [
+        ["vid2", "u", stamp, "['A man walks down the street', 'A dog", "[0.4]"],  # cut off mid-list
+        ["dup1", "u", stamp, "'A man walks", "[0.4]"],  # an unterminated string
+        ["emptycap", "u", stamp, "A plain caption without brackets.", "[0.4]"],  # a bare string: fine
+    ]
+    recs = by_id(read_panda_csv(write_csv(tmp_path / "p.csv", rows), str(videos)))
+    assert (recs["vid2"]["status"], recs["vid2"]["reason"]) == ("rejected", "bad_caption")
+    assert "unterminated" in recs["vid2"]["detail"] and recs["vid2"]["span_captions"] is None
+    assert (recs["dup1"]["status"], recs["dup1"]["reason"]) == ("rejected", "bad_caption")
+    assert recs["emptycap"]["span_captions"] == ["A plain caption without brackets."]
+
+
+def test_panda_csv_streams_and_merges_duplicates_far_apart(tmp_path, videos):
+    from curation.sources.panda70m import iter_panda_csv
+
+    stamp = "[['0:00:00.000', '0:00:04.000']]"
+    rows = [["dup1", "u", stamp, "['first']", "[0.4]"]]
+    rows += [[f"missing{i}", "u", stamp, "['c']", "[0.4]"] for i in range(50)]
+    rows += [["dup1", "u", "[['0:00:05.000', '0:00:09.000']]", "['second']", "[0.5]"]]
+    p = write_csv(tmp_path / "p.csv", rows)
+    it = iter_panda_csv(p, str(videos))
+    assert iter(it) is it
+    first = next(it)
+    assert first["video_id"] == "missing0"  # streamed: the held duplicate comes at its last row
+    recs = [first, *it]
+    assert len(recs) == 51
+    (dup,) = [r for r in recs if r["video_id"] == "dup1"]
+    assert dup["spans"] == [[0.0, 4.0], [5.0, 9.0]] and dup["span_captions"] == ["first", "second"]
+    assert dup["warnings"] == ["merged_duplicate_row:53"]
+    spec = SourceSpec(kind="panda70m", csv=p, videos_dir=str(videos))
+    assert not isinstance(load_source(spec, str(tmp_path)), list)
+    with pytest.raises(FileNotFoundError):
+        iter_panda_csv(str(tmp_path / "nope.csv"), str(videos))  # at the call, not at the first next()
