@@ -200,30 +200,33 @@ def resolve_video(
     return None, "missing_video"
 
 
-def download_video(video_id: str, videos_dir: str) -> tuple[str | None, str]:
-    """Fetch a YouTube video with yt-dlp into ``videos_dir`` (imported lazily). Returns (path, detail)."""
+def download_video(
+    video_id: str, videos_dir: str, url: str | None = None, spans=None, params=None
+) -> tuple[str | None, str]:
+    """Fetch one video with the download step (``curation.download.download_one``: format selection,
+    caps, PyAV check, atomic commit, the per-video log) into ``videos_dir``. Returns (path, detail).
+    ``url`` must be on ``params.allowed_hosts`` (YouTube by default); an empty one is rebuilt from the
+    id. A video the log says failed for good is not fetched again."""
     try:
-        import yt_dlp
+        import yt_dlp  # noqa: F401
     except ImportError:
         return None, "download: yt-dlp is not installed (pip install yt-dlp)"
-    os.makedirs(videos_dir, exist_ok=True)
-    # the URL is rebuilt from the validated id, never taken from the CSV, so a row cannot point us anywhere
-    url = f"https://www.youtube.com/watch?v={video_id}"
-    opts = {
-        "outtmpl": os.path.join(videos_dir, f"{video_id}.%(ext)s"),
-        "format": "b[ext=mp4]/b",  # one progressive file: merging separate streams would need ffmpeg
-        "noplaylist": True,
-        "quiet": True,
-        "no_warnings": True,
-        "retries": 2,
-    }
-    try:
-        with yt_dlp.YoutubeDL(opts) as ydl:
-            ydl.download([url])
-    except Exception as e:  # yt-dlp raises many kinds; any of them means this one video is missing
-        return None, f"download failed: {type(e).__name__}: {str(e)[:200]}"
+    from curation.download import download_one, parse_params, read_log
+    from curation.storage import Store
+
+    store = Store(videos_dir)
+    log = read_log(store, video_id)
+    if log and log.get("status") == "failed" and not log.get("retryable"):
+        return None, f"download failed earlier: {log.get('reason')}: {log.get('detail')}"
+    attempt = int((log or {}).get("attempts") or 0) + 1
+    res = download_one({"video_id": video_id, "url": url, "spans": spans}, parse_params(params), store,
+                       attempt=attempt, final=True)
+    if res["status"] != "done":
+        return None, f"download failed: {res['reason']}: {res.get('detail')}"
     path, _ = resolve_video(videos_dir, video_id)
-    return path, "downloaded" if path else "download produced no .mp4/.mkv/.webm file"
+    if path is None:
+        return None, "download produced no .mp4/.mkv/.webm file"
+    return path, f"downloaded ({res.get('mode')}, {res.get('bytes')} bytes)"
 
 
 def _merge(into: dict[str, Any], rec: dict[str, Any], line: int) -> None:
@@ -273,7 +276,9 @@ def _parse_row(
     path, why = resolve_video(videos_dir, raw_id, names)
     detail = None
     if path is None and why == "missing_video" and download:
-        path, detail = download_video(raw_id, videos_dir)
+        # ``download`` is True or a DownloadParams / ``download:`` mapping (caps, allowed_hosts, ...)
+        params = None if isinstance(download, bool) else download
+        path, detail = download_video(raw_id, videos_dir, url=base["url"], spans=spans, params=params)
     if path is None:
         return rejected_record(
             raw_id,
