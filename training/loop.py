@@ -279,10 +279,12 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
     seed_everything(cfg.seed)
 
     enc = LazyEncoders(cfg.encoders, ctx.device)
-    if not cfg.data.latent_shards:
-        enc()  # raw shards: the encoders are on the hot path, fail early if one is missing
     model = build_model(cfg).to(ctx.device)
     model = ctx.prepare_model(model)
+    # After the model: building an encoder draws from the global RNG, which must not change the model's
+    # init between a run on raw shards and one on latent shards.
+    if not cfg.data.latent_shards:
+        enc()  # raw shards: the encoders are on the hot path, fail early if one is missing
     ema = ckpt.EMA(model, cfg.optim.ema_decay)
     compute_loss, drop_conditions = loss_fn(cfg), dropout_fn(cfg)
     optimizer = torch.optim.AdamW(
@@ -459,6 +461,7 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
         "losses": losses,
         "corrupt": tally.totals(),
         "cache_hits": cache.hits if cache else 0,
+        "encoders_built": enc.built,
     }
 
 
