@@ -38,15 +38,14 @@ from curation import pairing, scenarios
 from curation.composition import FACE_CATEGORIES, best_crop, category_keep, compose_clip, eligible_partners
 from curation.composition import keep_fraction, tight_box
 from curation.scenarios import unit_draw
-from curation.shards import member_bytes, plan_shards, safe_component
+from curation.shards import INDEX_FILE, RECORDS_DIR, member_bytes, plan_shards, safe_component
 from curation.storage import Store
 
 log = logging.getLogger(__name__)
 
 BUCKETS = 256  # hash buckets of video ids: folder sharding of the tables and the unit of the gather step
+GATHER_ITEMS = 32  # gather tasks (8 buckets each)
 SEARCH_BLOCK_ROWS = 8192  # query rows per search item (fixed: output names must not depend on the cluster)
-INDEX_FILE = "_index.json"  # Ray Data, webdataset and HF datasets skip names starting with "_" or "."
-RECORDS_DIR = "_records"
 HIST_BINS = 40
 KINDS = ("subject", "face")
 
@@ -283,6 +282,12 @@ def _ordered(fn):
 # step 1: gather the per-video tables into one file per bucket
 
 
+def _gather_buckets(item: dict, store: Store) -> dict:
+    """Several buckets per item: Ray's per-task overhead stays small next to the reads."""
+    res = [_gather_bucket({"bucket": b, "src": item["src"], "dst": item["dst"]}, store) for b in item["buckets"]]
+    return {"buckets": res}
+
+
 def _gather_bucket(item: dict, store: Store) -> dict:
     import pyarrow.parquet as pq
 
@@ -365,9 +370,13 @@ def _neighbours(bundle: dict, r0: int, r1: int, m: int, nprobe: int) -> pairing.
     import torch
 
     if bundle["index"] is None:
+        import warnings
+
         torch.set_num_threads(1)
-        xt = torch.from_numpy(bundle["x"])
-        gt = torch.from_numpy(bundle["groups"])
+        with warnings.catch_warnings():  # the object store's arrays are read-only; nothing writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            xt = torch.from_numpy(bundle["x"])
+            gt = torch.from_numpy(bundle["groups"])
         rows, _ = pairing._strip(xt, gt, r0, r1, m, symmetric=False)
         rows.idx[~np.isfinite(rows.score)] = -1
         return pairing._pad(rows, m)
@@ -851,8 +860,9 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
     # 1. gather
     gather = _done(store, f"{gdir}/_done.json")
     if gather is None:
-        items = [{"bucket": b, "src": f"tables/{map_hash}", "dst": gdir} for b in range(BUCKETS)]
-        res = run_items(items, _ordered(_gather_bucket), runner, num_cpus=0.5, store=store)
+        items = [{"buckets": list(range(b, b + BUCKETS // GATHER_ITEMS)), "src": f"tables/{map_hash}", "dst": gdir}
+                 for b in range(0, BUCKETS, BUCKETS // GATHER_ITEMS)]
+        res = [r for it in run_items(items, _ordered(_gather_buckets), runner, store=store) for r in it["buckets"]]
         units: Counter = Counter()
         dims: dict = {}
         for r in res:
@@ -893,6 +903,10 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
     for sub in (wp["shards_subdir"], wp["eval_subdir"]):
         for stale in (INDEX_FILE, "index.json", ".progress.json"):
             store.delete(f"{sub}/{stale}")
+        if store.is_local and os.path.isdir(store.path(sub)):
+            for name in os.listdir(store.path(sub)):  # temp files of a writer killed mid-shard
+                if ".tmp" in name:
+                    os.unlink(os.path.join(store.path(sub), name))
     w_items = [{"partition": it["partition"], "plans": it["out"]} for it in plan_items]
     res = run_items(w_items, _ordered(_write_partition), runner, store=store, params=params)
     entries = sorted((e for r in res for e in r["entries"]), key=lambda e: (e["split"], e["name"]))

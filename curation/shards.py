@@ -1,4 +1,8 @@
-"""WebDataset shards: deterministic plans, atomic tar files, resume from a progress file, the shard index."""
+"""WebDataset shards: deterministic plans, atomic tar files, one record per finished shard, the shard index.
+
+The index is ``_index.json`` and the records live under ``_records/``: Ray Data's ``read_webdataset``, plain
+``webdataset`` over a glob and HF ``datasets`` skip names starting with "_" or ".", so every client reads a
+shards folder as it is. ``read_index`` is the one reader (it still accepts a legacy ``index.json``)."""
 
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-%06d.tar"
-INDEX_FILE = "index.json"
-PROGRESS_FILE = ".progress.json"
+INDEX_FILE = "_index.json"
+LEGACY_INDEX_FILE = "index.json"
+RECORDS_DIR = "_records"
 TAR_BLOCK = 512
 
 
@@ -131,12 +136,13 @@ def _read_json(path: Path) -> dict:
 
 
 class ShardSetWriter:
-    """Writes samples (sorted by key) as ``shard-%06d.tar`` under ``out_dir`` with count/size limits.
+    """Writes samples (sorted by key) as ``shard-%06d.tar`` under ``out_dir`` with count/size limits, in one
+    process (the distributed writer is curation.global_phase; this one serves small tools and tests).
 
-    Resumable: ``.progress.json`` records every finished shard (keys, bytes, sha256); on a re-run a shard
-    whose file exists with the recorded sha256 and the same planned keys is kept, others are (re)written.
-    Stale temp files and shards beyond the plan are removed; ``index.json`` is written last, so its presence
-    means the set is complete."""
+    Resumable with O(1) bookkeeping per shard: each finished shard gets one small record
+    ``_records/<name>.json`` (keys, bytes, sha256), written once; on a re-run a shard whose file exists with
+    the recorded sha256 and the same planned keys is kept, others are (re)written. Stale temp files and shards
+    beyond the plan are removed; ``_index.json`` is written last, so its presence means the set is complete."""
 
     def __init__(
         self,
@@ -156,6 +162,7 @@ class ShardSetWriter:
                 p.unlink()
             elif re.fullmatch(r"shard-\d{6}\.tar", p.name) and p.name not in planned:
                 p.unlink()  # left by an earlier, larger run
+                (self.out_dir / RECORDS_DIR / f"{p.name}.json").unlink(missing_ok=True)
 
     def write(self, samples: list[Sample]) -> dict:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,24 +173,17 @@ class ShardSetWriter:
         plans = plan_shards([sample_bytes(s) for s in samples], self.maxcount, self.maxsize)
         names = [SHARD_PATTERN % i for i in range(len(plans))]
         index_path = self.out_dir / INDEX_FILE
-        progress_path = self.out_dir / PROGRESS_FILE
-        done = _read_json(progress_path).get("shards", {})
-        for e in _read_json(index_path).get("shards", []):  # a finished earlier run counts as progress too
-            done.setdefault(e["name"], e)
-        if index_path.exists():
-            index_path.unlink()  # the set is being changed: no index until it is complete again
+        for stale in (index_path, self.out_dir / LEGACY_INDEX_FILE):
+            if stale.exists():
+                stale.unlink()  # the set is being changed: no index until it is complete again
         self._clean(set(names))
         entries = []
         for name, (a, b) in zip(names, plans):
             path = self.out_dir / name
+            record = self.out_dir / RECORDS_DIR / f"{name}.json"
             want = keys[a:b]
-            prev = done.get(name)
-            if (
-                prev
-                and prev.get("keys") == want
-                and path.exists()
-                and sha256_file(path) == prev.get("sha256")
-            ):
+            prev = _read_json(record)
+            if prev.get("keys") == want and path.exists() and sha256_file(path) == prev.get("sha256"):
                 entries.append(prev)
                 self.n_kept += 1
                 continue
@@ -195,13 +195,12 @@ class ShardSetWriter:
                 "sha256": sha256_file(path),
                 "keys": want,
             }
+            atomic_write_json(record, entry)
             entries.append(entry)
-            done[name] = entry
-            atomic_write_json(progress_path, {"shards": done})
             self.n_written += 1
         index = {
             **self.meta,
-            "shards": entries,
+            "shards": [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in entries],
             "total_samples": len(samples),
             "total_bytes": sum(e["bytes"] for e in entries),
         }
@@ -216,8 +215,25 @@ class ShardSetWriter:
 
 
 def read_index(shards_dir: str | os.PathLike) -> dict:
-    with open(Path(shards_dir) / INDEX_FILE) as f:
+    """The index of a shards folder (local or a store URI such as ``s3://bucket/run/shards``):
+    ``_index.json``, else a legacy ``index.json``; FileNotFoundError when neither exists."""
+    from curation.storage import Store, is_uri
+
+    if is_uri(shards_dir):
+        store = Store(str(shards_dir))
+        for name in (INDEX_FILE, LEGACY_INDEX_FILE):
+            if store.exists(name):
+                return json.loads(store.read_bytes(name))
+        raise FileNotFoundError(f"no {INDEX_FILE} in {shards_dir}")
+    d = Path(shards_dir)
+    path = d / INDEX_FILE if (d / INDEX_FILE).exists() or not (d / LEGACY_INDEX_FILE).exists() else d / LEGACY_INDEX_FILE
+    with open(path) as f:
         return json.load(f)
+
+
+def has_index(shards_dir: str | os.PathLike) -> bool:
+    d = Path(shards_dir)
+    return (d / INDEX_FILE).exists() or (d / LEGACY_INDEX_FILE).exists()
 
 
 def iter_tar_samples(path: str | os.PathLike):

@@ -33,13 +33,15 @@ MAX_EMPTY_EPOCHS = 3
 
 
 def list_shards(shards: str | os.PathLike, verify_sha256: bool = False) -> list[str]:
-    """Shard paths from a directory's index.json (or its shard-*.tar files), confined to that directory."""
+    """Shard paths from a directory's _index.json / index.json (or its shard-*.tar files), confined to it."""
     root = Path(shards).resolve()
     if root.is_file() and root.suffix == ".tar":
         return [str(root)]
     if not root.is_dir():
         raise FileNotFoundError(f"shard directory {root} does not exist")
-    index_path = root / "index.json"
+    from curation.shards import INDEX_FILE, LEGACY_INDEX_FILE
+
+    index_path = root / INDEX_FILE if (root / INDEX_FILE).exists() else root / LEGACY_INDEX_FILE
     entries: list[dict[str, Any]] = []
     if index_path.exists():
         with open(index_path, encoding="utf-8") as f:
