@@ -59,6 +59,9 @@ class FaceEmbedder(Protocol):
         """Identity embeddings (len(faces), dim) float32, unit rows, each from the face aligned by its
         landmarks."""
 
+    def embed_many(self, jobs: list[tuple[np.ndarray, list[Face]]]) -> list[np.ndarray]:
+        """``embed`` over many frames at once (a stage batch): one (len(faces), dim) array per job."""
+
 
 def _onnx_file(
     model_path: str, file_name: str, models_dir: str, what: str, yaml_key: str, sha256: str
@@ -80,6 +83,23 @@ def _onnx_file(
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32).reshape(len(x), -1)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def onnx_providers(device: str = "auto") -> tuple[list[str], int]:
+    """(onnxruntime providers, insightface ctx_id): CUDA first when onnxruntime has it (onnxruntime-gpu)
+    and ``device`` allows it, else the CPU. ctx_id < 0 makes insightface's prepare() pin the CPU."""
+    import onnxruntime
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    have_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    if device == "cuda" and not have_cuda:
+        raise ValueError(
+            "device: cuda, but onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+        )
+    if device != "cpu" and have_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], 0
+    return ["CPUExecutionProvider"], -1
 
 
 def _limit_size(image_rgb: np.ndarray, max_side_px: int) -> tuple[np.ndarray, float]:
@@ -149,15 +169,17 @@ class ScrfdDetector:
         models_dir: str = "models",
         score_threshold: float = 0.5,
         input_size_px: int = 640,
+        device: str = "auto",
     ):
         from insightface.model_zoo import model_zoo
 
         key = "pipelines.<name>[faces].backend.detector.model_path"
         path = _onnx_file(model_path, file_name, models_dir, "SCRFD face detector", key, sha256)
-        self.model = model_zoo.get_model(str(path), providers=["CPUExecutionProvider"])
+        self.providers, ctx_id = onnx_providers(device)
+        self.model = model_zoo.get_model(str(path), providers=self.providers)
         if self.model is None or self.model.taskname != "detection":
             raise ValueError(f"{path} is not an SCRFD detector (insightface routed it to {self.model!r})")
-        self.model.prepare(-1, input_size=(input_size_px, input_size_px), det_thresh=score_threshold)
+        self.model.prepare(ctx_id, input_size=(input_size_px, input_size_px), det_thresh=score_threshold)
         self.score_threshold = score_threshold
 
     def detect(self, image_rgb: np.ndarray) -> list[Face]:
@@ -206,11 +228,16 @@ class SFaceEmbedder:
             feats.append(self.net.feature(aligned).ravel())  # (128,)
         return _unit(np.stack(feats))
 
+    def embed_many(self, jobs: list[tuple[np.ndarray, list[Face]]]) -> list[np.ndarray]:
+        return [self.embed(img, faces) for img, faces in jobs]  # cv2.FaceRecognizerSF has no batch call
+
 
 @register_backend("face_embedder", "arcface")
 class ArcFaceEmbedder:
-    """Production: insightface ArcFace (e.g. buffalo_l's w600k_r50.onnx) from a local file or model folder;
-    each face aligned by insightface's norm_crop on its five landmarks."""
+    """Production: insightface ArcFace (e.g. buffalo_l's w600k_r50.onnx) from a local file or model folder,
+    on onnxruntime's CUDA provider when it has one. Each face is aligned by insightface's norm_crop on its
+    five landmarks; the aligned faces of a whole stage batch go through the network ``batch_size`` at a
+    time (one onnxruntime call for many faces; a graph with a fixed batch of 1 is fed one by one)."""
 
     name = "arcface"
 
@@ -220,27 +247,54 @@ class ArcFaceEmbedder:
         file_name: str = "w600k_r50.onnx",
         sha256: str = "",
         models_dir: str = "models",
+        device: str = "auto",
+        batch_size: int = 64,
     ):
         from insightface.model_zoo import model_zoo
 
         key = "pipelines.<name>[faces].backend.embedder.model_path"
         path = _onnx_file(model_path, file_name, models_dir, "ArcFace face embedder", key, sha256)
-        self.model = model_zoo.get_model(str(path), providers=["CPUExecutionProvider"])
+        self.providers, ctx_id = onnx_providers(device)
+        self.model = model_zoo.get_model(str(path), providers=self.providers)
         if self.model is None or self.model.taskname != "recognition":
             raise ValueError(f"{path} is not an ArcFace recogniser (insightface routed it to {self.model!r})")
+        self.model.prepare(ctx_id)
         self.dim = int(self.model.output_shape[-1])
+        fixed = self.model.input_shape[0]
+        self.batch_size = 1 if isinstance(fixed, int) and fixed == 1 else max(1, int(batch_size))
+
+    def align(self, image_rgb: np.ndarray, faces: list[Face]) -> list[np.ndarray]:
+        """Each face warped to the network's input square (RGB) by its five landmarks."""
+        from insightface.utils import face_align
+
+        size = self.model.input_size[0]
+        return [face_align.norm_crop(image_rgb, landmark=f.landmarks(), image_size=size) for f in faces]
+
+    def embed_aligned(self, crops: list[np.ndarray]) -> np.ndarray:
+        """(N, S, S, 3) RGB aligned faces -> (N, dim) unit rows, ``batch_size`` faces per session.run."""
+        import cv2
+
+        m, out = self.model, []
+        for i in range(0, len(crops), self.batch_size):
+            # (B, 3, S, S), (px - mean) / std; the crops are RGB already, so no channel swap
+            blob = cv2.dnn.blobFromImages(
+                crops[i : i + self.batch_size],
+                1.0 / m.input_std,
+                m.input_size,
+                (m.input_mean,) * 3,
+                swapRB=False,
+            )
+            out.append(m.session.run(m.output_names, {m.input_name: blob.astype(np.float32)})[0])
+        return _unit(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
 
     def embed(self, image_rgb: np.ndarray, faces: list[Face]) -> np.ndarray:
-        import cv2
-        from insightface.app.common import Face as InsightFace
+        return self.embed_many([(image_rgb, faces)])[0]
 
-        if not faces:
-            return np.zeros((0, self.dim), np.float32)
-        bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-        feats = [
-            self.model.get(
-                bgr, InsightFace(bbox=np.asarray(f.box, np.float32), kps=f.landmarks(), det_score=f.score)
-            )
-            for f in faces
-        ]
-        return _unit(np.stack(feats))
+    def embed_many(self, jobs: list[tuple[np.ndarray, list[Face]]]) -> list[np.ndarray]:
+        crops = [c for img, faces in jobs for c in self.align(img, faces)]
+        emb = self.embed_aligned(crops)
+        out, k = [], 0
+        for _, faces in jobs:
+            out.append(emb[k : k + len(faces)])
+            k += len(faces)
+        return out

@@ -73,20 +73,29 @@ class Faces(Stage):
         self.embedder = build_backend("face_embedder", emb_name, models_dir=md, **emb_cfg)
 
     def process(self, rows: list[Record]) -> list[Record]:
-        return [self.faces_row(r) for r in rows]
+        """Detect and match per row, then ONE embedder call for the matched faces of the whole batch (a
+        GPU sees full batches), then each row's faces, crops and embeddings are written."""
+        plans = [self.match_row(r) for r in rows]
+        jobs = [(frame, [f for f, _, _, _ in found]) for plan in plans for frame, found in plan["per_ref"]]
+        vecs = self.embedder.embed_many(jobs) if jobs else []
+        self.n_embed_calls = getattr(self, "n_embed_calls", 0) + bool(jobs)
+        k, out = 0, []
+        for row, plan in zip(rows, plans):
+            n = len(plan["per_ref"])
+            out.append(self.write_row(row, plan, vecs[k : k + n]))
+            k += n
+        return out
 
-    def faces_row(self, row: Record) -> Record:
+    def match_row(self, row: Record) -> dict:
+        """Faces detected on each reference frame and matched to the face-category subjects' boxes there:
+        ``per_ref`` [(frame, [(face, subject index, ref, iou)])] for frames with a match."""
         p = self.params
         subjects = [dict(s) for s in row.get("subjects") or []]
         wanted = [si for si, s in enumerate(subjects) if s.get("category") in p.categories and s.get("boxes")]
+        plan = {"subjects": subjects, "wanted": wanted, "per_ref": [], "n_detected": 0}
         if not wanted:
-            return {**row, "subjects": subjects, "faces_n": 0}
-        frames = ref_frames(row, self.ctx.out_dir)
-        for si in wanted:
-            subjects[si]["faces"] = []
-        embs, n_detected = [], 0
-        rel_dir = clip_dir(row, "refs")
-        for ref, frame in enumerate(frames):
+            return plan
+        for ref, frame in enumerate(ref_frames(row, self.ctx.out_dir)):
             persons = [(si, b["box"]) for si in wanted for b in subjects[si]["boxes"] if b["ref"] == ref]
             if not persons:
                 continue
@@ -96,14 +105,26 @@ class Faces(Stage):
                 if f.score >= p.min_det_score
                 and min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= p.min_face_px
             ]
-            n_detected += len(faces)
+            plan["n_detected"] += len(faces)
             matches = match_faces([f.box for f in faces], [b for _, b in persons], p.min_containment)
-            if not matches:
-                continue
-            vecs = self.embedder.embed(frame, [faces[fi] for fi, _, _ in matches])  # (n_matched, dim)
+            if matches:
+                plan["per_ref"].append(
+                    (frame, [(faces[fi], persons[pi][0], ref, iou) for fi, pi, iou in matches])
+                )
+        return plan
+
+    def write_row(self, row: Record, plan: dict, vecs: list[np.ndarray]) -> Record:
+        p = self.params
+        subjects, wanted = plan["subjects"], plan["wanted"]
+        if not wanted:
+            return {**row, "subjects": subjects, "faces_n": 0}
+        for si in wanted:
+            subjects[si]["faces"] = []
+        embs = []
+        rel_dir = clip_dir(row, "refs")
+        for (frame, found), frame_vecs in zip(plan["per_ref"], vecs):  # frame_vecs (n_matched, dim)
             h, w = frame.shape[:2]
-            for (fi, pi, iou), vec in zip(matches, vecs):
-                si, f = persons[pi][0], faces[fi]
+            for (f, si, ref, iou), vec in zip(found, frame_vecs):
                 cb = pad_box(f.box, p.pad_frac, w, h)
                 img = frame[cb[1] : cb[3], cb[0] : cb[2]]
                 path = os.path.join(rel_dir, f"s{si:02d}_r{ref}_face.jpg")
@@ -123,7 +144,7 @@ class Faces(Stage):
         for si in wanted:
             mark_duplicates(subjects[si]["faces"], p.phash_max_distance)
             subjects[si]["face_status"] = "ok" if subjects[si]["faces"] else "no_face"
-        out = {**row, "subjects": subjects, "faces_n": len(embs), "faces_detected": n_detected}
+        out = {**row, "subjects": subjects, "faces_n": len(embs), "faces_detected": plan["n_detected"]}
         if embs:
             rel = clip_dir(row, "embeddings") + ".faces.npy"
             atomic_write_npy(os.path.join(self.ctx.out_dir, rel), np.stack(embs).astype(np.float32))

@@ -98,16 +98,32 @@ class SubjectEmbed(Stage):
         self.embedder = build_backend("image_embedder", name, models_dir=self.ctx.models_dir, **cfg)
 
     def process(self, rows: list[Record]) -> list[Record]:
-        return [self.embed_row(r) for r in rows]
+        """Crops of every row first, then ONE embedder call over all of them (the whole stage batch, many
+        clips: a GPU sees full batches), then each row's rows of the matrix go to its .npy."""
+        cropped = [self.crop_row(r) for r in rows]
+        images = [img for _, imgs in cropped for img in imgs]
+        emb = self.embedder.embed(images) if images else None  # (sum n_crops, D) float32, unit rows
+        self.n_embed_calls = getattr(self, "n_embed_calls", 0) + bool(images)
+        out, k = [], 0
+        for row, imgs in cropped:
+            if imgs:
+                mine = emb[k : k + len(imgs)]
+                k += len(imgs)
+                rel = clip_dir(row, "embeddings") + ".npy"
+                atomic_write_npy(os.path.join(self.ctx.out_dir, rel), mine.astype(np.float32))
+                row.update(embedding_file=rel, embedding_dim=int(mine.shape[1]), embedder=self.embedder.name)
+            out.append(row)
+        return out
 
-    def embed_row(self, row: Record) -> Record:
+    def crop_row(self, row: Record) -> tuple[Record, list[np.ndarray]]:
+        """(the row with per-subject ``crops`` metadata, the crops (H_i, W_i, 3) in ``emb_row`` order)."""
         p = self.params
         subjects = row.get("subjects") or []
         if not any(s.get("boxes") for s in subjects):
-            return {**row, "subject_embed_n_crops": 0}
+            return {**row, "subject_embed_n_crops": 0}, []
         frames = ref_frames(row, self.ctx.out_dir)
         rel_dir = clip_dir(row, "refs")
-        crops, images = [], []
+        images = []
         new_subjects = []
         for si, s in enumerate(subjects):
             s = dict(s)
@@ -133,12 +149,5 @@ class SubjectEmbed(Stage):
                 images.append(img)
             mark_duplicates(s_crops, p.phash_max_distance)
             s["crops"] = s_crops
-            crops.extend(s_crops)
             new_subjects.append(s)
-        out = {**row, "subjects": new_subjects, "subject_embed_n_crops": len(images)}
-        if images:
-            emb = self.embedder.embed(images)  # (n_crops, D) float32, unit rows
-            rel = clip_dir(row, "embeddings") + ".npy"
-            atomic_write_npy(os.path.join(self.ctx.out_dir, rel), emb.astype(np.float32))
-            out.update(embedding_file=rel, embedding_dim=int(emb.shape[1]), embedder=self.embedder.name)
-        return out
+        return {**row, "subjects": new_subjects, "subject_embed_n_crops": len(images)}, images

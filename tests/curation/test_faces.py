@@ -211,3 +211,126 @@ def test_sface_pairs_the_same_person_across_videos_only(tmp_path):
     assert found == {frozenset(("carphone_a", "carphone_b")), frozenset(("astronaut_a", "astronaut_b"))}
     rejected = [q for r in out for s in r["subjects"] for q in s["face_pair_rejections"]]
     assert rejected and all(q["reason"] == "different_subject" and q["score"] < 0.5 for q in rejected)
+
+
+def test_arcface_batches_many_faces_in_one_call_and_matches_insightface(tiny_insightface, tmp_path):
+    """The batched path (one session.run for every face of a stage batch) gives what insightface's own
+    one-face-at-a-time ``get`` gives; the Faces stage over two rows equals each row alone."""
+    from insightface.app.common import Face as InsightFace
+
+    from curation.backends import faces  # noqa: F401
+    from curation.backends.faces import onnx_providers
+
+    rec = build_backend("face_embedder", "arcface", model_path=tiny_insightface, file_name="rec.onnx")
+    one = build_backend(
+        "face_embedder", "arcface", model_path=tiny_insightface, file_name="rec.onnx", batch_size=1
+    )
+    det = build_backend(
+        "face_detector",
+        "scrfd",
+        model_path=tiny_insightface,
+        file_name="det.onnx",
+        input_size_px=DET_INPUT_PX,
+    )
+    assert rec.providers == det.providers == onnx_providers("auto")[0]
+    jobs = []
+    for seed, (cx, cy) in enumerate([(0, 0), (2, 1), (1, 3), (3, 2)]):
+        frame = _frame_with_bright_cell(cx, cy, seed=seed)
+        jobs.append((frame, det.detect(frame)))
+    assert all(len(f) == 1 for _, f in jobs)
+    batched = rec.embed_many(jobs)
+    assert [b.shape for b in batched] == [(1, 32)] * 4
+    for (frame, found), b in zip(jobs, batched):
+        bgr = frame[:, :, ::-1].copy()
+        ref = rec.model.get(bgr, InsightFace(bbox=np.asarray(found[0].box), kps=found[0].landmarks()))
+        np.testing.assert_allclose(b[0], ref / np.linalg.norm(ref), atol=1e-5)
+        np.testing.assert_allclose(one.embed(frame, found), b, atol=1e-5)
+    assert np.linalg.matrix_rank(np.concatenate(batched)) == 4  # four different faces
+
+    backend = {
+        "detector": {
+            "name": "scrfd",
+            "model_path": tiny_insightface,
+            "file_name": "det.onnx",
+            "input_size_px": DET_INPUT_PX,
+        },
+        "embedder": {"name": "arcface", "model_path": tiny_insightface, "file_name": "rec.onnx"},
+    }
+    rows = []
+    for i, (frame, found) in enumerate(jobs[:2]):
+        rows.append(
+            {
+                "video_id": f"v{i}",
+                "clip_id": f"v{i}-0000",
+                "status": "ok",
+                "_ref_frames": [frame],
+                "ref_frames": [{"t_frac": 0.5, "frame_index": 0, "t_s": 0.0}],
+                "subjects": [
+                    {
+                        "name": "man",
+                        "category": "human",
+                        "boxes": [
+                            {
+                                "ref": 0,
+                                "box": [
+                                    max(0, v - 8) if k < 2 else v + 8 for k, v in enumerate(found[0].box)
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    stage = Faces(
+        params=Faces.Params(min_face_px=16), backend=backend, ctx=StageContext(out_dir=str(tmp_path))
+    )
+    together = stage([dict(r) for r in rows])
+    assert stage.n_embed_calls == 1  # both rows' faces in one embedder call
+    solo = Faces(
+        params=Faces.Params(min_face_px=16), backend=backend, ctx=StageContext(out_dir=str(tmp_path / "solo"))
+    )
+    alone = [solo([dict(r)])[0] for r in rows]
+    assert [r["video_id"] for r in together] == ["v0", "v1"]
+    for i, (a, b) in enumerate(zip(together, alone)):
+        assert a["faces_n"] == b["faces_n"] == 1, a.get("error")
+        np.testing.assert_allclose(np.load(tmp_path / a["face_embedding_file"]), batched[i], atol=1e-5)
+        np.testing.assert_allclose(
+            np.load(tmp_path / "solo" / b["face_embedding_file"]), batched[i], atol=1e-5
+        )
+
+
+def test_onnx_providers_prefer_cuda_only_when_onnxruntime_has_it():
+    import onnxruntime
+
+    from curation.backends.faces import onnx_providers
+
+    assert onnx_providers("cpu") == (["CPUExecutionProvider"], -1)
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert onnx_providers("auto") == (["CUDAExecutionProvider", "CPUExecutionProvider"], 0)
+    else:
+        assert onnx_providers("auto") == (["CPUExecutionProvider"], -1)
+        with pytest.raises(ValueError, match="onnxruntime-gpu"):
+            onnx_providers("cuda")
+
+
+@pytest.mark.gpu
+def test_scrfd_arcface_run_on_the_cuda_provider(tiny_insightface):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with a CUDA device")
+    from curation.backends import faces  # noqa: F401
+
+    rec = build_backend("face_embedder", "arcface", model_path=tiny_insightface, file_name="rec.onnx")
+    assert rec.model.session.get_providers()[0] == "CUDAExecutionProvider"
+    frame = _frame_with_bright_cell(1, 1, seed=3)
+    det = build_backend(
+        "face_detector",
+        "scrfd",
+        model_path=tiny_insightface,
+        file_name="det.onnx",
+        input_size_px=DET_INPUT_PX,
+    )
+    assert det.model.session.get_providers()[0] == "CUDAExecutionProvider"
+    found = det.detect(frame)
+    assert len(found) == 1 and rec.embed(frame, found).shape == (1, 32)

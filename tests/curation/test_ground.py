@@ -163,3 +163,81 @@ def test_qwen_grounder_maps_boxes_through_the_real_resize(tiny_vl):
     assert g._to_detection(0, "[]", frame.shape[:2], input_hw)["reason"] == "not_found"
     far = g._to_detection(0, '[{"bbox_2d": [5000, 5000, 6000, 6000]}]', frame.shape[:2], input_hw)
     assert far["reason"] == "outside_frame"
+
+
+def _tiny_open_clip(tmp_path):
+    import json
+
+    import open_clip
+    import torch
+
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp_path / "tiny-clip-g.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-clip-g.json")
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("tiny-clip-g", pretrained=None).state_dict(), tmp_path / "tiny.pt")
+    return {
+        "name": "open_clip",
+        "arch": "tiny-clip-g",
+        "model_path": str(tmp_path / "tiny.pt"),
+        "model_config": str(tmp_path / "tiny-clip-g.json"),
+    }
+
+
+def test_subject_embed_runs_open_clip_once_over_the_crops_of_many_clips(tmp_path):
+    import torch
+
+    from curation.stages.subject_embed import SubjectEmbed
+
+    backend = _tiny_open_clip(tmp_path)
+    frame = data.astronaut()
+    rows = []
+    for i, box in enumerate([[100, 20, 300, 400], [20, 200, 200, 500], [250, 50, 500, 300]]):
+        rows.append(
+            {
+                "video_id": f"v{i}",
+                "clip_id": f"v{i}-0000",
+                "status": "ok",
+                "_ref_frames": [frame, frame[::-1].copy()],
+                "subjects": [
+                    {
+                        "name": "woman",
+                        "category": "human",
+                        "boxes": [{"ref": 0, "box": box}, {"ref": 1, "box": box}],
+                    }
+                ],
+            }
+        )
+    stage = SubjectEmbed(backend=backend, ctx=StageContext(out_dir=str(tmp_path / "a")))
+    together = stage([dict(r) for r in rows])
+    assert stage.n_embed_calls == 1  # six crops of three clips in one call
+    assert stage.embedder.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    solo = SubjectEmbed(backend=backend, ctx=StageContext(out_dir=str(tmp_path / "b")))
+    for r, t in zip(rows, together):
+        (s,) = solo([dict(r)])
+        a = np.load(tmp_path / "a" / t["embedding_file"])
+        b = np.load(tmp_path / "b" / s["embedding_file"])
+        assert a.shape == (2, 32) and [c["emb_row"] for c in t["subjects"][0]["crops"]] == [0, 1]
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    mats = [np.load(tmp_path / "a" / t["embedding_file"]) for t in together]
+    assert float(mats[0][0] @ mats[1][0]) < 0.9999  # different crops, different embeddings
+
+
+@pytest.mark.gpu
+def test_open_clip_embedder_runs_bf16_on_the_gpu(tmp_path):
+    import torch
+
+    from curation.backends import embedders  # noqa: F401
+    from curation.stage import build_backend
+
+    cfg = _tiny_open_clip(tmp_path)
+    emb = build_backend("image_embedder", cfg.pop("name"), models_dir=str(tmp_path), **cfg)
+    assert emb.dtype == torch.bfloat16 and next(emb.model.parameters()).is_cuda
+    cpu = build_backend("image_embedder", "open_clip", models_dir=str(tmp_path), device="cpu", **cfg)
+    imgs = [data.astronaut()[:200, :150], data.coffee()]
+    a, b = emb.embed(imgs), cpu.embed(imgs)
+    assert a.dtype == np.float32 and np.all((a * b).sum(1) > 0.99)  # bf16 close to the fp32 result
