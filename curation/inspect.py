@@ -1,4 +1,4 @@
-"""Shard inspection CLI: ``python -m curation.inspect {stats,validate,show,html} SHARDS_DIR``."""
+"""Shard inspection CLI: ``python -m curation.inspect {stats,validate,show,html,quality} SHARDS_DIR``."""
 
 from __future__ import annotations
 
@@ -14,16 +14,34 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.shards import INDEX_FILE, iter_tar_samples, read_index, sha256_file
+from curation.shards import iter_tar_samples, sha256_file
 
 REF_NAMES = [f"ref_{i}.jpg" for i in range(4)]
+
+
+# The global phase's index (names starting with "_" are skipped by Ray Data, webdataset and HF datasets),
+# then the single-writer index of curation.shards.ShardSetWriter.
+INDEX_NAMES = ("_index.json", "index.json")
+
+
+def index_path(shards_dir: str | os.PathLike) -> Path | None:
+    d = Path(shards_dir)
+    return next((d / n for n in INDEX_NAMES if (d / n).exists()), None)
+
+
+def load_index(shards_dir: str | os.PathLike) -> dict:
+    p = index_path(shards_dir)
+    if p is None:
+        raise FileNotFoundError(f"no {' or '.join(INDEX_NAMES)} in {shards_dir}")
+    with open(p) as f:
+        return json.load(f)
 
 
 def shard_files(shards_dir: str | os.PathLike) -> list[Path]:
     """The shards named by the index (in order), else every shard-*.tar in the folder."""
     d = Path(shards_dir)
-    if (d / INDEX_FILE).exists():
-        return [d / e["name"] for e in read_index(d)["shards"]]
+    if index_path(d) is not None:
+        return [d / e["name"] for e in load_index(d)["shards"]]
     return sorted(d.glob("shard-*.tar"))
 
 
@@ -69,11 +87,27 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 # --- stats --------------------------------------------------------------------------------------------------
 
 
-def _hist_line(values: list[float], bins: int = 10) -> str:
+def hist_bars(counts, edges, width: int = 40, indent: str = "  ") -> list[str]:
+    """A histogram as text bars, one line per bin: ``[lo, hi)  ████▌ count`` (the last bin is closed)."""
+    counts = [int(c) for c in counts]
+    top = max(counts, default=0) or 1
+    lo_w = max(len(f"{e:.3g}") for e in edges)
+    lines = []
+    for i, c in enumerate(counts):
+        units = c / top * width * 2  # half-block resolution
+        bar = "\u2588" * int(units // 2) + ("\u258c" if int(units) % 2 else "")
+        if c and not bar:
+            bar = "\u258f"  # a non-empty bin always shows
+        close = "]" if i == len(counts) - 1 else ")"
+        lines.append(f"{indent}[{edges[i]:>{lo_w}.3g}, {edges[i + 1]:>{lo_w}.3g}{close} {bar:<{width}} {c}")
+    return lines
+
+
+def _hist_lines(values: list[float], bins: int = 10) -> list[str]:
     if not values:
-        return "(none)"
+        return ["  (none)"]
     counts, edges = np.histogram(values, bins=bins)
-    return " ".join(f"{edges[i]:.2f}:{c}" for i, c in enumerate(counts))
+    return hist_bars(counts, edges)
 
 
 def stats(shards_dir: str, as_json: bool = False) -> dict:
@@ -112,7 +146,8 @@ def stats(shards_dir: str, as_json: bool = False) -> dict:
                 f"{title}: " + ", ".join(f"{k}={v}" for k, v in sorted(c.items(), key=lambda kv: str(kv[0])))
             )
         for k, v in sorted(scores.items()):
-            print(f"{k} (n={len(v)}): {_hist_line(v)}")
+            print(f"{k} (n={len(v)}, min {min(v):.4g}, max {max(v):.4g}):")
+            print("\n".join(_hist_lines(v)))
     return out
 
 
@@ -195,9 +230,9 @@ def validate(shards_dir: str) -> int:
     bad: dict[str, list[str]] = collections.defaultdict(list)
     index = None
     try:
-        index = read_index(d)
+        index = load_index(d)
     except (OSError, ValueError) as e:
-        bad[INDEX_FILE].append(f"unreadable index: {e}")
+        bad[INDEX_NAMES[0]].append(f"unreadable index: {e}")
     entries = index["shards"] if index else [{"name": p.name} for p in sorted(d.glob("shard-*.tar"))]
     listed = {e["name"] for e in entries}
     for p in sorted(d.glob("shard-*.tar")):
@@ -227,7 +262,7 @@ def validate(shards_dir: str) -> int:
         elif "samples" in e and len(keys) != e["samples"]:
             bad[e["name"]].append(f"{len(keys)} samples, index says {e['samples']}")
     if index and index.get("total_samples") not in (None, n_samples):
-        bad[INDEX_FILE].append(f"total_samples {index['total_samples']} != {n_samples} read")
+        bad[index_path(d).name].append(f"total_samples {index['total_samples']} != {n_samples} read")
     for name, problems in sorted(bad.items()):
         print(f"BROKEN {name}:")
         for pr in problems[:50]:
@@ -248,8 +283,67 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+BOX_COLOUR = (0, 200, 0)  # the subject's box
+CROP_COLOUR = (255, 140, 0)  # the reference crop's own box, when its source frame is in this clip
+
+
+def read_frames_at(data: bytes, indices: list[int]) -> np.ndarray:
+    """RGB uint8 frames (N, H, W, 3) of an in-memory mp4 at ``indices`` (clamped), one decord call."""
+    import decord
+
+    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    n = len(vr)
+    return vr.get_batch([min(max(int(i), 0), n - 1) for i in indices]).asnumpy()
+
+
+def subject_views(sample: dict, meta: dict) -> list[dict]:
+    """Per subject with a box: its frame with the box drawn, the reference crop, and a label.
+
+    In-pair references are cropped from this clip: the frame is the crop's source frame, with the crop box
+    drawn too. A cross-pair reference comes from another clip, which the sample does not hold: the frame is
+    the subject's frame in this clip (the target), with its box."""
+    from PIL import Image, ImageDraw
+
+    ref_frames = meta.get("ref_frames") or []
+    plans = []
+    for i, sub in enumerate(meta.get("subjects") or []):
+        boxes = [b for b in sub.get("boxes") or [] if isinstance(b.get("box"), list) and len(b["box"]) == 4]
+        ref = sub.get("ref") or {}
+        if not boxes or f"ref_{i}.jpg" not in sample:
+            continue
+        own = ref.get("clip_id") is not None and ref.get("clip_id") == meta.get("clip_id")
+        want = ref.get("ref_index") if own else 1  # the middle reference frame of the target by default
+        b = next((b for b in boxes if b.get("ref") == want), boxes[0])
+        r = b.get("ref") if isinstance(b.get("ref"), int) else 0
+        fi = (ref_frames[r] or {}).get("frame_index") if 0 <= r < len(ref_frames) else None
+        plans.append((i, sub, ref, own and r == ref.get("ref_index"), b["box"], fi if fi is not None else 0))
+    if not plans:
+        return []
+    frames = read_frames_at(sample["mp4"], [p[-1] for p in plans])
+    views = []
+    for (i, sub, ref, source, box, fi), frame in zip(plans, frames):
+        im = Image.fromarray(frame)
+        draw = ImageDraw.Draw(im)
+        lw = max(2, round(max(im.size) / 120))
+        draw.rectangle([float(v) for v in box], outline=BOX_COLOUR, width=lw)
+        crop_box = ref.get("crop_box")
+        if source and isinstance(crop_box, list) and len(crop_box) == 4:
+            draw.rectangle([float(v) for v in crop_box], outline=CROP_COLOUR, width=max(1, lw // 2))
+        where = "source frame" if source else f"target frame (ref from {ref.get('clip_id')})"
+        views.append(
+            {
+                "subject": i,
+                "frame": im,
+                "crop": Image.fromarray(decode_jpeg(sample[f"ref_{i}.jpg"])),
+                "label": f"ref_{i} {sub.get('name')}: {where}, frame {fi}",
+            }
+        )
+    return views
+
+
 def contact_sheet(sample: dict, n_frames: int = 4, tile_px: int = 160) -> Image.Image:  # noqa: F821
-    """References (left) beside evenly spaced video frames (right), caption and ids under them."""
+    """References and evenly spaced video frames (top row); below, each subject's frame with its box drawn
+    beside its reference crop; caption and ids under them."""
     import textwrap
 
     from PIL import Image, ImageDraw
@@ -258,10 +352,12 @@ def contact_sheet(sample: dict, n_frames: int = 4, tile_px: int = 160) -> Image.
     refs = [decode_jpeg(sample[k]) for k in REF_NAMES if k in sample]
     _, _, frames = decode_video(sample["mp4"], n_frames)
     tiles = [Image.fromarray(im) for im in refs] + [Image.fromarray(f) for f in frames]
-    for t in tiles:
+    views = subject_views(sample, meta)
+    pairs = [(v["frame"].copy(), v["crop"].copy()) for v in views]
+    for t in tiles + [t for p in pairs for t in p]:
         t.thumbnail((tile_px, tile_px))
     gap = 8
-    width = len(tiles) * (tile_px + gap) + 2 * gap
+    width = max(len(tiles) * (tile_px + gap) + 3 * gap, len(pairs) * (2 * tile_px + 3 * gap) + gap)
     caption = textwrap.wrap(sample.get("txt", b"").decode("utf-8", "replace"), width=max(40, width // 8))
     lines = [f"{meta.get('key')}  {meta.get('pair_type')}  refs={len(refs)}"] + caption
     for i, sub in enumerate(meta.get("subjects") or []):
@@ -271,7 +367,9 @@ def contact_sheet(sample: dict, n_frames: int = 4, tile_px: int = 160) -> Image.
             f"ref_{i}: {sub.get('name')} ({sub.get('category')}) from {r.get('clip_id')} "
             f"t={r.get('t_s')}s" + (f" sim={sim:.3f}" if isinstance(sim, float) else "")
         )
-    sheet = Image.new("RGB", (width, tile_px + 2 * gap + 16 * len(lines) + gap), "white")
+    lines += [v["label"] for v in views]
+    row2 = tile_px + 2 * gap if pairs else 0
+    sheet = Image.new("RGB", (width, tile_px + 2 * gap + row2 + 16 * len(lines) + gap), "white")
     draw = ImageDraw.Draw(sheet)
     x = gap
     for i, t in enumerate(tiles):
@@ -279,9 +377,14 @@ def contact_sheet(sample: dict, n_frames: int = 4, tile_px: int = 160) -> Image.
             x += gap  # a wider gap between references and video frames
         sheet.paste(t, (x, gap))
         x += tile_px + gap
+    x, y = gap, tile_px + 2 * gap
+    for frame, crop in pairs:
+        sheet.paste(frame, (x, y))
+        sheet.paste(crop, (x + frame.size[0] + gap // 2, y))
+        x += 2 * tile_px + 3 * gap
     font = _font(13)
     for j, line in enumerate(lines):
-        draw.text((gap, tile_px + 2 * gap + 16 * j), line, fill="black", font=font)
+        draw.text((gap, tile_px + 2 * gap + row2 + 16 * j), line, fill="black", font=font)
     return sheet
 
 
@@ -321,6 +424,17 @@ def gallery(shards_dir: str, out_dir: str, limit: int = 100, n_frames: int = 3) 
             im.thumbnail((240, 240))
             im.save(img_dir / f"{key}.frame{i}.jpg", quality=85)
             cells.append(f'<img class="frame" src="img/{key}.frame{i}.jpg">')
+        boxes = []
+        for v in subject_views(s, meta):
+            im = v["frame"]
+            im.thumbnail((320, 320))
+            name = f"{key}.box{v['subject']}.jpg"
+            im.save(img_dir / name, quality=85)
+            boxes.append(
+                f'<figure><img class="box" src="img/{name}">'
+                f'<img class="ref" src="img/{key}.ref_{v["subject"]}.jpg">'
+                f"<figcaption>{html.escape(v['label'])}</figcaption></figure>"
+            )
         subj = "".join(
             f"<li>{html.escape(str(x.get('name')))} ({html.escape(str(x.get('category')))}), ref from "
             f"{html.escape(str((x.get('ref') or {}).get('clip_id')))}, sim {x.get('similarity')}</li>"
@@ -329,18 +443,206 @@ def gallery(shards_dir: str, out_dir: str, limit: int = 100, n_frames: int = 3) 
         cards.append(
             f'<div class="card"><h3>{html.escape(key)} <small>{html.escape(str(meta.get("pair_type")))} · '
             f"{html.escape(shard)}</small></h3><div>{''.join(cells)}</div>"
+            f'<div class="boxes">{"".join(boxes)}</div>'
             f"<p>{html.escape(s.get('txt', b'').decode('utf-8', 'replace'))}</p><ul>{subj}</ul></div>"
         )
     page = (
         "<!doctype html><meta charset='utf-8'><title>Phantom shards</title><style>"
         "body{font-family:sans-serif;margin:1em} .card{border:1px solid #ccc;margin:1em 0;padding:.5em}"
-        "img{height:120px;margin:2px} img.ref{border:3px solid #36c} small{color:#666}</style>"
+        "img{height:120px;margin:2px} img.ref{border:3px solid #36c} small{color:#666}"
+        "figure{display:inline-block;margin:4px} figcaption{font-size:small;color:#444}</style>"
         f"<h1>{html.escape(str(shards_dir))}: {len(cards)} samples</h1>" + "".join(cards)
     )
     path = Path(out_dir) / "index.html"
     path.write_text(page, encoding="utf-8")
     print(path)
     return str(path)
+
+
+# --- quality ------------------------------------------------------------------------------------------------
+
+
+def quality_case(key: str, s: dict, meta: dict):
+    """A metric case of one sample: its references against the clip's reference frames, with each
+    subject's boxes there (the data's own detections, so the subject metrics compare the subject region)."""
+    from curation.metrics import Case, sample_indices
+
+    refs = [decode_jpeg(s[k]) for k in REF_NAMES if k in s]
+    ref_frames = meta.get("ref_frames") or []
+    idx = [int(f.get("frame_index") or 0) for f in ref_frames if isinstance(f, dict)]
+    if idx:
+        frames = read_frames_at(s["mp4"], idx)
+    else:
+        n, _, _ = decode_video(s["mp4"])
+        idx = sample_indices(n, 3)
+        frames = read_frames_at(s["mp4"], idx)
+    subjects = meta.get("subjects") or []
+    boxes = None
+    if ref_frames and any(sub.get("boxes") for sub in subjects):
+        boxes = []
+        for sub in subjects[: len(refs)]:
+            per_frame = [None] * len(frames)
+            for b in sub.get("boxes") or []:
+                r = b.get("ref")
+                if isinstance(r, int) and 0 <= r < len(frames):
+                    per_frame[r] = b.get("box")
+            boxes.append(per_frame)
+    subs = [{k: x.get(k) for k in ("name", "category", "description")} for x in subjects[: len(refs)]]
+    return Case(key, refs, frames, s.get("txt", b"").decode("utf-8", "replace"), subs, boxes)
+
+
+def _plot_histograms(path: Path, title: str, by_group: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    # The summaries' fine fixed bins, cut to the occupied span and merged to at most 40 bars.
+    hists = {g: np.array(st["hist"]["counts"]) for g, st in by_group.items()}
+    first = min(int(np.flatnonzero(c)[0]) for c in hists.values())
+    last = max(int(np.flatnonzero(c)[-1]) for c in hists.values()) + 1
+    merge = max(1, -(-(last - first) // 40))
+    last = first + -(-(last - first) // merge) * merge
+    for group, st in sorted(by_group.items()):
+        lo, hi, counts = st["hist"]["lo"], st["hist"]["hi"], hists[group]
+        edges = np.linspace(lo, hi, len(counts) + 1)[first : last + 1 : merge]
+        c = np.pad(counts, (0, max(0, last - len(counts))))[first:last].reshape(-1, merge).sum(1)
+        ax.stairs(c, edges, label=f"{group} (n={st['n']}, mean {st['mean']:.3f})", linewidth=1.5)
+    ax.set_title(title)
+    ax.set_xlabel("value")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_categories(path: Path, by_group: dict[str, collections.Counter]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = sorted({c for cnt in by_group.values() for c in cnt}, key=str)
+    groups = sorted(by_group)
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(cats) + 2), 3.2), dpi=100)
+    w = 0.8 / max(1, len(groups))
+    for gi, g in enumerate(groups):
+        ax.bar(np.arange(len(cats)) + gi * w, [by_group[g][c] for c in cats], w, label=g)
+    ax.set_xticks(np.arange(len(cats)) + 0.4 - w / 2, [str(c) for c in cats])
+    ax.set_ylabel("subjects")
+    ax.set_title("category balance")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def quality(
+    shards_dir: str, out_dir: str, config: str | None = None, limit: int = 0, batch: int = 16
+) -> dict:
+    """Per pair type: reference-to-target identity (FaceSim) and subject similarity (each configured
+    embedder) distributions, copy-paste closeness and category balance; a table on stdout, ``quality.json``,
+    ``quality.md`` and one PNG histogram per metric under ``out_dir``. Streams: a batch of samples at a
+    time, histograms with fixed bins."""
+    from curation.metrics import MetricSuite, Summary, load_metrics_config, suite_ranges
+
+    suite = MetricSuite(load_metrics_config(config), kinds=("identity", "subject", "copy")).load()
+    ranges = suite_ranges(suite)
+    summaries: dict[str, Summary] = {}
+    cats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    n_refs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    samples: collections.Counter = collections.Counter()
+    unreadable: collections.Counter = collections.Counter()
+    pending: list[tuple[str, object]] = []
+
+    def flush():
+        for (group, _), res in zip(pending, suite.score([c for _, c in pending])):
+            summaries.setdefault(group, Summary(ranges)).add(res)
+        pending.clear()
+
+    for _, key, s in iter_samples(shards_dir, limit):
+        try:
+            meta = json.loads(s["json"])
+            group = str(meta.get("pair_type") or "unknown")
+            case = quality_case(key, s, meta)
+        except Exception as e:  # a broken sample is counted (``validate`` says what is wrong)
+            unreadable[f"{type(e).__name__}"] += 1
+            continue
+        samples[group] += 1
+        n_refs[group][len(case.refs)] += 1
+        for sub in meta.get("subjects") or []:
+            cats[group][str(sub.get("category"))] += 1
+        pending.append((group, case))
+        if len(pending) >= batch:
+            flush()
+    flush()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = {g: summaries[g].result() for g in sorted(summaries)}
+    report = {
+        "shards": str(shards_dir),
+        "samples": dict(samples),
+        "unreadable": dict(unreadable),
+        "metrics": suite.describe(),
+        "regions": "data boxes where the sample has them, else "
+        + (f"grounded by {suite.grounder_name}" if suite.grounder is not None else "whole frames"),
+        "by_pair_type": groups,
+        "category": {g: dict(c) for g, c in sorted(cats.items())},
+        "n_refs": {g: {str(k): v for k, v in sorted(c.items())} for g, c in sorted(n_refs.items())},
+        "plots": {},
+    }
+    for m in suite.metrics:
+        by_group = {g: r[m.name] for g, r in groups.items() if r.get(m.name, {}).get("n")}
+        if by_group:
+            name = f"hist_{m.name}.png"
+            _plot_histograms(out / name, f"{m.name} ({m.model})", by_group)
+            report["plots"][m.name] = name
+    if cats:
+        _plot_categories(out / "categories.png", cats)
+        report["plots"]["category"] = "categories.png"
+    with open(out / "quality.json", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+    text = quality_table(report)
+    (out / "quality.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"wrote {out / 'quality.json'}, {out / 'quality.md'} and {len(report['plots'])} PNG(s) in {out}")
+    return report
+
+
+def quality_table(report: dict) -> str:
+    f = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [
+        f"# Data quality of {report['shards']}",
+        "",
+        f"samples: {', '.join(f'{k}={v}' for k, v in sorted(report['samples'].items())) or 'none'}"
+        + (f"; unreadable: {report['unreadable']}" if report["unreadable"] else "")
+        + f"; subject regions: {report['regions']}",
+        "",
+        "| pair type | metric | n | mean | std | median | min | max | flagged | missing |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g, res in report["by_pair_type"].items():
+        for name, st in res.items():
+            miss = ", ".join(f"{k}: {v}" for k, v in st["missing"].items()) or "—"
+            lines.append(
+                f"| {g} | {name} | {st['n']} | {f(st['mean'])} | {f(st['std'])} | {f(st['median_approx'])} | "
+                f"{f(st['min'])} | {f(st['max'])} | {st.get('flagged', '—')} | {miss} |"
+            )
+    off = {n: m for n, m in report["metrics"].items() if m["status"] == "off"}
+    if off:
+        lines += ["", "off: " + "; ".join(f"{n} ({m['reason']})" for n, m in off.items())]
+    on = {n: m for n, m in report["metrics"].items() if m["status"] == "on"}
+    lines += ["", "models: " + "; ".join(f"{n}: {m['model']}" for n, m in on.items())]
+    cats = sorted({c for cnt in report["category"].values() for c in cnt})
+    if cats:
+        head = "| pair type | " + " | ".join(cats) + " | refs per sample |"
+        lines += ["", head, "|---" * (len(cats) + 2) + "|"]
+        for g, cnt in report["category"].items():
+            refs = ", ".join(f"{k}: {v}" for k, v in report["n_refs"].get(g, {}).items())
+            lines.append(f"| {g} | " + " | ".join(str(cnt.get(c, 0)) for c in cats) + f" | {refs} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,7 +664,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("shards_dir")
     p.add_argument("--out", default="inspect/html")
     p.add_argument("-n", type=int, default=100)
+    p = sub.add_parser(
+        "quality",
+        help="identity and subject similarity, copy-paste closeness, category balance per pair type",
+    )
+    p.add_argument("shards_dir")
+    p.add_argument("--out", default="inspect/quality")
+    p.add_argument("--config", default=None, help="metric config YAML (an `evaluation:` block or the block)")
+    p.add_argument("-n", type=int, default=0, help="at most this many samples (0: all)")
     a = ap.parse_args(argv)
+    if a.cmd == "quality":
+        quality(a.shards_dir, a.out, a.config, a.n)
+        return 0
     if a.cmd == "stats":
         stats(a.shards_dir, a.json)
         return 0
