@@ -86,7 +86,13 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     def prepare(model):
         if strategy == "fsdp":  # Ray's own FSDP wrapper is GPU-only; FSDP2 also runs on CPU
-            return fully_shard_model(model, ray.train.torch.get_device())
+            mp = None
+            if cfg.scaling.use_gpu:  # bf16 all-gathers and compute, fp32 gradient reduction
+                import torch
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            return fully_shard_model(model, ray.train.torch.get_device(), mp_policy=mp)
         return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
 
     ctx = Context(

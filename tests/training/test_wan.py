@@ -218,3 +218,22 @@ def test_lora_trains_adapters_only(tmp_path):
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(trainable)
+
+
+def test_wan_configs_load_and_name_the_family():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    small, big = load_config(configs / "phantom_wan_1.3b.yaml"), load_config(configs / "phantom_wan_14b.yaml")
+    assert (small.model.family, small.model.wan.finetune, big.model.wan.finetune) == (
+        "phantom_wan",
+        "full",
+        "lora",
+    )
+    assert (
+        small.log.checkpoint_format == big.log.checkpoint_format == "dcp" and small.model.wan.grad_checkpoint
+    )
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.family"):
+        load_config(None, {"model.family": "sora"})

@@ -1,4 +1,4 @@
-"""The tiny Phantom-Wan config end to end on real shards: DCP kill/resume, latent precompute, the sample CLI."""
+"""The tiny Phantom-Wan config end to end on real shards: DCP kill/resume, latent precompute, sample CLI."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def test_precomputed_latents_train_like_raw_shards(tmp_path, assets, corrupt_sha
 
 
 def test_dcp_checkpoints_survive_sigkill(tmp_path, corrupt_shards):
-    """MMDiT tiny config with checkpoint_format dcp: SIGKILL after the step-2 folder exists, rerun, same curve."""
+    """MMDiT tiny config, checkpoint_format dcp: SIGKILL once the step-2 folder exists, rerun, same curve."""
     import signal
     import subprocess
     import sys
