@@ -241,3 +241,84 @@ def test_open_clip_embedder_runs_bf16_on_the_gpu(tmp_path):
     imgs = [data.astronaut()[:200, :150], data.coffee()]
     a, b = emb.embed(imgs), cpu.embed(imgs)
     assert a.dtype == np.float32 and np.all((a * b).sum(1) > 0.99)  # bf16 close to the fp32 result
+
+
+FOUR = [
+    {"name": "woman", "description": "woman in an orange spacesuit", "category": "human"},
+    {"name": "flag", "description": "a US flag", "category": "product"},
+    {"name": "helmet", "description": "a white helmet", "category": "clothes"},
+    {"name": "rocket", "description": "a rocket", "category": "product"},
+]
+
+
+def test_qwen_grounder_asks_once_per_frame_for_all_subjects(tiny_vl):
+    from curation.backends.qwen_vl import QwenVLGrounder, ground_prompt
+
+    g = QwenVLGrounder(tiny_vl, max_pixels=64 * 28 * 28, max_new_tokens=12, batch_size=2)
+    frames = [data.astronaut(), data.coffee(), data.astronaut()[::-1].copy()]
+    dets = g.ground(frames, [FOUR] * 3)
+    assert (g.n_prompts, g.n_frames) == (3, 3)  # one prompt per frame, not per (frame, subject)
+    assert [sorted(d["subject"] for d in f) for f in dets] == [[0, 1, 2, 3]] * 3
+    text = ground_prompt(FOUR)
+    assert all(f"{k + 1}. {s['name']} ({s['description']})" in text for k, s in enumerate(FOUR))
+
+
+def test_qwen_grounder_confidence_is_the_models_own_token_probability(tiny_vl):
+    """The recorded log-probs equal a teacher-forced forward pass over prompt + reply."""
+    import torch
+    from PIL import Image
+
+    from curation.backends.qwen_vl import QwenVLGrounder, ground_prompt
+
+    g = QwenVLGrounder(tiny_vl, max_pixels=64 * 28 * 28, max_new_tokens=10)
+    img = {
+        "type": "image",
+        "image": Image.fromarray(data.astronaut()),
+        "max_pixels": g.max_pixels,
+        "min_pixels": g.min_pixels,
+    }
+    conv = [[{"role": "user", "content": [img, {"type": "text", "text": ground_prompt(FOUR)}]}]]
+    replies, inputs, (info,) = g.generate(conv, scores=True)
+    ids = torch.tensor([info["token_ids"]])
+    assert ids.shape[1] > 0 and len(info["char_ends"]) == ids.shape[1]
+    assert info["char_ends"][-1] == len(replies[0])
+    full = torch.cat([inputs["input_ids"], ids], dim=1)
+    mask = torch.ones_like(full)
+    with torch.inference_mode():
+        logits = g.model(
+            input_ids=full,
+            attention_mask=mask,
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+        ).logits[0]
+    n0 = inputs["input_ids"].shape[1]
+    lp = torch.log_softmax(logits[n0 - 1 : full.shape[1] - 1].float(), -1)  # predicts each reply token
+    want = lp[torch.arange(ids.shape[1]), ids[0]].tolist()
+    np.testing.assert_allclose(info["logprobs"], want, atol=2e-3)
+    assert all(v <= 1e-6 for v in info["logprobs"])
+
+
+def test_multi_subject_reply_assigns_boxes_by_label_with_token_confidence(tiny_vl):
+    from curation.backends.qwen_vl import QwenVLGrounder, assign_boxes, box_confidences
+
+    g = QwenVLGrounder(tiny_vl, max_pixels=64 * 28 * 28, max_new_tokens=4)
+    frame_hw = input_hw = (512, 512)
+    reply = (
+        '```json\n[{"bbox_2d": [10, 20, 200, 400], "label": "helmet"}, '
+        '{"bbox_2d": [100, 50, 300, 500], "label": "Woman", "complete": false}]\n```'
+    )
+    # a made-up tokenisation: 8-char tokens, log-prob -0.1 everywhere but -2.0 on the woman's box digits
+    ends = list(range(8, len(reply), 8)) + [len(reply)]
+    wbox = reply.index("[100")
+    lps = [-2.0 if wbox <= e - 8 and e <= wbox + len("[100, 50, 300, 500]") + 8 else -0.1 for e in ends]
+    dets = g._to_detections(FOUR, reply, frame_hw, input_hw, ends, lps)
+    by = {d["subject"]: d for d in dets}
+    assert by[2]["box"] == [10.0, 20.0, 200.0, 400.0] and by[0]["box"] == [100.0, 50.0, 300.0, 500.0]
+    assert by[0]["complete"] is False and by[1]["reason"] == by[3]["reason"] == "not_found"
+    assert 0 < by[0]["score"] < by[2]["score"] < 1  # the doubtful box scores lower, and nothing is 1.0
+    assert by[2]["score"] == pytest.approx(np.exp(-0.1), abs=0.02)
+    assert assign_boxes([{"label": "2"}, {"label": "man in red"}], [{"name": "man"}, {"name": "dog"}]) == {
+        1: 0,
+        0: 1,
+    }
+    assert box_confidences("no boxes here", [4, 13], [-0.5, -0.5], 0) == []
