@@ -1,5 +1,12 @@
-"""The durable run manifest: one atomically written JSON file per input video holding its status and every
-clip row it produced, so a killed run resumes without redoing finished videos."""
+"""The durable run manifest and the per-group cache, both in the output store (a local folder or s3://):
+
+- ``manifest/videos/<xx>/<video>.json``: one record per input video once its last map group finished
+  (status, every clip row, a small summary, the map-phase hash), written by the worker that finished it;
+- ``cache/<group>-<hash>/<xx>/<video>.json``: a video's rows after an earlier map group, keyed by the hash
+  of the stages up to and including that group, so a changed later stage re-runs from there and reuses the
+  earlier groups' work (clips, crops) instead of redoing it.
+
+Each file is written atomically, so a run killed at any moment leaves whole records or none."""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+
+from curation.storage import Store
 
 _SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,120}$")
 
@@ -41,32 +50,52 @@ def video_status(rows: list[dict]) -> tuple[str, str | None]:
     return r.get("status", "failed"), r.get("reason") or r.get("error") or "no_rows"
 
 
-class Manifest:
-    """``<out_dir>/manifest/videos/<xx>/<video>.json``, one file per input video."""
+def video_summary(rows: list[dict]) -> dict:
+    """The counts the run summary needs from one video, so the driver never reloads its rows."""
+    clips = [r for r in rows if r.get("clip_id")]
+    return {
+        "n_clips": len(clips),
+        "n_ok": sum(r.get("status") == "ok" for r in clips),
+        "reasons": dict(count_reasons(rows)),
+        "filters_off": sorted({k[: -len("_off")] for r in clips for k, v in r.items()
+                               if k.endswith("_off") and v}),
+    }
 
-    def __init__(self, out_dir: str | Path):
-        self.root = Path(out_dir) / "manifest" / "videos"
+
+def video_rel(prefix: str, video_id: str) -> str:
+    """``<prefix>/<xx>/<name>.json``: a sharded path whose name never escapes ``prefix``."""
+    digest = hashlib.sha1(video_id.encode()).hexdigest()
+    name = video_id if _SAFE.match(video_id) else f"id-{digest}"
+    return f"{prefix}/{digest[:2]}/{name}.json"
+
+
+class Manifest:
+    """Final per-video records under ``<out>/manifest/videos``."""
+
+    PREFIX = "manifest/videos"
+
+    def __init__(self, out: str | os.PathLike | Store):
+        self.store = out if isinstance(out, Store) else Store(out)
+
+    @property
+    def root(self) -> Path:  # local stores only (tests, inspection)
+        return Path(self.store.path(self.PREFIX))
+
+    def rel(self, video_id: str) -> str:
+        return video_rel(self.PREFIX, video_id)
 
     def path(self, video_id: str) -> Path:
-        digest = hashlib.sha1(video_id.encode()).hexdigest()
-        name = video_id if _SAFE.match(video_id) else f"id-{digest}"
-        return self.root / digest[:2] / f"{name}.json"
+        return Path(self.store.path(self.rel(video_id)))
 
     def load(self, video_id: str) -> dict | None:
-        p = self.path(video_id)
-        if not p.exists():
-            return None
-        try:
-            with open(p) as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return None  # unreadable = not done; the video is redone and the file rewritten
+        # unreadable = not done; the video is redone and the file rewritten
+        return self.store.read_json(self.rel(video_id), default=None)
 
     def is_done(self, video_id: str, config_hash: str) -> bool:
         rec = self.load(video_id)
-        return rec is not None and rec.get("config_hash") == config_hash
+        return rec is not None and rec.get("config_hash") == config_hash and rec.get("status") != "failed"
 
-    def commit(self, video_id: str, rows: list[dict], config_hash: str) -> dict:
+    def commit(self, video_id: str, rows: list[dict], config_hash: str, **extra) -> dict:
         rows = sorted(rows, key=lambda r: (r.get("clip_id") or ""))
         status, reason = video_status(rows)
         rec = {
@@ -75,23 +104,22 @@ class Manifest:
             "reason": reason,
             "config_hash": config_hash,
             "committed_at": time.time(),
+            "summary": video_summary(rows),
+            **extra,
             "rows": rows,
         }
-        atomic_write_text(self.path(video_id), json.dumps(rec, sort_keys=True))
+        self.store.write_json(self.rel(video_id), rec)
         return rec
 
     def records(self) -> Iterator[dict]:
-        if not self.root.exists():
-            return
-        for p in sorted(self.root.glob("*/*.json")):
-            try:
-                with open(p) as f:
-                    yield json.load(f)
-            except (OSError, json.JSONDecodeError):
-                continue
+        for rel in self.store.list(self.PREFIX, suffix=".json"):
+            rec = self.store.read_json(rel)
+            if rec is not None:
+                yield rec
 
     def rows(self, config_hash: str | None = None) -> list[dict]:
-        """Every committed row (optionally only those made under ``config_hash``), in a stable order."""
+        """Every committed row (optionally only those made under ``config_hash``), in a stable order. For
+        tests and small inspections: it holds every row in memory, so the runner never calls it."""
         out = []
         for rec in self.records():
             if config_hash is None or rec.get("config_hash") == config_hash:
@@ -99,5 +127,32 @@ class Manifest:
         return sorted(out, key=lambda r: (r.get("video_id") or "", r.get("clip_id") or ""))
 
 
+class GroupCache:
+    """A video's rows after map group ``group`` under hash ``h``: ``cache/<group>-<h>/<xx>/<video>.json``."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def rel(self, group: str, h: str, video_id: str) -> str:
+        return video_rel(f"cache/{group}-{h}", video_id)
+
+    def load(self, group: str, h: str, video_id: str, source_sig: str) -> list[dict] | None:
+        rec = self.store.read_json(self.rel(group, h, video_id), default=None)
+        if not rec or rec.get("source_sig") != source_sig:
+            return None
+        return rec["rows"]
+
+    def save(self, group: str, h: str, video_id: str, rows: list[dict], source_sig: str) -> None:
+        self.store.write_json(self.rel(group, h, video_id),
+                              {"video_id": video_id, "group": group, "hash": h, "source_sig": source_sig,
+                               "rows": rows})
+
+
 def count_reasons(rows: list[dict]) -> Counter:
     return Counter(r.get("reason") or "?" for r in rows if r.get("status") in ("rejected", "failed"))
+
+
+def source_signature(row: dict) -> str:
+    """What in a source row decides a video's map-phase output: a changed CSV row re-runs the video."""
+    keep = {k: row.get(k) for k in ("video_id", "video_path", "spans", "span_captions", "status", "reason")}
+    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -3,41 +3,42 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 
-from curation.config import ConfigError, config_hash, load_config
-from curation.manifest import atomic_write_text, count_reasons
+from curation.config import ConfigError, load_config
 from curation.models import ModelHashMismatch, ModelNotFound
-from curation.runner import ResourceError, run_pipeline
+from curation.runner import ResourceError, StageFailureError, run_pipeline
 from curation.sources import load_source
 from curation.stage import StageContext
+from curation.storage import Store, is_uri
 
 
 def summarize(result, source: str, pipeline: str, out_dir: str) -> dict:
-    clips = [r for r in result.rows if r.get("clip_id")]
-    videos = {r["video_id"] for r in result.rows}
+    """The run summary from the streamed per-video counts and the global phase's counts (no rows)."""
+    t, g = result.totals, result.global_summary
     summary = {
         "source": source,
         "pipeline": pipeline,
         "out_dir": out_dir,
+        "map_hash": result.map_hash,
         "videos_in": result.videos_in,
         "videos_skipped_already_done": result.videos_skipped,
         "videos_processed_now": result.videos_committed,
-        "videos_with_clips": len({r["video_id"] for r in clips}),
-        "videos_rejected": len(videos - {r["video_id"] for r in clips}),
-        "clips": len(clips),
-        "clips_ok": sum(r.get("status") == "ok" for r in clips),
-        "rejections_by_reason": dict(sorted(count_reasons(result.rows).items(), key=lambda kv: -kv[1])),
-        "triplets_out": len(result.outputs),
-        "triplets_by_pair_type": dict(Counter(r.get("pair_type", "?") for r in result.outputs)),
-        "filters_off": sorted({k[: -len("_off")] for r in clips for k, v in r.items()
-                               if k.endswith("_off") and v}),
+        "videos_with_clips": t.get("videos_with_clips", 0),
+        "videos_rejected": t.get("videos_rejected", 0),
+        "clips": t.get("clips", 0),
+        "clips_ok": t.get("clips_ok", 0),
+        "rejections_by_reason": t.get("reasons", {}),
+        "triplets_out": g.get("triplets_out", 0),
+        "triplets_by_pair_type": g.get("triplets_by_pair_type", {}),
+        "global": {k: v for k, v in g.items() if k not in ("triplets_out", "triplets_by_pair_type")},
+        "filters_off": t.get("filters_off", []),
         "wall_s": round(result.wall_s, 1),
+        "map_wall_s": round(result.map_wall_s, 1),
+        "global_wall_s": round(result.global_wall_s, 1),
     }
     return summary
 
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="pipelines.yaml")
     ap.add_argument("--source", default=None, help="a source from pipelines.yaml")
     ap.add_argument("--pipeline", default=None, help="a pipeline name (default: default_pipeline)")
-    ap.add_argument("--out", default=None, help="output folder (default: <output_dir>/<source>)")
+    ap.add_argument("--out", default=None,
+                    help="output folder or URI such as s3://bucket/run (default: <output_dir>/<source>)")
+    ap.add_argument("--videos-dir", dest="videos_dir", default=None,
+                    help="the source's video folder (dir: the folder to scan; panda70m: {videoID}.mp4 files)")
+    ap.add_argument("--csv", default=None, help="panda70m: the metadata CSV")
     ap.add_argument("--runner", choices=["ray", "sequential"], default="ray")
     ap.add_argument("--limit", type=int, default=None, help="only the first N videos")
     ap.add_argument("--videos", default="", help="only these video ids (comma-separated)")
@@ -78,30 +83,53 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     out_dir = args.out or os.path.join(cfg.output_dir, source)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if not is_uri(out_dir):
+        out_dir = os.path.abspath(out_dir)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     spec = cfg.sources[source]
     if args.limit is not None:
         spec.limit = args.limit
-    rows = load_source(spec, out_dir)
+    if args.videos_dir:
+        spec.videos_dir = args.videos_dir
+    if args.csv:
+        spec.csv = args.csv
+    try:
+        from curation.sources import check_source_for_pipeline
+    except ImportError:
+        check_source_for_pipeline = None
+    if check_source_for_pipeline is not None:
+        problem = check_source_for_pipeline(spec, cfg.pipelines[pipeline])
+        if problem:
+            print(f"config error: {problem}", file=sys.stderr)
+            return 2
+    try:
+        rows = load_source(spec, out_dir if not is_uri(out_dir) else os.path.join(cfg.output_dir, source))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"source error: {e}", file=sys.stderr)
+        return 2
     if args.videos:
         wanted = set(args.videos.split(","))
-        rows = [r for r in rows if r["video_id"] in wanted]
-    ctx = StageContext(out_dir=out_dir, models_dir=cfg.models_dir, config_hash=config_hash(cfg, pipeline))
-    total = len(rows)
+        rows = (r for r in rows if r["video_id"] in wanted)
+    ctx = StageContext(out_dir=out_dir, models_dir=cfg.models_dir)
     done = [0]
 
-    def progress(rec: dict) -> None:
+    def progress(item: dict) -> None:
         done[0] += 1
-        n_ok = sum(r.get("status") == "ok" and bool(r.get("clip_id")) for r in rec["rows"])
-        n_clips = sum(bool(r.get("clip_id")) for r in rec["rows"])
-        note = f"{n_clips} clips, {n_ok} ok" if n_clips else f"{rec['status']}: {rec['reason']}"
-        print(f"[{done[0]}/{total}] {rec['video_id']}: {note}", flush=True)
+        s = item.get("summary") or {}
+        if s.get("n_clips"):
+            note = f"{s['n_clips']} clips, {s.get('n_ok', 0)} ok"
+        else:
+            note = f"{item.get('status')}: {item.get('reason')}"
+        print(f"[{done[0]}] {item['video_id']}: {note}", flush=True)
 
     try:
         result = run_pipeline(cfg, pipeline, rows, ctx, runner=args.runner, progress=progress)
     except ResourceError as e:
         print(f"resource error: {e}", file=sys.stderr)
         return 3
+    except StageFailureError as e:
+        print(f"run stopped: {e}", file=sys.stderr)
+        return 4
     except Exception as e:  # a missing or tampered model stops the run with one clear line, no traceback
         text = str(e)
         for cls in (ModelNotFound, ModelHashMismatch):
@@ -111,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 3
         raise
     summary = summarize(result, source, pipeline, out_dir)
-    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+    Store(out_dir).write_json("summary.json", summary, indent=2)
     print_summary(summary)
     return 0
 

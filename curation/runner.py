@@ -1,21 +1,43 @@
-"""Runs a pipeline from pipelines.yaml: the per-video stages on Ray Data (or sequentially, same semantics),
-each finished video committed to the manifest, then the global stages over every committed row."""
+"""Runs a pipeline from pipelines.yaml: the per-video map groups streaming on Ray Data (or sequentially, same
+semantics and the same files), each video committed by the worker that finishes it, then the global phase
+(cross-video pairing and shard writing, ``curation.global_phase``) over the committed videos' tables.
+
+One Ray row is one video (its clip rows travel together as JSON), so the worker that runs the last map
+group holds every row of a video and commits it at once: a run killed at any moment loses only the videos
+in flight. Each map group's output is cached under the hash of the stages up to and including it, so a
+re-run resumes every video from the furthest group whose output is still valid (0 videos re-processed
+after a change to the global stages; a changed ``caption`` re-runs from ``caption`` on and reuses the cut
+group's clips). Outputs live in a ``curation.storage.Store`` (a local folder or ``s3://``): stages work on a
+local scratch folder and the runner moves the files they name between it and the store."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from curation.config import Config, StageSpec, validate_stage_spec
-from curation.manifest import Manifest
+from curation.manifest import GroupCache, Manifest, source_signature
 from curation.stage import Record, Stage, StageContext, StageGroup
+from curation.storage import Store, is_uri, scratch_dir
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # binds a local Ray to 127.0.0.1 only
 
 log = logging.getLogger(__name__)
+
+
+class ResourceError(RuntimeError):
+    """A stage group asks for more than the Ray cluster has; Ray would otherwise wait forever."""
+
+
+class StageFailureError(RuntimeError):
+    """Too many rows of one stage failed: the run stops with the first error instead of 'succeeding'."""
 
 
 def build_stage(spec: StageSpec, ctx: StageContext) -> Stage:
@@ -26,9 +48,20 @@ def build_stage(spec: StageSpec, ctx: StageContext) -> Stage:
     return cls(params=params, backend=dict(spec.backend), ctx=ctx)
 
 
+def spec_identity(spec: StageSpec) -> dict:
+    """What of a stage decides its output: name, group, params and backend (resources do not)."""
+    return {"stage": spec.stage, "group": spec.group, "params": spec.params, "backend": spec.backend}
+
+
+def chain_hash(specs: list[StageSpec], salt: str = "") -> str:
+    blob = json.dumps([salt, *[spec_identity(s) for s in specs]], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 @dataclass
 class GroupPlan:
-    """Consecutive map stages that run in one worker call, with the resources of the group."""
+    """Consecutive map stages that run in one worker call, with the resources of the group. ``batch_size``
+    counts videos; ``hash`` covers every stage up to and including this group."""
 
     name: str
     specs: list[StageSpec]
@@ -37,6 +70,13 @@ class GroupPlan:
     num_gpus: float
     batch_size: int
     concurrency: int
+    max_concurrency: int = 0
+    hash: str = ""
+
+    @property
+    def pool(self) -> tuple[int, int]:
+        """(min, max) actors of the group's pool."""
+        return self.concurrency, max(self.concurrency, self.max_concurrency)
 
 
 def plan(specs: list[StageSpec]) -> tuple[list[GroupPlan], list[StageSpec]]:
@@ -64,98 +104,266 @@ def plan(specs: list[StageSpec]) -> tuple[list[GroupPlan], list[StageSpec]]:
             g.num_gpus = max(g.num_gpus, r.num_gpus)
             g.batch_size = min(g.batch_size, r.batch_size)
             g.concurrency = max(g.concurrency, r.concurrency)
+            g.max_concurrency = max(g.max_concurrency, r.max_concurrency)
         else:
             groups.append(GroupPlan(spec.group or spec.stage, [spec], uses_model, r.num_cpus,
-                                    r.num_gpus, r.batch_size, r.concurrency))
+                                    r.num_gpus, r.batch_size, r.concurrency, r.max_concurrency))
+    done: list[StageSpec] = []
+    for g in groups:
+        done += g.specs
+        g.hash = chain_hash(done)
     return groups, globals_
+
+
+def map_hash(groups: list[GroupPlan]) -> str:
+    return groups[-1].hash if groups else chain_hash([])
 
 
 def build_group(g: GroupPlan, ctx: StageContext) -> StageGroup:
     return StageGroup([build_stage(s, ctx) for s in g.specs])
 
 
-class VideoCollector:
-    """Gathers the rows of each video as they stream in and commits a video once all of its rows
-    (``video_n_rows``) have arrived."""
+# ---------------------------------------------------------------------------------------------------------
+# Files named in rows: moved between the local scratch folder (what stages read and write) and the store.
 
-    def __init__(self, manifest: Manifest, config_hash: str, on_commit: Callable[[dict], None] | None = None):
-        self.manifest, self.config_hash, self.on_commit = manifest, config_hash, on_commit
-        self.pending: dict[str, list[Record]] = defaultdict(list)
-        self.committed = 0
+_FILE_KEYS = ("clip_path", "path")
 
-    def add(self, row: Record) -> None:
-        vid = row["video_id"]
-        self.pending[vid].append(row)
-        if len(self.pending[vid]) >= int(row.get("video_n_rows") or 1):
-            self._commit(vid)
 
-    def _commit(self, vid: str) -> None:
-        rec = self.manifest.commit(vid, self.pending.pop(vid), self.config_hash)
-        self.committed += 1
-        if self.on_commit:
-            self.on_commit(rec)
+def files_of(obj) -> set[str]:
+    """Relative file paths a row names (``clip_path``, ``path``, ``*_file``), at any depth."""
+    out: set[str] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, str) and (k in _FILE_KEYS or k.endswith("_file")):
+                if v and not os.path.isabs(v) and not is_uri(v):
+                    out.add(v)
+            elif isinstance(v, (dict, list)):
+                out |= files_of(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out |= files_of(v)
+    return out
 
-    def flush(self) -> int:
-        """Commit videos whose rows did not all arrive (a stage dropped rows); returns how many."""
-        n = len(self.pending)
-        for vid in list(self.pending):
-            log.warning("video %s: %d rows arrived, fewer than announced", vid, len(self.pending[vid]))
-            self._commit(vid)
-        return n
+
+@dataclass
+class MapContext:
+    """What every map worker needs: the groups, the store and its local scratch folder."""
+
+    groups: list[GroupPlan]
+    store_uri: str
+    models_dir: str
+    max_fail_frac: float = 0.5
+    min_fail_rows: int = 20
+
+    @property
+    def store(self) -> Store:
+        return Store(self.store_uri)
+
+    def stage_ctx(self) -> StageContext:
+        return StageContext(out_dir=scratch_dir(self.store), models_dir=self.models_dir,
+                            config_hash=map_hash(self.groups))
+
+
+def _export_hook():
+    try:
+        from curation.global_phase import export_video
+    except ImportError:
+        return None
+    return export_video
+
+
+class VideoWorker:
+    """Runs one map group over a batch of videos (one item per video: ``{video_id, start, sig, rows}``).
+    Items already finished (``status`` set) or resuming after this group pass through. The last group
+    commits each video (its files to the store, its tables, then its manifest record) and returns a small
+    status item in its place."""
+
+    def __init__(self, index: int, mc: MapContext):
+        self.index, self.mc = index, mc
+        self.plan = mc.groups[index]
+        self.last = index == len(mc.groups) - 1
+        self.ctx = mc.stage_ctx()
+        self.store = mc.store
+        self.group = build_group(self.plan, self.ctx)
+        self._ready = False
+
+    def setup(self) -> None:
+        if not self._ready:
+            self.group.setup()
+            self._ready = True
+
+    def __call__(self, items: list[dict]) -> list[dict]:
+        self.setup()
+        todo = [it for it in items if "status" not in it and it["start"] <= self.index]
+        if not todo:
+            return items
+        local = self.ctx.out_dir
+        before = {it["video_id"]: files_of(it["rows"]) for it in todo}
+        for it in todo:
+            self._fetch(it, before[it["video_id"]])
+        rows = [r for it in todo for r in it["rows"]]
+        out = self.group(rows)
+        by_video: dict[str, list[Record]] = {it["video_id"]: [] for it in todo}
+        for r in out:
+            by_video.setdefault(r["video_id"], []).append(r)
+        counts = dict(todo[0].get("stage_counts") or {})
+        for name, (n_in, n_failed, err) in self.group.counts.items():
+            c = counts.get(name, [0, 0, None])
+            counts[name] = [c[0] + n_in, c[1] + n_failed, c[2] or err]
+        todo[0]["stage_counts"] = counts
+        done: dict[str, dict] = {}
+        for it in todo:
+            vid = it["video_id"]
+            vrows = [_restore_video_path(r) for r in by_video[vid]]
+            new_files = files_of(vrows) - before[vid]
+            try:
+                for rel in sorted(new_files):
+                    if os.path.exists(os.path.join(local, rel)):
+                        self.store.put_file(rel, os.path.join(local, rel))
+                if self.last:
+                    done[vid] = self._commit(it, vrows)
+                else:
+                    GroupCache(self.store).save(self.plan.name, self.plan.hash, vid, vrows, it["sig"])
+                    done[vid] = {**it, "rows": vrows}
+            except Exception as e:  # the store failed for this video: report it, keep the batch going
+                log.warning("video %s: could not save its outputs: %s", vid, e)
+                done[vid] = {"video_id": vid, "status": "failed", "reason": "store:error", "error": str(e),
+                             "summary": {"n_clips": 0, "n_ok": 0, "reasons": {"store:error": 1}},
+                             "stage_counts": it.get("stage_counts"), "state": "processed"}
+            if not self.store.is_local and self.last:
+                _remove_local(local, files_of(vrows))
+        return [done.get(it["video_id"], it) if "status" not in it else it for it in items]
+
+    def _fetch(self, it: dict, rels: set[str]) -> None:
+        """Make the video's source file and the files its rows name available locally."""
+        if self.store.is_local:
+            pass
+        else:
+            for rel in rels:
+                dest = os.path.join(self.ctx.out_dir, rel)
+                if not os.path.exists(dest) and self.store.exists(rel):
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    os.replace(self.store.local_path(rel), dest)
+        for r in it["rows"]:
+            p = r.get("video_path")
+            if isinstance(p, str) and is_uri(p):
+                r["video_uri"] = p
+                d, name = p.rsplit("/", 1)
+                r["video_path"] = Store(d).local_path(name)
+
+    def _commit(self, it: dict, rows: list[Record]) -> dict:
+        mh = self.plan.hash
+        export = _export_hook()
+        if export is not None:
+            export(rows, self.store, self.ctx.out_dir, mh)
+        rec = Manifest(self.store).commit(it["video_id"], rows, mh, source_sig=it["sig"])
+        return {"video_id": it["video_id"], "status": rec["status"], "reason": rec["reason"],
+                "summary": rec["summary"], "stage_counts": it.get("stage_counts"), "state": "processed"}
+
+
+def _restore_video_path(r: Record) -> Record:
+    if "video_uri" in r:
+        r = dict(r)
+        r["video_path"] = r.pop("video_uri")
+    return r
+
+
+def _remove_local(root: str, rels: set[str]) -> None:
+    for rel in rels:
+        try:
+            os.unlink(os.path.join(root, rel))
+        except OSError:
+            pass
+
+
+def resume_item(row: Record, mc: MapContext) -> dict:
+    """A source row -> the item the map groups receive: finished already (status item), resumed after the
+    furthest group whose cached output is valid, or from the start. Rejected source rows (missing file,
+    bad CSV row) are committed here: they need no work."""
+    store, vid = mc.store, row["video_id"]
+    sig = source_signature(row)
+    mh = map_hash(mc.groups)
+    manifest = Manifest(store)
+    rec = manifest.load(vid)
+    if rec is not None and rec.get("config_hash") == mh and rec.get("status") != "failed" \
+            and rec.get("source_sig", sig) == sig:
+        return {"video_id": vid, "status": rec["status"], "reason": rec.get("reason"),
+                "summary": rec.get("summary") or {}, "state": "skipped"}
+    if row.get("status", "ok") != "ok" or not mc.groups:
+        rec = manifest.commit(vid, [row], mh, source_sig=sig)
+        return {"video_id": vid, "status": rec["status"], "reason": rec["reason"], "summary": rec["summary"],
+                "state": "processed"}
+    cache = GroupCache(store)
+    for gi in range(len(mc.groups) - 2, -1, -1):
+        g = mc.groups[gi]
+        rows = cache.load(g.name, g.hash, vid, sig)
+        if rows is not None:
+            return {"video_id": vid, "start": gi + 1, "sig": sig, "rows": rows, "resumed_from": g.name}
+    return {"video_id": vid, "start": 0, "sig": sig, "rows": [row]}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sequential runner: the same groups, the same batching, no Ray. Used by tests and for debugging.
+# Sequential runner: the same workers, one video at a time, in this process. Used by tests and debugging.
 
 
-def _batches(rows: list[Record], size: int) -> Iterator[list[Record]]:
-    for i in range(0, len(rows), size):
-        yield rows[i : i + size]
-
-
-def run_sequential(rows: list[Record], groups: list[GroupPlan], ctx: StageContext) -> Iterator[Record]:
-    built = [build_group(g, ctx) for g in groups]
-    for video in rows:
-        out = [video]
-        for g, bg in zip(groups, built):
-            out = [r for b in _batches(out, g.batch_size) for r in bg(b)]
-        yield from out
+def run_sequential(source: Iterable[Record], mc: MapContext) -> Iterator[dict]:
+    workers = [VideoWorker(i, mc) for i in range(len(mc.groups))]
+    for row in source:
+        items = [resume_item(row, mc)]
+        for w in workers:
+            items = w(items)
+        yield from items
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Ray Data runner. Rows cross operator boundaries as JSON text so nested records never fight Arrow schemas.
+# Ray Data runner. Items cross operator boundaries as JSON text so nested records never fight Arrow schemas.
 
 
-def _rows_from_batch(batch) -> list[Record]:
-    return [json.loads(s) for s in batch["rec"]]
+def _items_from_batch(batch) -> list[dict]:
+    return [json.loads(s) for s in batch["item"]]
 
 
-def _batch_from_rows(rows: list[Record]):
+def _batch_from_items(items: list[dict]):
     import pandas as pd
 
-    return pd.DataFrame({"video_id": [r["video_id"] for r in rows], "rec": [json.dumps(r) for r in rows]})
+    return pd.DataFrame({"video_id": [it["video_id"] for it in items],
+                         "item": [json.dumps(it) for it in items]})
 
 
 class _GroupActor:
-    """Actor-pool wrapper: builds the group and loads its models once per actor."""
+    """Actor-pool wrapper: loads the group's models once per actor."""
 
-    def __init__(self, group: GroupPlan, ctx: StageContext):
-        self.group = build_group(group, ctx)
-        self.group.setup()
+    def __init__(self, index: int, mc: MapContext):
+        self.worker = VideoWorker(index, mc)
+        self.worker.setup()
 
     def __call__(self, batch):
-        return _batch_from_rows(self.group(_rows_from_batch(batch)))
+        return _batch_from_items(self.worker(_items_from_batch(batch)))
 
 
-_TASK_GROUPS: dict[tuple, StageGroup] = {}
+_TASK_WORKERS: dict[tuple, VideoWorker] = {}
 
 
-def _group_task(batch, group: GroupPlan, ctx: StageContext):
-    # Plain tasks reuse a per-process group so stateless stages are not rebuilt for every batch.
-    key = (group.name, ctx.out_dir, ctx.config_hash)
-    if key not in _TASK_GROUPS:
-        _TASK_GROUPS[key] = build_group(group, ctx)
-    return _batch_from_rows(_TASK_GROUPS[key](_rows_from_batch(batch)))
+def _group_task(batch, index: int, mc: MapContext):
+    # Plain tasks reuse a per-process worker so stateless stages are not rebuilt for every batch.
+    key = (index, mc.store_uri, map_hash(mc.groups))
+    if key not in _TASK_WORKERS:
+        _TASK_WORKERS[key] = VideoWorker(index, mc)
+    return _batch_from_items(_TASK_WORKERS[key](_items_from_batch(batch)))
+
+
+def _resume_task(batch, mc: MapContext):
+    import pandas as pd
+
+    items = [resume_item(json.loads(s), mc) for s in batch["rec"]]
+    return pd.DataFrame({"video_id": [it["video_id"] for it in items],
+                         "item": [json.dumps(it) for it in items]})
+
+
+def _no_fusion() -> dict:
+    # A ray_remote_args_fn keeps Ray Data from fusing a CPU task group into the next group's actor pool,
+    # where it would run at the pool's (GPU) concurrency instead of on every free CPU.
+    return {}
 
 
 def init_ray(cfg: Config) -> None:
@@ -178,11 +386,9 @@ def init_ray(cfg: Config) -> None:
     )
 
 
-class ResourceError(RuntimeError):
-    """A stage group asks for more than the Ray cluster has; Ray would otherwise wait forever."""
-
-
 def check_resources(groups: list[GroupPlan], cluster: dict) -> None:
+    """Each worker must fit on the cluster, and so must every actor pool at its minimum size at once (a
+    streaming run keeps them all alive), with room left for one task of each CPU group."""
     for g in groups:
         for what, need in (("CPU", g.num_cpus), ("GPU", g.num_gpus)):
             have = float(cluster.get(what, 0.0))
@@ -191,29 +397,98 @@ def check_resources(groups: list[GroupPlan], cluster: dict) -> None:
                     f"stage group {g.name!r} asks for {need:g} {what} per worker but the Ray cluster has "
                     f"{have:g}; lower resources.num_{what.lower()}s in pipelines.yaml or use a cluster "
                     f"that has them (RAY_ADDRESS)")
+    for what in ("CPU", "GPU"):
+        key = "num_cpus" if what == "CPU" else "num_gpus"
+        pools = [(g.name, g.pool[0], getattr(g, key)) for g in groups if g.uses_model and getattr(g, key)]
+        tasks = max([getattr(g, key) for g in groups if not g.uses_model] or [0.0])
+        need = sum(n * r for _, n, r in pools) + tasks
+        have = float(cluster.get(what, 0.0))
+        if pools and need > have + 1e-9:
+            parts = " + ".join(f"{name} {n} x {r:g}" for name, n, r in pools)
+            raise ResourceError(
+                f"the actor pools need {need:g} {what} at their minimum sizes ({parts}"
+                f"{f' + {tasks:g} for one CPU task' if tasks else ''}) but the Ray cluster has {have:g}; "
+                f"lower resources.concurrency or resources.num_{what.lower()}s in pipelines.yaml")
 
 
-def run_ray(rows: list[Record], groups: list[GroupPlan], ctx: StageContext, cfg: Config) -> Iterator[Record]:
+def _write_source_parts(source: Iterable[Record], store: Store, run_dir: str,
+                        part_videos: int) -> tuple[list[str], int]:
+    """Stream the source into Parquet parts (one string column per row) so Ray reads it in parallel and
+    the driver never holds the list. Small sources get one video per part, so every video is its own task.
+    Duplicate video ids are refused (a 64-bit digest per id is all that is kept)."""
+    import array
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    digests = array.array("Q")
+    parts: list[str] = []
+    head: list[Record] = []
+    it = iter(source)
+    for row in it:  # look ahead: a source that ends early is split finely
+        head.append(row)
+        if len(head) >= 256:
+            break
+    size = 1 if len(head) < 256 else part_videos
+
+    def flush(chunk: list[Record]) -> None:
+        rel = f"{run_dir}/part-{len(parts):06d}.parquet"
+        table = pa.table({"video_id": [r["video_id"] for r in chunk],
+                          "rec": [json.dumps(r, sort_keys=True, default=str) for r in chunk]})
+        with store.writer(rel) as f:
+            pq.write_table(table, f)
+        parts.append(rel)
+
+    chunk: list[Record] = []
+    n = 0
+    for row in [*head, *it]:
+        digests.append(int.from_bytes(hashlib.blake2b(row["video_id"].encode(), digest_size=8).digest(),
+                                      "little"))
+        chunk.append(row)
+        n += 1
+        if len(chunk) >= size:
+            flush(chunk)
+            chunk = []
+    if chunk:
+        flush(chunk)
+    import numpy as np
+
+    d = np.frombuffer(digests, dtype=np.uint64) if len(digests) else np.zeros(0, np.uint64)
+    if len(np.unique(d)) != len(d):
+        raise ValueError("duplicate video_id from the source (the same id on two rows)")
+    return parts, n
+
+
+def run_ray(parts: list[str], mc: MapContext, cfg: Config) -> Iterator[dict]:
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, DataContext
 
     init_ray(cfg)
-    check_resources(groups, ray.cluster_resources())
-    if not rows:
+    check_resources(mc.groups, ray.cluster_resources())
+    if not parts:
         return
-    ds = ray.data.from_items([{"video_id": r["video_id"], "rec": json.dumps(r)} for r in rows],
-                             override_num_blocks=max(1, min(len(rows), 64)))
-    for g in groups:
+    dctx = DataContext.get_current()
+    # One video per block: a finished video leaves its task at once instead of waiting for its block-mates,
+    # so it reaches the committing group (and the manifest) while other videos are still in flight.
+    dctx.target_max_block_size = 64 * 1024
+    store = mc.store
+    ds = ray.data.read_parquet([store.path(p) for p in parts], filesystem=store.fs,
+                               override_num_blocks=len(parts))
+    ds = ds.map_batches(_resume_task, fn_kwargs={"mc": mc}, batch_size=1, batch_format="pandas",
+                        num_cpus=0.1)
+    for i, g in enumerate(mc.groups):
         common = dict(batch_size=g.batch_size, batch_format="pandas", num_cpus=g.num_cpus)
         if g.num_gpus:
             common["num_gpus"] = g.num_gpus
         if g.uses_model:
-            ds = ds.map_batches(_GroupActor, fn_constructor_kwargs={"group": g, "ctx": ctx},
-                                compute=ActorPoolStrategy(size=g.concurrency), **common)
+            lo, hi = g.pool
+            ds = ds.map_batches(_GroupActor, fn_constructor_kwargs={"index": i, "mc": mc},
+                                compute=ActorPoolStrategy(min_size=lo, max_size=hi), **common)
         else:
-            ds = ds.map_batches(_group_task, fn_kwargs={"group": g, "ctx": ctx}, **common)
+            ds = ds.map_batches(_group_task, fn_kwargs={"index": i, "mc": mc},
+                                ray_remote_args_fn=_no_fusion, **common)
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-        yield from _rows_from_batch(batch)
+        yield from _items_from_batch(batch)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,53 +499,134 @@ class RunResult:
     videos_in: int
     videos_skipped: int
     videos_committed: int
-    rows: list[Record]  # every committed row of this config (this run and earlier ones)
-    outputs: list[Record]  # what the global stages returned (one row per written sample)
     wall_s: float
+    map_hash: str = ""
+    totals: dict = field(default_factory=dict)  # clips, clips_ok, reasons, videos_with_clips, ...
+    stage_counts: dict = field(default_factory=dict)  # stage -> [rows in, rows failed, first error]
+    global_summary: dict = field(default_factory=dict)  # what the global phase returned
+    map_wall_s: float = 0.0
+    global_wall_s: float = 0.0
+    store_uri: str = ""
+
+    @property
+    def rows(self) -> list[Record]:
+        """Every committed row of this map config (loads the manifest: tests and small runs only)."""
+        return Manifest(Store(self.store_uri)).rows(self.map_hash)
 
 
-def run_pipeline(cfg: Config, pipeline: str, source_rows: list[Record], ctx: StageContext,
-                 runner: str = "ray", progress: Callable[[dict], None] | None = None) -> RunResult:
+class _Totals:
+    def __init__(self):
+        self.reasons: Counter = Counter()
+        self.n = Counter()
+        self.filters_off: set[str] = set()
+        self.stage_counts: dict[str, list] = {}
+
+    def add(self, item: dict) -> None:
+        s = item.get("summary") or {}
+        self.n["videos"] += 1
+        self.n["clips"] += s.get("n_clips", 0)
+        self.n["clips_ok"] += s.get("n_ok", 0)
+        self.n["videos_with_clips"] += bool(s.get("n_clips"))
+        self.reasons.update(s.get("reasons") or {})
+        self.filters_off.update(s.get("filters_off") or [])
+        for name, (n_in, n_failed, err) in (item.get("stage_counts") or {}).items():
+            c = self.stage_counts.setdefault(name, [0, 0, None])
+            c[0] += n_in
+            c[1] += n_failed
+            c[2] = c[2] or err
+
+    def check(self, max_frac: float, min_rows: int) -> None:
+        for name, (n_in, n_failed, err) in self.stage_counts.items():
+            if n_in >= min_rows and n_failed > max_frac * n_in:
+                raise StageFailureError(
+                    f"stage {name!r}: {n_failed} of {n_in} rows failed (more than {max_frac:.0%}); "
+                    f"stopping the run. First error: {err}")
+
+    def as_dict(self) -> dict:
+        return {**dict(self.n), "videos_rejected": self.n["videos"] - self.n["videos_with_clips"],
+                "reasons": dict(self.reasons.most_common()), "filters_off": sorted(self.filters_off)}
+
+
+def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx: StageContext,
+                 runner: str = "ray", progress: Callable[[dict], None] | None = None,
+                 out: str | None = None) -> RunResult:
+    """Curate ``source_rows`` (any iterable, consumed once) into ``out`` (default ``ctx.out_dir``; a
+    local folder or a URI). ``progress`` gets each finished video's status item as it arrives."""
     t0 = time.time()
+    if runner not in ("ray", "sequential"):
+        raise ValueError(f"runner must be 'ray' or 'sequential', not {runner!r}")
+    store = Store(out or ctx.out_dir)
     specs = cfg.pipelines[pipeline]
     groups, global_specs = plan(specs)
-    manifest = Manifest(ctx.out_dir)
-    collector = VideoCollector(manifest, ctx.config_hash, progress)
+    run_cfg = cfg.run
+    mc = MapContext(groups, store.uri, ctx.models_dir, run_cfg.max_fail_frac, run_cfg.min_fail_rows)
+    mh = map_hash(groups)
+    totals = _Totals()
+    committed = skipped = 0
 
-    todo: list[Record] = []
-    skipped = 0
-    seen: set[str] = set()
-    for r in source_rows:
-        if r["video_id"] in seen:
-            raise ValueError(f"duplicate video_id {r['video_id']!r} from the source")
-        seen.add(r["video_id"])
-        if manifest.is_done(r["video_id"], ctx.config_hash):
-            skipped += 1
-        elif r.get("status", "ok") != "ok":
-            collector.add(r)  # rejected by the source (missing video, bad CSV row): record it, no work
-        else:
-            todo.append(r)
-
-    stream: Iterable[Record]
+    run_dir = f"source/run-{os.getpid()}-{int(t0 * 1000)}"
     if runner == "ray":
-        stream = run_ray(todo, groups, ctx, cfg)
-    elif runner == "sequential":
-        stream = run_sequential(todo, groups, ctx)
+        parts, n_in = _write_source_parts(source_rows, store, run_dir, run_cfg.videos_per_part)
+        stream = run_ray(parts, mc, cfg)
     else:
-        raise ValueError(f"runner must be 'ray' or 'sequential', not {runner!r}")
-    for row in stream:
-        collector.add(row)
-    collector.flush()
+        counted: list[int] = [0]
 
-    rows = manifest.rows(ctx.config_hash)
-    live = [r for r in rows if r["video_id"] in seen]
-    # Global stages see every ok row at once; the rows each returns are its outputs (a failure here is a
-    # failure of the run, reported as such, since it concerns the whole dataset rather than one video).
-    outputs: list[Record] = [r for r in live if r.get("status", "ok") == "ok"]
-    for spec in global_specs:
+        def counting(rows):
+            seen: set[str] = set()
+            for r in rows:
+                if r["video_id"] in seen:
+                    raise ValueError(f"duplicate video_id {r['video_id']!r} from the source")
+                seen.add(r["video_id"])
+                counted[0] += 1
+                yield r
+
+        stream = run_sequential(counting(source_rows), mc)
+    try:
+        for item in stream:
+            totals.add(item)
+            if item.get("state") == "skipped":
+                skipped += 1
+            else:
+                committed += 1
+                if progress:
+                    progress(item)
+            totals.check(mc.max_fail_frac, mc.min_fail_rows)
+    finally:
+        if runner == "ray":
+            store.delete_dir(run_dir)
+    if runner == "sequential":
+        n_in = counted[0]
+    t_map = time.time() - t0
+
+    global_summary: dict = {}
+    if global_specs:
+        try:
+            from curation.global_phase import run_global
+        except ImportError:  # until the distributed global phase lands
+            run_global = _legacy_global
+        gctx = StageContext(out_dir=scratch_dir(store), models_dir=ctx.models_dir, config_hash=mh)
+        if runner == "ray":
+            init_ray(cfg)
+        global_summary = run_global(global_specs, store, gctx, mh, runner=runner)
+    return RunResult(n_in, skipped, committed, time.time() - t0, mh, totals.as_dict(), totals.stage_counts,
+                     global_summary, t_map, time.time() - t0 - t_map, store.uri)
+
+
+def _legacy_global(specs, store: Store, ctx: StageContext, mh: str, runner: str = "ray") -> dict:
+    rows = [r for r in Manifest(store).rows(mh) if r.get("status", "ok") == "ok"]
+    for spec in specs:
         stage = build_stage(spec, ctx)
         stage.ensure_setup()
-        outputs = stage.process(outputs)
-    if not global_specs:
-        outputs = []
-    return RunResult(len(source_rows), skipped, collector.committed, live, outputs, time.time() - t0)
+        rows = stage.process(rows)
+    ok = [r for r in rows if r.get("status") == "ok"]
+    return {"triplets_out": len(ok), "triplets_by_pair_type": dict(Counter(r.get("pair_type") for r in ok))}
+
+
+def replace_stage_params(cfg: Config, pipeline: str, stage: str, **params) -> Config:
+    """A copy of ``cfg`` with ``params`` set on ``stage`` of ``pipeline`` (tests and benches)."""
+    new = dataclasses.replace(cfg, pipelines=dict(cfg.pipelines))
+    new.pipelines[pipeline] = [
+        dataclasses.replace(s, params={**s.params, **params}) if s.stage == stage else s
+        for s in cfg.pipelines[pipeline]
+    ]
+    return new

