@@ -140,7 +140,8 @@ class Resources:
     num_cpus: float = field(0.25, gt=0)
     num_gpus: float = field(0.0, ge=0)
     batch_size: int = field(4, ge=1)
-    concurrency: int = field(1, ge=1)
+    concurrency: int = field(1, ge=1)  # actors of a model group's pool (its minimum when autoscaling)
+    max_concurrency: int = field(0, ge=0)  # > concurrency: the pool autoscales between the two
 
 
 @dataclasses.dataclass
@@ -172,6 +173,13 @@ class RayConfig:
 
 
 @dataclasses.dataclass
+class RunConfig:
+    max_fail_frac: float = field(0.5, ge=0.0, le=1.0)  # a stage failing more of its rows stops the run
+    min_fail_rows: int = field(20, ge=1)  # ... once it has seen at least this many rows
+    videos_per_part: int = field(16, ge=1)  # source rows per Ray read task (small sources: 1)
+
+
+@dataclasses.dataclass
 class Config:
     output_dir: str = "output"
     models_dir: str = "models"
@@ -180,6 +188,7 @@ class Config:
     sources: dict[str, SourceSpec] = field({})
     pipelines: dict[str, list[StageSpec]] = field({})
     ray: RayConfig = field(default_factory=RayConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     models: dict[str, Any] = field({})  # named model files: {name: {path:, sha256:, url:}}
 
     def validate(self, path: str = "") -> None:
