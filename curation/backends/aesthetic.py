@@ -15,8 +15,9 @@ class AestheticScorer(Protocol):
 
     def load(self) -> AestheticScorer: ...
 
-    def score(self, frames_rgb: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> (N,) aesthetic scores (LAION scale: about 1-10, higher is better)."""
+    def score(self, frames_rgb) -> np.ndarray:
+        """uint8 frames (N, H, W, 3), or a list of (H_i, W_i, 3) of any sizes -> (N,) aesthetic scores
+        (LAION scale: about 1-10, higher is better)."""
 
 
 def linear_stack_from_state_dict(state: dict):
@@ -134,7 +135,7 @@ class LaionAesthetic:
         self.torch_device = torch.device(device)
         return self
 
-    def score(self, frames_rgb: np.ndarray) -> np.ndarray:
+    def score(self, frames_rgb) -> np.ndarray:
         import torch
         from PIL import Image
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from curation.config import ConfigError, field
 from curation.stage import Record, Stage, build_backend, register_stage, reject
-from curation.video_io import read_clip_frames
+from curation.video_io import read_clip_frames, read_frames_at
 
 
 def clip_frames(row: Record, n: int = 8, short_side: int = 144) -> tuple[np.ndarray, np.ndarray, int]:
@@ -122,8 +122,9 @@ class Quality(Stage):
 
 @register_stage("aesthetic")
 class Aesthetic(Stage):
-    """LAION-style aesthetic score (mean over a few frames). With no backend weights configured the stage
-    is OFF: every row gets ``aesthetic_score: None, aesthetic_pass: True, aesthetic_off: True``."""
+    """LAION-style aesthetic score (mean over a few frames, decoded at the source's full resolution, all
+    rows of a batch in one scorer call). With no backend weights configured the stage is OFF: every row
+    gets ``aesthetic_score: None, aesthetic_pass: True, aesthetic_off: True``."""
 
     @dataclasses.dataclass
     class Params:
@@ -152,10 +153,10 @@ class Aesthetic(Stage):
             return [
                 {**r, "aesthetic_score": None, "aesthetic_pass": True, "aesthetic_off": True} for r in rows
             ]
-        out = []
-        for row in rows:
-            frames, _, _ = clip_frames(row)
-            if len(frames) == 0:
+        out, todo, frames = [], [], []
+        for i, row in enumerate(rows):
+            full = self.full_res_frames(row)
+            if len(full) == 0:
                 out.append(
                     reject(
                         row,
@@ -166,14 +167,33 @@ class Aesthetic(Stage):
                     )
                 )
                 continue
-            pick = np.linspace(0, len(frames) - 1, min(self.params.n_frames, len(frames))).round().astype(int)
-            score = round(float(np.mean(self.scorer.score(frames[pick]))), 4)
-            cols = {"aesthetic_score": score, "aesthetic_off": False}
+            out.append(None)
+            todo.append((i, len(full), [int(full[0].shape[1]), int(full[0].shape[0])]))
+            frames.extend(full)
+        scores = self.scorer.score(frames) if frames else []  # one batched call over the stage's rows
+        k = 0
+        for i, n, size in todo:
+            row, score = rows[i], round(float(np.mean(scores[k : k + n])), 4)
+            k += n
+            cols = {"aesthetic_score": score, "aesthetic_off": False, "aesthetic_frame_px": size}
             if score < self.params.min_score:
-                out.append(reject(row, "aesthetic:low_score", **cols, aesthetic_pass=False))
+                out[i] = reject(row, "aesthetic:low_score", **cols, aesthetic_pass=False)
             else:
-                out.append({**row, **cols, "aesthetic_pass": True})
+                out[i] = {**row, **cols, "aesthetic_pass": True}
         return out
+
+    def full_res_frames(self, row: Record) -> list[np.ndarray]:
+        """``n_frames`` of the clip's analysis sample points, decoded again at the source's full resolution
+        (the predictor judges composition and detail: a 144p analysis frame upscaled is not the video)."""
+        frames, _, _ = clip_frames(row)
+        if len(frames) == 0:
+            return []
+        idx = list(row.get("_frame_indices") or [])
+        pick = np.linspace(0, len(frames) - 1, min(self.params.n_frames, len(frames))).round().astype(int)
+        if len(idx) != len(frames) or not row.get("video_path"):
+            return list(frames[pick])  # no source to go back to: the cached frames are all there is
+        rotation = int(row.get("rotation") or 0)
+        return list(read_frames_at(row["video_path"], [idx[j] for j in pick], rotation=rotation))
 
 
 def aesthetic_summary(rows: list[Record]) -> dict:

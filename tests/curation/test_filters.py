@@ -214,3 +214,20 @@ def test_aesthetic_weights_are_hash_checked(tiny_aesthetic):
     bad = {"0.weight": torch.zeros(4, 8), "1.weight": torch.zeros(1, 5)}
     with pytest.raises(ValueError, match="do not chain"):
         linear_stack_from_state_dict(bad)
+
+
+def test_aesthetic_scores_full_resolution_frames(clip_rows, tiny_aesthetic):
+    """The predictor sees the source frames at their own size, not the 144p analysis frames."""
+    from curation.frames import read_frames
+
+    cfg, _ = tiny_aesthetic
+    row = dict(clip_rows["good"])
+    assert row["_frames"].shape[1] == 144  # the analysis cache is small
+    stage = Aesthetic(params=Aesthetic.Params(min_score=0.0, n_frames=3), backend=cfg)
+    (out,) = stage([row])
+    assert out["aesthetic_frame_px"] == [640, 272]
+    idx = row["_frame_indices"]
+    pick = np.linspace(0, len(idx) - 1, 3).round().astype(int)
+    full = read_frames(row["video_path"], [idx[j] for j in pick])  # (3, 272, 640, 3)
+    want = float(np.mean(stage.scorer.score(full)))
+    assert out["aesthetic_score"] == round(want, 4)
