@@ -421,7 +421,13 @@ class FaceSim:
         self.cfg = cfg
         # The reported name says which recogniser produced the number (the paper's FaceSim-Arc is ArcFace).
         self.name = {"arcface": "FaceSim-Arc", "sface": "FaceSim-SFace"}.get(emb_name, f"FaceSim-{emb_name}")
-        self.model = f"{emb_name} face embedder + {det_name} detector"
+        files = [
+            Path(getattr(getattr(b, "model", None), "model_file", "") or "").name
+            for b in (self.embedder, self.detector)
+        ]  # insightface models know their ONNX file
+        self.model = f"{emb_name} face embedder + {det_name} detector" + (
+            f" ({', '.join(f for f in files if f)})" if any(files) else ""
+        )
 
     def _faces(self, image: np.ndarray):
         return [
@@ -719,6 +725,11 @@ class MetricSuite:
                 off["FaceSim"] = "no face detector/embedder configured (evaluation.face)"
             else:
                 add(FaceSim(cfg.face, md))
+        if "copy" in want:  # reported beside the identity score: the failure it trades against
+            if cfg.copy_paste.enabled:
+                add(CopyPaste(cfg.copy_paste))
+            else:
+                off["CopyPaste"] = "turned off (evaluation.copy_paste.enabled: false)"
         clip = dino = mobilenet = None
         if want & {"subject", "text", "video"}:
             if cfg.clip.model_path:
@@ -776,11 +787,6 @@ class MetricSuite:
                 off["Aesthetic"] = "no aesthetic predictor configured (evaluation.aesthetic)"
             else:
                 add(Aesthetic(cfg.aesthetic, md, cfg.device))
-        if "copy" in want:
-            if cfg.copy_paste.enabled:
-                add(CopyPaste(cfg.copy_paste))
-            else:
-                off["CopyPaste"] = "turned off (evaluation.copy_paste.enabled: false)"
         self._loaded = True
         return self
 
