@@ -11,6 +11,8 @@ SHARDS ?= output/$(SOURCE)/shards
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
+# A local Ray binds GCS, raylet, workers and agents to 127.0.0.1 only (read when `ray` is imported).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 # OpenMP threads that spin while waiting slow torch ~15x when processes share the cores.
 export OMP_WAIT_POLICY ?= PASSIVE
