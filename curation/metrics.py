@@ -119,7 +119,10 @@ def load_metrics_config(path: str | os.PathLike | None) -> MetricsConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping, got {type(data).__name__}")
     if "evaluation" in data or "pipelines" in data:
-        return metrics_config(data.get("evaluation"), "evaluation")
+        block = dict(data.get("evaluation") or {})
+        if "models_dir" in data:  # pipelines.yaml's models_dir unless the block names its own
+            block.setdefault("models_dir", data["models_dir"])
+        return metrics_config(block, "evaluation")
     return metrics_config(data, "<root>")
 
 

@@ -483,27 +483,37 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = load_metrics_config(a.metrics)
-    if a.device and cfg.device == "auto":
-        cfg.device = a.device
+    from curation.config import ConfigError
+    from curation.models import ModelHashMismatch, ModelNotFound
+
     out = a.out or os.path.join("runs", "eval", Path(a.ckpt).stem)
-    report = evaluate(
-        a.ckpt,
-        a.eval_set,
-        out,
-        cfg,
-        steps=a.steps,
-        w_img=a.w_img,
-        w_txt=a.w_txt,
-        num_frames=a.num_frames,
-        fps=a.fps,
-        base_seed=a.seed,
-        limit=a.limit,
-        batch_cases=a.batch_cases,
-        device=device,
-        model=a.model,
-        config=a.config,
-    )
+    try:
+        cfg = load_metrics_config(a.metrics)
+        if a.device and cfg.device == "auto":
+            cfg.device = a.device
+        if not Path(a.ckpt).exists():
+            raise FileNotFoundError(f"checkpoint {a.ckpt} does not exist")
+        iter_cases(a.eval_set)  # fails now, with one line, on a missing or unknown evaluation set
+        report = evaluate(
+            a.ckpt,
+            a.eval_set,
+            out,
+            cfg,
+            steps=a.steps,
+            w_img=a.w_img,
+            w_txt=a.w_txt,
+            num_frames=a.num_frames,
+            fps=a.fps,
+            base_seed=a.seed,
+            limit=a.limit,
+            batch_cases=a.batch_cases,
+            device=device,
+            model=a.model,
+            config=a.config,
+        )
+    except (ConfigError, ModelNotFound, ModelHashMismatch, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(Path(out, "eval.md").read_text(encoding="utf-8").split("## Cases")[0].rstrip())
     print(f"\nwrote {out}/eval.json, {out}/eval.md, {out}/index.html")
     return 0 if report["n_ok"] else 1

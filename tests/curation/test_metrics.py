@@ -316,9 +316,12 @@ def test_summary_counts_means_missing_and_flags():
 
 def test_config_from_yaml_and_unknown_keys(tmp_path):
     p = tmp_path / "pipelines.yaml"
-    p.write_text("pipelines: {}\nevaluation:\n  n_frames: 4\n  copy_paste: {threshold: 0.8}\n")
+    p.write_text(
+        "models_dir: /m\npipelines: {}\nevaluation:\n  n_frames: 4\n  copy_paste: {threshold: 0.8}\n"
+    )
     cfg = load_metrics_config(p)
     assert cfg.n_frames == 4 and cfg.copy_paste.threshold == 0.8 and cfg.face.embedder == "sface"
+    assert cfg.models_dir == "/m"  # pipelines.yaml's models_dir carries over
     p.write_text("evaluation:\n  clip: {model_pth: x}\n")
     with pytest.raises(ConfigError, match="evaluation.clip.model_pth"):
         load_metrics_config(p)

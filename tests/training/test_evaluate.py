@@ -158,3 +158,28 @@ def test_jsonl_cases_through_the_script_with_a_bad_line_recorded(tiny_ckpt, tmp_
     bad = by_key["line00003"]
     assert bad["status"] == "failed" and "cases.jsonl:3" in bad["error"] and "missing.png" in bad["error"]
     assert "failed: cases.jsonl:3" in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_a_missing_set_or_model_is_one_clear_line(tiny_ckpt, tmp_path, capsys):
+    from training.evaluate import main
+
+    assert main(["--ckpt", str(tiny_ckpt), "--eval-set", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "is neither a shard folder nor a .jsonl file" in capsys.readouterr().err
+    (tmp_path / "m.yaml").write_text(f"clip: {{model_path: {tmp_path / 'no_clip.pt'}}}\n")
+    (tmp_path / "c.jsonl").write_text("")
+    args = [
+        "--ckpt",
+        str(tiny_ckpt),
+        "--eval-set",
+        str(tmp_path / "c.jsonl"),
+        "--metrics",
+        str(tmp_path / "m.yaml"),
+    ]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert "CLIP checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_evaluate_on_gpu(tiny_ckpt, eval_shards, tmp_path):
+    rep = evaluate(str(tiny_ckpt), str(eval_shards), str(tmp_path), steps=2, limit=2, device="cuda")
+    assert rep["n_ok"] == 2 and rep["summary"]["MobileNetV2-I"]["n"] == 2
