@@ -54,7 +54,7 @@ def bench_cpu() -> dict[str, float]:
         }
 
 
-def _production_metrics_tiny(tmp: Path):
+def _production_metrics_tiny(tmp: Path, device: str):
     """The production metric config pointed at tiny random-init models of the real classes."""
     import torch
 
@@ -71,7 +71,7 @@ def _production_metrics_tiny(tmp: Path):
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp / "mlp.pth")
     return metrics_config(
         {
-            "device": "cuda",
+            "device": device,
             "face": {
                 "detector": {
                     "name": "scrfd",
@@ -107,8 +107,18 @@ def _production_metrics_tiny(tmp: Path):
     )
 
 
-def bench_gpu_1p3b() -> dict[str, float]:
-    """Phantom-Wan 1.3B (random init, tiny VAE / UMT5 of the real classes), bf16 on one GPU."""
+def bench_wan(
+    device: str = "cuda",
+    preset: str = "1.3B",
+    steps: int = GPU_STEPS,
+    cases: int = GPU_CASES,
+    hw: tuple[int, int] = GPU_HW,
+    frames: int = GPU_FRAMES,
+) -> dict[str, float]:
+    """Phantom-Wan at ``preset`` (random init; the tiny VAE / UMT5 of the real classes feed it), bf16 on
+    CUDA, generating through training.sample.Sampler and scored by the production metrics at tiny sizes."""
+    import contextlib
+
     import torch
     import yaml
 
@@ -121,39 +131,42 @@ def bench_gpu_1p3b() -> dict[str, float]:
     from training.models import build_model, encoder_cfg
     from training.sample import Sampler
 
-    dev = torch.device("cuda")
-    with tempfile.TemporaryDirectory(prefix="bench_eval_gpu") as tmp:
+    dev = torch.device(device)
+    with tempfile.TemporaryDirectory(prefix="bench_eval_wan") as tmp:
         tmp = Path(tmp)
         data = tiny_wan_config(write_tiny_wan_assets(tmp / "assets"), tmp / "unused", tmp / "run")
-        data["model"]["preset"] = (
-            "1.3B"  # dim 1536, 30 layers; in/out channels and text dim of the tiny encoders
-        )
-        data["phases"][-1].update(buckets=[list(GPU_HW)], num_frames=GPU_FRAMES, fps=16.0)
+        data["model"]["preset"] = preset  # 1.3B: dim 1536, 30 layers, with the tiny encoders' channels
+        data["phases"][-1].update(buckets=[list(hw)], num_frames=frames, fps=16.0)
         (tmp / "c.yaml").write_text(yaml.safe_dump(data))
         cfg = load_config(tmp / "c.yaml")
         torch.manual_seed(0)
-        model = build_model(cfg).to(dev, torch.bfloat16).eval()
+        model = build_model(cfg).to(dev).eval()
+        if dev.type == "cuda":
+            model = model.to(torch.bfloat16)
         enc = build_encoders(encoder_cfg(cfg.encoders, dev))
         sampler = Sampler(cfg, model, enc, dev)
-        suite = MetricSuite(_production_metrics_tiny(tmp)).load()
+        suite = MetricSuite(_production_metrics_tiny(tmp, device)).load()
         eval_set = write_triplets(tmp, n_videos=4, subdir="shards_eval")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+        with amp:
             rep = evaluate(
-                "wan-1.3B-random",
+                f"wan-{preset}-random",
                 str(eval_set),
                 str(tmp / "eval"),
-                steps=GPU_STEPS,
-                limit=GPU_CASES,
+                steps=steps,
+                limit=cases,
                 suite=suite,
                 sampler=sampler,
             )
         t = rep["timing"]
+        n = max(1, rep["n_ok"])
         return {
             "eval_cases_per_s_wan1p3b_gpu": t["cases_per_s"],
-            "eval_wan1p3b_generate_s_per_case": round(t["generate_s"] / max(1, rep["n_ok"]), 3),
-            "eval_wan1p3b_metrics_s_per_case": round(t["metrics_s"] / max(1, rep["n_ok"]), 3),
-            "eval_wan1p3b_steps": float(GPU_STEPS),
-            "eval_wan1p3b_frames": float(GPU_FRAMES),
+            "eval_wan1p3b_ok_cases": float(rep["n_ok"]),
+            "eval_wan1p3b_generate_s_per_case": round(t["generate_s"] / n, 3),
+            "eval_wan1p3b_metrics_s_per_case": round(t["metrics_s"] / n, 3),
+            "eval_wan1p3b_steps": float(steps),
+            "eval_wan1p3b_frames": float(frames),
             "eval_wan1p3b_metrics_on": float(sum(m["status"] == "on" for m in rep["metrics"].values())),
         }
 
@@ -163,7 +176,7 @@ def run() -> dict[str, float]:
 
     out = bench_cpu()
     if torch.cuda.is_available():
-        out.update(bench_gpu_1p3b())
+        out.update(bench_wan("cuda", "1.3B"))
     return out
 
 
