@@ -37,6 +37,7 @@ import csv
 import dataclasses
 import hashlib
 import heapq
+import importlib
 import json
 import os
 import random
@@ -485,8 +486,39 @@ def count_rows_fast(csv_path: str) -> int:
 # Runners: the same task function on Ray or in a thread pool.
 
 
+def warm_up() -> None:
+    """Pay yt-dlp's first-use costs (importing its extractors, compiling their URL patterns) and PyAV's
+    import once per worker, before the clock of the rates starts."""
+    import av  # noqa: F401
+    import yt_dlp
+
+    for mod in ("yt_dlp.extractor.generic", "yt_dlp.extractor.youtube", "yt_dlp.downloader.http",
+                "yt_dlp.downloader.external", "yt_dlp.postprocessor.ffmpeg"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(mod)
+    with yt_dlp.YoutubeDL({"quiet": True, "logger": _Log()}) as ydl:
+        for ie in ydl._ies.values():
+            ie.suitable("https://www.youtube.com/watch?v=x")
+
+
+class _DownloadWorker:
+    """A Ray actor that runs ``download_one``: long-lived, so yt-dlp and PyAV are imported once per worker
+    (plain tasks at fractional CPUs lose their idle worker processes between waves and pay that again)."""
+
+    def __init__(self):
+        warm_up()
+
+    def ready(self) -> bool:
+        return True
+
+    def fetch(self, *args) -> dict:
+        return download_one(*args)
+
+
 class _RayRunner:
-    def __init__(self, p: DownloadParams, cfg=None):
+    """``concurrency`` download actors; each call is one actor task, so a video is one Ray task."""
+
+    def __init__(self, p: DownloadParams, cfg=None, n_start: int = 1):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local cluster on loopback
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
@@ -500,13 +532,27 @@ class _RayRunner:
                 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                          _node_ip_address="127.0.0.1", configure_logging=False)
         self.ray = ray
-        # the store's endpoint and credentials as the driver sees them reach the tasks, also on a cluster
+        have = float(ray.cluster_resources().get("CPU", 0.0))
+        if p.num_cpus > have:
+            raise RuntimeError(f"download: num_cpus {p.num_cpus:g} per worker; the Ray cluster has {have:g}")
+        # the store's endpoint and credentials as the driver sees them reach the workers, also on a cluster
         env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
         opts = {"runtime_env": {"env_vars": env}} if env else {}
-        self.fn = ray.remote(num_cpus=p.num_cpus, max_retries=0)(download_one).options(**opts)
+        self.cls = ray.remote(num_cpus=p.num_cpus, max_restarts=0, max_task_retries=0)(_DownloadWorker)
+        self.opts = opts
+        self.idle = [self._new() for _ in range(max(1, min(n_start, p.concurrency)))]
+        # wait until they are up (or until a minute passed: those that fit start later, as resources free)
+        ray.wait([a.ready.remote() for a in self.idle], num_returns=len(self.idle), timeout=60)
+        self.busy: dict = {}
+
+    def _new(self):
+        return self.cls.options(**self.opts).remote()
 
     def submit(self, *args):
-        return self.fn.remote(*args)
+        actor = self.idle.pop() if self.idle else self._new()
+        h = actor.fetch.remote(*args)
+        self.busy[h] = actor
+        return h
 
     def wait(self, handles: list, timeout: float) -> list:
         done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
@@ -516,14 +562,24 @@ class _RayRunner:
         return done
 
     def result(self, h) -> dict:
-        return self.ray.get(h)
+        actor = self.busy.pop(h)
+        try:
+            out = self.ray.get(h)
+        except self.ray.exceptions.RayActorError:
+            self.ray.kill(actor)
+            self.idle.append(self._new())  # a worker that died is replaced; the video counts a try
+            raise
+        self.idle.append(actor)
+        return out
 
     def close(self):
-        pass
+        for a in self.idle + list(self.busy.values()):
+            self.ray.kill(a)  # free their CPUs for the stages that follow
+        self.idle, self.busy = [], {}
 
 
 class _ThreadRunner:
-    def __init__(self, p: DownloadParams, cfg=None):
+    def __init__(self, p: DownloadParams, cfg=None, n_start: int = 1):
         self.pool = cf.ThreadPoolExecutor(max_workers=p.concurrency, thread_name_prefix="download")
 
     def submit(self, *args):
@@ -645,12 +701,11 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
     total = count_rows_fast(csv_path)
     if p.limit:
         total = min(total, p.limit)
-    stats = Stats(total)
     say = progress or (lambda _s: None)
     if runner not in ("ray", "threads"):
         raise ValueError(f"runner must be 'ray' or 'threads', not {runner!r}")
-    run = _RayRunner(p, cfg) if runner == "ray" else _ThreadRunner(p, cfg)
-
+    stats = Stats(total)
+    run = None  # started at the first video to fetch: a rerun with nothing left starts no Ray
     rows = iter_csv_rows(csv_path)
     exhausted = False
     queues: dict[str, deque[_Pending]] = {}
@@ -704,6 +759,10 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
                 queues.setdefault(host, deque()).appendleft(pend)
             # 3. start tasks within the global window, the per-host window and the per-host rate
             wake = now + 1.0
+            if run is None and queued():
+                n_start = min(p.concurrency, sum(len(q) for q in queues.values()))
+                run = (_RayRunner if runner == "ray" else _ThreadRunner)(p, cfg, n_start)
+                stats.t0 = now = time.time()  # rates count from here: the workers are up
             for host, q in queues.items():
                 while q and len(in_flight) < p.concurrency and per_host[host] < p.per_host_concurrency:
                     t = next_start.get(host, 0.0)
@@ -755,7 +814,8 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
                 last_line = time.time()
     finally:
         triage_pool.shutdown(wait=False)
-        run.close()
+        if run is not None:
+            run.close()
     summary = {"store": store.uri, "csv": csv_path, **stats.summary()}
     say(stats.line(0, 0))
     store.write_json(f"{LOG_PREFIX}/summary.json", summary, indent=2)
