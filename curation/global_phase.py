@@ -236,7 +236,7 @@ def _resolve(v):
     if isinstance(v, ray.ObjectRef):
         key = v.hex()
         if key not in _REFS:
-            if len(_REFS) > 4:
+            if len(_REFS) > 32:
                 _REFS.clear()
             _REFS[key] = ray.get(v)
         return _REFS[key]
@@ -401,7 +401,7 @@ def _min_phash_distance(phm, phn, q: np.ndarray, c: np.ndarray) -> np.ndarray:
     return np.where(d >= 999, -1, d)
 
 
-def _search_block(item: dict, store: Store, bundle: dict, params: dict) -> dict:
+def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict:
     """Candidates of query rows [r0, r1): every one with its exact score, band verdict (``in_band``,
     ``copy_paste`` by score or pHash, ``different_subject``) and pHash distance; plus the copy edges."""
     import pyarrow as pa
@@ -410,6 +410,7 @@ def _search_block(item: dict, store: Store, bundle: dict, params: dict) -> dict:
     out_rel, copies_rel = item["out"], item["copies"]
     if store.exists(out_rel) and store.exists(copies_rel):
         return {"skipped": 1, "hist": [0] * HIST_BINS}
+    bundle = _resolve(bundles[item["bundle"]])
     low, high = (params["low"], params["high"]) if kind == "subject" else (params["face_low"], params["face_high"])
     n = bundle["n"]
     m = min(params["candidates"], n - 1)
@@ -752,6 +753,8 @@ def _write_partition(item: dict, store: Store, params: dict) -> dict:
     p, wp, gh = item["partition"], params["write"], params["global_hash"]
     t = pq.read_table(io.BytesIO(store.read_bytes(item["plans"])))
     rejections: Counter = Counter()
+    counts: Counter = Counter()
+    eval_videos: set[str] = set()  # partitions hold disjoint videos: the driver adds the counts up
     entries, written, kept = [], 0, 0
     by_split: dict[str, list[dict]] = defaultdict(list)
     for rec in t.to_pylist():
@@ -780,6 +783,12 @@ def _write_partition(item: dict, store: Store, params: dict) -> dict:
             sample.update({ext: ("file", rel) for ext, rel in files})
             samples.append((sample, rec))
             sizes.append(size)
+            counts["samples"] += 1
+            counts[f"pair_type:{rec['pair_type']}"] += 1
+            counts.update(f"scenario:{t}" for t in json.loads(rec["meta"])["scenarios"])
+            if split == "eval":
+                counts["eval_samples"] += 1
+                eval_videos.add(rec["video_id"])
         for seq, (a, b) in enumerate(plan_shards(sizes, wp["maxcount"], int(wp["maxsize_mb"] * (1 << 20)))):
             name = shard_name(p, seq)
             keys = [s["__key__"] for s, _ in samples[a:b]]
@@ -809,7 +818,9 @@ def _write_partition(item: dict, store: Store, params: dict) -> dict:
                                        "first_key": keys[0], "last_key": keys[-1]})
             entries.append(entry)
             written += 1
-    return {"entries": entries, "written": written, "kept": kept, "rejections": dict(rejections)}
+    counts["eval_videos"] = len(eval_videos)
+    return {"entries": entries, "written": written, "kept": kept, "rejections": dict(rejections),
+            "counts": dict(counts)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -929,17 +940,20 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
                 indent=1)
     timings["shards_s"] = round(time.time() - t0 - sum(timings.values()), 2)
 
-    counts = _count_written(store, [it["out"] for it in plan_items], entries)
+    counts: Counter = Counter()
+    for r in res:
+        counts.update(r["counts"])
     summary = {
         "triplets_out": counts["samples"],
-        "triplets_by_pair_type": counts["by_pair_type"],
+        "triplets_by_pair_type": {k.split(":", 1)[1]: v for k, v in sorted(counts.items())
+                                  if k.startswith("pair_type:")},
         "rejections_by_reason": dict(sorted(rej.items(), key=lambda kv: -kv[1])),
         "near_duplicate_videos": pairs_done["near_duplicate_videos"],
         "near_duplicate_groups": pairs_done["near_duplicate_groups"],
         "shards": sum(e["split"] == "train" for e in entries),
         "eval_shards": sum(e["split"] == "eval" for e in entries),
         "eval_videos": counts["eval_videos"], "eval_triplets": counts["eval_samples"],
-        "scenarios": counts["scenarios"], "pair_verdicts": pairs_done["verdicts"],
+        "scenarios": {t: counts[f"scenario:{t}"] for t in scenarios.TAXONOMY}, "pair_verdicts": pairs_done["verdicts"],
         "units": gather["units"], "clips_in": gather["clips"], "partitions": n_part,
         "shards_written": sum(r["written"] for r in res), "shards_kept": sum(r["kept"] for r in res),
         "pair_hash": pair_hash, "global_hash": global_hash, "timings_s": timings,
@@ -950,49 +964,29 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
     return summary
 
 
-def _count_written(store: Store, plan_files: list[str], entries: list[dict]) -> dict:
-    """Counts of what was written, from the plans' small columns (one partition file at a time)."""
-    import pyarrow.parquet as pq
-
-    by_type, scen, eval_videos = Counter(), Counter({t: 0 for t in scenarios.TAXONOMY}), set()
-    n = n_eval = 0
-    written = sum(e["samples"] for e in entries)
-    for rel in plan_files:
-        t = pq.read_table(io.BytesIO(store.read_bytes(rel)), columns=["split", "pair_type", "video_id", "meta"])
-        for split, pt, vid, meta in zip(*(t.column(c).to_pylist() for c in ("split", "pair_type", "video_id",
-                                                                             "meta"))):
-            n += 1
-            by_type[pt] += 1
-            scen.update(json.loads(meta)["scenarios"])
-            if split == "eval":
-                n_eval += 1
-                eval_videos.add(vid)
-    # samples whose files were missing were planned but not written: report what the shards hold
-    return {"samples": written, "planned": n, "by_pair_type": dict(by_type), "scenarios": dict(scen),
-            "eval_samples": n_eval, "eval_videos": len(eval_videos)}
-
-
 def _pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> dict:
     files = gather["units_files"]
     hist = {k: np.zeros(HIST_BINS, np.int64) for k in KINDS}
     raw: dict[str, list[tuple[str, str]]] = {k: [] for k in KINDS}
     copies = []
+    # one bundle per (kind, category), built in tasks; one map_batches job over the query blocks of all
+    bundles, items = {}, []
     for key, n in sorted(gather["units"].items()):
         kind, cat = key.split("\t")
         if n < 2:
             continue
         catdir = f"{kind}/{safe_component(cat)}"
-        bundle = _bundle_ref(store, files, kind, cat, pp, runner)
-        items = [{"kind": kind, "r0": r0, "r1": min(n, r0 + SEARCH_BLOCK_ROWS),
-                  "out": f"{pdir}/raw/{catdir}/block-{r0:010d}.parquet",
-                  "copies": f"{pdir}/copies/{catdir}/block-{r0:010d}.parquet"}
-                 for r0 in range(0, n, SEARCH_BLOCK_ROWS)]
-        res = run_items(items, _ordered(_search_block), runner, store=store, bundle=bundle, params=pp)
-        for r in res:
-            hist[kind] += np.asarray(r["hist"], np.int64)
-        raw[kind] += [(it["out"], f"{pdir}/pairs/{catdir}/{it['out'].rsplit('/', 1)[-1]}") for it in items]
-        copies += [it["copies"] for it in items]
-        del bundle
+        bundles[key] = _bundle_ref(store, files, kind, cat, pp, runner)
+        items += [{"bundle": key, "kind": kind, "r0": r0, "r1": min(n, r0 + SEARCH_BLOCK_ROWS),
+                   "out": f"{pdir}/raw/{catdir}/block-{r0:010d}.parquet",
+                   "copies": f"{pdir}/copies/{catdir}/block-{r0:010d}.parquet"}
+                  for r0 in range(0, n, SEARCH_BLOCK_ROWS)]
+    res = run_items(items, _ordered(_search_block), runner, store=store, bundles=bundles, params=pp)
+    for it, r in zip(items, res):
+        hist[it["kind"]] += np.asarray(r["hist"], np.int64)
+        raw[it["kind"]].append((it["out"], it["out"].replace(f"{pdir}/raw/", f"{pdir}/pairs/")))
+        copies.append(it["copies"])
+    del bundles
     dd = run_items([{"copies": copies, "out": f"{pdir}/dedup/groups.parquet"}], _ordered(_dedup), runner,
                    store=store, params=pp)[0]
     groups = _read_groups(store, f"{pdir}/dedup/groups.parquet")
