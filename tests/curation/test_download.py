@@ -277,7 +277,7 @@ def test_to_s3_through_ray_and_vanished_file_is_refetched(tmp_path, ray_local, s
 
 
 def test_section_download_of_the_csv_spans(tmp_path):
-    from curation.download import download_source, probe_video
+    from curation.download import download_source, probe_video, section_offset_s
 
     with LoopbackVideoServer() as srv:
         # spans cover 2.5 s of a 10 s video: with sections on, only [0, 4] s (padded by 1 s) is fetched
@@ -289,6 +289,7 @@ def test_section_download_of_the_csv_spans(tmp_path):
         log = logs(store)["sec1"]
         assert s["modes"] == {"section": 1} and log["mode"] == "section"
         assert log["section_s"] == [0.5, 4.0] and log["time_offset_s"] == 0.5 and log["site_duration_s"] == 10
+        assert section_offset_s(store, "sec1") == 0.5  # what the pipeline subtracts from the CSV spans
         facts = probe_video(str(tmp_path / "v" / "sec1.mp4"))
         assert 2.5 <= facts["duration_s"] <= 5.0 and facts["width"] == 640
         assert log["bytes"] < 0.8 * len(srv.files["bikes"])
@@ -297,6 +298,61 @@ def test_section_download_of_the_csv_spans(tmp_path):
         download_source(spec, store2, params=params(max_filesize_mb=5), runner="threads", progress=None)
         assert logs(store2)["sec1"]["mode"] == "full"
         assert (tmp_path / "v2" / "sec1.mp4").read_bytes() == srv.files["bikes"]
+
+
+def test_per_host_window_and_rate(tmp_path):
+    from curation.download import download_source
+
+    with LoopbackVideoServer(throttle_bps=2_000_000) as srv:
+        # two hosts for one server: 127.0.0.1 and localhost; one download at a time per host, 4 starts/s
+        rows = [(f"h{i}", srv.url("ok", f"h{i}").replace("127.0.0.1", "localhost") if i % 2 else
+                 srv.url("ok", f"h{i}")) for i in range(6)]
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
+        store = Store(tmp_path / "v")
+        s = download_source(spec, store, params=params(
+            allowed_hosts=["127.0.0.1", "localhost"], concurrency=4, per_host_concurrency=1,
+            per_host_rate_per_s=4.0), runner="threads", progress=None)
+        assert s["downloaded"] == 6
+        spans = {v: (g["finished_at"] - g["elapsed_s"], g["finished_at"]) for v, g in logs(store).items()}
+
+        def max_overlap(ids):
+            events = sorted([(spans[v][0], 1) for v in ids] + [(spans[v][1], -1) for v in ids])
+            n = best = 0
+            for _, d in events:
+                n += d
+                best = max(best, n)
+            return best
+
+        by_host = [[v for v in spans if int(v[1:]) % 2 == k] for k in (0, 1)]
+        assert [max_overlap(ids) for ids in by_host] == [1, 1]  # the per-host window
+        assert max_overlap(list(spans)) == 2  # the hosts ran side by side
+        for ids in by_host:  # starts on one host at least 1/rate apart
+            starts = sorted(spans[v][0] for v in ids)
+            assert min(b - a for a, b in zip(starts, starts[1:])) >= 0.25 - 0.02
+
+
+def test_format_selection_is_h264_mp4_at_most_max_height():
+    import yt_dlp
+
+    from curation.download import format_selector
+
+    def fmt(fid, ext, vcodec, acodec, height=None):
+        return {"format_id": fid, "ext": ext, "vcodec": vcodec, "acodec": acodec, "height": height,
+                "url": f"https://example.invalid/{fid}", "protocol": "https"}
+
+    formats = [fmt("18", "mp4", "avc1.42001E", "mp4a.40.2", 360),
+               fmt("137", "mp4", "avc1.640028", "none", 1080),
+               fmt("136", "mp4", "avc1.4d401f", "none", 720), fmt("135", "mp4", "avc1.4d401e", "none", 480),
+               fmt("247", "webm", "vp9", "none", 720), fmt("398", "mp4", "av01.0.05M.08", "none", 720),
+               fmt("140", "m4a", "none", "mp4a.40.2"), fmt("251", "webm", "none", "opus")]
+    got = {}
+    for height, merge in ((720, True), (480, True), (720, False)):
+        with yt_dlp.YoutubeDL({"quiet": True, "format": format_selector(height, merge)}) as ydl:
+            info = {"id": "abc", "title": "t", "formats": [dict(f) for f in formats], "extractor": "youtube",
+                    "extractor_key": "Youtube", "webpage_url": "https://www.youtube.com/watch?v=abc"}
+            got[height, merge] = ydl.process_ie_result(info, download=False)["format_id"]
+    # yt-dlp's own selection: H.264 (not VP9 / AV1, not the 1080p) + AAC; without ffmpeg the progressive one
+    assert got == {(720, True): "136+140", (480, True): "135+140", (720, False): "18"}
 
 
 # ---------------------------------------------------------------------------------------------------------
