@@ -29,7 +29,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from model.flow import Conditioning, _draw, add_noise, sample_timesteps, velocity_target, video_mse
+from model.flow import (
+    Conditioning,
+    _draw,
+    add_noise,
+    draw_condition_dropout,
+    sample_timesteps,
+    velocity_target,
+    video_mse,
+)
 
 # diffusers WanTransformer3DModel configs of the released Wan2.1 T2V models (Wan2.1 config files).
 WAN_PRESETS: dict[str, dict] = {
@@ -86,6 +94,9 @@ class PhantomWan(nn.Module):
         super().__init__()
         self.transformer = transformer
         self.text_len = text_len
+        # Under FSDP every rank must run the transformer the same number of times per step (each run
+        # all-gathers every block), whatever reference counts its batch holds: then one run per sample.
+        self.one_call_per_sample = False
 
     @property
     def in_channels(self) -> int:
@@ -119,8 +130,13 @@ class PhantomWan(nn.Module):
         else:
             counts = ref_mask.bool().sum(1).cpu()
         out = None
-        for n in sorted(set(counts.tolist())):
-            idx = (counts == n).nonzero().flatten().to(x.device)
+        if self.one_call_per_sample:
+            groups = [(int(counts[i]), torch.tensor([i], device=x.device)) for i in range(B)]
+        else:
+            groups = [
+                (n, (counts == n).nonzero().flatten().to(x.device)) for n in sorted(set(counts.tolist()))
+            ]
+        for n, idx in groups:
             hidden = x[idx]
             if n:
                 refs = (
@@ -195,32 +211,17 @@ def condition_dropout(
 ) -> Conditioning:
     """Joint dropout state per sample (none / text / image / both), so each guidance branch is trained.
 
-    text dropped: zero states (the null context the sampler uses); image dropped: reference latents zeroed,
-    slots kept (the release's negative branch). p_both is the rate of dropping both at once.
+    The state is drawn by model.flow.draw_condition_dropout (P(text only) = p_text, P(image only) = p_image,
+    P(both) = p_both). Text dropped: zero states (the null context the sampler uses); image dropped:
+    reference latents zeroed with their slots kept (the release's negative branch), not removed as
+    model.flow.apply_condition_state does for the MMDiT.
     """
-    try:  # the explicit draw in model/flow.py, when present
-        from model.flow import draw_condition_dropout
-
-        state = draw_condition_dropout(cond.batch_size, p_text, p_image, p_both, generator).to(
-            cond.text.device
-        )
-    except ImportError:
-        state = _draw_state(cond.batch_size, p_text, p_image, p_both, generator).to(cond.text.device)
+    state = draw_condition_dropout(
+        cond.batch_size, p_text, p_image, p_both, generator, device=cond.text.device
+    )
     drop_t = (state == 1) | (state == 3)
     drop_i = (state == 2) | (state == 3)
     return drop_refs_keep_slots(cond.drop_text(drop_t), drop_i)
-
-
-def _draw_state(B: int, p_text: float, p_image: float, p_both: float, generator) -> torch.Tensor:
-    """(B,) int: 0 none, 1 text dropped, 2 image dropped, 3 both; one uniform draw per sample."""
-    if min(p_text, p_image, p_both) < 0 or p_text + p_image + p_both > 1:
-        raise ValueError(f"dropout rates {p_text}, {p_image}, {p_both} must be >= 0 and sum to <= 1")
-    u = _draw(torch.rand, (B,), generator)
-    state = torch.zeros(B, dtype=torch.long)
-    state[u < p_text + p_image + p_both] = 3
-    state[u < p_text + p_image] = 2
-    state[u < p_text] = 1
-    return state
 
 
 @torch.no_grad()

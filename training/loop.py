@@ -235,6 +235,8 @@ def fully_shard_model(model: torch.nn.Module, device: torch.device, mp_policy=No
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kw = {"mesh": mesh} | ({"mp_policy": mp_policy} if mp_policy is not None else {})
     units = model.shard_units() if hasattr(model, "shard_units") else list(model.blocks)
+    if hasattr(model, "one_call_per_sample"):  # the same collectives on every rank (PhantomWan)
+        model.one_call_per_sample = dist.get_world_size() > 1
     for block in units:
         fully_shard(block, **kw)
     return fully_shard(model, **kw)

@@ -137,7 +137,13 @@ def build_phantom_wan(model_cfg) -> PhantomWan:
         # The release loads Phantom-Wan-*.pth with strict=False over a freshly built WanModel; here every
         # key must be known (strict) so a wrong file fails loudly instead of leaving random weights.
         load_into(transformer, state, f"Phantom-Wan checkpoint {wan.phantom_ckpt}")
-    transformer = transformer.to(getattr(torch, wan.dtype))
+    if wan.dtype != "float32":
+        # diffusers keeps the norms, time embedder and modulation tables of Wan in fp32 at low precision.
+        keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or [])
+        transformer = transformer.to(getattr(torch, wan.dtype))
+        for name, module in transformer.named_modules():
+            if keep & set(name.split(".")):
+                module.float()
     if wan.grad_checkpoint:
         transformer.enable_gradient_checkpointing()
     if wan.finetune == "lora":
