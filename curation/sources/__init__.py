@@ -93,9 +93,16 @@ def check_source_for_pipeline(source_spec, stage_specs) -> str | None:
     if kind == "panda70m":
         if not csv_path:
             return "source panda70m: set `csv:` (or CSV=...) to the Panda-70M metadata CSV"
-        if not os.path.isfile(csv_path):
+        from curation.storage import Store, is_uri
+
+        if is_uri(csv_path):
+            parent, name = csv_path.rsplit("/", 1)
+            if not Store(parent).is_file(name):
+                return f"source panda70m: the CSV {csv_path} does not exist"
+        elif not os.path.isfile(csv_path):
             return f"source panda70m: the CSV {csv_path} does not exist"
-        if videos_dir and not os.path.isdir(videos_dir) and not _get(source_spec, "download"):
+        if videos_dir and not is_uri(videos_dir) and not os.path.isdir(videos_dir) \
+                and not _get(source_spec, "download"):
             return f"source panda70m: the videos folder {videos_dir} does not exist (or set download: true)"
         return None
     if kind != "dir":

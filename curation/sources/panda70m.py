@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from curation.sources import rejected_record, source_record
+from curation.storage import Store, is_uri
 
 REQUIRED_COLUMNS = ("videoID", "url", "timestamp", "caption", "matching_score")
 OPTIONAL_COLUMNS = ("desirable_filtering", "shot_boundary_detection")
@@ -177,6 +178,13 @@ def parse_scores(text: str, n_spans: int) -> list[float] | None:
     return out
 
 
+def _list_names(videos_dir: str) -> set[str]:
+    """The file names directly inside ``videos_dir`` (a local folder or an object-store prefix)."""
+    if is_uri(videos_dir):
+        return {rel for rel in Store(videos_dir).list() if "/" not in rel}
+    return set(os.listdir(videos_dir)) if os.path.isdir(videos_dir) else set()
+
+
 def resolve_video(
     videos_dir: str, video_id: str, names: set[str] | None = None
 ) -> tuple[str | None, str | None]:
@@ -185,6 +193,11 @@ def resolve_video(
     ``names``: the folder's file names listed once up front, to skip a stat per missing candidate."""
     if not VIDEO_ID_RE.match(video_id or ""):
         return None, "bad_video_id"
+    if is_uri(videos_dir):  # object store: the id matched VIDEO_ID_RE, so the key stays in the folder
+        for ext in PANDA_VIDEO_EXTENSIONS:
+            if names is not None and video_id + ext in names:
+                return f"{videos_dir.rstrip('/')}/{video_id + ext}", None
+        return None, "missing_video"
     root = os.path.realpath(videos_dir)
     for ext in PANDA_VIDEO_EXTENSIONS:
         if names is not None and video_id + ext not in names:
@@ -323,9 +336,14 @@ def iter_panda_csv(
     column, or when ``videos_dir`` does not exist and ``download`` is off. Every other problem is a
     rejected record. Rows of a videoID seen more than once are held until its last row and merged (a
     first pass over the ids, 8 bytes each, finds them); other rows stream straight through."""
+    if is_uri(csv_path):  # an object-store CSV is read from a cached local copy
+        parent, name = csv_path.rsplit("/", 1)
+        if not Store(parent).is_file(name):
+            raise FileNotFoundError(f"Panda-70M CSV {csv_path} does not exist")
+        csv_path = Store(parent).local_path(name)
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"Panda-70M CSV {csv_path} does not exist")
-    if not download and not os.path.isdir(videos_dir):
+    if not download and not is_uri(videos_dir) and not os.path.isdir(videos_dir):
         raise FileNotFoundError(
             f"videos folder {videos_dir} does not exist "
             "(put {videoID}.mp4 files there, or set download: true)"
@@ -408,7 +426,7 @@ def _add(records: dict[str, dict[str, Any]], rec: dict[str, Any], line: int) -> 
 
 
 def _iter_limited(csv_path, header, videos_dir, source, download, limit) -> Iterator[dict[str, Any]]:
-    names = set(os.listdir(videos_dir)) if os.path.isdir(videos_dir) else set()
+    names = _list_names(videos_dir)
     records: dict[str, dict[str, Any]] = {}
     for line, row, bad in _rows(csv_path, header, source):
         if len(records) >= limit:
@@ -441,7 +459,7 @@ def _iter_streaming(csv_path, header, videos_dir, source, download) -> Iterator[
     del hashes, lines, h, ln, order, dup
 
     # pass 2: parse and yield; rows of a duplicated id wait (in a small dict) for that id's last row
-    names = set(os.listdir(videos_dir)) if os.path.isdir(videos_dir) else set()
+    names = _list_names(videos_dir)
     held: dict[str, dict[str, dict[str, Any]]] = {}
     for line, row, bad in _rows(csv_path, header, source):
         if bad is not None:
