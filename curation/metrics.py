@@ -49,6 +49,9 @@ class FaceConfig:
     min_det_score: float = field(0.6, ge=0.0, le=1.0)
     min_face_px: int = field(12, ge=1)  # shorter side of a face box
     ref_pad_frac: float = field(0.25, ge=0.0, le=2.0)  # border added around a reference before detection
+    # References whose subject has another category are not searched for a face (a cat's face would be
+    # scored against people); references of unknown category are.
+    categories: list[str] = field(["human"])
 
 
 @dataclasses.dataclass
@@ -459,7 +462,13 @@ class FaceSim:
     def __call__(self, batch: Batch) -> list[dict]:
         out = []
         for c in batch.cases:
-            refs = [self.ref_face(r) for r in c.refs]
+            cats = [
+                (c.subjects[i] if i < len(c.subjects) else {}).get("category") for i in range(len(c.refs))
+            ]
+            refs = [
+                self.ref_face(r) if cat is None or cat in self.cfg.categories else None
+                for r, cat in zip(c.refs, cats)
+            ]
             if all(r is None for r in refs):
                 out.append(_none("no_reference_face"))
                 continue

@@ -55,6 +55,9 @@ def test_facesim_is_high_for_the_same_person_and_low_for_another(offline, faces)
     assert _value(same, "FaceSim-SFace") >= 0.6  # measured 0.70
     assert _value(other, "FaceSim-SFace") <= 0.3  # measured 0.11
     assert same["metrics"]["FaceSim-SFace"]["face_frames"] == 4
+    # a reference of another category is not searched for a face
+    (cat,) = offline.score([Case("cat", [car[0]], car[1:], subjects=[{"name": "cat", "category": "animal"}])])
+    assert cat["metrics"]["FaceSim-SFace"]["reason"] == "no_reference_face"
     # no face in the video: no number, a reason
     (none,) = offline.score([Case("noface", [car[0]], np.stack([skimage.data.coffee()] * 2))])
     assert none["metrics"]["FaceSim-SFace"] == {
