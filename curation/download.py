@@ -384,8 +384,7 @@ def download_one(row: dict, params: DownloadParams | dict, store, attempt: int =
         if got["ok"]:
             got = _validate(got, p)
         if got["ok"]:
-            ext = got["path"].rsplit(".", 1)[-1].lower()
-            ext = ext if ext in VIDEO_EXTS else {"mov": "mp4", "m4v": "mp4"}.get(ext, "mp4")
+            ext = _ext_for(got["path"], got.get("container") or "")
             rel = f"{vid}.{ext}"
             for other in VIDEO_EXTS:  # one file per video: a refetch in another container replaces it
                 if other != ext:
@@ -406,6 +405,15 @@ def download_one(row: dict, params: DownloadParams | dict, store, attempt: int =
         _write_log(store, vid, res, t0)
     res["elapsed_s"] = round(time.time() - t0, 3)
     return res
+
+
+def _ext_for(path: str, container: str) -> str:
+    """mp4 | mkv | webm for the committed name: the file's own extension when it is one of those, else
+    from the container PyAV found (a direct link without an extension is ``unknown_video``)."""
+    ext = path.rsplit(".", 1)[-1].lower()
+    if ext in VIDEO_EXTS:
+        return ext
+    return "mkv" if "matroska" in container else "mp4"
 
 
 def _validate(got: dict, p: DownloadParams) -> dict:
@@ -441,6 +449,8 @@ def iter_csv_rows(csv_path: str) -> Iterator[dict]:
 
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"Panda-70M CSV {csv_path} does not exist")
+    # a video with many clips has long caption lists; the default 128 kB field limit would lose its row
+    csv.field_size_limit(max(csv.field_size_limit(), 16 << 20))
     with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
@@ -568,6 +578,9 @@ class _RayRunner:
         except self.ray.exceptions.RayActorError:
             self.ray.kill(actor)
             self.idle.append(self._new())  # a worker that died is replaced; the video counts a try
+            raise
+        except Exception:
+            self.idle.append(actor)  # the call raised (e.g. the store refused a write): the actor is fine
             raise
         self.idle.append(actor)
         return out
