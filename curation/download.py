@@ -660,6 +660,10 @@ class Stats:
                 "videos_per_s": round(vps, 3), "bytes_per_s": round(bps, 1)}
 
 
+def print_line(line: str) -> None:
+    print(line, flush=True)  # flushed: a log file keeps the lines of a run that is killed
+
+
 def _hms(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -686,7 +690,7 @@ def _triage(store, row: dict) -> tuple[str, Any]:
 
 def download_source(spec, store, *, params: DownloadParams | dict | None = None, cfg=None,
                     runner: str = "ray", csv_path: str | None = None,
-                    progress: Callable[[str], None] | None = print) -> dict:
+                    progress: Callable[[str], None] | None = print_line) -> dict:
     """Download every row of ``spec``'s Panda-70M CSV (``spec``: a ``curation.config.SourceSpec``) into
     ``store`` (a ``curation.storage.Store`` or a path/URI: the videos folder). ``params``: DownloadParams
     or a ``download:`` mapping (default: ``spec.download`` when it is a mapping, else the defaults).
@@ -706,6 +710,8 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
     csv_path = csv_path or spec.csv
     if not csv_path:
         raise ValueError("download: `csv:` (the Panda-70M metadata CSV) is required")
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"download: the Panda-70M CSV {csv_path} does not exist")
     try:
         import yt_dlp  # noqa: F401
     except ImportError:
@@ -714,7 +720,7 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
     total = count_rows_fast(csv_path)
     if p.limit:
         total = min(total, p.limit)
-    say = progress or (lambda _s: None)
+    say = progress or (lambda _line: None)
     if runner not in ("ray", "threads"):
         raise ValueError(f"runner must be 'ray' or 'threads', not {runner!r}")
     stats = Stats(total)
@@ -886,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = download_source(spec, videos, params=params, cfg=cfg, runner=args.runner,
                                   csv_path=args.csv or spec.csv)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"download error: {e}", file=sys.stderr)
+        print(f"download error: {str(e).removeprefix('download: ')}", file=sys.stderr)
         return 2
     print("\n== download summary ==")
     print(json.dumps(summary, indent=2))

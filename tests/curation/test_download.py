@@ -389,6 +389,7 @@ def test_killed_run_resumes_without_refetching(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         assert proc.returncode == -signal.SIGKILL
+        assert "videos/s" in (tmp_path / "run.log").read_text()  # the CLI's progress line
         finished = {v for v, g in logs(store).items() if g["status"] == "done"}
         assert 2 <= len(finished) < len(ids)
         assert partial, "the kill should land while a download is in progress"
