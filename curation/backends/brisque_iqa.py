@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
-from scipy import optimize, special
 
 from curation.models import package_file
 
@@ -60,6 +59,8 @@ def aggd_fit(x: np.ndarray) -> tuple[float, float, float, float]:
     gamma = np.sqrt(ms_l) / np.sqrt(ms_r)
     r_hat = float(np.mean(np.abs(x))) ** 2 / sq
     big_r = r_hat * (gamma**3 + 1) * (gamma + 1) / (gamma**2 + 1) ** 2
+
+    from scipy import optimize, special  # imported here: config validation imports this module
 
     def phi(a):
         return special.gamma(2 / a) ** 2 / (special.gamma(1 / a) * special.gamma(3 / a))

@@ -6,13 +6,15 @@ import functools
 import logging
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from curation.backends.openai_api import OpenAIChatClient
 from curation.models import package_file, resolve_model_path
 from curation.parsing import json_closed
 from curation.stage import register_backend
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +25,24 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 PINNED_PACKAGE_FILES = {(SMOLLM2_PACKAGE, SMOLLM2_GGUF): SMOLLM2_SHA256}
 
 
+def inference_mode(fn):
+    """``torch.inference_mode()`` around a method, with torch imported when it runs: validating
+    pipelines.yaml imports every backend module, and must not pay seconds for torch."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def pick_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
     """bf16 on GPU, fp32 on CPU (bf16 matmuls are slow on most CPUs and fp16 is unsupported there)."""
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -70,6 +88,8 @@ class JsonReplyStop:
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        import torch
+
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
         return torch.tensor([reply_done(t) for t in texts], dtype=torch.bool, device=input_ids.device)
 
@@ -115,7 +135,7 @@ class HFChatLLM:
         self.max_new_tokens = max_new_tokens
         self.name = Path(folder).name + (f"/{gguf_file}" if gguf_file else "")
 
-    @torch.inference_mode()
+    @inference_mode
     def chat(
         self, conversations: list[list[dict]], max_new_tokens: int | None = None, stop_at_json: bool = True
     ) -> list[str]:

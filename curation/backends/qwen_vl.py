@@ -7,9 +7,8 @@ import logging
 import re
 
 import numpy as np
-import torch
 
-from curation.backends.llm import pick_device
+from curation.backends.llm import inference_mode, pick_device
 from curation.models import resolve_model_path
 from curation.parsing import extract_json, parse_bbox_reply, to_frame_box
 from curation.stage import register_backend
@@ -36,9 +35,11 @@ class _GreedyLogProbs:
     decoding picks (the arg-max of the final scores): (B,) per step, not the (B, vocab) scores."""
 
     def __init__(self):
-        self.steps: list[torch.Tensor] = []
+        self.steps: list = []  # (B,) float tensors
 
     def __call__(self, input_ids, scores):
+        import torch
+
         self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values.cpu())
         return scores
 
@@ -127,12 +128,13 @@ class _QwenVL:
         self.max_new_tokens = max_new_tokens
         self.patch_size = int(getattr(self.processor.image_processor, "patch_size", 14))
 
-    @torch.inference_mode()
+    @inference_mode
     def generate(self, conversations: list[list[dict]], scores: bool = False):
         """Greedy replies for one batch of conversations, and the processor inputs (for grid sizes). With
         ``scores``, replies are not stripped and a third list holds per reply ``{char_ends, logprobs,
         token_ids}``: the reply's length after each generated token, that token's log-probability, and
         the token ids (up to the first end-of-sequence token)."""
+        import torch
         from qwen_vl_utils import process_vision_info
 
         texts = [

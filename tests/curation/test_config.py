@@ -157,3 +157,18 @@ def test_config_hash_tracks_params():
     cfg.pipelines["default"][0].params["x"] = 1
     assert config_hash(cfg, "default") != h
     assert isinstance(cfg, Config)
+
+
+def test_validating_the_config_does_not_import_torch():
+    """Config errors and the source check come first and fast: loading pipelines.yaml imports every
+    stage and backend module, none of which may pull in torch or scipy at import time."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from curation.config import load_config; load_config('pipelines.yaml'); "
+        "print(sorted(m for m in ('torch', 'scipy', 'transformers') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", r.stdout
