@@ -13,7 +13,7 @@ Layout under the store (``map_hash``: the per-video phase; ``pair_hash``: + the 
     global/pairs-<pair_hash>/dedup/groups.parquet     near-duplicate video groups
     global/pairs-<pair_hash>/pairs/<kind>/<cat>/block-N.parquet   final verdicts (band, top_k, near-dup)
     global/plans-<global_hash>/part-P.parquet         one row per sample, partition P = a range of buckets
-    <shards_subdir>/shard-P-S.tar, _records/shard-P-S.json, _index.json   (and <eval_subdir>/ likewise)
+    <shards_subdir>/shard-P-S.tar, .records/shard-P-S.tar.json, .index.json   (and <eval_subdir>/ likewise)
 
 The driver holds counts, object references and per-shard entries only, never rows: its memory is bounded by
 the number of partitions and shards, not by the number of clips. ``runner="sequential"`` runs the very same
@@ -38,7 +38,7 @@ from curation import pairing, scenarios
 from curation.composition import FACE_CATEGORIES, best_crop, category_keep, compose_clip, eligible_partners
 from curation.composition import keep_fraction, tight_box
 from curation.scenarios import unit_draw
-from curation.shards import INDEX_FILE, RECORDS_DIR, member_bytes, plan_shards, safe_component
+from curation.shards import INDEX_FILE, INDEX_NAMES, RECORDS_DIR, member_bytes, plan_shards, safe_component
 from curation.storage import Store
 
 log = logging.getLogger(__name__)
@@ -912,7 +912,7 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
 
     # 6. shards
     for sub in (wp["shards_subdir"], wp["eval_subdir"]):
-        for stale in (INDEX_FILE, "index.json", ".progress.json"):
+        for stale in (*INDEX_NAMES, ".progress.json"):
             store.delete(f"{sub}/{stale}")
         if store.is_local and os.path.isdir(store.path(sub)):
             for name in os.listdir(store.path(sub)):  # temp files of a writer killed mid-shard

@@ -1,8 +1,10 @@
 """WebDataset shards: deterministic plans, atomic tar files, one record per finished shard, the shard index.
 
-The index is ``_index.json`` and the records live under ``_records/``: Ray Data's ``read_webdataset``, plain
-``webdataset`` over a glob and HF ``datasets`` skip names starting with "_" or ".", so every client reads a
-shards folder as it is. ``read_index`` is the one reader (it still accepts a legacy ``index.json``)."""
+The index is ``.index.json`` and the records live under ``.records/``: Ray Data's ``read_webdataset`` skips
+names starting with "." or "_", HF ``datasets`` (``load_dataset("webdataset", data_dir=...)``) skips hidden
+names but reads a ``_index.json`` as a tar, and plain ``webdataset`` takes the shard URLs, so with dot names
+every client reads a shards folder as it is. ``read_index`` is the one reader (it also accepts the names
+``_index.json`` and ``index.json`` of earlier writers)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-%06d.tar"
-INDEX_FILE = "_index.json"
+INDEX_FILE = ".index.json"
+INDEX_NAMES = (INDEX_FILE, "_index.json", "index.json")  # this writer's, then earlier ones'
 LEGACY_INDEX_FILE = "index.json"
-RECORDS_DIR = "_records"
+RECORDS_DIR = ".records"
 TAR_BLOCK = 512
 
 
@@ -140,9 +143,9 @@ class ShardSetWriter:
     process (the distributed writer is curation.global_phase; this one serves small tools and tests).
 
     Resumable with O(1) bookkeeping per shard: each finished shard gets one small record
-    ``_records/<name>.json`` (keys, bytes, sha256), written once; on a re-run a shard whose file exists with
+    ``.records/<name>.json`` (keys, bytes, sha256), written once; on a re-run a shard whose file exists with
     the recorded sha256 and the same planned keys is kept, others are (re)written. Stale temp files and shards
-    beyond the plan are removed; ``_index.json`` is written last, so its presence means the set is complete."""
+    beyond the plan are removed; ``.index.json`` is written last, so its presence means the set is complete."""
 
     def __init__(
         self,
@@ -173,7 +176,7 @@ class ShardSetWriter:
         plans = plan_shards([sample_bytes(s) for s in samples], self.maxcount, self.maxsize)
         names = [SHARD_PATTERN % i for i in range(len(plans))]
         index_path = self.out_dir / INDEX_FILE
-        for stale in (index_path, self.out_dir / LEGACY_INDEX_FILE):
+        for stale in [self.out_dir / n for n in INDEX_NAMES]:
             if stale.exists():
                 stale.unlink()  # the set is being changed: no index until it is complete again
         self._clean(set(names))
@@ -214,26 +217,28 @@ class ShardSetWriter:
         return index
 
 
+def index_path(shards_dir: str | os.PathLike) -> Path | None:
+    """The index file of a local shards folder (INDEX_NAMES in order), or None."""
+    d = Path(shards_dir)
+    return next((d / n for n in INDEX_NAMES if (d / n).exists()), None)
+
+
 def read_index(shards_dir: str | os.PathLike) -> dict:
-    """The index of a shards folder (local or a store URI such as ``s3://bucket/run/shards``):
-    ``_index.json``, else a legacy ``index.json``; FileNotFoundError when neither exists."""
+    """The index of a shards folder, local or a store URI such as ``s3://bucket/run/shards``
+    (FileNotFoundError when it has none)."""
     from curation.storage import Store, is_uri
 
     if is_uri(shards_dir):
         store = Store(str(shards_dir))
-        for name in (INDEX_FILE, LEGACY_INDEX_FILE):
+        for name in INDEX_NAMES:
             if store.exists(name):
                 return json.loads(store.read_bytes(name))
         raise FileNotFoundError(f"no {INDEX_FILE} in {shards_dir}")
-    d = Path(shards_dir)
-    path = d / INDEX_FILE if (d / INDEX_FILE).exists() or not (d / LEGACY_INDEX_FILE).exists() else d / LEGACY_INDEX_FILE
+    path = index_path(shards_dir)
+    if path is None:
+        raise FileNotFoundError(f"no {INDEX_FILE} in {shards_dir}")
     with open(path) as f:
         return json.load(f)
-
-
-def has_index(shards_dir: str | os.PathLike) -> bool:
-    d = Path(shards_dir)
-    return (d / INDEX_FILE).exists() or (d / LEGACY_INDEX_FILE).exists()
 
 
 def iter_tar_samples(path: str | os.PathLike):

@@ -33,15 +33,17 @@ MAX_EMPTY_EPOCHS = 3
 
 
 def list_shards(shards: str | os.PathLike, verify_sha256: bool = False) -> list[str]:
-    """Shard paths from a directory's _index.json / index.json (or its shard-*.tar files), confined to it."""
+    """Shard paths from a directory's index (curation.shards.INDEX_NAMES; else its shard-*.tar files),
+    confined to that directory."""
     root = Path(shards).resolve()
     if root.is_file() and root.suffix == ".tar":
         return [str(root)]
     if not root.is_dir():
         raise FileNotFoundError(f"shard directory {root} does not exist")
-    from curation.shards import INDEX_FILE, LEGACY_INDEX_FILE
+    from curation.shards import INDEX_FILE
+    from curation.shards import index_path as find_index
 
-    index_path = root / INDEX_FILE if (root / INDEX_FILE).exists() else root / LEGACY_INDEX_FILE
+    index_path = find_index(root) or root / INDEX_FILE
     entries: list[dict[str, Any]] = []
     if index_path.exists():
         with open(index_path, encoding="utf-8") as f:
@@ -208,6 +210,14 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "keys": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
+
+
+def latent_tag(
+    encoder_sig: str, phase_idx: int, buckets, num_frames: int, fps: float, seed: int, max_refs: int
+) -> str:
+    """The latent-shard member name of one phase's encodings: a digest of everything they depend on."""
+    ident = json.dumps([encoder_sig, buckets, num_frames, fps, seed, max_refs])
+    return f"p{phase_idx}_{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
 
 def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -41,10 +41,11 @@ def _unit(rng, v: np.ndarray, noise: float) -> np.ndarray:
 
 
 def make_rows(out_dir: str, n_videos: int = 6, photos: list[str] | None = None, faces: dict | None = None,
-              seed: int = 0) -> list[dict]:
+              seed: int = 0, two_subjects: bool = True) -> list[dict]:
     """Committed rows as the map phase leaves them: one clip per video (a photo panning across a small frame,
     real H.264), one subject per clip with three JPEG reference crops and their embeddings on disk (same photo:
-    cosine ~0.97, in the band; other photos ~0). Clip ``v02`` has two subjects (the man and a cup).
+    cosine ~0.97, in the band; other photos ~0). Clip ``v02`` has two subjects (the man and a cup) unless
+    ``two_subjects`` is off.
     ``faces`` {video_id: identity} gives that video's man a face with an SFace-sized embedding per identity."""
     all_photos = _photos()
     names = photos or list(all_photos)
@@ -65,7 +66,7 @@ def make_rows(out_dir: str, n_videos: int = 6, photos: list[str] | None = None, 
         os.makedirs(os.path.join(out_dir, f"clips/{vid}"), exist_ok=True)
         write_video(os.path.join(out_dir, rel), frames, fps=12)
         subjects, embs, fembs = [], [], []
-        for si, sname in enumerate([name] + (["cup"] if vid == "v02" else [])):
+        for si, sname in enumerate([name] + (["cup"] if vid == "v02" and two_subjects else [])):
             crops = []
             for ref in range(3):
                 path = f"refs/{vid}/{clip_id}/s{si:02d}_r{ref}.jpg"
