@@ -157,11 +157,61 @@ def _ground() -> dict[str, float]:
     }
 
 
+def _gpu(tmp: str) -> dict[str, float]:
+    """Where CUDA is available: open_clip bf16 items/s and peak memory over a large batch of crops, and
+    ArcFace on onnxruntime's CUDA provider (when onnxruntime-gpu is installed)."""
+    import onnxruntime
+    import torch
+
+    from curation.stage import build_backend
+
+    out: dict[str, float] = {}
+    emb = build_backend(
+        "image_embedder",
+        "open_clip",
+        arch="bench-vit-s32",
+        model_path=os.path.join(tmp, "bench-vit-s32.pt"),
+        model_config=os.path.join(tmp, "bench-vit-s32.json"),
+        models_dir=tmp,
+        device="cuda",
+        batch_size=256,
+    )
+    crops = _crops(512)
+    emb.embed(crops[:256])  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    emb.embed(crops)
+    torch.cuda.synchronize()
+    out["gpu_open_clip_bf16_items_per_s"] = len(crops) / (time.perf_counter() - t0)
+    out["gpu_open_clip_peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        rec = build_backend(
+            "face_embedder",
+            "arcface",
+            model_path=os.path.join(tmp, "rec.onnx"),
+            file_name="",
+            models_dir=tmp,
+            device="cuda",
+            batch_size=256,
+        )
+        aligned = [np.ascontiguousarray(c[:112, :112]) for c in _crops(512) if min(c.shape[:2]) >= 112]
+        rec.embed_aligned(aligned[:64])
+        t0 = time.perf_counter()
+        rec.embed_aligned(aligned)
+        out["gpu_arcface_items_per_s"] = len(aligned) / (time.perf_counter() - t0)
+    return out
+
+
 def run() -> dict[str, float]:
+    import torch
+
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench_backends_") as tmp:
         out.update(_open_clip(tmp))
         out.update(_arcface(tmp))
+        if torch.cuda.is_available():
+            out.update(_gpu(tmp))
     out.update(_ground())
     return out
 
