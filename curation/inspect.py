@@ -14,34 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.shards import iter_tar_samples, sha256_file
+from curation.shards import INDEX_NAMES, index_path, iter_tar_samples, read_index, sha256_file
 
 REF_NAMES = [f"ref_{i}.jpg" for i in range(4)]
-
-
-# The global phase's index (names starting with "_" are skipped by Ray Data, webdataset and HF datasets),
-# then the single-writer index of curation.shards.ShardSetWriter.
-INDEX_NAMES = ("_index.json", "index.json")
-
-
-def index_path(shards_dir: str | os.PathLike) -> Path | None:
-    d = Path(shards_dir)
-    return next((d / n for n in INDEX_NAMES if (d / n).exists()), None)
-
-
-def load_index(shards_dir: str | os.PathLike) -> dict:
-    p = index_path(shards_dir)
-    if p is None:
-        raise FileNotFoundError(f"no {' or '.join(INDEX_NAMES)} in {shards_dir}")
-    with open(p) as f:
-        return json.load(f)
 
 
 def shard_files(shards_dir: str | os.PathLike) -> list[Path]:
     """The shards named by the index (in order), else every shard-*.tar in the folder."""
     d = Path(shards_dir)
     if index_path(d) is not None:
-        return [d / e["name"] for e in load_index(d)["shards"]]
+        return [d / e["name"] for e in read_index(d)["shards"]]
     return sorted(d.glob("shard-*.tar"))
 
 
@@ -230,7 +212,7 @@ def validate(shards_dir: str) -> int:
     bad: dict[str, list[str]] = collections.defaultdict(list)
     index = None
     try:
-        index = load_index(d)
+        index = read_index(d)
     except (OSError, ValueError) as e:
         bad[INDEX_NAMES[0]].append(f"unreadable index: {e}")
     entries = index["shards"] if index else [{"name": p.name} for p in sorted(d.glob("shard-*.tar"))]
