@@ -27,6 +27,7 @@ from training.data import (
     EncodingCache,
     StreamSpec,
     build_loader,
+    latent_tag,
     list_shards,
     to_unit_range,
 )
@@ -385,10 +386,16 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
             shuffle_initial=cfg.data.shuffle_initial,
             max_refs=cfg.data.max_refs,
         )
-        if latent:
-            from training.precompute import phase_tag
-
-            spec.latent_tag = phase_tag(cfg, phase_idx)
+        if latent:  # the members training/precompute.py wrote for this phase
+            spec.latent_tag = latent_tag(
+                encoder_signature(cfg.encoders),
+                phase_idx,
+                phase.buckets,
+                phase.num_frames,
+                phase.fps,
+                spec.seed,
+                cfg.data.max_refs,
+            )
         loader = build_loader(spec, cfg.data.num_workers, cfg.data.prefetch_factor, cfg.data.mp_context)
         batches = iter(loader)
         phase_end = phase_start + phase.steps

@@ -15,7 +15,6 @@ Then train with `--set data.latent_shards=<out>`: the loop never runs the VAE or
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -36,20 +35,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def phase_tag(cfg, phase_idx: int) -> str:
     """Names one phase's encodings by everything they depend on (encoders, frames, sizes, seed)."""
+    from training.data import latent_tag
     from training.models import encoder_signature
 
     p = cfg.phases[phase_idx]
-    ident = json.dumps(
-        [
-            encoder_signature(cfg.encoders),
-            p.buckets,
-            p.num_frames,
-            p.fps,
-            cfg.seed + 7919 * phase_idx,
-            cfg.data.max_refs,
-        ]
-    )
-    return f"p{phase_idx}_{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    return latent_tag(encoder_signature(cfg.encoders), phase_idx, p.buckets, p.num_frames, p.fps,
+                      cfg.seed + 7919 * phase_idx, cfg.data.max_refs)  # fmt: skip
 
 
 def _phase_streams(cfg) -> list:
@@ -107,8 +98,9 @@ def encode_shard(url: str, out_dir: Path, cfg, enc, device: str = "cpu") -> dict
     import torch
     import webdataset as wds
 
+    from curation.models import sha256_file
     from training.data import CorruptCounter, collate, video_size
-    from training.loop import _encode_fresh
+    from training.loop import _encode_fresh  # precompute -> loop, never the other way
 
     t0 = time.perf_counter()
     streams = _phase_streams(cfg)
@@ -163,7 +155,7 @@ def encode_shard(url: str, out_dir: Path, cfg, enc, device: str = "cpu") -> dict
                 tar.addfile(info, io.BytesIO(data))
     out = out_dir / name
     os.replace(tmp, out)
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    digest = sha256_file(out)  # streamed: a shard can be gigabytes
     return {
         "name": name,
         "num_samples": n,

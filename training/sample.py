@@ -164,6 +164,8 @@ def load_for_sampling(
 
     stored, weights = load_weights_for_inference(checkpoint, use_ema=use_ema)
     cfg = load_config(config) if config else config_from_dict(stored)
+    # The trainer seeds before building: a randomly initialised LoRA base is then rebuilt identically.
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     trainable_only = cfg.model.family == "phantom_wan" and cfg.model.wan.finetune == "lora"
     missing, unexpected = model.load_state_dict(weights, strict=not trainable_only)

@@ -237,3 +237,68 @@ def test_wan_configs_load_and_name_the_family():
 
     with pytest.raises(ConfigError, match="model.family"):
         load_config(None, {"model.family": "sora"})
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _wan_cfg(**wan):
+    overrides = {"model.family": "phantom_wan", "model.preset": "tiny", "model.wan.text_len": 8,
+                 "model.overrides": {"in_channels": C, "out_channels": C, "text_dim": TEXT_DIM}}  # fmt: skip
+    overrides.update({f"model.wan.{k}": v for k, v in wan.items()})
+    return load_config(None, overrides).model
+
+
+def test_base_weights_from_a_diffusers_folder_and_a_sharded_original_folder(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    source = PhantomWan(_transformer(seed=2), text_len=8).eval()
+    x0, cond = _batch()
+    t = torch.tensor([0.5, 0.1])
+    with torch.no_grad():
+        want = source(x0, t, **cond.as_kwargs()).video
+    source.transformer.save_pretrained(str(tmp_path / "diffusers"))  # the Wan2.1-*-Diffusers layout
+    name = "diffusion_pytorch_model.safetensors"
+    pins = {name: _sha(tmp_path / "diffusers" / name)}
+    loaded = build_phantom_wan(_wan_cfg(weights=str(tmp_path / "diffusers"), weights_sha256=pins)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x0, t, **cond.as_kwargs()).video, want)
+
+    original = diffusers_to_original(source.transformer.state_dict())  # the original Wan folder layout
+    folder = tmp_path / "original"
+    folder.mkdir()
+    keys = sorted(original)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        fname = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: original[k].contiguous() for k in part}, str(folder / fname))
+        weight_map |= dict.fromkeys(part, fname)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
+    pins = {f: _sha(folder / f) for f in set(weight_map.values())}
+    loaded = build_phantom_wan(_wan_cfg(weights=str(folder), weights_sha256=pins)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x0, t, **cond.as_kwargs()).video, want)
+    one = dict(list(pins.items())[:1])
+    with pytest.raises(ValueError, match="not pinned"):
+        build_phantom_wan(_wan_cfg(weights=str(folder), weights_sha256=one))
+    with pytest.raises(ValueError, match="shapes differ"):  # a 1.3B file into the tiny preset, say
+        build_phantom_wan(
+            load_config(None, {"model.family": "phantom_wan", "model.preset": "tiny",
+                               "model.wan.weights": str(folder), "model.wan.weights_sha256": pins}).model
+        )  # fmt: skip
+
+
+def test_lora_starts_equal_to_the_base():
+    torch.manual_seed(5)
+    base = build_phantom_wan(_wan_cfg()).eval()
+    torch.manual_seed(5)
+    adapted = build_phantom_wan(_wan_cfg(finetune="lora", lora={"rank": 4, "alpha": 4})).eval()
+    x0, cond = _batch()
+    t = torch.tensor([0.5, 0.9])
+    with torch.no_grad():
+        assert torch.equal(base(x0, t, **cond.as_kwargs()).video, adapted(x0, t, **cond.as_kwargs()).video)

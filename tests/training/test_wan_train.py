@@ -196,3 +196,20 @@ def test_two_rank_fsdp_dcp_resume_without_a_gather(tmp_path, assets, triplet_sha
     assert weights.keys() == plain.keys() and all(weights[k].shape == plain[k].shape for k in plain)
     with pytest.raises(ValueError, match="2 ranks"):
         train(cut)  # one process cannot continue a 2-rank run's data streams
+
+
+def test_lora_run_checkpoints_only_the_adapters(tmp_path, assets, triplet_shards):
+    from training.sample import load_sampler
+
+    over = {"model.wan.finetune": "lora", "model.wan.lora": {"rank": 4, "alpha": 4}, "phases[0].steps": 2}
+    for fmt in ("dcp", "full"):
+        cfg = _cfg(tmp_path, assets, triplet_shards, f"lora_{fmt}", **over, **{"log.checkpoint_format": fmt})
+        out = train(cfg)
+        assert out["step"] == 2 and all(torch.isfinite(torch.tensor(out["losses"])))
+        path = ckpt.latest_checkpoint(f"{cfg.log.out_dir}/checkpoints")
+        saved = ckpt.load_weights_for_inference(path)[1]
+        assert saved and all("lora_" in k for k in saved)  # the frozen base comes from the pinned weights
+        video = load_sampler(str(path), model="phantom_wan").generate(
+            [torch.zeros(40, 30, 3, dtype=torch.uint8).numpy()], "a box", steps=1, num_frames=5
+        )
+        assert video.shape == (5, 32, 64, 3)
