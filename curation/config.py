@@ -190,6 +190,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     run: RunConfig = field(default_factory=RunConfig)
     models: dict[str, Any] = field({})  # named model files: {name: {path:, sha256:, url:}}
+    evaluation: dict[str, Any] = field({})  # metric models (curation.metrics.metrics_config validates it)
 
     def validate(self, path: str = "") -> None:
         if self.default_source not in self.sources:
