@@ -277,7 +277,7 @@ def _ffmpeg_ok() -> bool:
     return shutil.which("ffmpeg") is not None
 
 
-def _fetch(url: str, video_id: str, spans, p: DownloadParams, tmp: str) -> dict:
+def _fetch(url: str, video_id: str, spans, p: DownloadParams, tmp: str, sections: bool) -> dict:
     """Run yt-dlp once; returns {ok, path, reason, transient, detail, mode, section_s, info facts}."""
     import yt_dlp
 
@@ -295,7 +295,7 @@ def _fetch(url: str, video_id: str, spans, p: DownloadParams, tmp: str) -> dict:
 
     def ranges(info, ydl):
         sec = plan_section(spans, info.get("duration"), p.section_pad_s, p.sections_max_fraction) \
-            if p.sections and _ffmpeg_ok() else None
+            if sections and _ffmpeg_ok() else None
         if sec is None:
             yield {}
             return
@@ -325,28 +325,26 @@ def _fetch(url: str, video_id: str, spans, p: DownloadParams, tmp: str) -> dict:
     }
     if p.rate_limit_bytes_per_s:
         opts["ratelimit"] = p.rate_limit_bytes_per_s
+    def fail(reason: str, transient: bool, detail: str) -> dict:
+        return {"ok": False, "reason": reason, "transient": transient, "detail": _clean(detail), **chosen}
+
     try:
         with yt_dlp.YoutubeDL(opts) as ydl:
             info = ydl.extract_info(url, download=True)
     except yt_dlp.utils.DownloadError as e:
-        reason, transient = classify_error(str(e))
-        return {"ok": False, "reason": reason, "transient": transient, "detail": _clean(str(e))}
+        return fail(*classify_error(str(e)), str(e))
     except Exception as e:  # an extractor bug or an OS error: this video fails, the run goes on
-        reason, transient = classify_error(f"{type(e).__name__}: {e}")
-        return {"ok": False, "reason": reason, "transient": transient,
-                "detail": _clean(f"{type(e).__name__}: {e}")}
+        return fail(*classify_error(f"{type(e).__name__}: {e}"), f"{type(e).__name__}: {e}")
     text = "\n".join(log.lines)
     if refused:
-        return {"ok": False, "reason": refused[0][0], "transient": False, "detail": refused[0][1]}
+        return fail(refused[0][0], False, refused[0][1])
     if "larger than max-filesize" in text:
-        return {"ok": False, "reason": "too_large", "transient": False,
-                "detail": _clean(next(ln for ln in log.lines if "max-filesize" in ln))}
+        return fail("too_large", False, next(ln for ln in log.lines if "max-filesize" in ln))
     media = (*VIDEO_EXTS, "mov", "m4v", "unknown_video")
     files = [f for f in os.listdir(tmp) if f.rsplit(".", 1)[-1] in media and not f.endswith(".part")]
     if not files:
         reason, transient = classify_error(text) if text else ("download_error", True)
-        return {"ok": False, "reason": reason, "transient": transient,
-                "detail": _clean(log.lines[-1] if log.lines else "yt-dlp produced no file")}
+        return fail(reason, transient, log.lines[-1] if log.lines else "yt-dlp produced no file")
     info = info or {}
     biggest = max(files, key=lambda f: os.path.getsize(os.path.join(tmp, f)))
     return {"ok": True, "path": os.path.join(tmp, biggest),
@@ -380,9 +378,18 @@ def download_one(row: dict, params: DownloadParams | dict, store, attempt: int =
         return res
     tmp = tempfile.mkdtemp(prefix=f"{vid}-", dir=_tmp_root())
     try:
-        got = _fetch(url, vid, row.get("spans"), p, tmp)
+        got = _fetch(url, vid, row.get("spans"), p, tmp, sections=p.sections)
         if got["ok"]:
             got = _validate(got, p)
+        if not got["ok"] and got.get("mode") == "section" and got["reason"] not in ("too_long", "live"):
+            # the site did not serve the section (no byte ranges, or ffmpeg could not cut it): whole video
+            first = got
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            got = _fetch(url, vid, None, p, tmp, sections=False)
+            if got["ok"]:
+                got = _validate(got, p)
+            res["section_fallback"] = f"{first['reason']}: {first['detail']}"[:300]
         if got["ok"]:
             ext = _ext_for(got["path"], got.get("container") or "")
             rel = f"{vid}.{ext}"
@@ -417,17 +424,19 @@ def _ext_for(path: str, container: str) -> str:
 
 
 def _validate(got: dict, p: DownloadParams) -> dict:
+    """The fetched file's size and PyAV facts checked against the caps; a failure keeps ``mode``."""
+    def fail(reason: str, detail: str) -> dict:
+        return {**got, "ok": False, "reason": reason, "transient": False, "detail": _clean(detail)}
+
     size = os.path.getsize(got["path"])
     if size > p.max_filesize_mb * 1024 * 1024:
-        return {"ok": False, "reason": "too_large", "transient": False,
-                "detail": f"{size} bytes > max_filesize_mb {p.max_filesize_mb}"}
+        return fail("too_large", f"{size} bytes > max_filesize_mb {p.max_filesize_mb}")
     try:
         facts = probe_video(got["path"])
     except ValueError as e:
-        return {"ok": False, "reason": "not_a_video", "transient": False, "detail": _clean(str(e))}
+        return fail("not_a_video", str(e))
     if facts["duration_s"] > p.max_duration_s:
-        return {"ok": False, "reason": "too_long", "transient": False,
-                "detail": f"{facts['duration_s']:.0f} s > max_duration_s {p.max_duration_s:.0f}"}
+        return fail("too_long", f"{facts['duration_s']:.0f} s > max_duration_s {p.max_duration_s:.0f}")
     return {**got, **facts}
 
 

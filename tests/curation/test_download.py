@@ -44,8 +44,9 @@ class LoopbackVideoServer:
     ``/stall/..`` headers and 1 kB, then nothing for ``stall_s`` | ``/page/..`` an HTML page without a
     video | ``/junk/<x>.mp4`` random bytes as video/mp4 | ``/watch/<x>`` an HTML page whose schema.org
     VideoObject (JSON-LD) names ``/bikes/<x>.mp4`` and its duration | ``/watchlong/<x>`` the same claiming
-    two hours. Byte ranges are honoured (ffmpeg seeks for section downloads); ``throttle_bps`` paces
-    every body per connection. ``gets`` counts GETs per path.
+    two hours | ``/watchnr/<x>`` the same naming ``/norange/<x>.mp4`` (bikes, Range ignored). Byte ranges
+    are honoured elsewhere (ffmpeg seeks for section downloads); ``throttle_bps`` paces every body per
+    connection. ``gets`` counts GETs per path.
     """
 
     def __init__(self, throttle_bps: int = 0, flaky_failures: int = 2, stall_s: float = 4.0):
@@ -89,7 +90,8 @@ class LoopbackVideoServer:
         self.httpd.server_close()
 
     def url(self, kind: str, name: str) -> str:
-        return f"{self.base}/{kind}/{name}" + (".mp4" if kind not in ("page", "watch", "watchlong") else "")
+        pages = ("page", "watch", "watchlong", "watchnr")
+        return f"{self.base}/{kind}/{name}" + ("" if kind in pages else ".mp4")
 
     def count(self, kind: str, name: str) -> int:
         with self.lock:
@@ -105,6 +107,8 @@ class LoopbackVideoServer:
         stem = name.rsplit(".", 1)[0]
         if kind in ("ok", "bikes", "big"):
             return self._body(h, self.files[kind])
+        if kind == "norange":  # a site that ignores Range: the whole body every time
+            return self._body(h, self.files["bikes"], ranges=False)
         if kind == "flaky":
             if n <= self.flaky_failures:
                 return self._plain(h, 500, b"internal error")
@@ -128,10 +132,11 @@ class LoopbackVideoServer:
             return self._plain(h, 200, page, "text/html; charset=utf-8")
         if kind == "junk":
             return self._body(h, os.urandom(20_000))
-        if kind in ("watch", "watchlong"):
+        if kind in ("watch", "watchlong", "watchnr"):
+            media = "norange" if kind == "watchnr" else "bikes"
             ld = {"@context": "https://schema.org", "@type": "VideoObject", "name": stem,
-                  "contentUrl": f"{self.base}/bikes/{stem}.mp4", "uploadDate": "2024-01-01",
-                  "duration": "PT10S" if kind == "watch" else "PT2H"}
+                  "contentUrl": f"{self.base}/{media}/{stem}.mp4", "uploadDate": "2024-01-01",
+                  "duration": "PT2H" if kind == "watchlong" else "PT10S"}
             page = (f'<!DOCTYPE html><html><head><title>{stem}</title><script type="application/ld+json">'
                     f"{json.dumps(ld)}</script></head><body></body></html>")
             return self._plain(h, 200, page.encode(), "text/html; charset=utf-8")
@@ -149,10 +154,10 @@ class LoopbackVideoServer:
         self._head(h, code, ctype, len(body))
         h.wfile.write(body)
 
-    def _body(self, h, data: bytes) -> None:
-        rng = h.headers.get("Range", "")
+    def _body(self, h, data: bytes, ranges: bool = True) -> None:
+        rng = h.headers.get("Range", "") if ranges else ""
         start, end = 0, len(data) - 1
-        code, extra = 200, {"Accept-Ranges": "bytes"}
+        code, extra = 200, ({"Accept-Ranges": "bytes"} if ranges else {})
         if rng.startswith("bytes="):
             a, _, b = rng[6:].split(",")[0].partition("-")
             start = int(a) if a else max(0, len(data) - int(b))
@@ -293,6 +298,15 @@ def test_section_download_of_the_csv_spans(tmp_path):
         facts = probe_video(str(tmp_path / "v" / "sec1.mp4"))
         assert 2.5 <= facts["duration_s"] <= 5.0 and facts["width"] == 640
         assert log["bytes"] < 0.8 * len(srv.files["bikes"])
+        # a site that does not serve byte ranges: the section cannot be cut, the whole video is fetched
+        spec_nr = SourceSpec(kind="panda70m", csv=write_csv(
+            tmp_path / "nr.csv", [("nr1", srv.url("watchnr", "nr1"))], "[['0:00:01.500', '0:00:03.000']]"))
+        store_nr = Store(tmp_path / "nr")
+        s = download_source(spec_nr, store_nr, runner="threads", progress=None,
+                            params=params(sections=True, section_pad_s=1.0, max_filesize_mb=5))
+        log = logs(store_nr)["nr1"]
+        assert s["modes"] == {"full": 1} and log["mode"] == "full" and log["section_fallback"]
+        assert (tmp_path / "nr" / "nr1.mp4").read_bytes() == srv.files["bikes"] and log["time_offset_s"] == 0
         # sections off: the whole file
         store2 = Store(tmp_path / "v2")
         download_source(spec, store2, params=params(max_filesize_mb=5), runner="threads", progress=None)
