@@ -129,8 +129,9 @@ def eligible_partners(subject: dict, emb_cands: list[dict], face_cands: list[dic
         p = _partner(c, FACE_MATCH, c["score"], f["score"])
         if p is not None:
             out.append(p)
+    taken = {(p.clip_id, p.subject) for p in out}
     for f in face_cands:
-        if f["verdict"] != "pair" or key(f) in {(p.clip_id, p.subject) for p in out}:
+        if f["verdict"] != "pair" or key(f) in taken:
             continue
         e = emb_by.get(key(f))
         if e is not None and e["verdict"] in ("copy_paste", "near_duplicate_source"):
@@ -142,6 +143,7 @@ def eligible_partners(subject: dict, emb_cands: list[dict], face_cands: list[dic
         p = _partner(f, FACE_ONLY, None if e is None else e["score"], f["score"])
         if p is not None:
             out.append(p)
+            taken.add(key(f))
     return out, vetoes
 
 

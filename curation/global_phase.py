@@ -570,7 +570,10 @@ _PAIR_COLS = ["q_clip", "q_subject", "c_video", "c_clip", "c_subject", "score", 
               "c_crop_path", "c_crop_box", "c_crop_box_tight", "c_crop_ref", "c_ref_t_s", "c_ref_frame_index"]
 
 
-def _read_pairs(store: Store, files: list[str], lo: int, hi: int):
+def _read_pairs(store: Store, files: list[str], lo: int, hi: int, kind: str):
+    """The pair records of queries in buckets [lo, hi) that the composition rules can use: for subject
+    embeddings the pairs and the copies (a copy vetoes a face-only pair), for faces every verdict (a face
+    rejection vetoes an embedding pair)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
@@ -578,6 +581,8 @@ def _read_pairs(store: Store, files: list[str], lo: int, hi: int):
         return []
     ds = pds.dataset([store.path(f) for f in files], format="parquet", filesystem=store.fs)
     flt = (pc.field("bucket") >= lo) & (pc.field("bucket") < hi)
+    if kind == "subject":
+        flt = flt & pc.field("verdict").isin(["pair", "copy_paste", "near_duplicate_source"])
     return ds.to_table(filter=flt, columns=_PAIR_COLS).to_pylist()
 
 
@@ -637,7 +642,7 @@ def _plan_partition(item: dict, store: Store, groups: dict, params: dict) -> dic
     seed = wp["seed"]
     by_q: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for kind in KINDS:
-        for rec in _read_pairs(store, item["pairs"][kind], lo, hi):
+        for rec in _read_pairs(store, item["pairs"][kind], lo, hi, kind):
             by_q[(kind, rec["q_clip"], rec["q_subject"])].append(rec)
     for v in by_q.values():
         v.sort(key=lambda r: r["rank"])
@@ -735,13 +740,29 @@ def _sha256_bytes_of(store: Store, rel: str) -> str:
 
 
 def _write_tar_local(path: str, samples: list[dict], store: Store) -> None:
-    from webdataset import TarWriter
+    """A WebDataset tar, byte-reproducible: ustar headers with a fixed mtime, owner and mode; the members of
+    a sample ``<key>.<ext>`` in sorted extension order."""
+    import tarfile
 
-    with open(path, "wb") as f:
-        w = TarWriter(f, encoder=False, mtime=0.0, user="phantom", group="phantom", mode=0o444)
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for s in samples:
-            w.write({k: (store.read_bytes(v[1]) if isinstance(v, tuple) else v) for k, v in s.items()})
-        w.close()
+            key = s["__key__"]
+            for ext in sorted(k for k in s if k != "__key__"):
+                v = s[ext]
+                data = store.read_bytes(v[1]) if isinstance(v, tuple) else v
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size, ti.mtime, ti.mode = len(data), 0, 0o444
+                ti.uname = ti.gname = "phantom"
+                tf.addfile(ti, io.BytesIO(data))
+
+
+def _file_size(store: Store, rel: str) -> int:
+    from pyarrow import fs
+
+    info = store.fs.get_file_info(store.path(rel))
+    if info.type != fs.FileType.File:
+        raise FileNotFoundError(f"missing {rel}")
+    return int(info.size)
 
 
 def _write_partition(item: dict, store: Store, params: dict) -> dict:
@@ -769,9 +790,7 @@ def _write_partition(item: dict, store: Store, params: dict) -> dict:
                 files = [("mp4", rec["clip_path"])] + [(f"ref_{k}.jpg", r) for k, r in enumerate(rec["refs"])]
                 size = 0
                 for _, rel in files:
-                    if not store.is_file(rel):
-                        raise FileNotFoundError(f"missing {rel}")
-                    size += member_bytes(store.size(rel))
+                    size += member_bytes(_file_size(store, rel))
             except (OSError, ValueError) as e:
                 rejections[f"write_shards:{type(e).__name__}"] += 1
                 log.warning("write_shards: %s: %s", rec["key"], e)
