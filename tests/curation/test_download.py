@@ -209,10 +209,11 @@ def ray_local():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The real step through Ray: every fault case ends as its outcome
+# Every fault case ends as its outcome (the thread runner: the same download_one a Ray worker runs; the
+# Ray path itself is the next test)
 
 
-def test_fault_cases_through_ray(tmp_path, ray_local):
+def test_fault_cases(tmp_path):
     from curation.download import download_source
 
     with LoopbackVideoServer() as srv:
@@ -225,7 +226,7 @@ def test_fault_cases_through_ray(tmp_path, ray_local):
         spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
         store = Store(tmp_path / "videos")
         lines: list[str] = []
-        summary = download_source(spec, store, params=params(), runner="ray", progress=lines.append)
+        summary = download_source(spec, store, params=params(), runner="threads", progress=lines.append)
 
         got = logs(store)
         want = {"okA": "done", "okB": "done", "flaky1": "done", "gone404": "not_found", "trunc1": "truncated",
@@ -256,27 +257,31 @@ def test_fault_cases_through_ray(tmp_path, ray_local):
 
         # a rerun: done and permanently failed videos are not fetched again, retryable ones are
         before = srv.count("ok", "okA"), srv.count("missing", "gone404"), srv.count("truncated", "trunc1")
-        again = download_source(spec, store, params=params(max_attempts=1), runner="ray", progress=None)
+        again = download_source(spec, store, params=params(max_attempts=1), runner="threads", progress=None)
         assert (srv.count("ok", "okA"), srv.count("missing", "gone404")) == before[:2]
         assert srv.count("truncated", "trunc1") == before[2] + before[2] // 3  # one try more (of 3 before)
         assert again["skipped"]["already_done"] == 4 and again["downloaded"] == 0  # okA twice in the CSV
         assert logs(store)["trunc1"]["attempts"] == 4
 
 
-def test_to_s3_through_ray_and_vanished_file_is_refetched(tmp_path, ray_local, s3_bucket):
+def test_through_ray_to_s3_and_vanished_file_is_refetched(tmp_path, ray_local, s3_bucket):
     from curation.download import download_source, log_rel
 
-    with LoopbackVideoServer() as srv:
-        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", [("s3a", srv.url("ok", "s3a")),
-                                                                              ("s3b", srv.url("ok", "s3b"))]))
+    with LoopbackVideoServer(flaky_failures=1) as srv:
+        rows = [("s3a", srv.url("ok", "s3a")), ("s3b", srv.url("ok", "s3b")),
+                ("s3f", srv.url("flaky", "s3f")), ("s3x", srv.url("missing", "s3x"))]
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
         store = Store(s3_bucket + "/panda/videos")
-        s = download_source(spec, store, params=params(), runner="ray", progress=None)
-        assert s["downloaded"] == 2
+        s = download_source(spec, store, params=params(concurrency=2), runner="ray", progress=None)
+        assert s["downloaded"] == 3 and s["failures_by_reason"] == {"not_found": 1} and s["retries"] == 1
+        got = logs(store)
+        assert got["s3f"]["attempts"] == 2 and got["s3x"]["reason"] == "not_found"
+        assert sorted(store.list("", suffix=".mp4")) == ["s3a.mp4", "s3b.mp4", "s3f.mp4"]
         assert store.read_bytes("s3a.mp4") == srv.files["ok"] and store.is_file(log_rel("s3b"))
         gets = srv.count("ok", "s3a"), srv.count("ok", "s3b")
         store.delete("s3a.mp4")  # the video vanished although its log says done: fetched again
-        s = download_source(spec, store, params=params(), runner="ray", progress=None)
-        assert s["downloaded"] == 1 and s["skipped"] == {"already_done": 1}
+        s = download_source(spec, store, params=params(concurrency=2), runner="ray", progress=None)
+        assert s["downloaded"] == 1 and s["skipped"] == {"already_done": 2, "failed_before:not_found": 1}
         assert srv.count("ok", "s3a") == 2 * gets[0] and srv.count("ok", "s3b") == gets[1]
         assert store.read_bytes("s3a.mp4") == srv.files["ok"]
 
