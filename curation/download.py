@@ -602,6 +602,7 @@ class _RayRunner:
 
 class _ThreadRunner:
     def __init__(self, p: DownloadParams, cfg=None, n_start: int = 1):
+        warm_up()
         self.pool = cf.ThreadPoolExecutor(max_workers=p.concurrency, thread_name_prefix="download")
 
     def submit(self, *args):
