@@ -23,66 +23,84 @@ def model_flops_per_sample(n_params_matmul: int, layers: int, dim: int, seq: int
     return 6 * n_params_matmul * seq + 12 * layers * seq * seq * dim + 12 * layers * seq * text_len * dim
 
 
-def bench_1p3b() -> dict[str, float]:
+def bench_train_step(
+    preset: str = "1.3B",
+    device: str = "cuda",
+    frames: int = 1 + 80 // 4,
+    refs: int = 2,
+    hw: tuple[int, int] = (480 // 8, 832 // 8),
+    text_len: int = 512,
+    prefix: str = "wan1p3b",
+    **overrides,
+) -> dict[str, float]:
+    """Train steps of one preset under FSDP2 (world 1), bf16 mixed precision, activation checkpointing, on
+    synthetic latents of the real shapes (video (16, 21, 60, 104) + 2 reference frames, 512 text states)."""
     import torch
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from model.flow import Conditioning
-    from model.phantom_wan import WAN_PRESETS, PhantomWan, build_wan_transformer, wan_flow_loss
+    from model.phantom_wan import PhantomWan, build_wan_transformer, wan_flow_loss, wan_transformer_config
     from training.loop import fully_shard_model
 
+    cuda = device == "cuda"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     if not dist.is_initialized():
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    dev = torch.device("cuda", 0)
-    torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
-    transformer = build_wan_transformer("1.3B")
+    arch = wan_transformer_config(preset, **overrides)
+    transformer = build_wan_transformer(preset, **overrides)
     transformer.enable_gradient_checkpointing()
-    model = PhantomWan(transformer, text_len=512)
+    model = PhantomWan(transformer, text_len=text_len)
     n_params = sum(p.numel() for p in model.parameters())
-    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "blocks" in n)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
     model = fully_shard_model(model, dev, mp_policy=mp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    frames, refs, h, w = 1 + 80 // 4, 2, 480 // 8, 832 // 8
+    h, w = hw
+    C = arch["in_channels"]
     g = torch.Generator(device=dev).manual_seed(0)
-    x0 = torch.randn(1, 16, frames, h, w, device=dev, generator=g)
+    x0 = torch.randn(1, C, frames, h, w, device=dev, generator=g)
     cond = Conditioning(
-        text=torch.randn(1, 120, 4096, device=dev, generator=g),
+        text=torch.randn(1, 120, arch["text_dim"], device=dev, generator=g),
         text_mask=torch.ones(1, 120, dtype=torch.bool, device=dev),
-        ref_latents=torch.randn(1, refs, 16, h, w, device=dev, generator=g),
+        ref_latents=torch.randn(1, refs, C, h, w, device=dev, generator=g),
         ref_mask=torch.ones(1, refs, dtype=torch.bool, device=dev),
     )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     times = []
-    torch.cuda.reset_peak_memory_stats(dev)
     for i in range(WARMUP + TIMED):
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast:
             loss, _ = wan_flow_loss(model, x0, cond, generator=g)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         if i >= WARMUP:
             times.append(time.perf_counter() - t0)
     step_s = sorted(times)[len(times) // 2]
-    preset = WAN_PRESETS["1.3B"]
-    dim = preset["num_attention_heads"] * preset["attention_head_dim"]
-    seq = (frames + refs) * (h // 2) * (w // 2)
-    flops = model_flops_per_sample(n_matmul, preset["num_layers"], dim, seq, 512)
+    dim = arch["num_attention_heads"] * arch["attention_head_dim"]
+    p_t, p_h, p_w = arch["patch_size"]
+    seq = (frames + refs) // p_t * (h // p_h) * (w // p_w)
+    flops = model_flops_per_sample(n_matmul, arch["num_layers"], dim, seq, text_len)
     dist.destroy_process_group()
     return {
-        "wan1p3b_params_m": round(n_params / 1e6, 1),
-        "wan1p3b_tokens": float(seq),
-        "wan1p3b_step_s": round(step_s, 3),
-        "wan1p3b_peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 1e9, 2),
-        "wan1p3b_mfu": round(flops / step_s / H200_BF16_FLOPS, 4),
-        "wan1p3b_loss_finite": float(torch.isfinite(loss).item()),
+        f"{prefix}_params_m": round(n_params / 1e6, 1),
+        f"{prefix}_tokens": float(seq),
+        f"{prefix}_step_s": round(step_s, 3),
+        f"{prefix}_peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if cuda else 0.0,
+        f"{prefix}_mfu": round(flops / step_s / H200_BF16_FLOPS, 4),
+        f"{prefix}_loss_finite": float(torch.isfinite(loss).item()),
     }
 
 
@@ -115,7 +133,7 @@ def run() -> dict[str, float]:
 
     if not torch.cuda.is_available():
         return {}
-    out = bench_1p3b()
+    out = bench_train_step()
     out.update(bench_tiny_end_to_end())
     return out
 

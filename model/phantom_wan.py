@@ -120,7 +120,8 @@ class PhantomWan(nn.Module):
         positions zero; ref_latents: (B, n, C, h, w) clean; ref_mask: (B, n) real slots (packed first).
         ref_clip is not used: Wan2.1-T2V has no image-embedding branch and Phantom-Wan adds none."""
         B, C, T = x.shape[:3]
-        dtype = next(self.transformer.parameters()).dtype
+        # The compute dtype: under FSDP2 mixed precision the root's weights are unsharded in bf16 here.
+        dtype = self.transformer.patch_embedding.weight.dtype
         context = self.pad_text(text).to(dtype)
         timestep = (t.float() * NUM_TRAIN_TIMESTEPS).to(dtype)
         if ref_latents is None or ref_latents.shape[1] == 0:

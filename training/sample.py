@@ -43,6 +43,11 @@ def generate(
     if not 1 <= refs.shape[0] <= MAX_REFS:
         raise ValueError(f"Phantom takes 1 to {MAX_REFS} reference images, got {refs.shape[0]}")
     vae = enc.vae
+    if (num_frames - 1) % vae.temporal_factor:
+        raise ValueError(
+            f"num_frames={num_frames}: this VAE needs 1 + {vae.temporal_factor}k frames "
+            f"(e.g. {1 + vae.temporal_factor * max(1, (num_frames - 1) // vae.temporal_factor)})"
+        )
     ref_px = to_unit_range(refs.to(device))  # (n, 3, H, W) in [-1, 1]
     # Each reference is encoded on its own as a one-frame video (Phantom-Wan get_vae_latents).
     ref_latents = vae.encode_image(ref_px).float()[None]  # (1, n, C, h, w)

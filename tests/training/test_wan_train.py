@@ -141,6 +141,13 @@ def test_dcp_checkpoints_survive_sigkill(tmp_path, corrupt_shards):
     assert ckpt.latest_checkpoint(out_dir / "checkpoints").name != "step_00000004"
     subprocess.run(cmd(out_dir), cwd=repo, env=env, check=True, capture_output=True, timeout=300)
     assert [r["loss"] for r in read_metrics(out_dir)] == [r["loss"] for r in read_metrics(tmp_path / "whole")]
+    from training.sample import load_sampler  # the evaluation interface reads MMDiT DCP folders too
+
+    sampler = load_sampler(str(ckpt.latest_checkpoint(out_dir / "checkpoints")), model="mmdit")
+    import numpy as np
+
+    video = sampler.generate([np.full((20, 30, 3), 200, np.uint8)], "a cat", steps=1, num_frames=2)
+    assert video.shape == (2, 32, 64, 3) and video.dtype == np.uint8
 
 
 def _rank_main(rank, world, port, jobs, out_json):
