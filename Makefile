@@ -72,6 +72,9 @@ eval: setup ## generate and score EVAL_SET (default: the held-out split) with CK
 	@test -n "$(CKPT)" || { echo "no checkpoint under runs/train_tiny/checkpoints: run \`make train\` or pass CKPT=..."; exit 2; }
 	$(BIN)/python -m training.evaluate --ckpt $(CKPT) --eval-set $(EVAL_SET) --metrics $(CONFIG) --out $(EVAL_OUT)/$(notdir $(basename $(CKPT)))
 
+download: setup ## fetch SOURCE's videos (Panda-70M CSV urls) with yt-dlp into its videos_dir; resumable
+	$(BIN)/python -m curation.download --config $(CONFIG) --source $(SOURCE)
+
 weights: setup ## fetch the production models named in pipelines.yaml into models/ (needs a hub)
 	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(BIN)/python -m curation.weights --config $(CONFIG)
 

@@ -158,9 +158,15 @@ class SourceSpec:
     kind: Literal["panda70m", "dir", "sample"]
     csv: str = ""  # panda70m: metadata CSV
     videos_dir: str = ""  # panda70m: where {videoID}.mp4|.mkv|.webm live; dir: the folder to scan
-    download: bool = False  # panda70m: fetch missing videos with yt-dlp
+    download: bool | dict[str, Any] = False  # panda70m: true, or the download step's params (a mapping)
     sample_dir: str = "data/sample"  # sample: where the generated footage and CSV are written
     limit: int = field(0, ge=0)  # 0 = all videos
+
+    def validate(self, path: str = "") -> None:
+        if isinstance(self.download, dict):
+            from curation.download import parse_params  # lazy: curation.download imports this module
+
+            parse_params(self.download, f"{path}.download")
 
 
 @dataclasses.dataclass

@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         spec.videos_dir = args.videos_dir
     if args.csv:
         spec.csv = args.csv
+    if spec.kind == "panda70m" and spec.download:  # optional first stage: fetch what is missing
+        from curation.download import download_source
+
+        spec.videos_dir = spec.videos_dir or os.path.join(out_dir, "videos")
+        download_source(spec, spec.videos_dir, cfg=cfg, runner="ray" if args.runner == "ray" else "threads")
+        spec.download = False  # fetched by the step; the CSV reader then only finds the files
     try:
         from curation.sources import check_source_for_pipeline
     except ImportError:
