@@ -47,7 +47,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 curate: setup ## curate SOURCE (default: the bundled sample) into WebDataset shards under output/SOURCE
-	$(BIN)/python -m curation.run --config $(CONFIG) --source $(SOURCE) --pipeline $(PIPELINE) --runner $(RUNNER)
+	$(BIN)/python -m curation.run --config $(CONFIG) --source $(SOURCE) --pipeline $(PIPELINE) --runner $(RUNNER) \
+		$(if $(VIDEOS),--videos-dir $(VIDEOS)) $(if $(CSV),--csv $(CSV)) $(if $(OUT),--out $(OUT))
 
 test: setup ## run the whole test suite (offline, CPU)
 	$(BIN)/python -m pytest -q tests
