@@ -237,34 +237,51 @@ def guided_sample(
     generator: torch.Generator | None = None,
     null_text: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    solver: str = "unipc",
 ) -> torch.Tensor:
-    """Euler on the shifted schedule with Phantom's two-weight guidance; shape (B, C, T, h, w) video only.
+    """Sample (B, C, T, h, w) video latents with Phantom's two-weight guidance on the shifted schedule.
 
-    null_text: (B, L, D) states of the negative prompt (the release encodes its negative prompt); None = the
+    solver: "unipc" (the release's: a UniPC multistep flow solver; here diffusers' UniPCMultistepScheduler
+    with flow_prediction, the one diffusers' Wan pipeline uses) or "euler" on the same shifted sigmas.
+    null_text: (B, L, D) states of a negative prompt (the release encodes its negative prompt); None = the
     all-zero context that text dropout trains.
     """
+    if solver not in ("unipc", "euler"):
+        raise ValueError(f"solver={solver!r}; allowed: 'unipc', 'euler'")
     dev = cond.text.device
     x = noise if noise is not None else _draw(torch.randn, shape, generator, dev)
     B = shape[0]
     if null_text is None:
         null = cond.drop_text()
     else:
-        null = replace(
-            cond,
-            text=null_text.to(cond.text),
-            text_mask=torch.ones(null_text.shape[:2], dtype=torch.bool, device=dev),
-        )
+        mask = torch.ones(null_text.shape[:2], dtype=torch.bool, device=dev)
+        null = replace(cond, text=null_text.to(cond.text), text_mask=mask)
     neg = drop_refs_keep_slots(null, torch.ones(B, dtype=torch.bool, device=dev))
     length = max(c.text.shape[1] for c in (cond, null, neg))
-    branches = [_pad_text_to(c, length) for c in (neg, null, cond)]  # neg, pos_i, pos_it
-    cond3 = Conditioning.cat(branches)
-    sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1, device=dev), shift)
-    for i in range(steps):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        v3 = model(torch.cat([x] * 3, 0), s.expand(3 * B), **cond3.as_kwargs()).video.float()
+    cond3 = Conditioning.cat([_pad_text_to(c, length) for c in (neg, null, cond)])  # neg, pos_i, pos_it
+
+    def velocity(x, s):  # s: scalar tensor in [0, 1]
+        v3 = model(torch.cat([x] * 3, 0), s.expand(3 * B).to(x.dtype), **cond3.as_kwargs()).video.float()
         v_neg, v_i, v_it = v3.chunk(3, dim=0)
-        v = v_neg + w_img * (v_i - v_neg) + w_txt * (v_it - v_i)
-        x = x + (s_next - s) * v  # ds < 0: towards data
+        return v_neg + w_img * (v_i - v_neg) + w_txt * (v_it - v_i)
+
+    if solver == "euler":
+        sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1, device=dev), shift)
+        for i in range(steps):
+            x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i])  # ds < 0: towards data
+        return x
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        flow_shift=shift,
+    )  # fmt: skip
+    scheduler.set_timesteps(steps, device=dev)
+    x = x.float()
+    for i, t in enumerate(scheduler.timesteps):
+        # The model sees the exact sigma; the schedulers' int64 timesteps (999, 937, ...) truncate it.
+        s = scheduler.sigmas[i].to(dev)
+        x = scheduler.step(velocity(x, s), t, x, return_dict=False)[0]
     return x
 
 

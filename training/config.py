@@ -92,6 +92,7 @@ class WanConfig:
     text_len: int = 512  # Wan pads the UMT5 states to 512 tokens with zeros
     grad_checkpoint: bool = False  # activation checkpointing of every transformer block
     sample_shift: float = 5.0  # the release's default flow shift at sampling
+    sample_solver: str = "unipc"  # "unipc" (the release's solver) or "euler"
     dtype: str = "float32"  # parameter dtype; bf16 autocast runs on CUDA either way
 
 
@@ -167,6 +168,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
     if cfg.model.wan.finetune not in ("full", "lora"):
         raise ConfigError(f"model.wan.finetune: {cfg.model.wan.finetune!r} is not one of ['full', 'lora']")
+    if cfg.model.wan.sample_solver not in ("unipc", "euler"):
+        raise ConfigError(
+            f"model.wan.sample_solver: {cfg.model.wan.sample_solver!r} is not one of ['unipc', 'euler']"
+        )
     if cfg.model.wan.weights and not cfg.model.wan.weights_sha256:
         raise ConfigError("model.wan.weights_sha256: pin the base weights (sha256 of the file, or per file)")
     if cfg.model.wan.phantom_ckpt and not cfg.model.wan.phantom_sha256:

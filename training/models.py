@@ -59,6 +59,7 @@ def sample_latents(cfg: TrainConfig, model, cond, shape, steps, w_img, w_txt, ge
             w_txt=w_txt,
             shift=cfg.model.wan.sample_shift,
             generator=generator,
+            solver=cfg.model.wan.sample_solver,
         )
     return euler_sample(model, cond, shape, steps=steps, w_img=w_img, w_txt=w_txt, generator=generator)
 

@@ -72,6 +72,14 @@ def test_key_conversion_round_trips_and_names_the_original_layout():
     assert detect_layout(original) == "original" and detect_layout(state) == "diffusers"
     back = original_to_diffusers({f"model.diffusion_model.{k}": v for k, v in original.items()})
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    i2v = _transformer(image_dim=16, added_kv_proj_dim=24).state_dict()  # the I2V variant's extra keys
+    i2v_original = diffusers_to_original(i2v)
+    extra = {
+        "img_emb.proj.0.weight",
+        "blocks.1.cross_attn.k_img.weight",
+        "blocks.0.cross_attn.norm_k_img.weight",
+    }
+    assert extra <= set(i2v_original) and set(original_to_diffusers(i2v_original)) == set(i2v)
     with pytest.raises(ValueError, match="no known Wan layout"):
         original_to_diffusers({**original, "blocks.0.extra.weight": torch.zeros(1)})
 
@@ -190,8 +198,8 @@ def test_guidance_weights_pick_the_branches():
     model = PhantomWan(_transformer(), text_len=8).eval()
     x0, cond = _batch(B=1, n=1, h=4, w=4)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    full = guided_sample(model, cond, x0.shape, steps=3, w_img=1, w_txt=1, noise=noise)
-    uncond = guided_sample(model, cond, x0.shape, steps=3, w_img=0, w_txt=0, noise=noise)
+    full = guided_sample(model, cond, x0.shape, steps=3, w_img=1, w_txt=1, noise=noise, solver="euler")
+    uncond = guided_sample(model, cond, x0.shape, steps=3, w_img=0, w_txt=0, noise=noise, solver="euler")
     s = torch.linspace(1, 0, 4)
     s = 5 * s / (1 + 4 * s)
     x = noise.clone()
@@ -200,6 +208,32 @@ def test_guidance_weights_pick_the_branches():
             x = x + (s[i + 1] - s[i]) * model(x, s[i].expand(1), **cond.as_kwargs()).video
     torch.testing.assert_close(full, x, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(full, uncond)
+
+
+class StraightFlow(torch.nn.Module):
+    """The exact velocity field of the straight path from noise to a known x0: v = (x_t - x0) / t."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, x, t, text, text_mask=None, ref_latents=None, ref_clip=None, ref_mask=None):
+        from model.phantom_wan import WanOutput
+
+        x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1, 1)
+        return WanOutput(video=(x - x0) / t.view(-1, 1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("solver", ["unipc", "euler"])
+def test_solvers_integrate_the_shifted_flow_to_the_data(solver):
+    """On a field whose exact solution is known, both solvers land on x0 (all three guidance branches agree,
+    so any weights), so the shifted UniPC schedule and the Euler one are wired right."""
+    x0, cond = _batch(B=1, n=1, h=4, w=4)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    out = guided_sample(
+        StraightFlow(x0), cond, x0.shape, steps=6, w_img=3, w_txt=7.5, noise=noise, solver=solver
+    )
+    torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-4)
 
 
 def test_lora_trains_adapters_only(tmp_path):
