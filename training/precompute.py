@@ -64,12 +64,15 @@ def _phase_streams(cfg) -> list:
 class ShardEncoder:
     """Ray Data actor: encoders loaded once in the worker; one call turns a raw shard into a latent one."""
 
-    def __init__(self, cfg_dict: dict[str, Any], out_dir: str, device: str = "cpu") -> None:
+    def __init__(
+        self, cfg_dict: dict[str, Any], out_dir: str, device: str = "cpu", batch_size: int = 4
+    ) -> None:
         from training.config import config_from_dict
 
         self.cfg = config_from_dict(cfg_dict)
         self.out_dir = Path(out_dir)
         self.device = device
+        self.batch_size = batch_size
         self.enc = None
 
     def setup(self) -> None:
@@ -84,7 +87,7 @@ class ShardEncoder:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         self.setup()
-        return encode_shard(row["url"], self.out_dir, self.cfg, self.enc, self.device)
+        return encode_shard(row["url"], self.out_dir, self.cfg, self.enc, self.device, self.batch_size)
 
 
 def _tensors_bytes(tensors) -> bytes:
@@ -93,8 +96,14 @@ def _tensors_bytes(tensors) -> bytes:
     return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
-def encode_shard(url: str, out_dir: Path, cfg, enc, device: str = "cpu") -> dict[str, Any]:
-    """Raw shard -> latent shard of the same name (written atomically); returns its index entry and counts."""
+def encode_shard(
+    url: str, out_dir: Path, cfg, enc, device: str = "cpu", batch_size: int = 4
+) -> dict[str, Any]:
+    """Raw shard -> latent shard of the same name (written atomically); returns its index entry and counts.
+
+    Samples are decoded in order, encoded in batches of up to `batch_size` of one bucket (a chunk of
+    4 * batch_size samples is in memory at a time), and written back in their original order.
+    """
     import torch
     import webdataset as wds
 
@@ -116,18 +125,41 @@ def encode_shard(url: str, out_dir: Path, cfg, enc, device: str = "cpu") -> dict
     out_dir.mkdir(parents=True, exist_ok=True)
     name = Path(url).name
     tmp = out_dir / f".{name}.tmp{os.getpid()}"
-    n = skipped = errors = 0
+    stats = {"n": 0, "skipped": 0, "errors": 0}
+    chunk: list[tuple[str, dict[str, bytes], dict[str, Any]]] = []  # (key, members, {tag: decoded})
+
+    def flush(tar) -> None:
+        for tag, _ in streams:
+            by_bucket: dict[tuple, list[tuple[int, dict]]] = {}
+            for i, (_, _, decoded) in enumerate(chunk):
+                if tag in decoded:
+                    d = decoded[tag]
+                    by_bucket.setdefault(tuple(d["video"].shape), []).append((i, d))
+            for group in by_bucket.values():
+                for start in range(0, len(group), batch_size):
+                    part = group[start : start + batch_size]
+                    with torch.no_grad():
+                        encoded = _encode_fresh(collate([d for _, d in part]), enc, torch.device(device))
+                    for (i, _), e in zip(part, encoded):
+                        chunk[i][1][f"{tag}.safetensors"] = _tensors_bytes(e)
+        for key, members, _ in chunk:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        chunk.clear()
+
     with tarfile.open(tmp, "w") as tar:
         for sample in ds:
-            n += 1
-            key = sample["__key__"]
+            stats["n"] += 1
             members: dict[str, bytes] = {}
+            decoded_by_tag: dict[str, Any] = {}
             counter.counts.clear()
             # The trainer's own checks (missing keys, bad json, size): dropped before bucketing.
             kept = list(streams[0][1]._with_meta(iter([sample]), counter))
             if not kept:
                 members["skip.txt"] = next(iter(counter.counts)).encode()
-                skipped += 1
+                stats["skipped"] += 1
             else:
                 meta = dict(sample["_meta"])
                 if "width" not in meta or "height" not in meta:
@@ -135,34 +167,32 @@ def encode_shard(url: str, out_dir: Path, cfg, enc, device: str = "cpu") -> dict
                 meta["frame_indices"] = {}
                 for tag, stream in streams:
                     counter.counts.clear()
-                    sample["_bucket"] = stream._with_meta(iter([dict(sample)]), counter).__next__()["_bucket"]
+                    sample["_bucket"] = next(stream._with_meta(iter([dict(sample)]), counter))["_bucket"]
                     decoded = stream._decode(sample, counter)
                     if decoded is None:
                         members[f"{tag}.err"] = next(iter(counter.counts)).encode()
-                        errors += 1
+                        stats["errors"] += 1
                         continue
-                    with torch.no_grad():
-                        encoded = _encode_fresh(collate([decoded]), enc, torch.device(device))[0]
-                    members[f"{tag}.safetensors"] = _tensors_bytes(encoded)
+                    decoded_by_tag[tag] = decoded
                     meta["frame_indices"][tag] = decoded["meta"]["frame_indices"]
                 members["json"] = json.dumps(meta).encode()
                 for k in sample:
                     if k == "txt" or k.startswith("ref_"):
                         members[k] = sample[k]
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            chunk.append((sample["__key__"], members, decoded_by_tag))
+            if len(chunk) >= 4 * batch_size:
+                flush(tar)
+        flush(tar)
     out = out_dir / name
     os.replace(tmp, out)
     digest = sha256_file(out)  # streamed: a shard can be gigabytes
     return {
         "name": name,
-        "num_samples": n,
+        "num_samples": stats["n"],
         "bytes": out.stat().st_size,
         "sha256": digest,
-        "skipped": skipped,
-        "errors": errors,
+        "skipped": stats["skipped"],
+        "errors": stats["errors"],
         "seconds": time.perf_counter() - t0,
     }
 
@@ -175,6 +205,7 @@ def precompute(
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
     use_ray: bool = True,
+    batch_size: int = 4,
 ) -> dict[str, Any]:
     """Encode every shard listed by `shards` into `out`; writes out/index.json (raw shard order kept)."""
     from training.data import list_shards
@@ -200,13 +231,18 @@ def precompute(
         ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
         rows = ds.map(
             ShardEncoder,
-            fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "out_dir": str(out_dir), "device": device},
+            fn_constructor_kwargs={
+                "cfg_dict": cfg.to_dict(),
+                "out_dir": str(out_dir),
+                "device": device,
+                "batch_size": batch_size,
+            },
             compute=ActorPoolStrategy(size=num_actors),
             num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor,
         ).take_all()  # one small row per shard, never per sample
     else:  # the same stage in this process (tests, debugging)
-        worker = ShardEncoder(cfg.to_dict(), str(out_dir), device)
+        worker = ShardEncoder(cfg.to_dict(), str(out_dir), device, batch_size)
         rows = [worker({"url": u}) for u in urls]
     by_name = {r["name"]: r for r in rows}
     entries = [by_name[Path(u).name] for u in urls]
@@ -235,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-actors", type=int, default=1, help="encoder actors (one model copy each)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=4, help="samples of one bucket per encoder call")
     p.add_argument("--no-ray", action="store_true", help="same stage, one process")
     args = p.parse_args(argv)
     from training.config import load_config
@@ -248,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         args.cpus_per_actor,
         args.gpus_per_actor,
         use_ray=not args.no_ray,
+        batch_size=args.batch_size,
     )
     log.info("wrote %s: %s", args.out, stats)
     print(json.dumps(stats))
