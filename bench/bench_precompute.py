@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-STEPS = 12
-WARMUP = 2
+STEPS = 20
+WARMUP = 3
 
 
 def _steps_per_s(cfg_path: Path, overrides: dict) -> float:
