@@ -336,3 +336,15 @@ def test_lora_starts_equal_to_the_base():
     t = torch.tensor([0.5, 0.9])
     with torch.no_grad():
         assert torch.equal(base(x0, t, **cond.as_kwargs()).video, adapted(x0, t, **cond.as_kwargs()).video)
+
+
+def test_sample_does_not_import_the_loop():
+    """loop -> sample -> models, one way: sampling (and evaluation) never pulls in the training loop."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, training.sample; assert 'training.loop' not in sys.modules, sorted(sys.modules)"
+    subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], check=True, timeout=120
+    )
