@@ -1,4 +1,5 @@
-"""Global-phase benchmark: pairing, the pairs-to-clips join and shard writing on Ray (the production path) over
+"""Global-phase benchmark: pairing, the pairs-to-clips join and shard writing on Ray (the production path)
+over
 synthetic committed videos of 20k and 100k clips (generated embeddings; a few small real H.264 clips and JPEG
 crops reused by reference); wall time and the driver's peak RSS (VmHWM of a fresh process per size)."""
 
@@ -46,8 +47,14 @@ print(json.dumps({"wall_s": wall, "hwm_mb": hwm, "triplets": s["triplets_out"], 
 def _py(code: str, *args) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
-                         cwd=root, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=1800,
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return out.stdout

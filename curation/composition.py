@@ -43,8 +43,15 @@ def has_face(subject: dict, face_categories=FACE_CATEGORIES) -> bool:
     )
 
 
-def tight_box(box, frame_w: int, frame_h: int, category: str | None = None, face_box=None,
-              face_heights: float = 5.0, face_widths: float = 3.0) -> list[int]:
+def tight_box(
+    box,
+    frame_w: int,
+    frame_h: int,
+    category: str | None = None,
+    face_box=None,
+    face_heights: float = 5.0,
+    face_widths: float = 3.0,
+) -> list[int]:
     """A tighter reference box for a subject. Grounders draw loose boxes around people (a 290x334 box for one
     seated person in a 480x360 frame): for a human with a face inside the box, the box is cut to the head and
     upper body, ``face_heights`` face heights down from the top of the face and ``face_widths`` face widths
@@ -55,12 +62,19 @@ def tight_box(box, frame_w: int, frame_h: int, category: str | None = None, face
     if category in FACE_CATEGORIES and face_box is not None:
         fx0, fy0, fx1, fy1 = (float(v) for v in face_box)
         fw, fh = max(1.0, fx1 - fx0), max(1.0, fy1 - fy0)
-        inside = fx0 >= x0 - 0.5 * fw and fx1 <= x1 + 0.5 * fw and fy0 >= y0 - 0.5 * fh and fy1 <= y1 + 0.5 * fh
+        inside = (
+            fx0 >= x0 - 0.5 * fw and fx1 <= x1 + 0.5 * fw and fy0 >= y0 - 0.5 * fh and fy1 <= y1 + 0.5 * fh
+        )
         if inside:
             cx = (fx0 + fx1) / 2
             x0, x1 = max(x0, cx - face_widths * fw / 2), min(x1, cx + face_widths * fw / 2)
             y0, y1 = max(y0, fy0 - 0.3 * fh), min(y1, fy0 + face_heights * fh)
-    out = [max(0, int(x0)), max(0, int(y0)), min(int(frame_w), int(round(x1))), min(int(frame_h), int(round(y1)))]
+    out = [
+        max(0, int(x0)),
+        max(0, int(y0)),
+        min(int(frame_w), int(round(x1))),
+        min(int(frame_h), int(round(y1))),
+    ]
     if out[2] <= out[0] or out[3] <= out[1]:
         return [max(0, int(v)) for v in box]
     return out
@@ -86,15 +100,27 @@ class Partner:
 def _partner(c: dict, identity: str, score, face_score) -> Partner | None:
     if not c.get("c_crop_path"):
         return None
-    crop = {"path": c["c_crop_path"], "box": list(c.get("c_crop_box") or []), "ref": c.get("c_crop_ref"),
-            "t_s": c.get("c_ref_t_s"), "frame_index": c.get("c_ref_frame_index")}
-    return Partner(str(c["c_clip"]), str(c["c_video"]), int(c["c_subject"]), crop,
-                   None if score is None else float(score), None if face_score is None else float(face_score),
-                   identity)
+    crop = {
+        "path": c["c_crop_path"],
+        "box": list(c.get("c_crop_box") or []),
+        "ref": c.get("c_crop_ref"),
+        "t_s": c.get("c_ref_t_s"),
+        "frame_index": c.get("c_ref_frame_index"),
+    }
+    return Partner(
+        str(c["c_clip"]),
+        str(c["c_video"]),
+        int(c["c_subject"]),
+        crop,
+        None if score is None else float(score),
+        None if face_score is None else float(face_score),
+        identity,
+    )
 
 
-def eligible_partners(subject: dict, emb_cands: list[dict], face_cands: list[dict],
-                      face_categories=FACE_CATEGORIES) -> tuple[list[Partner], list[dict]]:
+def eligible_partners(
+    subject: dict, emb_cands: list[dict], face_cands: list[dict], face_categories=FACE_CATEGORIES
+) -> tuple[list[Partner], list[dict]]:
     """The partners a subject may take and the vetoed ones (with the reason and both scores).
 
     Candidates are pair records ({c_clip, c_subject, score, verdict, c_crop_*}); only verdict ``pair`` (in the
@@ -103,6 +129,7 @@ def eligible_partners(subject: dict, emb_cands: list[dict], face_cands: list[dic
     (``no_face_match``); a face pair whose image embedding says copy-paste is vetoed too. A face pair the
     embedding band missed (new outfit, same person) is kept as ``face_only``. Subjects without a face are
     paired by the embedding alone."""
+
     def key(c):
         return (str(c["c_clip"]), int(c["c_subject"]))
 
@@ -122,9 +149,16 @@ def eligible_partners(subject: dict, emb_cands: list[dict], face_cands: list[dic
         f = face_by.get(key(c))
         if f is None or f["verdict"] != "pair":
             reason = NO_FACE_MATCH if f is None else FACE_REJECTED
-            vetoes.append({"c_clip": c["c_clip"], "c_subject": c["c_subject"], "reason": reason,
-                           "score": c["score"], "face_score": None if f is None else f["score"],
-                           "face_verdict": None if f is None else f["verdict"]})
+            vetoes.append(
+                {
+                    "c_clip": c["c_clip"],
+                    "c_subject": c["c_subject"],
+                    "reason": reason,
+                    "score": c["score"],
+                    "face_score": None if f is None else f["score"],
+                    "face_verdict": None if f is None else f["verdict"],
+                }
+            )
             continue
         p = _partner(c, FACE_MATCH, c["score"], f["score"])
         if p is not None:
@@ -135,8 +169,16 @@ def eligible_partners(subject: dict, emb_cands: list[dict], face_cands: list[dic
             continue
         e = emb_by.get(key(f))
         if e is not None and e["verdict"] in ("copy_paste", "near_duplicate_source"):
-            vetoes.append({"c_clip": f["c_clip"], "c_subject": f["c_subject"], "reason": COPY_VETO,
-                           "score": e["score"], "face_score": f["score"], "face_verdict": f["verdict"]})
+            vetoes.append(
+                {
+                    "c_clip": f["c_clip"],
+                    "c_subject": f["c_subject"],
+                    "reason": COPY_VETO,
+                    "score": e["score"],
+                    "face_score": f["score"],
+                    "face_verdict": f["verdict"],
+                }
+            )
             continue
         if e is not None and e["verdict"] == "pair":
             continue  # already taken above
@@ -149,7 +191,8 @@ def eligible_partners(subject: dict, emb_cands: list[dict], face_cands: list[dic
 
 def choose_partners(partners: list[Partner], n: int, key: str, seed: int = 0) -> list[Partner]:
     """``n`` distinct partners drawn from those in the band by a seeded shuffle (keyed by the subject), so
-    the reference is not always the top score next to the copy-paste threshold, yet a re-run draws the same."""
+    the reference is not always the top score next to the copy-paste threshold, yet a re-run draws the
+    same."""
     order = sorted(partners, key=lambda p: (unit_draw("partner", seed, key, p.key()), p.key()))
     return order[:n]
 
@@ -162,13 +205,25 @@ def own_ref(row: dict, si: int, subject: dict) -> dict | None:
         return None
     meta = row.get("ref_frames") or []
     t = meta[crop["ref"]] if 0 <= crop["ref"] < len(meta) else {}
-    return {"path": crop["path"], "box": crop["box"], "ref": crop["ref"], "t_s": t.get("t_s"),
-            "frame_index": t.get("frame_index")}
+    return {
+        "path": crop["path"],
+        "box": crop["box"],
+        "ref": crop["ref"],
+        "t_s": t.get("t_s"),
+        "frame_index": t.get("frame_index"),
+    }
 
 
-def compose_clip(row: dict, partners: dict[int, list[Partner]], *, in_pair: bool = True,
-                 cross_pair: bool = True, cross_per_clip: int = 1, seed: int = 0,
-                 max_refs: int = MAX_REFS) -> list[dict]:
+def compose_clip(
+    row: dict,
+    partners: dict[int, list[Partner]],
+    *,
+    in_pair: bool = True,
+    cross_pair: bool = True,
+    cross_per_clip: int = 1,
+    seed: int = 0,
+    max_refs: int = MAX_REFS,
+) -> list[dict]:
     """The samples of one clip: an in-pair sample (every subject's reference cut from the clip itself) and
     up to ``cross_per_clip`` cross-pair samples. The caption names all the clip's subjects, so a cross-pair
     sample gives every subject a reference: a drawn partner from another source where it has one, else its
@@ -183,24 +238,44 @@ def compose_clip(row: dict, partners: dict[int, list[Partner]], *, in_pair: bool
     plans = []
 
     def own_entry(si):
-        return {"subject": si, "ref_kind": "in_video", "clip_id": row.get("clip_id"),
-                "video_id": row.get("video_id"), "src_subject": si, "crop": own[si], "similarity": None,
-                "face_similarity": None, "identity": None}
+        return {
+            "subject": si,
+            "ref_kind": "in_video",
+            "clip_id": row.get("clip_id"),
+            "video_id": row.get("video_id"),
+            "src_subject": si,
+            "crop": own[si],
+            "similarity": None,
+            "face_similarity": None,
+            "identity": None,
+        }
 
     if in_pair:
         plans.append({"pair_type": "in_pair", "j": 0, "refs": [own_entry(si) for si in usable]})
     if cross_pair and cross_per_clip > 0:
-        drawn = {si: choose_partners(partners.get(si) or [], cross_per_clip, f"{row.get('clip_id')}#{si}", seed)
-                 for si in usable}
+        drawn = {
+            si: choose_partners(partners.get(si) or [], cross_per_clip, f"{row.get('clip_id')}#{si}", seed)
+            for si in usable
+        }
         for j in range(cross_per_clip):
             refs = []
             for si in usable:
                 ps = drawn[si]
                 if j < len(ps):
                     p = ps[j]
-                    refs.append({"subject": si, "ref_kind": "cross", "clip_id": p.clip_id, "video_id": p.video_id,
-                                 "src_subject": p.subject, "crop": p.crop, "similarity": p.score,
-                                 "face_similarity": p.face_score, "identity": p.identity})
+                    refs.append(
+                        {
+                            "subject": si,
+                            "ref_kind": "cross",
+                            "clip_id": p.clip_id,
+                            "video_id": p.video_id,
+                            "src_subject": p.subject,
+                            "crop": p.crop,
+                            "similarity": p.score,
+                            "face_similarity": p.face_score,
+                            "identity": p.identity,
+                        }
+                    )
                 else:
                     refs.append(own_entry(si))
             if any(r["ref_kind"] == "cross" for r in refs):
@@ -209,7 +284,7 @@ def compose_clip(row: dict, partners: dict[int, list[Partner]], *, in_pair: bool
 
 
 def keep_fraction(frac: float, *key) -> bool:
-    """Deterministic Bernoulli(frac) keyed draw (configurable in-pair / cross-pair ratios, category balance)."""
+    """A deterministic Bernoulli(frac) keyed draw (in-pair / cross-pair ratios, category balance)."""
     return frac >= 1.0 or (frac > 0.0 and unit_draw(*key) < frac)
 
 

@@ -35,8 +35,14 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from curation import pairing, scenarios
-from curation.composition import FACE_CATEGORIES, best_crop, category_keep, compose_clip, eligible_partners
-from curation.composition import keep_fraction, tight_box
+from curation.composition import (
+    best_crop,
+    category_keep,
+    compose_clip,
+    eligible_partners,
+    keep_fraction,
+    tight_box,
+)
 from curation.scenarios import unit_draw
 from curation.shards import INDEX_FILE, INDEX_NAMES, RECORDS_DIR, member_bytes, plan_shards, safe_component
 from curation.storage import Store
@@ -64,7 +70,8 @@ def bucket_of(video_id: str) -> int:
 
 def _video_file(video_id: str) -> str:
     b = bucket_of(video_id)
-    return f"{b:02x}/{safe_component(video_id)[:80]}-{hashlib.sha1(str(video_id).encode()).hexdigest()[:10]}.parquet"
+    digest = hashlib.sha1(str(video_id).encode()).hexdigest()[:10]
+    return f"{b:02x}/{safe_component(video_id)[:80]}-{digest}.parquet"
 
 
 def _params_dict(params) -> dict:
@@ -75,8 +82,9 @@ def step_hashes(map_hash: str, pair_params, shard_params) -> tuple[str, str]:
     """(pair_hash, global_hash): the pairs depend on the map phase and the pair params; the plans and shards
     on those and the write_shards params."""
     pair_hash = _sha(json.dumps({"map": map_hash, "pair": _params_dict(pair_params)}, sort_keys=True))
-    global_hash = _sha(json.dumps({"pair": pair_hash, "write_shards": _params_dict(shard_params)},
-                                  sort_keys=True))
+    global_hash = _sha(
+        json.dumps({"pair": pair_hash, "write_shards": _params_dict(shard_params)}, sort_keys=True)
+    )
     return pair_hash, global_hash
 
 
@@ -91,20 +99,33 @@ def _phash_int(h: str) -> int:
 def _unit_schema():
     import pyarrow as pa
 
-    return pa.schema([
-        ("kind", pa.string()), ("bucket", pa.int16()), ("video_id", pa.string()), ("clip_id", pa.string()),
-        ("subject", pa.int32()), ("category", pa.string()), ("vector", pa.list_(pa.float32())),
-        ("phashes", pa.list_(pa.uint64())), ("crop_path", pa.string()), ("crop_box", pa.list_(pa.int32())),
-        ("crop_box_tight", pa.list_(pa.int32())), ("crop_ref", pa.int32()), ("ref_t_s", pa.float64()),
-        ("ref_frame_index", pa.int64()), ("v_n_clips", pa.int32()),
-    ])
+    return pa.schema(
+        [
+            ("kind", pa.string()),
+            ("bucket", pa.int16()),
+            ("video_id", pa.string()),
+            ("clip_id", pa.string()),
+            ("subject", pa.int32()),
+            ("category", pa.string()),
+            ("vector", pa.list_(pa.float32())),
+            ("phashes", pa.list_(pa.uint64())),
+            ("crop_path", pa.string()),
+            ("crop_box", pa.list_(pa.int32())),
+            ("crop_box_tight", pa.list_(pa.int32())),
+            ("crop_ref", pa.int32()),
+            ("ref_t_s", pa.float64()),
+            ("ref_frame_index", pa.int64()),
+            ("v_n_clips", pa.int32()),
+        ]
+    )
 
 
 def _clip_schema():
     import pyarrow as pa
 
-    return pa.schema([("bucket", pa.int16()), ("video_id", pa.string()), ("clip_id", pa.string()),
-                      ("row", pa.string())])
+    return pa.schema(
+        [("bucket", pa.int16()), ("video_id", pa.string()), ("clip_id", pa.string()), ("row", pa.string())]
+    )
 
 
 def _mean_unit(v: np.ndarray) -> np.ndarray:
@@ -130,8 +151,10 @@ def video_units(rows: list[dict], local_root: str) -> tuple[list[dict], dict[str
     per_clip: list[list[dict]] = []
     for r in ok:
         clip_units = []
-        for kind, file_key, item_key in (("subject", "embedding_file", "crops"), ("face", "face_embedding_file",
-                                                                                  "faces")):
+        for kind, file_key, item_key in (
+            ("subject", "embedding_file", "crops"),
+            ("face", "face_embedding_file", "faces"),
+        ):
             subjects = r.get("subjects") or []
             items = [s.get(item_key) or [] for s in subjects]
             if not r.get(file_key) or not any(items):
@@ -149,10 +172,14 @@ def video_units(rows: list[dict], local_root: str) -> tuple[list[dict], dict[str
                     raise ValueError(f"expected (n, D), got shape {emb.shape}")
             except (OSError, ValueError) as e:
                 errors[str(r["clip_id"])] = f"unreadable {rel}: {type(e).__name__}"
-                log.warning("export: %s/%s: %s", r.get("video_id"), r.get("clip_id"), errors[str(r["clip_id"])])
+                log.warning(
+                    "export: %s/%s: %s", r.get("video_id"), r.get("clip_id"), errors[str(r["clip_id"])]
+                )
                 continue
             for si, its in enumerate(items):
-                keep = [it for it in its if it.get("duplicate_of") is None and 0 <= int(it["emb_row"]) < len(emb)]
+                keep = [
+                    it for it in its if it.get("duplicate_of") is None and 0 <= int(it["emb_row"]) < len(emb)
+                ]
                 # the reference image is the subject's own crop; a face unit of a subject without one falls
                 # back to its face crop
                 crop = best_crop(subjects[si]) or (best_crop({"crops": its}) if kind == "face" else None)
@@ -160,16 +187,24 @@ def video_units(rows: list[dict], local_root: str) -> tuple[list[dict], dict[str
                     continue
                 meta = r.get("ref_frames") or []
                 t = meta[crop["ref"]] if 0 <= crop["ref"] < len(meta) else {}
-                clip_units.append({
-                    "kind": kind, "bucket": bucket_of(r["video_id"]), "video_id": str(r["video_id"]),
-                    "clip_id": str(r["clip_id"]), "subject": si,
-                    "category": str(subjects[si].get("category")),
-                    "vector": _mean_unit(emb[[int(it["emb_row"]) for it in keep]].astype(np.float32)),
-                    "phashes": [_phash_int(it["phash"]) for it in its if it.get("phash")],
-                    "crop_path": crop["path"], "crop_box": [int(v) for v in crop["box"]],
-                    "crop_box_tight": subject_tight_box(r, subjects[si], crop), "crop_ref": int(crop["ref"]),
-                    "ref_t_s": t.get("t_s"), "ref_frame_index": t.get("frame_index"),
-                })
+                clip_units.append(
+                    {
+                        "kind": kind,
+                        "bucket": bucket_of(r["video_id"]),
+                        "video_id": str(r["video_id"]),
+                        "clip_id": str(r["clip_id"]),
+                        "subject": si,
+                        "category": str(subjects[si].get("category")),
+                        "vector": _mean_unit(emb[[int(it["emb_row"]) for it in keep]].astype(np.float32)),
+                        "phashes": [_phash_int(it["phash"]) for it in its if it.get("phash")],
+                        "crop_path": crop["path"],
+                        "crop_box": [int(v) for v in crop["box"]],
+                        "crop_box_tight": subject_tight_box(r, subjects[si], crop),
+                        "crop_ref": int(crop["ref"]),
+                        "ref_t_s": t.get("t_s"),
+                        "ref_frame_index": t.get("frame_index"),
+                    }
+                )
         per_clip.append(clip_units)
     n_clips = sum(1 for u in per_clip if u)
     for clip_units in per_clip:
@@ -188,11 +223,11 @@ def _units_table(units: list[dict]):
     return pa.table(cols, schema=schema)
 
 
-def _write_parquet(store: Store, rel: str, table) -> None:
+def _write_parquet(store: Store, rel: str, table, row_group_size: int | None = None) -> None:
     import pyarrow.parquet as pq
 
     with store.writer(rel) as f:
-        pq.write_table(table, f, compression="zstd")
+        pq.write_table(table, f, compression="zstd", row_group_size=row_group_size)
 
 
 def export_video(rows: list[dict], store: Store, local_root: str, map_hash: str) -> None:
@@ -206,17 +241,25 @@ def export_video(rows: list[dict], store: Store, local_root: str, map_hash: str)
     vid = str(rows[0]["video_id"])
     units, errors = video_units(rows, local_root)
     _write_parquet(store, f"tables/{map_hash}/units/{_video_file(vid)}", _units_table(units))
-    ok = sorted((r for r in rows if r.get("status", "ok") == "ok" and r.get("clip_id")),
-                key=lambda r: str(r["clip_id"]))
+    ok = sorted(
+        (r for r in rows if r.get("status", "ok") == "ok" and r.get("clip_id")),
+        key=lambda r: str(r["clip_id"]),
+    )
     recs = []
     for r in ok:
         r = {k: v for k, v in r.items() if not k.startswith("_")}
         if str(r["clip_id"]) in errors:
             r["pair_error"] = errors[str(r["clip_id"])]
         recs.append(r)
-    table = pa.table({"bucket": [bucket_of(vid)] * len(recs), "video_id": [vid] * len(recs),
-                      "clip_id": [str(r["clip_id"]) for r in recs],
-                      "row": [json.dumps(r, sort_keys=True) for r in recs]}, schema=_clip_schema())
+    table = pa.table(
+        {
+            "bucket": [bucket_of(vid)] * len(recs),
+            "video_id": [vid] * len(recs),
+            "clip_id": [str(r["clip_id"]) for r in recs],
+            "row": [json.dumps(r, sort_keys=True) for r in recs],
+        },
+        schema=_clip_schema(),
+    )
     _write_parquet(store, f"tables/{map_hash}/clips/{_video_file(vid)}", table)
 
 
@@ -260,11 +303,22 @@ def run_items(items: list[dict], fn, runner: str, num_cpus: float = 1.0, **kwarg
     import ray
 
     tagged = [{"item": json.dumps({**it, "_order": i})} for i, it in enumerate(items)]
-    kw = {k: (v if isinstance(v, ray.ObjectRef) or isinstance(v, (str, int, float, bool, type(None), Store))
-              else ray.put(v)) for k, v in kwargs.items()}
+    kw = {
+        k: (
+            v
+            if isinstance(v, ray.ObjectRef) or isinstance(v, (str, int, float, bool, type(None), Store))
+            else ray.put(v)
+        )
+        for k, v in kwargs.items()
+    }
     ds = ray.data.from_items(tagged, override_num_blocks=len(tagged))
-    out = ds.map_batches(_apply_batch, fn_kwargs={"fn": fn, "kwargs": kw}, batch_size=1, num_cpus=num_cpus,
-                         batch_format="pandas")
+    out = ds.map_batches(
+        _apply_batch,
+        fn_kwargs={"fn": fn, "kwargs": kw},
+        batch_size=1,
+        num_cpus=num_cpus,
+        batch_format="pandas",
+    )
     res = [json.loads(r["r"]) for r in out.iter_rows()]
     return sorted(res, key=lambda r: r.get("_order", 0))
 
@@ -284,7 +338,9 @@ def _ordered(fn):
 
 def _gather_buckets(item: dict, store: Store) -> dict:
     """Several buckets per item: Ray's per-task overhead stays small next to the reads."""
-    res = [_gather_bucket({"bucket": b, "src": item["src"], "dst": item["dst"]}, store) for b in item["buckets"]]
+    res = [
+        _gather_bucket({"bucket": b, "src": item["src"], "dst": item["dst"]}, store) for b in item["buckets"]
+    ]
     return {"buckets": res}
 
 
@@ -359,8 +415,16 @@ def build_bundle(store: Store, files: list[str], kind: str, category: str, param
         import faiss
 
         index = faiss.serialize_index(pairing.build_faiss(x))
-    return {"x": x, "groups": groups.astype(np.int64), "phm": phm, "phn": phn, "meta": meta, "index": index,
-            "extra": int(np.unique(groups, return_counts=True)[1].max()) if n else 0, "n": n}
+    return {
+        "x": x,
+        "groups": groups.astype(np.int64),
+        "phm": phm,
+        "phn": phn,
+        "meta": meta,
+        "index": index,
+        "extra": int(np.unique(groups, return_counts=True)[1].max()) if n else 0,
+        "n": n,
+    }
 
 
 _INDEX_CACHE: dict = {}
@@ -387,8 +451,9 @@ def _neighbours(bundle: dict, r0: int, r1: int, m: int, nprobe: int) -> pairing.
         _INDEX_CACHE.clear()
         faiss.omp_set_num_threads(1)
         _INDEX_CACHE[key] = faiss.deserialize_index(bundle["index"])
-    return pairing.faiss_search(_INDEX_CACHE[key], bundle["x"], bundle["groups"], np.arange(r0, r1), m,
-                                nprobe, bundle["extra"])
+    return pairing.faiss_search(
+        _INDEX_CACHE[key], bundle["x"], bundle["groups"], np.arange(r0, r1), m, nprobe, bundle["extra"]
+    )
 
 
 def _min_phash_distance(phm, phn, q: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -411,7 +476,9 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
     if store.exists(out_rel) and store.exists(copies_rel):
         return {"skipped": 1, "hist": [0] * HIST_BINS}
     bundle = _resolve(bundles[item["bundle"]])
-    low, high = (params["low"], params["high"]) if kind == "subject" else (params["face_low"], params["face_high"])
+    low, high = (
+        (params["low"], params["high"]) if kind == "subject" else (params["face_low"], params["face_high"])
+    )
     n = bundle["n"]
     m = min(params["candidates"], n - 1)
     nb = _neighbours(bundle, r0, r1, m, params["nprobe"])
@@ -428,12 +495,19 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
     qm, cm = meta.take(pa.array(q)), meta.take(pa.array(c))
     inband = pa.array(verdict == "in_band")
     cols = {
-        "bucket": qm.column("bucket"), "q_video": qm.column("video_id"), "q_clip": qm.column("clip_id"),
-        "q_subject": qm.column("subject"), "c_video": cm.column("video_id"), "c_clip": cm.column("clip_id"),
-        "c_subject": cm.column("subject"), "rank": pa.array(rank.astype(np.int16)),
-        "score": pa.array(np.round(score, 5)), "band": pa.array(verdict.astype(str)),
+        "bucket": qm.column("bucket"),
+        "q_video": qm.column("video_id"),
+        "q_clip": qm.column("clip_id"),
+        "q_subject": qm.column("subject"),
+        "c_video": cm.column("video_id"),
+        "c_clip": cm.column("clip_id"),
+        "c_subject": cm.column("subject"),
+        "rank": pa.array(rank.astype(np.int16)),
+        "score": pa.array(np.round(score, 5)),
+        "band": pa.array(verdict.astype(str)),
         "phash_distance": pa.array(pd_.astype(np.int16)),
-        "q_v_n_clips": qm.column("v_n_clips"), "c_v_n_clips": cm.column("v_n_clips"),
+        "q_v_n_clips": qm.column("v_n_clips"),
+        "c_v_n_clips": cm.column("v_n_clips"),
     }
     import pyarrow.compute as pc
 
@@ -441,10 +515,14 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
         col = cm.column(name)
         cols[f"c_{name}"] = pc.if_else(inband, col, pa.scalar(None, col.type))
     t = pa.table(cols)
-    cross = (verdict == "copy_paste") & (pa.compute.not_equal(cols["q_video"], cols["c_video"]).to_numpy(
-        zero_copy_only=False) if len(q) else np.zeros(0, bool))
-    copies = t.filter(pa.array(cross)).select(["q_video", "q_clip", "c_video", "c_clip", "q_v_n_clips",
-                                               "c_v_n_clips"])
+    cross = (verdict == "copy_paste") & (
+        pa.compute.not_equal(cols["q_video"], cols["c_video"]).to_numpy(zero_copy_only=False)
+        if len(q)
+        else np.zeros(0, bool)
+    )
+    copies = t.filter(pa.array(cross)).select(
+        ["q_video", "q_clip", "c_video", "c_clip", "q_v_n_clips", "c_v_n_clips"]
+    )
     _write_parquet(store, copies_rel, copies)
     _write_parquet(store, out_rel, t)
     hist = np.histogram(score, bins=HIST_BINS, range=(-1.0, 1.0))[0]
@@ -455,7 +533,9 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
 # step 3: near-duplicate video groups from copy-paste edges (no all-pairs: only what the search found)
 
 
-def near_duplicate_groups(edges: list[tuple[str, str, str, str, int, int]], min_frac: float) -> dict[str, str]:
+def near_duplicate_groups(
+    edges: list[tuple[str, str, str, str, int, int]], min_frac: float
+) -> dict[str, str]:
     """Video -> group (its smallest member id) for videos that are near-duplicates: a pair of videos whose
     copy-paste edges (q_video, q_clip, c_video, c_clip, q_n_clips, c_n_clips) cover at least ``min_frac`` of
     the pairable clips of each (a re-upload: the same shots under another name). Connected components, so
@@ -483,7 +563,9 @@ def near_duplicate_groups(edges: list[tuple[str, str, str, str, int, int]], min_
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
     members = set(parent) | {p for p in parent.values()}
-    return {v: find(v) for v in sorted(members) if find(v) != v or any(find(u) == v and u != v for u in members)}
+    return {
+        v: find(v) for v in sorted(members) if find(v) != v or any(find(u) == v and u != v for u in members)
+    }
 
 
 def _dedup(item: dict, store: Store, params: dict) -> dict:
@@ -495,13 +577,24 @@ def _dedup(item: dict, store: Store, params: dict) -> dict:
         groups = {}
     else:
         t = pds.dataset([store.path(f) for f in files], format="parquet", filesystem=store.fs).to_table()
-        edges = list(zip(*(t.column(c).to_pylist() for c in ("q_video", "q_clip", "c_video", "c_clip",
-                                                              "q_v_n_clips", "c_v_n_clips"))))
+        edges = list(
+            zip(
+                *(
+                    t.column(c).to_pylist()
+                    for c in ("q_video", "q_clip", "c_video", "c_clip", "q_v_n_clips", "c_v_n_clips")
+                )
+            )
+        )
         groups = near_duplicate_groups(edges, params["near_dup_min_frac"])
     vids = sorted(groups)
-    _write_parquet(store, item["out"], pa.table({"video_id": vids, "group": [groups[v] for v in vids]},
-                                                schema=pa.schema([("video_id", pa.string()),
-                                                                  ("group", pa.string())])))
+    _write_parquet(
+        store,
+        item["out"],
+        pa.table(
+            {"video_id": vids, "group": [groups[v] for v in vids]},
+            schema=pa.schema([("video_id", pa.string()), ("group", pa.string())]),
+        ),
+    )
     return {"near_duplicate_videos": len(vids), "near_duplicate_groups": len(set(groups.values()))}
 
 
@@ -544,15 +637,21 @@ def _finalize_block(item: dict, store: Store, groups: dict, params: dict) -> dic
     if params["same_source"]:
         same = np.zeros(len(qv), bool)
     else:
-        same = np.array([qa != ca and groups.get(qa, qa) == groups.get(ca, ca) for qa, ca in zip(qv, cv)], bool)
-    qk = np.array([f"{c}#{s}" for c, s in zip(t.column("q_clip").to_pylist(), t.column("q_subject").to_pylist())],
-                  dtype=object)
+        same = np.array(
+            [qa != ca and groups.get(qa, qa) == groups.get(ca, ca) for qa, ca in zip(qv, cv)], bool
+        )
+    qk = np.array(
+        [f"{c}#{s}" for c, s in zip(t.column("q_clip").to_pylist(), t.column("q_subject").to_pylist())],
+        dtype=object,
+    )
     top_k = params["top_k"] if item["kind"] == "subject" else params["face_top_k"]
     v = final_verdicts(np.asarray(t.column("band").to_pylist(), dtype=object), qk, same, top_k)
     t = t.append_column("verdict", pa.array(v.tolist(), pa.string()))
     t = t.append_column("q_group", pa.array([groups.get(x, x) for x in qv], pa.string()))
     t = t.append_column("c_group", pa.array([groups.get(x, x) for x in cv], pa.string()))
-    _write_parquet(store, item["out"], t)
+    # rows are in bucket order (the bundle follows the gather files): small row groups let each plan
+    # partition read only the groups of its buckets
+    _write_parquet(store, item["out"], t, row_group_size=4096)
     return {"verdicts": dict(Counter(v.tolist()))}
 
 
@@ -566,8 +665,23 @@ def split_of(group: str, eval_frac: float, seed: int) -> str:
     return "eval" if eval_frac > 0 and unit_draw("eval", seed, group) < eval_frac else "train"
 
 
-_PAIR_COLS = ["q_clip", "q_subject", "c_video", "c_clip", "c_subject", "score", "verdict", "c_group", "rank",
-              "c_crop_path", "c_crop_box", "c_crop_box_tight", "c_crop_ref", "c_ref_t_s", "c_ref_frame_index"]
+_PAIR_COLS = [
+    "q_clip",
+    "q_subject",
+    "c_video",
+    "c_clip",
+    "c_subject",
+    "score",
+    "verdict",
+    "c_group",
+    "rank",
+    "c_crop_path",
+    "c_crop_box",
+    "c_crop_box_tight",
+    "c_crop_ref",
+    "c_ref_t_s",
+    "c_ref_frame_index",
+]
 
 
 def _read_pairs(store: Store, files: list[str], lo: int, hi: int, kind: str):
@@ -590,8 +704,16 @@ def _filter_scores(row: dict) -> dict:
     return {k: v for k, v in sorted(row.items()) if k.endswith("_score") and isinstance(v, (int, float))}
 
 
-def sample_meta(row: dict, plan: dict, key: str, labels: list[str], split: str, group: str, config_hash: str,
-                global_hash: str) -> dict:
+def sample_meta(
+    row: dict,
+    plan: dict,
+    key: str,
+    labels: list[str],
+    split: str,
+    group: str,
+    config_hash: str,
+    global_hash: str,
+) -> dict:
     """The sample's JSON: the clip, its caption, and per reference its subject, source, crop, both scores
     and the identity verdict; scenario labels; the split."""
     subjects = row.get("subjects") or []
@@ -599,37 +721,76 @@ def sample_meta(row: dict, plan: dict, key: str, labels: list[str], split: str, 
     for k, ref in enumerate(plan["refs"]):
         s = subjects[ref["subject"]]
         crop = ref["crop"]
-        subj_meta.append({
-            "subject": ref["subject"], "name": s.get("name"), "description": s.get("description"),
-            "category": s.get("category"), "boxes": list(s.get("boxes") or []),
-            "ref": {"file": f"ref_{k}.jpg", "kind": ref["ref_kind"], "clip_id": ref["clip_id"],
-                    "video_id": ref["video_id"], "subject": ref["src_subject"], "ref_index": crop.get("ref"),
-                    "t_s": crop.get("t_s"), "frame_index": crop.get("frame_index"), "crop_box": crop.get("box"),
-                    "crop_box_tight": crop.get("box_tight")},
-            "similarity": ref["similarity"], "face_similarity": ref["face_similarity"],
-            "identity": ref["identity"],
-            "face_det_scores": [f.get("det_score") for f in s.get("faces") or []],
-        })
+        subj_meta.append(
+            {
+                "subject": ref["subject"],
+                "name": s.get("name"),
+                "description": s.get("description"),
+                "category": s.get("category"),
+                "boxes": list(s.get("boxes") or []),
+                "ref": {
+                    "file": f"ref_{k}.jpg",
+                    "kind": ref["ref_kind"],
+                    "clip_id": ref["clip_id"],
+                    "video_id": ref["video_id"],
+                    "subject": ref["src_subject"],
+                    "ref_index": crop.get("ref"),
+                    "t_s": crop.get("t_s"),
+                    "frame_index": crop.get("frame_index"),
+                    "crop_box": crop.get("box"),
+                    "crop_box_tight": crop.get("box_tight"),
+                },
+                "similarity": ref["similarity"],
+                "face_similarity": ref["face_similarity"],
+                "identity": ref["identity"],
+                "face_det_scores": [f.get("det_score") for f in s.get("faces") or []],
+            }
+        )
     return {
-        "key": key, "pair_type": plan["pair_type"], "clip_id": row.get("clip_id"), "video_id": row.get("video_id"),
-        "source": row.get("source"), "source_group": group, "split": split,
-        "span": [row.get("start_s"), row.get("end_s")], "fps": row.get("fps"),
-        "width": row.get("clip_width") or row.get("width"), "height": row.get("clip_height") or row.get("height"),
-        "n_frames": row.get("clip_n_frames") or row.get("n_frames"), "caption": row.get("caption"),
-        "caption_origin": row.get("caption_origin"), "ref_frames": row.get("ref_frames"),
-        "subjects": subj_meta, "n_subjects": len(subjects), "refs_truncated": len(subjects) > len(plan["refs"]),
-        "scenarios": labels, "primary_scenario": scenarios.primary(labels), "scores": _filter_scores(row),
-        "config_hash": config_hash, "global_hash": global_hash,
+        "key": key,
+        "pair_type": plan["pair_type"],
+        "clip_id": row.get("clip_id"),
+        "video_id": row.get("video_id"),
+        "source": row.get("source"),
+        "source_group": group,
+        "split": split,
+        "span": [row.get("start_s"), row.get("end_s")],
+        "fps": row.get("fps"),
+        "width": row.get("clip_width") or row.get("width"),
+        "height": row.get("clip_height") or row.get("height"),
+        "n_frames": row.get("clip_n_frames") or row.get("n_frames"),
+        "caption": row.get("caption"),
+        "caption_origin": row.get("caption_origin"),
+        "ref_frames": row.get("ref_frames"),
+        "subjects": subj_meta,
+        "n_subjects": len(subjects),
+        "refs_truncated": len(subjects) > len(plan["refs"]),
+        "scenarios": labels,
+        "primary_scenario": scenarios.primary(labels),
+        "scores": _filter_scores(row),
+        "config_hash": config_hash,
+        "global_hash": global_hash,
     }
 
 
 def _plan_schema():
     import pyarrow as pa
 
-    return pa.schema([("key", pa.string()), ("split", pa.string()), ("pair_type", pa.string()),
-                      ("clip_id", pa.string()), ("video_id", pa.string()), ("scenario", pa.string()),
-                      ("clip_path", pa.string()), ("refs", pa.list_(pa.string())), ("caption", pa.string()),
-                      ("meta", pa.string()), ("draw", pa.float64())])
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("split", pa.string()),
+            ("pair_type", pa.string()),
+            ("clip_id", pa.string()),
+            ("video_id", pa.string()),
+            ("scenario", pa.string()),
+            ("clip_path", pa.string()),
+            ("refs", pa.list_(pa.string())),
+            ("caption", pa.string()),
+            ("meta", pa.string()),
+            ("draw", pa.float64()),
+        ]
+    )
 
 
 def _plan_partition(item: dict, store: Store, groups: dict, params: dict) -> dict:
@@ -670,10 +831,17 @@ def _plan_partition(item: dict, store: Store, groups: dict, params: dict) -> dic
                 got, vetoes = eligible_partners(s, emb, face, tuple(wp["face_categories"]))
                 for vt in vetoes:
                     rejections[f"pair:{vt['reason']}"] += 1
-                partners[si] = [dataclasses.replace(p, crop={**p.crop, "box_tight": _c_tight(p, emb, face)})
-                                for p in got]
-            for plan in compose_clip(row, partners, in_pair=wp["in_pair"], cross_pair=wp["cross_pair"],
-                                     cross_per_clip=wp["cross_per_clip"], seed=seed):
+                partners[si] = [
+                    dataclasses.replace(p, crop={**p.crop, "box_tight": _c_tight(p, emb, face)}) for p in got
+                ]
+            for plan in compose_clip(
+                row,
+                partners,
+                in_pair=wp["in_pair"],
+                cross_pair=wp["cross_pair"],
+                cross_per_clip=wp["cross_per_clip"],
+                seed=seed,
+            ):
                 key = safe_component(f"{row['clip_id']}_{plan['pair_type']}{plan['j']}")
                 ratio = wp["in_pair_keep"] if plan["pair_type"] == "in_pair" else wp["cross_pair_keep"]
                 if not keep_fraction(ratio, "ratio", seed, key):
@@ -692,14 +860,24 @@ def _plan_partition(item: dict, store: Store, groups: dict, params: dict) -> dic
                     if r["ref_kind"] == "in_video":
                         s = subjects[r["subject"]]
                         r["crop"] = {**r["crop"], "box_tight": subject_tight_box(row, s, best_crop(s))}
-                meta = sample_meta(row, plan, key, labels, split, group, params["config_hash"],
-                                   params["global_hash"])
-                plans.append({"key": key, "split": split, "pair_type": plan["pair_type"],
-                              "clip_id": str(row["clip_id"]), "video_id": str(row["video_id"]),
-                              "scenario": meta["primary_scenario"], "clip_path": row.get("clip_path") or "",
-                              "refs": [r["crop"]["path"] for r in plan["refs"]],
-                              "caption": row.get("caption") or "", "meta": json.dumps(meta, sort_keys=True),
-                              "draw": unit_draw("quota", seed, key)})
+                meta = sample_meta(
+                    row, plan, key, labels, split, group, params["config_hash"], params["global_hash"]
+                )
+                plans.append(
+                    {
+                        "key": key,
+                        "split": split,
+                        "pair_type": plan["pair_type"],
+                        "clip_id": str(row["clip_id"]),
+                        "video_id": str(row["video_id"]),
+                        "scenario": meta["primary_scenario"],
+                        "clip_path": row.get("clip_path") or "",
+                        "refs": [r["crop"]["path"] for r in plan["refs"]],
+                        "caption": row.get("caption") or "",
+                        "meta": json.dumps(meta, sort_keys=True),
+                        "draw": unit_draw("quota", seed, key),
+                    }
+                )
     # per-scenario quotas, spread over the partitions (each keeps its share, lowest draws first)
     for scen, quota in wp["scenario_quotas"].items():
         share = math.ceil(int(quota) / item["n_partitions"])
@@ -814,9 +992,14 @@ def _write_partition(item: dict, store: Store, params: dict) -> dict:
             digest = _sha("\n".join(keys), 64)
             rec_rel, shard_rel = f"{subdir}/{RECORDS_DIR}/{name}.json", f"{subdir}/{name}"
             prev = store.read_json(rec_rel)
-            if (prev and prev.get("global_hash") == gh and prev.get("keys_sha256") == digest
-                    and store.is_file(shard_rel) and store.size(shard_rel) == prev.get("bytes")
-                    and (not wp["verify_on_resume"] or _sha256_bytes_of(store, shard_rel) == prev.get("sha256"))):
+            if (
+                prev
+                and prev.get("global_hash") == gh
+                and prev.get("keys_sha256") == digest
+                and store.is_file(shard_rel)
+                and store.size(shard_rel) == prev.get("bytes")
+                and (not wp["verify_on_resume"] or _sha256_bytes_of(store, shard_rel) == prev.get("sha256"))
+            ):
                 entries.append({k: prev[k] for k in ("name", "split", "samples", "bytes", "sha256")})
                 kept += 1
                 continue
@@ -829,17 +1012,36 @@ def _write_partition(item: dict, store: Store, params: dict) -> dict:
                     while chunk := f.read(1 << 20):
                         h.update(chunk)
                 store.put_file(shard_rel, tmp)
-                entry = {"name": name, "split": split, "samples": b - a, "bytes": os.path.getsize(tmp),
-                         "sha256": h.hexdigest()}
+                entry = {
+                    "name": name,
+                    "split": split,
+                    "samples": b - a,
+                    "bytes": os.path.getsize(tmp),
+                    "sha256": h.hexdigest(),
+                }
             finally:
                 os.unlink(tmp)
-            store.write_json(rec_rel, {**entry, "global_hash": gh, "keys_sha256": digest, "partition": p,
-                                       "first_key": keys[0], "last_key": keys[-1]})
+            store.write_json(
+                rec_rel,
+                {
+                    **entry,
+                    "global_hash": gh,
+                    "keys_sha256": digest,
+                    "partition": p,
+                    "first_key": keys[0],
+                    "last_key": keys[-1],
+                },
+            )
             entries.append(entry)
             written += 1
     counts["eval_videos"] = len(eval_videos)
-    return {"entries": entries, "written": written, "kept": kept, "rejections": dict(rejections),
-            "counts": dict(counts)}
+    return {
+        "entries": entries,
+        "written": written,
+        "kept": kept,
+        "rejections": dict(rejections),
+        "counts": dict(counts),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -847,9 +1049,9 @@ def _write_partition(item: dict, store: Store, params: dict) -> dict:
 
 
 def _params_of(specs) -> tuple:
+    from curation.config import validate_stage_spec
     from curation.stages.pair import Pair
     from curation.stages.write_shards import WriteShards
-    from curation.config import validate_stage_spec
 
     pair_p, shard_p = Pair.Params(), WriteShards.Params()
     for spec in specs:
@@ -890,17 +1092,27 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
     # 1. gather
     gather = _done(store, f"{gdir}/_done.json")
     if gather is None:
-        items = [{"buckets": list(range(b, b + BUCKETS // GATHER_ITEMS)), "src": f"tables/{map_hash}", "dst": gdir}
-                 for b in range(0, BUCKETS, BUCKETS // GATHER_ITEMS)]
-        res = [r for it in run_items(items, _ordered(_gather_buckets), runner, store=store) for r in it["buckets"]]
+        items = [
+            {"buckets": list(range(b, b + BUCKETS // GATHER_ITEMS)), "src": f"tables/{map_hash}", "dst": gdir}
+            for b in range(0, BUCKETS, BUCKETS // GATHER_ITEMS)
+        ]
+        res = [
+            r
+            for it in run_items(items, _ordered(_gather_buckets), runner, store=store)
+            for r in it["buckets"]
+        ]
         units: Counter = Counter()
         dims: dict = {}
         for r in res:
             units.update(r["units"])
             dims.update(r["dims"])
-        gather = {"units": dict(units), "dims": dims, "clips": sum(r["clips"] for r in res),
-                  "videos": sum(r["videos"] for r in res),
-                  "units_files": [f"{gdir}/units-{r['bucket']:02x}.parquet" for r in res if r["units"]]}
+        gather = {
+            "units": dict(units),
+            "dims": dims,
+            "clips": sum(r["clips"] for r in res),
+            "videos": sum(r["videos"] for r in res),
+            "units_files": [f"{gdir}/units-{r['bucket']:02x}.parquet" for r in res if r["units"]],
+        }
         store.write_json(f"{gdir}/_done.json", gather)
     timings["gather_s"] = round(time.time() - t0, 2)
 
@@ -917,11 +1129,23 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
     span = BUCKETS // n_part
     groups = _read_groups(store, f"{pdir}/dedup/groups.parquet")
     params = {"write": wp, "config_hash": ctx.config_hash or map_hash, "global_hash": global_hash}
-    plan_items = [{"lo": p * span, "hi": (p + 1) * span, "partition": p, "n_partitions": n_part, "gather": gdir,
-                   "pairs": pairs_done["files"], "out": f"{sdir}/part-{p:05d}.parquet"} for p in range(n_part)]
+    plan_items = [
+        {
+            "lo": p * span,
+            "hi": (p + 1) * span,
+            "partition": p,
+            "n_partitions": n_part,
+            "gather": gdir,
+            "pairs": pairs_done["files"],
+            "out": f"{sdir}/part-{p:05d}.parquet",
+        }
+        for p in range(n_part)
+    ]
     plans_done = _done(store, f"{sdir}/_plans_done.json")
     if plans_done is None:
-        res = run_items(plan_items, _ordered(_plan_partition), runner, store=store, groups=groups, params=params)
+        res = run_items(
+            plan_items, _ordered(_plan_partition), runner, store=store, groups=groups, params=params
+        )
         rej: Counter = Counter()
         for r in res:
             rej.update(r["rejections"])
@@ -949,14 +1173,22 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
         for rel in store.list(f"{sub}/"):
             base = rel.rsplit("/", 1)[-1]
             if (base.startswith("shard-") and base.endswith(".tar") and base not in names) or (
-                    f"/{RECORDS_DIR}/" in rel and base[: -len(".json")] not in names):
+                f"/{RECORDS_DIR}/" in rel and base[: -len(".json")] not in names
+            ):
                 store.delete(rel)  # from an earlier, different run
         if mine or split == "train":
-            store.write_json(f"{sub}/{INDEX_FILE}", {
-                "config_hash": params["config_hash"], "global_hash": global_hash, "split": split,
-                "shards": [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in mine],
-                "total_samples": sum(e["samples"] for e in mine), "total_bytes": sum(e["bytes"] for e in mine)},
-                indent=1)
+            store.write_json(
+                f"{sub}/{INDEX_FILE}",
+                {
+                    "config_hash": params["config_hash"],
+                    "global_hash": global_hash,
+                    "split": split,
+                    "shards": [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in mine],
+                    "total_samples": sum(e["samples"] for e in mine),
+                    "total_bytes": sum(e["bytes"] for e in mine),
+                },
+                indent=1,
+            )
     timings["shards_s"] = round(time.time() - t0 - sum(timings.values()), 2)
 
     counts: Counter = Counter()
@@ -964,22 +1196,35 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
         counts.update(r["counts"])
     summary = {
         "triplets_out": counts["samples"],
-        "triplets_by_pair_type": {k.split(":", 1)[1]: v for k, v in sorted(counts.items())
-                                  if k.startswith("pair_type:")},
+        "triplets_by_pair_type": {
+            k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("pair_type:")
+        },
         "rejections_by_reason": dict(sorted(rej.items(), key=lambda kv: -kv[1])),
         "near_duplicate_videos": pairs_done["near_duplicate_videos"],
         "near_duplicate_groups": pairs_done["near_duplicate_groups"],
         "shards": sum(e["split"] == "train" for e in entries),
         "eval_shards": sum(e["split"] == "eval" for e in entries),
-        "eval_videos": counts["eval_videos"], "eval_triplets": counts["eval_samples"],
-        "scenarios": {t: counts[f"scenario:{t}"] for t in scenarios.TAXONOMY}, "pair_verdicts": pairs_done["verdicts"],
-        "units": gather["units"], "clips_in": gather["clips"], "partitions": n_part,
-        "shards_written": sum(r["written"] for r in res), "shards_kept": sum(r["kept"] for r in res),
-        "pair_hash": pair_hash, "global_hash": global_hash, "timings_s": timings,
+        "eval_videos": counts["eval_videos"],
+        "eval_triplets": counts["eval_samples"],
+        "scenarios": {t: counts[f"scenario:{t}"] for t in scenarios.TAXONOMY},
+        "pair_verdicts": pairs_done["verdicts"],
+        "units": gather["units"],
+        "clips_in": gather["clips"],
+        "partitions": n_part,
+        "shards_written": sum(r["written"] for r in res),
+        "shards_kept": sum(r["kept"] for r in res),
+        "pair_hash": pair_hash,
+        "global_hash": global_hash,
+        "timings_s": timings,
     }
     store.write_json(f"{sdir}/_done.json", {"summary": summary})
-    log.info("global phase %s: %d triplets in %d shards (%.1f s)", global_hash, summary["triplets_out"],
-             summary["shards"] + summary["eval_shards"], time.time() - t0)
+    log.info(
+        "global phase %s: %d triplets in %d shards (%.1f s)",
+        global_hash,
+        summary["triplets_out"],
+        summary["shards"] + summary["eval_shards"],
+        time.time() - t0,
+    )
     return summary
 
 
@@ -996,18 +1241,30 @@ def _pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> dict
             continue
         catdir = f"{kind}/{safe_component(cat)}"
         bundles[key] = _bundle_ref(store, files, kind, cat, pp, runner)
-        items += [{"bundle": key, "kind": kind, "r0": r0, "r1": min(n, r0 + SEARCH_BLOCK_ROWS),
-                   "out": f"{pdir}/raw/{catdir}/block-{r0:010d}.parquet",
-                   "copies": f"{pdir}/copies/{catdir}/block-{r0:010d}.parquet"}
-                  for r0 in range(0, n, SEARCH_BLOCK_ROWS)]
+        items += [
+            {
+                "bundle": key,
+                "kind": kind,
+                "r0": r0,
+                "r1": min(n, r0 + SEARCH_BLOCK_ROWS),
+                "out": f"{pdir}/raw/{catdir}/block-{r0:010d}.parquet",
+                "copies": f"{pdir}/copies/{catdir}/block-{r0:010d}.parquet",
+            }
+            for r0 in range(0, n, SEARCH_BLOCK_ROWS)
+        ]
     res = run_items(items, _ordered(_search_block), runner, store=store, bundles=bundles, params=pp)
     for it, r in zip(items, res):
         hist[it["kind"]] += np.asarray(r["hist"], np.int64)
         raw[it["kind"]].append((it["out"], it["out"].replace(f"{pdir}/raw/", f"{pdir}/pairs/")))
         copies.append(it["copies"])
     del bundles
-    dd = run_items([{"copies": copies, "out": f"{pdir}/dedup/groups.parquet"}], _ordered(_dedup), runner,
-                   store=store, params=pp)[0]
+    dd = run_items(
+        [{"copies": copies, "out": f"{pdir}/dedup/groups.parquet"}],
+        _ordered(_dedup),
+        runner,
+        store=store,
+        params=pp,
+    )[0]
     groups = _read_groups(store, f"{pdir}/dedup/groups.parquet")
     items = [{"kind": k, "raw": a, "out": b} for k in KINDS for a, b in raw[k]]
     res = run_items(items, _ordered(_finalize_block), runner, store=store, groups=groups, params=pp)
@@ -1016,18 +1273,33 @@ def _pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> dict
         verdicts[it["kind"]].update(r["verdicts"])
     edges = [round(float(e), 4) for e in np.linspace(-1, 1, HIST_BINS + 1)]
     band = {"low": pp["low"], "high": pp["high"], "face_low": pp["face_low"], "face_high": pp["face_high"]}
-    histogram = {("subjects" if k == "subject" else "faces"): {"edges": edges, "counts": hist[k].tolist(),
-                 "n": int(hist[k].sum()), "verdicts": dict(verdicts[k]),
-                 "units": int(sum(n for key, n in gather["units"].items() if key.startswith(k + "\t")))}
-                 for k in KINDS}
+    histogram = {
+        ("subjects" if k == "subject" else "faces"): {
+            "edges": edges,
+            "counts": hist[k].tolist(),
+            "n": int(hist[k].sum()),
+            "verdicts": dict(verdicts[k]),
+            "units": int(sum(n for key, n in gather["units"].items() if key.startswith(k + "\t"))),
+        }
+        for k in KINDS
+    }
     histogram["band"] = band
     for k in KINDS:
         h = histogram["subjects" if k == "subject" else "faces"]
         if h["n"]:
-            log.info("pair %s: %d units, verdicts %s, score histogram:\n%s", k, h["units"], h["verdicts"],
-                     pairing.ascii_histogram(h))
-    return {"files": {k: [b for _, b in raw[k]] for k in KINDS}, "histogram": histogram,
-            "verdicts": {k: dict(v) for k, v in verdicts.items()}, **dd}
+            log.info(
+                "pair %s: %d units, verdicts %s, score histogram:\n%s",
+                k,
+                h["units"],
+                h["verdicts"],
+                pairing.ascii_histogram(h),
+            )
+    return {
+        "files": {k: [b for _, b in raw[k]] for k in KINDS},
+        "histogram": histogram,
+        "verdicts": {k: dict(v) for k, v in verdicts.items()},
+        **dd,
+    }
 
 
 def _bundle_ref(store: Store, files, kind, cat, pp, runner):
@@ -1059,7 +1331,7 @@ def pair_rows(rows: list[dict], pair_params, out_dir: str) -> list[dict]:
         by_video: dict[str, list[dict]] = defaultdict(list)
         for r in rows:
             by_video[str(r["video_id"])].append(r)
-        for vid, vrows in by_video.items():
+        for vrows in by_video.values():
             export_video(vrows, store, out_dir, "m")
             _, errors = video_units(vrows, out_dir)
             for r in vrows:
@@ -1074,21 +1346,34 @@ def pair_rows(rows: list[dict], pair_params, out_dir: str) -> list[dict]:
                 gather["units_files"].append(f"g/units-{b:02x}.parquet")
         done = _pairs(store, gather, pp, "p", "sequential")
         at = {(r.get("clip_id"), si): s for r in rows for si, s in enumerate(r["subjects"])}
-        for kind, pk, rk in (("subject", "pairs", "pair_rejections"), ("face", "face_pairs", "face_pair_rejections")):
+        for kind, pk, rk in (
+            ("subject", "pairs", "pair_rejections"),
+            ("face", "face_pairs", "face_pair_rejections"),
+        ):
             seen_units = set()
             files = done["files"][kind]
-            recs = (pds.dataset([store.path(f) for f in files], format="parquet").to_table().to_pylist()
-                    if files else [])
+            recs = (
+                pds.dataset([store.path(f) for f in files], format="parquet").to_table().to_pylist()
+                if files
+                else []
+            )
             for rec in recs:
                 s = at[(rec["q_clip"], rec["q_subject"])]
                 if (rec["q_clip"], rec["q_subject"]) not in seen_units:
                     seen_units.add((rec["q_clip"], rec["q_subject"]))
                     s.setdefault(pk, [])
                     s.setdefault(rk, [])
-                out = {"clip_id": rec["c_clip"], "video_id": rec["c_video"], "subject": rec["c_subject"],
-                       "score": rec["score"]}
-                if rec["phash_distance"] >= 0 and rec["band"] == "copy_paste" and rec["score"] <= (
-                        pp["high"] if kind == "subject" else pp["face_high"]):
+                out = {
+                    "clip_id": rec["c_clip"],
+                    "video_id": rec["c_video"],
+                    "subject": rec["c_subject"],
+                    "score": rec["score"],
+                }
+                if (
+                    rec["phash_distance"] >= 0
+                    and rec["band"] == "copy_paste"
+                    and rec["score"] <= (pp["high"] if kind == "subject" else pp["face_high"])
+                ):
                     out["phash_distance"] = rec["phash_distance"]
                 if rec["verdict"] == "pair":
                     s[pk].append(out)

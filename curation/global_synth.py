@@ -45,8 +45,15 @@ def _real_media(root: str, n: int = 4) -> tuple[list[str], list[str]]:
     return clips, crops
 
 
-def make_videos(root: str, n_clips: int, dim: int = 64, clips_per_video: int = 10, seed: int = 0,
-                map_hash: str = "synth", store: Store | None = None) -> int:
+def make_videos(
+    root: str,
+    n_clips: int,
+    dim: int = 64,
+    clips_per_video: int = 10,
+    seed: int = 0,
+    map_hash: str = "synth",
+    store: Store | None = None,
+) -> int:
     """Write ``n_clips`` clips in videos of ``clips_per_video`` under ``root`` and export their tables into
     ``store`` (default: the same folder). Each clip has one subject (every third a second one), an identity
     drawn from a pool of n_clips / 4 (same identity: cosine about 0.85; others near 0); humans carry a face
@@ -70,33 +77,69 @@ def make_videos(root: str, n_clips: int, dim: int = 64, clips_per_video: int = 1
             k += 1
             clip_id = f"{vid}-{c:04d}"
             subjects = []
-            for si in range(1 if k % 3 else 2):
+            for _ in range(1 if k % 3 else 2):
                 ident = int(rng.integers(0, n_ids))
                 cat = CATEGORIES[id_cat[ident]]
                 crop_list = []
                 for ref in range(3):
                     e = base[ident] + 0.5 * rng.standard_normal(dim).astype(np.float32) / np.sqrt(dim)
-                    crop_list.append({"ref": ref, "box": [8, 8, 40, 40], "path": crops[(k + ref) % len(crops)],
-                                      "emb_row": len(embs), "phash": f"{int(rng.integers(0, 2**63)):016x}",
-                                      "duplicate_of": None, "size_px": [32, 32]})
+                    crop_list.append(
+                        {
+                            "ref": ref,
+                            "box": [8, 8, 40, 40],
+                            "path": crops[(k + ref) % len(crops)],
+                            "emb_row": len(embs),
+                            "phash": f"{int(rng.integers(0, 2**63)):016x}",
+                            "duplicate_of": None,
+                            "size_px": [32, 32],
+                        }
+                    )
                     embs.append(e / np.linalg.norm(e))
-                s = {"name": f"id{ident}", "description": f"subject {ident}", "category": cat,
-                     "boxes": [{"ref": r, "box": [8, 8, 40, 40], "score": 0.9} for r in range(3)],
-                     "crops": crop_list}
+                s = {
+                    "name": f"id{ident}",
+                    "description": f"subject {ident}",
+                    "category": cat,
+                    "boxes": [{"ref": r, "box": [8, 8, 40, 40], "score": 0.9} for r in range(3)],
+                    "crops": crop_list,
+                }
                 if cat == "human":
                     f = fbase[ident] + 0.5 * rng.standard_normal(32).astype(np.float32) / np.sqrt(32)
-                    s["faces"] = [{"ref": 1, "box": [12, 10, 24, 24], "det_score": 0.9, "emb_row": len(fembs),
-                                   "path": crops[k % len(crops)], "phash": f"{int(rng.integers(0, 2**63)):016x}",
-                                   "duplicate_of": None}]
+                    s["faces"] = [
+                        {
+                            "ref": 1,
+                            "box": [12, 10, 24, 24],
+                            "det_score": 0.9,
+                            "emb_row": len(fembs),
+                            "path": crops[k % len(crops)],
+                            "phash": f"{int(rng.integers(0, 2**63)):016x}",
+                            "duplicate_of": None,
+                        }
+                    ]
                     s["face_status"] = "ok"
                     fembs.append(f / np.linalg.norm(f))
                 subjects.append(s)
-            rows.append({"video_id": vid, "clip_id": clip_id, "status": "ok", "source": "synthetic",
-                         "clip_path": clips[k % len(clips)], "start_s": float(c), "end_s": float(c) + 1.0,
-                         "fps": 8.0, "clip_width": 64, "clip_height": 48, "clip_n_frames": 8,
-                         "caption": ("A subject in a field." if k % 5 == 0 else "A subject moves."), "quality_score": 0.5, "subjects": subjects,
-                         "ref_frames": [{"t_frac": f, "frame_index": i, "t_s": i / 8} for f, i in
-                                        ((0.05, 0), (0.5, 4), (0.95, 7))]})
+            rows.append(
+                {
+                    "video_id": vid,
+                    "clip_id": clip_id,
+                    "status": "ok",
+                    "source": "synthetic",
+                    "clip_path": clips[k % len(clips)],
+                    "start_s": float(c),
+                    "end_s": float(c) + 1.0,
+                    "fps": 8.0,
+                    "clip_width": 64,
+                    "clip_height": 48,
+                    "clip_n_frames": 8,
+                    "caption": ("A subject in a field." if k % 5 == 0 else "A subject moves."),
+                    "quality_score": 0.5,
+                    "subjects": subjects,
+                    "ref_frames": [
+                        {"t_frac": f, "frame_index": i, "t_s": i / 8}
+                        for f, i in ((0.05, 0), (0.5, 4), (0.95, 7))
+                    ],
+                }
+            )
         erel = f"embeddings/{vid}.npy"
         np.save(os.path.join(root, erel), np.stack(embs).astype(np.float32))
         frel = None

@@ -69,7 +69,9 @@ def unit_draw(*key) -> float:
     return int.from_bytes(h[:8], "big") / 2.0**64
 
 
-def keep_by_weight(weights: dict[str, float], scenario_labels: Iterable[str], key: str, seed: int = 0) -> bool:
+def keep_by_weight(
+    weights: dict[str, float], scenario_labels: Iterable[str], key: str, seed: int = 0
+) -> bool:
     """A sample is kept with probability max(weight of its labels) (labels without a weight count 1.0), so
     capping ``people`` keeps a rarer ``human_pet`` sample that also carries ``people``."""
     ls = list(scenario_labels) or ["objects"]

@@ -145,7 +145,8 @@ class ShardSetWriter:
     Resumable with O(1) bookkeeping per shard: each finished shard gets one small record
     ``.records/<name>.json`` (keys, bytes, sha256), written once; on a re-run a shard whose file exists with
     the recorded sha256 and the same planned keys is kept, others are (re)written. Stale temp files and shards
-    beyond the plan are removed; ``.index.json`` is written last, so its presence means the set is complete."""
+    beyond the plan are removed; ``.index.json`` is written last, so its presence means the set is
+    complete."""
 
     def __init__(
         self,

@@ -61,8 +61,10 @@ class WriteShards(Stage):
             if self.shards_subdir == self.eval_subdir:
                 raise ConfigError(f"{path}: shards_subdir and eval_subdir must differ")
             scenarios.validate_names(list(self.scenario_weights) + list(self.scenario_quotas), path)
-            for what, d in (("category_weights", self.category_weights),
-                            ("scenario_weights", self.scenario_weights)):
+            for what, d in (
+                ("category_weights", self.category_weights),
+                ("scenario_weights", self.scenario_weights),
+            ):
                 for k, w in d.items():
                     if not 0.0 <= w <= 1.0:
                         raise ConfigError(f"{path}.{what}.{k}: {w!r} is out of range; must be in [0, 1]")

@@ -6,9 +6,18 @@ from curation import composition as C
 
 
 def _cand(clip, score, verdict="pair", subject=0, video=None):
-    return {"c_clip": clip, "c_video": video or clip.split("-")[0], "c_subject": subject, "score": score,
-            "verdict": verdict, "c_crop_path": f"refs/{clip}.jpg", "c_crop_box": [0, 0, 10, 10], "c_crop_ref": 1,
-            "c_ref_t_s": 0.5, "c_ref_frame_index": 6}
+    return {
+        "c_clip": clip,
+        "c_video": video or clip.split("-")[0],
+        "c_subject": subject,
+        "score": score,
+        "verdict": verdict,
+        "c_crop_path": f"refs/{clip}.jpg",
+        "c_crop_box": [0, 0, 10, 10],
+        "c_crop_ref": 1,
+        "c_ref_t_s": 0.5,
+        "c_ref_frame_index": 6,
+    }
 
 
 HUMAN_WITH_FACE = {"category": "human", "faces": [{"ref": 1, "box": [4, 4, 8, 8], "duplicate_of": None}]}
@@ -37,20 +46,26 @@ def test_face_match_keeps_both_scores_and_face_only_pairs_are_kept():
 
 
 def test_a_face_pair_the_embedding_calls_a_copy_is_vetoed():
-    ok, vetoes = C.eligible_partners(HUMAN_WITH_FACE, [_cand("b-0000", 0.999, "copy_paste")], [_cand("b-0000", 0.9)])
+    ok, vetoes = C.eligible_partners(
+        HUMAN_WITH_FACE, [_cand("b-0000", 0.999, "copy_paste")], [_cand("b-0000", 0.9)]
+    )
     assert ok == [] and vetoes[0]["reason"] == C.COPY_VETO
 
 
 def test_subjects_without_faces_pair_by_embedding_only():
     ok, _ = C.eligible_partners({"category": "human"}, [_cand("b-0000", 0.85)], [])
     assert [p.identity for p in ok] == [C.EMBEDDING_ONLY]
-    ok, _ = C.eligible_partners({"category": "animal"}, [_cand("b-0000", 0.85), _cand("c-0000", 0.4, "beyond_top_k")], [])
+    ok, _ = C.eligible_partners(
+        {"category": "animal"}, [_cand("b-0000", 0.85), _cand("c-0000", 0.4, "beyond_top_k")], []
+    )
     assert [p.clip_id for p in ok] == ["b-0000"]
 
 
 def test_partner_draw_is_seeded_spread_and_distinct():
-    partners = [C.Partner(f"v{i}-0000", f"v{i}", 0, {"path": "x"}, 0.99 - 0.01 * i, None, C.EMBEDDING_ONLY)
-                for i in range(8)]
+    partners = [
+        C.Partner(f"v{i}-0000", f"v{i}", 0, {"path": "x"}, 0.99 - 0.01 * i, None, C.EMBEDDING_ONLY)
+        for i in range(8)
+    ]
     a = C.choose_partners(partners, 3, "q-0000#0", seed=0)
     assert a == C.choose_partners(list(reversed(partners)), 3, "q-0000#0", seed=0)  # order-free, reproducible
     assert len({p.clip_id for p in a}) == 3
@@ -60,8 +75,15 @@ def test_partner_draw_is_seeded_spread_and_distinct():
 
 def _row():
     crop = {"ref": 1, "box": [0, 0, 10, 10], "path": "own.jpg", "duplicate_of": None, "size_px": [10, 10]}
-    return {"clip_id": "a-0000", "video_id": "a", "ref_frames": [{}, {"t_s": 0.5, "frame_index": 6}, {}],
-            "subjects": [{"category": "human", "crops": [crop]}, {"category": "animal", "crops": [dict(crop, path="dog.jpg")]}]}
+    return {
+        "clip_id": "a-0000",
+        "video_id": "a",
+        "ref_frames": [{}, {"t_s": 0.5, "frame_index": 6}, {}],
+        "subjects": [
+            {"category": "human", "crops": [crop]},
+            {"category": "animal", "crops": [dict(crop, path="dog.jpg")]},
+        ],
+    }
 
 
 def test_a_subject_without_partner_keeps_an_in_video_reference_flagged():
@@ -69,14 +91,19 @@ def test_a_subject_without_partner_keeps_an_in_video_reference_flagged():
     plans = C.compose_clip(_row(), {0: [p]}, cross_per_clip=2)
     assert [x["pair_type"] for x in plans] == ["in_pair", "cross_pair"]  # j=1 would have no cross reference
     cross = plans[1]["refs"]
-    assert [(r["ref_kind"], r["crop"]["path"]) for r in cross] == [("cross", "b.jpg"), ("in_video", "dog.jpg")]
+    assert [(r["ref_kind"], r["crop"]["path"]) for r in cross] == [
+        ("cross", "b.jpg"),
+        ("in_video", "dog.jpg"),
+    ]
     assert all(r["ref_kind"] == "in_video" for r in plans[0]["refs"]) and len(plans[0]["refs"]) == 2
 
 
 def test_ratios_and_category_balance_are_deterministic_fractions():
     keys = [f"k{i}" for i in range(2000)]
     kept = sum(C.keep_fraction(0.25, "ratio", 0, k) for k in keys)
-    assert 400 < kept < 600 and C.keep_fraction(0.25, "ratio", 0, "k1") == C.keep_fraction(0.25, "ratio", 0, "k1")
+    assert 400 < kept < 600 and C.keep_fraction(0.25, "ratio", 0, "k1") == C.keep_fraction(
+        0.25, "ratio", 0, "k1"
+    )
     humans = sum(C.category_keep({"human": 0.1}, ["human"], k) for k in keys)
     mixed = sum(C.category_keep({"human": 0.1}, ["human", "animal"], k) for k in keys)
     assert 120 < humans < 280 and mixed == len(keys)

@@ -32,7 +32,9 @@ def test_face_id_rejection_vetoes_the_embedding_pair(tmp_path):
     summary = write(tmp_path, rows)
     metas = _metas(tmp_path / "shards")
     assert {k for k, m in metas.items() if m["pair_type"] == "cross_pair"} == {
-        "v01-0000_cross_pair0", "v03-0000_cross_pair0"}  # the cats only
+        "v01-0000_cross_pair0",
+        "v03-0000_cross_pair0",
+    }  # the cats only
     assert summary["rejections_by_reason"]["pair:face_rejected"] == 2
 
 
@@ -41,7 +43,9 @@ def test_face_id_match_pairs_and_records_both_scores(tmp_path):
     write(tmp_path, rows)
     m = _metas(tmp_path / "shards")["v00-0000_cross_pair0"]
     man = m["subjects"][0]
-    assert man["identity"] == "face_match" and man["ref"]["video_id"] == "v02" and man["ref"]["kind"] == "cross"
+    assert (
+        man["identity"] == "face_match" and man["ref"]["video_id"] == "v02" and man["ref"]["kind"] == "cross"
+    )
     assert man["face_similarity"] > 0.5 and 0.78 <= man["similarity"] <= 0.99
 
 
@@ -101,8 +105,10 @@ def test_reuploads_are_one_source(tmp_path):
     for m in _metas(tmp_path / "shards").values():
         if m["video_id"] in ("v00", "v03"):
             assert m["source_group"] == "v00"
-            assert all(s["ref"]["video_id"] not in ("v00", "v03") or m["pair_type"] == "in_pair"
-                       for s in m["subjects"])
+            assert all(
+                s["ref"]["video_id"] not in ("v00", "v03") or m["pair_type"] == "in_pair"
+                for s in m["subjects"]
+            )
 
 
 def test_without_near_duplicate_grouping_the_reupload_pairs_across_its_shots(tmp_path):
@@ -117,7 +123,8 @@ def test_without_near_duplicate_grouping_the_reupload_pairs_across_its_shots(tmp
     by = {r["clip_id"]: r["subjects"][0] for r in on}
     assert "v03-0001" not in {q["clip_id"] for q in by["v00-0000"]["pairs"]}
     assert {q["clip_id"]: q["reason"] for q in by["v00-0000"]["pair_rejections"]}["v03-0001"] == (
-        "near_duplicate_source")
+        "near_duplicate_source"
+    )
 
 
 def test_held_out_split_keeps_sources_and_near_duplicates_together(tmp_path):
@@ -130,8 +137,14 @@ def test_held_out_split_keeps_sources_and_near_duplicates_together(tmp_path):
         for m in metas.values():
             assert m["split"] == split == split_of(m["source_group"], 0.5, 3)
             for s in m["subjects"]:  # a reference never comes from the other side
-                assert split_of("v00" if s["ref"]["video_id"] == "v03" else s["ref"]["video_id"], 0.5, 3) == split
-    assert {m["split"] for m in {**train, **held}.values() if m["video_id"] in ("v00", "v03")} in ({"train"}, {"eval"})
+                assert (
+                    split_of("v00" if s["ref"]["video_id"] == "v03" else s["ref"]["video_id"], 0.5, 3)
+                    == split
+                )
+    assert {m["split"] for m in {**train, **held}.values() if m["video_id"] in ("v00", "v03")} in (
+        {"train"},
+        {"eval"},
+    )
 
 
 def test_scenario_quota_caps_a_scenario_and_counts_it(tmp_path):
@@ -243,8 +256,13 @@ _MEMORY_CHILD = textwrap.dedent("""
 def test_driver_memory_does_not_grow_with_clips(tmp_path):
     """The driver's peak RSS over a synthetic 5k-clip global phase on Ray stays within a few MB of a 1k-clip
     one (the peak is reset before each run; a warm-up run pays for imports and Ray's first jobs)."""
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, "100", "1000", "5000"], capture_output=True,
-                          text=True, timeout=600, cwd=os.getcwd())
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, "100", "1000", "5000"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.getcwd(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
     assert got[5000]["triplets"] > 4 * got[1000]["triplets"] > 0

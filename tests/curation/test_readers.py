@@ -50,7 +50,9 @@ def test_hf_datasets_reads_the_folder_and_decodes_the_mp4(shards):
     d, summary = shards
     ds = datasets.load_dataset("webdataset", data_dir=str(d), split="train")
     assert len(ds) == summary["triplets_out"]
-    assert isinstance(ds.features["mp4"], datasets.Video) and isinstance(ds.features["ref_0.jpg"], datasets.Image)
+    assert isinstance(ds.features["mp4"], datasets.Video) and isinstance(
+        ds.features["ref_0.jpg"], datasets.Image
+    )
     ex = ds[0]
     frame = ex["mp4"].get_frame_at(0)  # a torchcodec VideoDecoder
     assert tuple(frame.data.shape) == (3, 64, 96)
@@ -73,6 +75,8 @@ def test_ray_data_and_webdataset_read_the_shards_from_s3(tmp_path, s3_bucket, ra
     assert len(got) == summary["triplets_out"] == 12
     two = next(r for r in got if r["__key__"] == "v02-0000_cross_pair0")
     assert two["ref_1.jpg"][:2] == b"\xff\xd8" and two["mp4"][4:8] == b"ftyp"
-    urls = [f"{os.environ['AWS_ENDPOINT_URL']}/{store.path('shards/' + e['name'])}"
-            for e in read_index(store.uri_of("shards"))["shards"]]
+    urls = [
+        f"{os.environ['AWS_ENDPOINT_URL']}/{store.path('shards/' + e['name'])}"
+        for e in read_index(store.uri_of("shards"))["shards"]
+    ]
     assert len(list(wds.WebDataset(urls, shardshuffle=False))) == 12

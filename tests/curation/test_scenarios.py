@@ -9,17 +9,25 @@ from curation.config import ConfigError
 from curation.stages.write_shards import WriteShards
 
 
-@pytest.mark.parametrize("cats, caption, want, primary", [
-    (["human"], "A man talks.", ["people"], "people"),
-    (["human", "human"], "Two women dance.", ["people", "multi_person"], "multi_person"),
-    (["human", "animal"], "A girl pets her dog.", ["people", "animals", "human_pet"], "human_pet"),
-    (["human", "product"], "A man holds a cup.", ["people", "objects", "human_object"], "human_object"),
-    (["human", "human", "animal"], "", ["people", "animals", "multi_person", "human_pet"], "multi_person"),
-    (["animal"], "A cat on a beach.", ["animals", "backgrounds"], "animals"),
-    (["landmark"], "The tower at night.", ["backgrounds"], "backgrounds"),
-    (["clothes", "ip_character"], "", ["objects"], "objects"),
-    ([], "", [], "objects"),
-])
+@pytest.mark.parametrize(
+    "cats, caption, want, primary",
+    [
+        (["human"], "A man talks.", ["people"], "people"),
+        (["human", "human"], "Two women dance.", ["people", "multi_person"], "multi_person"),
+        (["human", "animal"], "A girl pets her dog.", ["people", "animals", "human_pet"], "human_pet"),
+        (["human", "product"], "A man holds a cup.", ["people", "objects", "human_object"], "human_object"),
+        (
+            ["human", "human", "animal"],
+            "",
+            ["people", "animals", "multi_person", "human_pet"],
+            "multi_person",
+        ),
+        (["animal"], "A cat on a beach.", ["animals", "backgrounds"], "animals"),
+        (["landmark"], "The tower at night.", ["backgrounds"], "backgrounds"),
+        (["clothes", "ip_character"], "", ["objects"], "objects"),
+        ([], "", [], "objects"),
+    ],
+)
 def test_labels_from_subjects_categories_and_caption(cats, caption, want, primary):
     got = S.labels(cats, caption)
     assert got == want and S.primary(got) == primary

@@ -17,8 +17,7 @@ import pytest
 
 from curation.config import StageSpec
 from curation.global_phase import export_video, run_global
-from curation.shards import INDEX_FILE, RECORDS_DIR
-from curation.shards import iter_tar_samples, plan_shards, read_index, sha256_file
+from curation.shards import INDEX_FILE, RECORDS_DIR, iter_tar_samples, plan_shards, read_index, sha256_file
 from curation.stage import StageContext
 from curation.stages.subject_embed import encode_jpeg
 from curation.storage import Store
@@ -40,18 +39,26 @@ def _unit(rng, v: np.ndarray, noise: float) -> np.ndarray:
     return (e / np.linalg.norm(e)).astype(np.float32)
 
 
-def make_rows(out_dir: str, n_videos: int = 6, photos: list[str] | None = None, faces: dict | None = None,
-              seed: int = 0, two_subjects: bool = True) -> list[dict]:
+def make_rows(
+    out_dir: str,
+    n_videos: int = 6,
+    photos: list[str] | None = None,
+    faces: dict | None = None,
+    seed: int = 0,
+    two_subjects: bool = True,
+) -> list[dict]:
     """Committed rows as the map phase leaves them: one clip per video (a photo panning across a small frame,
-    real H.264), one subject per clip with three JPEG reference crops and their embeddings on disk (same photo:
-    cosine ~0.97, in the band; other photos ~0). Clip ``v02`` has two subjects (the man and a cup) unless
-    ``two_subjects`` is off.
-    ``faces`` {video_id: identity} gives that video's man a face with an SFace-sized embedding per identity."""
+    real H.264), one subject per clip with three JPEG reference crops and their embeddings on disk (same
+    photo: cosine ~0.97, in the band; other photos ~0). Clip ``v02`` has two subjects (the man and a cup)
+    unless ``two_subjects`` is off. ``faces`` {video_id: identity} gives that video's man a face with an
+    SFace-sized embedding per identity."""
     all_photos = _photos()
     names = photos or list(all_photos)
     rng = np.random.default_rng(seed)
-    base = {n: _unit(np.random.default_rng(zlib.crc32(n.encode())), np.zeros(DIM, np.float32) + 1e-3, 1e3)
-            for n in all_photos}
+    base = {
+        n: _unit(np.random.default_rng(zlib.crc32(n.encode())), np.zeros(DIM, np.float32) + 1e-3, 1e3)
+        for n in all_photos
+    }
     face_ids = {}
     rows = []
     for v in range(n_videos):
@@ -74,21 +81,45 @@ def make_rows(out_dir: str, n_videos: int = 6, photos: list[str] | None = None, 
                 crop = frames[[1, 6, 11][ref]][8:56, 10 + si * 40 : 50 + si * 40]
                 with open(os.path.join(out_dir, path), "wb") as f:
                     f.write(encode_jpeg(crop, 90))
-                crops.append({"ref": ref, "box": [10 + si * 40, 8, 50 + si * 40, 56], "path": path,
-                              "emb_row": len(embs), "phash": f"{int(rng.integers(0, 2**63)):016x}",
-                              "duplicate_of": None, "size_px": [40, 48]})
+                crops.append(
+                    {
+                        "ref": ref,
+                        "box": [10 + si * 40, 8, 50 + si * 40, 56],
+                        "path": path,
+                        "emb_row": len(embs),
+                        "phash": f"{int(rng.integers(0, 2**63)):016x}",
+                        "duplicate_of": None,
+                        "size_px": [40, 48],
+                    }
+                )
                 embs.append(_unit(rng, base[sname], 0.3))
-            s = {"name": sname, "description": f"a {sname}",
-                 "category": "animal" if sname == "cat" else "product" if sname == "cup" else "human",
-                 "boxes": [{"ref": r, "box": [10 + si * 40, 8, 50 + si * 40, 56], "score": 0.9} for r in range(3)],
-                 "crops": crops}
+            s = {
+                "name": sname,
+                "description": f"a {sname}",
+                "category": "animal" if sname == "cat" else "product" if sname == "cup" else "human",
+                "boxes": [
+                    {"ref": r, "box": [10 + si * 40, 8, 50 + si * 40, 56], "score": 0.9} for r in range(3)
+                ],
+                "crops": crops,
+            }
             if sname == "man" and faces and vid in faces:
                 ident = faces[vid]
                 if ident not in face_ids:
-                    face_ids[ident] = _unit(np.random.default_rng(len(face_ids) + 100), np.zeros(128) + 1e-3, 1e3)
-                s["faces"] = [{"ref": 1, "box": [20, 10, 40, 34], "det_score": 0.9, "iou": 0.2, "emb_row": 0,
-                               "path": crops[1]["path"], "phash": f"{int(rng.integers(0, 2**63)):016x}",
-                               "duplicate_of": None}]
+                    face_ids[ident] = _unit(
+                        np.random.default_rng(len(face_ids) + 100), np.zeros(128) + 1e-3, 1e3
+                    )
+                s["faces"] = [
+                    {
+                        "ref": 1,
+                        "box": [20, 10, 40, 34],
+                        "det_score": 0.9,
+                        "iou": 0.2,
+                        "emb_row": 0,
+                        "path": crops[1]["path"],
+                        "phash": f"{int(rng.integers(0, 2**63)):016x}",
+                        "duplicate_of": None,
+                    }
+                ]
                 s["face_status"] = "ok"
                 fembs.append(_unit(rng, face_ids[ident], 0.2))
             subjects.append(s)
@@ -96,12 +127,26 @@ def make_rows(out_dir: str, n_videos: int = 6, photos: list[str] | None = None, 
         os.makedirs(os.path.join(out_dir, f"embeddings/{vid}"), exist_ok=True)
         np.save(os.path.join(out_dir, erel), np.stack(embs))
         row = {
-            "video_id": vid, "clip_id": clip_id, "status": "ok", "source": "sample", "clip_path": rel,
-            "start_s": 1.0, "end_s": 2.0, "fps": 12.0, "clip_width": CLIP_W, "clip_height": CLIP_H,
-            "clip_n_frames": CLIP_FRAMES, "caption": f"A {name} in clip {clip_id}.", "quality_score": 0.8,
-            "motion_score": 0.1 * v, "subjects": subjects, "embedding_file": erel,
-            "ref_frames": [{"t_frac": f, "frame_index": i, "t_s": round(i / 12, 3)}
-                           for f, i in ((0.05, 1), (0.5, 6), (0.95, 11))],
+            "video_id": vid,
+            "clip_id": clip_id,
+            "status": "ok",
+            "source": "sample",
+            "clip_path": rel,
+            "start_s": 1.0,
+            "end_s": 2.0,
+            "fps": 12.0,
+            "clip_width": CLIP_W,
+            "clip_height": CLIP_H,
+            "clip_n_frames": CLIP_FRAMES,
+            "caption": f"A {name} in clip {clip_id}.",
+            "quality_score": 0.8,
+            "motion_score": 0.1 * v,
+            "subjects": subjects,
+            "embedding_file": erel,
+            "ref_frames": [
+                {"t_frac": f, "frame_index": i, "t_s": round(i / 12, 3)}
+                for f, i in ((0.05, 1), (0.5, 6), (0.95, 11))
+            ],
         }
         if fembs:
             frel = f"embeddings/{vid}/{clip_id}.faces.npy"
@@ -112,8 +157,10 @@ def make_rows(out_dir: str, n_videos: int = 6, photos: list[str] | None = None, 
 
 
 def specs(pair: dict | None = None, **write) -> list[StageSpec]:
-    return [StageSpec(stage="pair", params={**PAIR, **(pair or {})}),
-            StageSpec(stage="write_shards", params=write)]
+    return [
+        StageSpec(stage="pair", params={**PAIR, **(pair or {})}),
+        StageSpec(stage="write_shards", params=write),
+    ]
 
 
 def export(out_dir, rows, map_hash: str = "m1", store: Store | None = None) -> Store:
@@ -126,8 +173,9 @@ def export(out_dir, rows, map_hash: str = "m1", store: Store | None = None) -> S
     return store
 
 
-def write(out_dir, rows, pair: dict | None = None, runner: str = "sequential", store: Store | None = None,
-          **params) -> dict:
+def write(
+    out_dir, rows, pair: dict | None = None, runner: str = "sequential", store: Store | None = None, **params
+) -> dict:
     store = export(out_dir, rows, store=store)
     ctx = StageContext(out_dir=str(out_dir), config_hash="cafe0123")
     return run_global(specs(pair, **params), store, ctx, "m1", runner=runner)
@@ -155,8 +203,14 @@ def test_samples_hold_clip_caption_refs_and_metadata(written):
     assert set(s) == {"mp4", "txt", "json", "ref_0.jpg", "ref_1.jpg"}
     assert s["mp4"] == (out_dir / "clips/v02/v02-0000.mp4").read_bytes()
     meta = json.loads(s["json"])
-    assert meta["pair_type"] == "cross_pair" and meta["config_hash"] == "cafe0123" and meta["split"] == "train"
-    assert meta["span"] == [1.0, 2.0] and (meta["width"], meta["height"], meta["fps"]) == (CLIP_W, CLIP_H, 12.0)
+    assert (
+        meta["pair_type"] == "cross_pair" and meta["config_hash"] == "cafe0123" and meta["split"] == "train"
+    )
+    assert meta["span"] == [1.0, 2.0] and (meta["width"], meta["height"], meta["fps"]) == (
+        CLIP_W,
+        CLIP_H,
+        12.0,
+    )
     assert meta["scores"] == {"motion_score": 0.2, "quality_score": 0.8}
     man, cup = meta["subjects"]
     assert (man["name"], man["category"], cup["category"]) == ("man", "human", "product")
@@ -198,7 +252,9 @@ def test_bad_rows_are_recorded_not_fatal(tmp_path):
     rows[2]["clip_path"] = "../../etc/passwd"
     summary = write(tmp_path, rows)
     # v01 (file gone) and v02 (path escapes the store) lose their samples, each counted with a reason
-    assert summary["rejections_by_reason"]["write_shards:FileNotFoundError"] == 2  # its in-pair and cross-pair
+    assert (
+        summary["rejections_by_reason"]["write_shards:FileNotFoundError"] == 2
+    )  # its in-pair and cross-pair
     assert summary["rejections_by_reason"]["write_shards:ValueError"] == 2
     assert {k.split("_")[0] for k in samples_of(tmp_path / "shards")} == {"v00-0000"}
 
@@ -217,7 +273,9 @@ def test_one_record_per_shard_written_once(tmp_path):
     assert (shards / INDEX_FILE).exists()
     # O(1) bookkeeping: the first shard's record is never rewritten while the later shards are written
     first = recs[0].stat().st_mtime_ns
-    assert all(r.stat().st_mtime_ns >= first for r in recs) and json.loads(recs[0].read_text())["samples"] == 1
+    assert (
+        all(r.stat().st_mtime_ns >= first for r in recs) and json.loads(recs[0].read_text())["samples"] == 1
+    )
 
 
 def test_resume_after_a_kill_rewrites_identical_shards(tmp_path):
@@ -263,7 +321,9 @@ def test_a_real_sigkill_then_rerun_gives_identical_shards(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", code], cwd=os.getcwd())
     records = run / "shards" / RECORDS_DIR
     deadline = time.time() + 120
-    while not (records.exists() and any(records.iterdir())) and child.poll() is None and time.time() < deadline:
+    while (
+        not (records.exists() and any(records.iterdir())) and child.poll() is None and time.time() < deadline
+    ):
         time.sleep(0.005)
     child.send_signal(signal.SIGKILL)
     child.wait()
