@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import numpy as np
@@ -70,6 +71,31 @@ def _ray_100k(x, groups, exact_pairs) -> dict[str, float]:
     return {"pairing_100k_ray_s": dt, "pairing_100k_ray_recall": recall(band_pairs(nb), exact_pairs)}
 
 
+def sample_precision() -> dict[str, float]:
+    """Precision / recall of the pair stage (the global phase's own steps, through ``Pair(...)(rows)``) on the
+    bundled sample's ground truth, with its true boxes as grounding and the offline embedders."""
+    import tempfile
+
+    from curation.sources.sample import build_sample, load_ground_truth, true_cross_pairs
+    from curation.stage import StageContext
+    from curation.stages.faces import Faces
+    from curation.stages.pair import Pair
+    from curation.stages.subject_embed import SubjectEmbed
+    from tests.curation.test_pairing import _found, gt_rows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = build_sample(os.path.join(tmp, "sample"))
+        gt = load_ground_truth(paths)
+        ctx = StageContext(out_dir=os.path.join(tmp, "out"))
+        rows = Faces(ctx=ctx)(SubjectEmbed(ctx=ctx)(gt_rows(paths.root, gt)))
+        rows = Pair(params=Pair.Params(low=0.78, high=0.99, face_low=0.5, face_high=0.99), ctx=ctx)(rows)
+    truth, found = true_cross_pairs(gt), _found(rows, "pairs")
+    return {
+        "pairing_precision_sample": len(found & truth) / max(1, len(found)),
+        "pairing_recall_sample": len(found & truth) / max(1, len(truth)),
+    }
+
+
 def run() -> dict[str, float]:
     out: dict[str, float] = {}
     x, planted, groups = synthetic(100_000, seed=1)
@@ -96,6 +122,7 @@ def run() -> dict[str, float]:
     out["pairing_1m_recall"] = recall(band_pairs(approx), set(map(tuple, planted.tolist())))
     copies = pairing.classify(approx, LOW, HIGH, TOP_K) == pairing.COPY_PASTE
     out["pairing_1m_copy_paste_found"] = float(copies.sum())
+    out.update(sample_precision())
     return out
 
 
