@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 BUCKETS = 256  # hash buckets of video ids: folder sharding of the tables and the unit of the gather step
 GATHER_ITEMS = 32  # gather tasks (8 buckets each)
 SEARCH_BLOCK_ROWS = 8192  # query rows per search item (fixed: output names must not depend on the cluster)
-HIST_BINS = 40
 KINDS = ("subject", "face")
 
 
@@ -474,7 +473,7 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
     r0, r1, kind = item["r0"], item["r1"], item["kind"]
     out_rel, copies_rel = item["out"], item["copies"]
     if store.exists(out_rel) and store.exists(copies_rel):
-        return {"skipped": 1, "hist": [0] * HIST_BINS}
+        return {"skipped": 1, "hist": [0] * params["hist_bins"]}
     bundle = _resolve(bundles[item["bundle"]])
     low, high = (
         (params["low"], params["high"]) if kind == "subject" else (params["face_low"], params["face_high"])
@@ -525,7 +524,7 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
     )
     _write_parquet(store, copies_rel, copies)
     _write_parquet(store, out_rel, t)
-    hist = np.histogram(score, bins=HIST_BINS, range=(-1.0, 1.0))[0]
+    hist = np.histogram(score, bins=params["hist_bins"], range=(-1.0, 1.0))[0]
     return {"skipped": 0, "hist": hist.tolist(), "candidates": int(len(q))}
 
 
@@ -1230,7 +1229,7 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
 
 def _pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> dict:
     files = gather["units_files"]
-    hist = {k: np.zeros(HIST_BINS, np.int64) for k in KINDS}
+    hist = {k: np.zeros(pp["hist_bins"], np.int64) for k in KINDS}
     raw: dict[str, list[tuple[str, str]]] = {k: [] for k in KINDS}
     copies = []
     # one bundle per (kind, category), built in tasks; one map_batches job over the query blocks of all
@@ -1271,7 +1270,7 @@ def _pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> dict
     verdicts = {k: Counter() for k in KINDS}
     for it, r in zip(items, res):
         verdicts[it["kind"]].update(r["verdicts"])
-    edges = [round(float(e), 4) for e in np.linspace(-1, 1, HIST_BINS + 1)]
+    edges = [round(float(e), 4) for e in np.linspace(-1, 1, pp["hist_bins"] + 1)]
     band = {"low": pp["low"], "high": pp["high"], "face_low": pp["face_low"], "face_high": pp["face_high"]}
     histogram = {
         ("subjects" if k == "subject" else "faces"): {
