@@ -1,4 +1,4 @@
-"""Write a subject-pair image dataset (Subjects200K Parquet, OmniGen JSONL/Parquet) as one-frame triplet shards.
+"""Write a subject-pair image dataset (Subjects200K Parquet, OmniGen JSONL/Parquet) as one-frame shards.
 
     python -m curation.image_pairs --source subjects200k --data Subjects200K/data --out output/s200k/shards
     python -m curation.image_pairs --source omnigen --data x2i/subject.jsonl --images-dir x2i/images \

@@ -1,5 +1,5 @@
-"""Image-pair sources (Phantom §3: "we also added a portion of paired image data ... Subject200k and OmniGen"):
-read subject-pair image datasets in the layouts they ship and write them as one-frame triplet shards.
+"""Image-pair sources (Phantom §3: "a portion of paired image data ... Subject200k and OmniGen"): read
+subject-pair image datasets in the layouts they ship and write them as one-frame triplet shards.
 
 Layouts read:
   * ``subjects200k``: Parquet as on the Hub (Yuanshi/Subjects200K): ``image`` (struct ``bytes``/``path``, a
