@@ -77,10 +77,13 @@ def _params_dict(params) -> dict:
     return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params or {})
 
 
-def step_hashes(map_hash: str, pair_params, shard_params) -> tuple[str, str]:
-    """(pair_hash, global_hash): the pairs depend on the map phase and the pair params; the plans and shards
-    on those and the write_shards params."""
-    pair_hash = _sha(json.dumps({"map": map_hash, "pair": _params_dict(pair_params)}, sort_keys=True))
+def step_hashes(map_hash: str, pair_params, shard_params, data_digest: str = "") -> tuple[str, str]:
+    """(pair_hash, global_hash): the pairs depend on the map phase (its hash and the digest of the tables
+    gathered, so videos joining later redo the global steps) and the pair params; the plans and shards on
+    those and the write_shards params."""
+    pair_hash = _sha(
+        json.dumps({"map": map_hash, "data": data_digest, "pair": _params_dict(pair_params)}, sort_keys=True)
+    )
     global_hash = _sha(
         json.dumps({"pair": pair_hash, "write_shards": _params_dict(shard_params)}, sort_keys=True)
     )
@@ -350,6 +353,7 @@ def _gather_bucket(item: dict, store: Store) -> dict:
     counts: Counter = Counter()
     dims: dict[str, int] = {}
     n_clips = n_videos = 0
+    h = hashlib.sha256()  # what this bucket holds: a video added or re-exported changes it
     for what, schema in (("units", _unit_schema()), ("clips", _clip_schema())):
         files = list(store.list(f"{src}/{what}/{b:02x}/", ".parquet"))
         if not files:
@@ -357,7 +361,9 @@ def _gather_bucket(item: dict, store: Store) -> dict:
         with store.writer(f"{dst}/{what}-{b:02x}.parquet") as f:
             w = pq.ParquetWriter(f, schema, compression="zstd")
             for rel in files:
-                t = pq.read_table(io.BytesIO(store.read_bytes(rel)), schema=schema)
+                data = store.read_bytes(rel)
+                h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+                t = pq.read_table(io.BytesIO(data), schema=schema)
                 if not t.num_rows:
                     continue
                 w.write_table(t)
@@ -370,7 +376,8 @@ def _gather_bucket(item: dict, store: Store) -> dict:
                     n_clips += t.num_rows
                     n_videos += 1
             w.close()
-    return {"bucket": b, "units": dict(counts), "dims": dims, "clips": n_clips, "videos": n_videos}
+    return {"bucket": b, "units": dict(counts), "dims": dims, "clips": n_clips, "videos": n_videos,
+            "digest": h.hexdigest()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -988,13 +995,15 @@ def _write_partition(item: dict, store: Store, params: dict) -> dict:
         for seq, (a, b) in enumerate(plan_shards(sizes, wp["maxcount"], int(wp["maxsize_mb"] * (1 << 20)))):
             name = shard_name(p, seq)
             keys = [s["__key__"] for s, _ in samples[a:b]]
-            digest = _sha("\n".join(keys), 64)
+            # what the shard holds: keys, sample JSON and member files (a changed partner changes it)
+            digest = _sha("\n".join(f"{r['key']}\t{r['meta']}\t{r['clip_path']}\t{r['refs']}"
+                                    for _, r in samples[a:b]), 64)
             rec_rel, shard_rel = f"{subdir}/{RECORDS_DIR}/{name}.json", f"{subdir}/{name}"
             prev = store.read_json(rec_rel)
             if (
                 prev
                 and prev.get("global_hash") == gh
-                and prev.get("keys_sha256") == digest
+                and prev.get("plan_sha256") == digest
                 and store.is_file(shard_rel)
                 and store.size(shard_rel) == prev.get("bytes")
                 and (not wp["verify_on_resume"] or _sha256_bytes_of(store, shard_rel) == prev.get("sha256"))
@@ -1025,7 +1034,7 @@ def _write_partition(item: dict, store: Store, params: dict) -> dict:
                 {
                     **entry,
                     "global_hash": gh,
-                    "keys_sha256": digest,
+                    "plan_sha256": digest,
                     "partition": p,
                     "first_key": keys[0],
                     "last_key": keys[-1],
@@ -1081,12 +1090,8 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
     t0 = time.time()
     pair_p, shard_p = _params_of(specs)
     pp, wp = _params_dict(pair_p), _params_dict(shard_p)
-    pair_hash, global_hash = step_hashes(map_hash, pair_p, shard_p)
-    gdir, pdir, sdir = f"global/gather-{map_hash}", f"global/pairs-{pair_hash}", f"global/plans-{global_hash}"
+    gdir = f"global/gather-{map_hash}"
     timings = {}
-    final = _done(store, f"{sdir}/_done.json")
-    if final and store.exists(f"{wp['shards_subdir']}/{INDEX_FILE}"):
-        return {**final["summary"], "resumed": True}
 
     # 1. gather
     gather = _done(store, f"{gdir}/_done.json")
@@ -1111,9 +1116,15 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
             "clips": sum(r["clips"] for r in res),
             "videos": sum(r["videos"] for r in res),
             "units_files": [f"{gdir}/units-{r['bucket']:02x}.parquet" for r in res if r["units"]],
+            "digest": _sha("".join(r["digest"] for r in res), 64),
         }
         store.write_json(f"{gdir}/_done.json", gather)
     timings["gather_s"] = round(time.time() - t0, 2)
+    pair_hash, global_hash = step_hashes(map_hash, pair_p, shard_p, gather["digest"])
+    pdir, sdir = f"global/pairs-{pair_hash}", f"global/plans-{global_hash}"
+    final = _done(store, f"{sdir}/_done.json")
+    if final and store.exists(f"{wp['shards_subdir']}/{INDEX_FILE}"):
+        return {**final["summary"], "resumed": True}
 
     # 2-4. pairs (search, near-duplicate groups, final verdicts)
     pairs_done = _done(store, f"{pdir}/_done.json")
