@@ -376,8 +376,14 @@ def _gather_bucket(item: dict, store: Store) -> dict:
                     n_clips += t.num_rows
                     n_videos += 1
             w.close()
-    return {"bucket": b, "units": dict(counts), "dims": dims, "clips": n_clips, "videos": n_videos,
-            "digest": h.hexdigest()}
+    return {
+        "bucket": b,
+        "units": dict(counts),
+        "dims": dims,
+        "clips": n_clips,
+        "videos": n_videos,
+        "digest": h.hexdigest(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -996,8 +1002,10 @@ def _write_partition(item: dict, store: Store, params: dict) -> dict:
             name = shard_name(p, seq)
             keys = [s["__key__"] for s, _ in samples[a:b]]
             # what the shard holds: keys, sample JSON and member files (a changed partner changes it)
-            digest = _sha("\n".join(f"{r['key']}\t{r['meta']}\t{r['clip_path']}\t{r['refs']}"
-                                    for _, r in samples[a:b]), 64)
+            digest = _sha(
+                "\n".join(f"{r['key']}\t{r['meta']}\t{r['clip_path']}\t{r['refs']}" for _, r in samples[a:b]),
+                64,
+            )
             rec_rel, shard_rel = f"{subdir}/{RECORDS_DIR}/{name}.json", f"{subdir}/{name}"
             prev = store.read_json(rec_rel)
             if (
