@@ -14,6 +14,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MAX_PIXELS_8K = 7680 * 4320
+X264_THREADS = 4  # encoder threads per clip, fixed so a clip's bytes do not depend on the machine
 
 
 class BadVideo(Exception):
@@ -471,7 +472,14 @@ def _open_encoder(
     ost = out.add_stream("libx264", rate=rate)
     ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
     ost.codec_context.time_base = 1 / rate
-    ost.options = {"crf": str(crf), "preset": preset, **({"g": str(gop)} if gop else {})}
+    # A fixed thread count: x264's output depends on it, and "auto" follows the CPUs a worker sees, so
+    # the same clip would come out differently from a Ray worker and the sequential runner.
+    ost.options = {
+        "crf": str(crf),
+        "preset": preset,
+        "threads": str(X264_THREADS),
+        **({"g": str(gop)} if gop else {}),
+    }
     return out, ost, tmp
 
 

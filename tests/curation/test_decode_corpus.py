@@ -193,3 +193,29 @@ def test_opencv_sample_avis(tmp_path, path):
     rows = _scenes(tmp_path, path)
     assert any(r["status"] == "ok" for r in rows), [(r.get("reason"), r.get("reason_detail")) for r in rows]
     assert all(r.get("reason") != "video:variable_frame_rate" for r in rows)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to compare against one")
+def test_clip_bytes_do_not_depend_on_the_cpus_a_worker_sees(corpus, tmp_path):
+    """x264's output depends on its thread count; a Ray worker and the sequential runner see different
+    CPUs, so the thread count is fixed and the same clip comes out byte for byte the same."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, hashlib; from curation.video_io import ClipJob, encode_clips\n"
+        "if sys.argv[2] == '1': os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "(j,) = encode_clips(sys.argv[1], [ClipJob(0, 90, sys.argv[3])])\n"
+        "print(hashlib.sha256(open(sys.argv[3], 'rb').read()).hexdigest())\n"
+    )
+    src = corpus["h264.mkv"]
+    shas = []
+    for cpus in ("1", "all"):
+        out = str(tmp_path / f"clip_{cpus}.mp4")
+        r = subprocess.run(
+            [sys.executable, "-c", code, src, cpus, out], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        shas.append(r.stdout.strip())
+    assert shas[0] == shas[1] == hashlib.sha256(open(tmp_path / "clip_1.mp4", "rb").read()).hexdigest()
