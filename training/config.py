@@ -40,6 +40,10 @@ class DataConfig:
     # Latent shards written by training/precompute.py for this config; when set, the loop reads them
     # instead of data.shards and never runs the VAE or the text encoder on its hot path.
     latent_shards: str | None = None
+    # Image-pair shards (python -m curation.image_pairs: one-frame `image_pair` samples from Subject200k /
+    # OmniGen, paper §3.1) mixed with the videos: each sample comes from them with this probability.
+    image_pairs: str | None = None
+    image_pair_ratio: float = 0.0
 
 
 @dataclass
@@ -184,6 +188,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{where}: steps, batch_size, num_frames and fps must be positive")
         if not phase.buckets or any(len(b) != 2 or min(b) <= 0 for b in phase.buckets):
             raise ConfigError(f"{where}.buckets: expected a list of [height_px, width_px] pairs")
+    if not 0.0 <= cfg.data.image_pair_ratio <= 1.0:
+        raise ConfigError("data.image_pair_ratio: must be in [0, 1]")
+    if cfg.data.image_pair_ratio > 0 and not cfg.data.image_pairs:
+        raise ConfigError("data.image_pair_ratio: set data.image_pairs to the image-pair shards folder")
+    if cfg.data.image_pairs and cfg.data.image_pair_ratio <= 0:
+        raise ConfigError("data.image_pairs: set data.image_pair_ratio (the share of image-pair samples)")
+    if cfg.data.image_pairs and cfg.data.latent_shards:
+        raise ConfigError(
+            "data.image_pairs: not read with data.latent_shards; put the image pairs in the shards you "
+            "precompute instead (one-frame samples are encoded as one latent frame)"
+        )
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers: must be >= 0")
     if not 1 <= cfg.data.max_refs <= 4:

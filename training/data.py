@@ -25,6 +25,11 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("mp4", "txt", "json")
+# Paired image data (curation.sources.image_pairs, paper §3.1: Subject200k, OmniGen): a one-frame clip whose
+# target is a photo; it trains as a one-frame video (one latent frame) in batches of its own.
+IMAGE_PAIR = "image_pair"
+# The image-pair shard order is shuffled with its own seed, apart from the video shards'.
+IMAGE_SEED_OFFSET = 104729
 # Consecutive epochs without one readable sample before a stream gives up (all its shards are bad).
 MAX_EMPTY_EPOCHS = 3
 
@@ -185,6 +190,11 @@ def decode_image(jpg_bytes: bytes) -> np.ndarray:
         return np.array(img.convert("RGB"))
 
 
+def is_one_frame(meta: dict[str, Any]) -> bool:
+    """A sample that trains as one frame: an image pair, or a clip of one frame."""
+    return meta.get("pair_type") == IMAGE_PAIR or meta.get("n_frames") == 1
+
+
 def ref_keys(sample: dict[str, Any]) -> list[str]:
     """The sample's reference entries in order: ref_0.jpg, ref_1.jpg, ... (png accepted)."""
     keys = [k for k in sample if k.startswith("ref_") and k.rsplit(".", 1)[-1] in ("jpg", "jpeg", "png")]
@@ -283,6 +293,10 @@ class StreamSpec:
     max_consecutive_bad: int = 2000
     # Set when reading latent shards (training/precompute.py): the member holding this phase's encodings.
     latent_tag: str | None = None
+    # Image-pair shards mixed in: each raw sample comes from them with probability image_ratio (a seeded
+    # draw per sample, so the mixed order is as deterministic and resumable as the video stream alone).
+    image_urls: list[str] | None = None
+    image_ratio: float = 0.0
 
 
 class TripletStream(torch.utils.data.IterableDataset):
@@ -312,13 +326,26 @@ class TripletStream(torch.utils.data.IterableDataset):
 
     def _raw(self, stream: int, counter: CorruptCounter) -> Iterator[dict[str, Any]]:
         s = self.spec
+        videos = self._raw_from(s.urls, s.seed, stream, counter)
+        if not s.image_urls or s.image_ratio <= 0:
+            yield from videos
+            return
+        images = self._raw_from(s.image_urls, s.seed + IMAGE_SEED_OFFSET, stream, counter)
+        rng = random.Random(f"mix-{s.seed}-{s.rank}-{stream}")
+        while True:  # both sources are endless (epochs); a source drawn with probability 0 is never opened
+            yield next(images) if rng.random() < s.image_ratio else next(videos)
+
+    def _raw_from(
+        self, urls: list[str], seed: int, stream: int, counter: CorruptCounter
+    ) -> Iterator[dict[str, Any]]:
+        s = self.spec
         empty_epochs = 0
         for epoch in itertools.count():
-            urls = epoch_shards(s.urls, s.seed, epoch, s.rank, s.world_size, stream, s.num_streams)
+            mine = epoch_shards(urls, seed, epoch, s.rank, s.world_size, stream, s.num_streams)
             # Shard order is already a seeded per-epoch shuffle split by rank and stream, so the
             # dataset itself must neither reshuffle nor resplit it.
             ds = wds.WebDataset(
-                urls,
+                mine,
                 shardshuffle=False,
                 nodesplitter=None,
                 workersplitter=None,
@@ -331,7 +358,7 @@ class TripletStream(torch.utils.data.IterableDataset):
                 yield sample
             empty_epochs = 0 if n else empty_epochs + 1
             if empty_epochs >= MAX_EMPTY_EPOCHS:
-                raise RuntimeError(f"stream {stream} of rank {s.rank}: no readable samples in {urls}")
+                raise RuntimeError(f"stream {stream} of rank {s.rank}: no readable samples in {mine}")
 
     def _with_meta(self, samples: Iterator[dict[str, Any]], counter: CorruptCounter):
         """Attach the parsed json and the bucket; samples with missing keys or bad json are counted."""
@@ -384,13 +411,15 @@ class TripletStream(torch.utils.data.IterableDataset):
             yield sample
 
     def _bucketed(self, samples: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-        """Group samples into full batches of one bucket (deterministic given the sample order)."""
-        pending: dict[int, list[dict[str, Any]]] = {}
+        """Group samples into full batches of one bucket and one frame count (videos and one-frame image
+        pairs never share a batch); deterministic given the sample order."""
+        pending: dict[tuple[int, bool], list[dict[str, Any]]] = {}
         for sample in samples:
-            group = pending.setdefault(sample["_bucket"], [])
+            slot = (sample["_bucket"], is_one_frame(sample["_meta"]))
+            group = pending.setdefault(slot, [])
             group.append(sample)
             if len(group) == self.spec.batch_size:
-                yield pending.pop(sample["_bucket"])
+                yield pending.pop(slot)
 
     def _load_latents(self, sample: dict[str, Any], counter: CorruptCounter) -> dict[str, Any] | None:
         """A latent-shard sample: the precomputed encodings of this phase, nothing decoded or encoded."""
@@ -427,7 +456,8 @@ class TripletStream(torch.utils.data.IterableDataset):
         # keeps resume exact and lets encoder outputs be cached.
         rng = random.Random(f"frames-{s.seed}-{key}")
         try:
-            frames, idx = decode_clip(sample["mp4"], s.num_frames, s.fps, rng)
+            num_frames = 1 if is_one_frame(sample["_meta"]) else s.num_frames
+            frames, idx = decode_clip(sample["mp4"], num_frames, s.fps, rng)
             video = resize_center_crop(frames, out_hw)
         except Exception as exn:  # noqa: BLE001 - any decoder failure is one counted reason
             counter.add("bad_mp4")

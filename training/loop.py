@@ -22,6 +22,7 @@ from model.flow import Conditioning
 from training import checkpoint as ckpt
 from training.config import PhaseConfig, TrainConfig
 from training.data import (
+    IMAGE_PAIR,
     CorruptTally,
     DataPosition,
     EncodingCache,
@@ -332,6 +333,8 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
 
     latent = bool(cfg.data.latent_shards)
     urls = list_shards(cfg.data.latent_shards or cfg.data.shards, cfg.data.verify_sha256)
+    image_urls = list_shards(cfg.data.image_pairs, cfg.data.verify_sha256) if cfg.data.image_pairs else None
+    image_pair_batches = 0
     cache = EncodingCache(cfg.data.cache_dir, encoder_signature(cfg.encoders)) if cfg.data.cache_dir else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
     losses: list[float] = []
@@ -385,6 +388,8 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
             shuffle_buffer=cfg.data.shuffle_buffer,
             shuffle_initial=cfg.data.shuffle_initial,
             max_refs=cfg.data.max_refs,
+            image_urls=image_urls,
+            image_ratio=cfg.data.image_pair_ratio,
         )
         if latent:  # the members training/precompute.py wrote for this phase
             spec.latent_tag = latent_tag(
@@ -409,6 +414,7 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
                 position.update(batch)
                 tally.update(batch)
                 n_samples += len(batch["keys"])
+                image_pair_batches += batch["meta"][0].get("pair_type") == IMAGE_PAIR
                 x0, cond = encode_batch(batch, enc, ctx.device, cache)
                 cond = drop_conditions(cond, generator=generator, **cfg.flow.dropout)
                 last = micro == cfg.optim.grad_accum - 1
@@ -471,6 +477,7 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
         "corrupt": tally.totals(),
         "cache_hits": cache.hits if cache else 0,
         "encoders_built": enc.built,
+        "image_pair_batches": image_pair_batches,
     }
 
 
@@ -491,6 +498,8 @@ def _write_sample(cfg: TrainConfig, model, ema: ckpt.EMA, enc, batch, step: int,
         n = int(batch["ref_mask"][0].sum())
         refs = batch["refs"][0, :n]
         num_frames = batch["video"].shape[2]
+        if batch["meta"][0].get("pair_type") == IMAGE_PAIR:  # a one-frame batch: sample a clip anyway
+            num_frames = cfg.phases[phase_at(cfg.phases, step - 1)[0]].num_frames
     else:  # latent shards carry the reference images for exactly this
         size = tuple(batch["bucket"])
         refs = torch.stack([letterbox(decode_image(b), size) for b in batch["ref_images"][0]])
