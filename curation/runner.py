@@ -604,10 +604,8 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
             from curation.global_phase import run_global
         except ImportError:  # until the distributed global phase lands
             run_global = _legacy_global
-        if committed:  # new videos joined the map output: every global step is redone over all of them
-            for rel in list(store.list("global")):
-                if rel.rsplit("/", 1)[-1].startswith("_") and rel.endswith("done.json"):
-                    store.delete(rel)
+        if committed:  # videos joined the map output: gather the tables again (later steps are keyed by
+            store.delete(f"global/gather-{mh}/_done.json")  # the digest of what was gathered)
         gctx = StageContext(out_dir=scratch_dir(store), models_dir=ctx.models_dir, config_hash=mh)
         if runner == "ray":
             init_ray(cfg)
