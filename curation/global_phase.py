@@ -515,7 +515,7 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
         "c_clip": cm.column("clip_id"),
         "c_subject": cm.column("subject"),
         "rank": pa.array(rank.astype(np.int16)),
-        "score": pa.array(np.round(score, 5)),
+        "score": pa.array(np.round(score, 3)),
         "band": pa.array(verdict.astype(str)),
         "phash_distance": pa.array(pd_.astype(np.int16)),
         "q_v_n_clips": qm.column("v_n_clips"),
