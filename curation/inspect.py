@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from curation.scenarios import TAXONOMY
+from curation.scenarios import labels as scenario_labels
+from curation.scenarios import primary as primary_scenario
 from curation.shards import INDEX_NAMES, index_path, iter_tar_samples, read_index, sha256_file
 
 REF_NAMES = [f"ref_{i}.jpg" for i in range(4)]
@@ -94,6 +97,7 @@ def _hist_lines(values: list[float], bins: int = 10) -> list[str]:
 
 def stats(shards_dir: str, as_json: bool = False) -> dict:
     by_type, by_cat, by_refs = collections.Counter(), collections.Counter(), collections.Counter()
+    by_scen, by_primary = collections.Counter(), collections.Counter()
     scores: dict[str, list[float]] = collections.defaultdict(list)
     n = 0
     for _, _, s in iter_samples(shards_dir):
@@ -101,6 +105,12 @@ def stats(shards_dir: str, as_json: bool = False) -> dict:
         n += 1
         by_type[meta.get("pair_type")] += 1
         by_refs[sum(k in s for k in REF_NAMES)] += 1
+        scen = meta.get("scenarios")
+        if scen is None:  # shards written before scenario labels: derive them the same way
+            scen = scenario_labels([sub.get("category") for sub in meta.get("subjects") or []],
+                                   meta.get("caption") or "")
+        by_scen.update(scen)
+        by_primary[meta.get("primary_scenario") or primary_scenario(scen)] += 1
         for sub in meta.get("subjects") or []:
             by_cat[sub.get("category")] += 1
             for k in ("similarity", "face_similarity"):
@@ -113,6 +123,9 @@ def stats(shards_dir: str, as_json: bool = False) -> dict:
         "pair_type": dict(by_type),
         "category": dict(by_cat),
         "n_refs": {str(k): v for k, v in sorted(by_refs.items())},
+        "scenario": dict(by_scen),
+        "primary_scenario": dict(by_primary),
+        "scenario_missing": [k for k in TAXONOMY if not by_scen.get(k)],
         "histograms": {
             k: dict(zip(("counts", "edges"), (c.tolist(), e.round(4).tolist())))
             for k, v in scores.items()
@@ -123,10 +136,13 @@ def stats(shards_dir: str, as_json: bool = False) -> dict:
         print(json.dumps(out, indent=1, sort_keys=True))
     else:
         print(f"samples: {n}")
-        for title, c in (("pair type", by_type), ("category", by_cat), ("references", by_refs)):
+        for title, c in (("pair type", by_type), ("category", by_cat), ("references", by_refs),
+                         ("scenario", by_scen), ("primary scenario", by_primary)):
             print(
                 f"{title}: " + ", ".join(f"{k}={v}" for k, v in sorted(c.items(), key=lambda kv: str(kv[0])))
             )
+        if out["scenario_missing"]:
+            print("scenarios with no sample (supplement these): " + ", ".join(out["scenario_missing"]))
         for k, v in sorted(scores.items()):
             print(f"{k} (n={len(v)}, min {min(v):.4g}, max {max(v):.4g}):")
             print("\n".join(_hist_lines(v)))

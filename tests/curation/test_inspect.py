@@ -325,3 +325,12 @@ def test_quality_scores_identity_of_a_real_face(tmp_path):
     face = rep["by_pair_type"]["cross_pair"]["FaceSim-SFace"]
     assert face["n"] == 1 and face["mean"] >= 0.6, face
     assert "hist_FaceSim-SFace.png" in rep["plots"].values()
+
+
+def test_stats_count_scenarios_and_name_the_missing_ones(shards, capsys):
+    st = shard_inspect.stats(str(shards))
+    assert sum(st["primary_scenario"].values()) == st["samples"] == 8
+    # cats (animals), a cup (objects), a man with a cup (people / human_object): no pets with people
+    assert st["scenario"].get("animals", 0) >= 2 and st["scenario"].get("objects", 0) >= 1
+    assert "human_pet" in st["scenario_missing"] and "animals" not in st["scenario_missing"]
+    assert "scenarios with no sample (supplement these): " in capsys.readouterr().out
