@@ -89,6 +89,10 @@ class SubjectEmbed(Stage):
         min_crop_px: int = field(16, ge=1)  # shorter side; smaller crops say nothing about the subject
         jpeg_quality: int = field(92, ge=50, le=100)
         phash_max_distance: int = field(4, ge=0, le=64)  # within-subject near-duplicate crops
+        # one embedder call over every clip of the stage batch (GPU speed) or one per clip (the output then
+        # does not depend on how a runner grouped the clips: CPU kernels move by ~1e-7 with the batch);
+        # auto: across clips on a GPU only
+        batch_across_clips: str = field("auto", choices=["auto", "yes", "no"])
 
     def setup(self) -> None:
         from curation.backends import embedders  # noqa: F401  (registers the image embedders)
@@ -102,8 +106,15 @@ class SubjectEmbed(Stage):
         clips: a GPU sees full batches), then each row's rows of the matrix go to its .npy."""
         cropped = [self.crop_row(r) for r in rows]
         images = [img for _, imgs in cropped for img in imgs]
-        emb = self.embedder.embed(images) if images else None  # (sum n_crops, D) float32, unit rows
-        self.n_embed_calls = getattr(self, "n_embed_calls", 0) + bool(images)
+        across = self.params.batch_across_clips
+        on_gpu = str(getattr(self.embedder, "device", "")).startswith("cuda")
+        if across == "yes" or (across == "auto" and on_gpu):
+            emb = self.embedder.embed(images) if images else None  # (sum n_crops, D) float32, unit rows
+            self.n_embed_calls = getattr(self, "n_embed_calls", 0) + bool(images)
+        else:
+            parts = [self.embedder.embed(imgs) for _, imgs in cropped if imgs]
+            emb = np.concatenate(parts) if parts else None
+            self.n_embed_calls = getattr(self, "n_embed_calls", 0) + len(parts)
         out, k = [], 0
         for row, imgs in cropped:
             if imgs:

@@ -212,7 +212,8 @@ def test_subject_embed_runs_open_clip_once_over_the_crops_of_many_clips(tmp_path
                 ],
             }
         )
-    stage = SubjectEmbed(backend=backend, ctx=StageContext(out_dir=str(tmp_path / "a")))
+    stage = SubjectEmbed(params=SubjectEmbed.Params(batch_across_clips="yes"), backend=backend,
+                         ctx=StageContext(out_dir=str(tmp_path / "a")))
     together = stage([dict(r) for r in rows])
     assert stage.n_embed_calls == 1  # six crops of three clips in one call
     assert stage.embedder.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
