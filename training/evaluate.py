@@ -302,8 +302,13 @@ def evaluate(
     config: str | None = None,
     suite: MetricSuite | None = None,
     sampler=None,
+    rephraser=None,
 ) -> dict:
-    """Generate and score every case; returns the report written to ``<out_dir>/eval.json``."""
+    """Generate and score every case; returns the report written to ``<out_dir>/eval.json``.
+
+    ``rephraser`` (a training.rephrase.Rephraser): each case's prompt is rewritten from its subjects'
+    descriptions before generation (``prompt_used`` and ``rephrase`` in the case record); the metrics still
+    score against the case's own prompt."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suite = (suite or MetricSuite(metrics or MetricsConfig())).load()
@@ -338,11 +343,18 @@ def evaluate(
             if ec.error:
                 outputs.write({**rec, "status": "failed", "error": ec.error}, [], None)
                 continue
+            prompt = ec.prompt
+            if rephraser is not None:
+                from training.rephrase import rephrase_case
+
+                rp = rephrase_case(rephraser, ec.prompt, ec.refs, ec.subjects)
+                prompt = rp.prompt
+                rec.update(prompt_used=prompt, rephrase={"rephrased": rp.rephrased, "reason": rp.reason})
             t = time.perf_counter()
             try:
                 video = sampler.generate(
                     ec.refs,
-                    ec.prompt,
+                    prompt,
                     seed=ec.seed,
                     steps=steps,
                     w_img=w_img,
@@ -478,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--config", default=None, help="training config passed to training.sample.load_sampler")
     ap.add_argument("--device", default=None)
+    ap.add_argument(
+        "--rephrase",
+        action="store_true",
+        help="rewrite each case's prompt from its subjects' descriptions (training/rephrase.py)",
+    )
+    ap.add_argument("--rephrase-config", default=None, help="YAML with the rephraser's llm / describer")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
@@ -494,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(a.ckpt).exists():
             raise FileNotFoundError(f"checkpoint {a.ckpt} does not exist")
         iter_cases(a.eval_set)  # fails now, with one line, on a missing or unknown evaluation set
+        rephraser = None
+        if a.rephrase or a.rephrase_config:
+            from training.rephrase import Rephraser, load_rephrase_config
+
+            rephraser = Rephraser(load_rephrase_config(a.rephrase_config))
         report = evaluate(
             a.ckpt,
             a.eval_set,
@@ -510,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
             model=a.model,
             config=a.config,
+            rephraser=rephraser,
         )
     except (ConfigError, ModelNotFound, ModelHashMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -210,6 +210,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref", action="append", default=[], help="a reference image (repeat: 1 to 4)")
     parser.add_argument("--refs", nargs="+", default=[], help="reference images (same as repeated --ref)")
     parser.add_argument("--prompt", required=True)
+    parser.add_argument(
+        "--rephrase",
+        action="store_true",
+        help="rewrite the prompt so it names each reference with its appearance (training/rephrase.py); "
+        "the prompt used is printed and stored in <out>.prompt.json",
+    )
+    parser.add_argument(
+        "--ref-desc",
+        action="append",
+        default=[],
+        help="with --rephrase: a description of a reference image (repeat, one per reference, in order); "
+        "without it the rephraser's describer captions the references",
+    )
+    parser.add_argument(
+        "--rephrase-config",
+        help="YAML with the rephraser's llm / describer backends (default: offline SmolLM2, no describer)",
+    )
+    parser.add_argument(
+        "--rephrase-url", help="OpenAI-compatible endpoint for the rephraser LLM (e.g. http://host:8000/v1)"
+    )
+    parser.add_argument("--rephrase-model", default="", help="model name at --rephrase-url")
     parser.add_argument("--out", required=True, help="output .mp4")
     parser.add_argument("--height", type=int, help="default: first bucket of the last phase")
     parser.add_argument("--width", type=int)
@@ -232,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - a bad image is a clear CLI error
             parser.error(f"cannot read reference image {p}: {e}")
 
+    rephrased = None
+    if args.ref_desc and not args.rephrase:
+        parser.error("--ref-desc describes the references for --rephrase")
+    if args.rephrase:
+        rephrased = _rephrase(parser, args, refs)
+        print(f"prompt: {rephrased.prompt}")
+        if not rephrased.rephrased:
+            print(f"rephrase: kept the original prompt ({rephrased.reason})")
+
     cfg, model, enc = load_for_sampling(
         args.ckpt, use_ema=not args.no_ema, device=args.device, config=args.config
     )
@@ -242,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler.width = args.width or sampler.width
     video = sampler.generate(
         refs,
-        args.prompt,
+        rephrased.prompt if rephrased else args.prompt,
         seed=args.seed,
         steps=args.steps,
         w_img=args.w_img,
@@ -251,7 +281,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = write_mp4(video, args.out, fps=args.fps or sampler.fps)
     print(f"wrote {out} ({video.shape[0]} frames, {sampler.width}x{sampler.height})")
+    if rephrased is not None:
+        from training.rephrase import write_prompt_record
+
+        print(f"wrote {write_prompt_record(out, rephrased)}")
     return 0
+
+
+def _rephrase(parser, args, refs):
+    """The rephrased prompt for the CLI (configuration problems are CLI errors; bad replies fall back)."""
+    from curation.config import ConfigError
+    from training.rephrase import Rephraser, load_rephrase_config
+
+    try:
+        rcfg = load_rephrase_config(args.rephrase_config)
+    except (ConfigError, OSError) as e:
+        parser.error(f"--rephrase-config: {e}")
+    if args.rephrase_url:
+        rcfg.llm = {"name": "openai_compatible", "base_url": args.rephrase_url, "model": args.rephrase_model}
+    if args.ref_desc and len(args.ref_desc) != len(refs):
+        parser.error(f"give one --ref-desc per reference image ({len(args.ref_desc)} for {len(refs)})")
+    try:
+        return Rephraser(rcfg).rephrase(args.prompt, descriptions=args.ref_desc or None, images=refs)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":
