@@ -84,7 +84,9 @@ class ImagePairParams:
     maxsize_mb: float = 512.0
     rows_per_batch: int = 64  # Parquet rows decoded at a time
     jsonl_chunk_mb: float = 64.0  # a JSONL is cut into partitions of about this many bytes
-    limit: int = 0  # at most this many source rows (0: all; for trials)
+    # At most this many source rows, for trials (0: all): Parquet rows counted across row groups in plan
+    # order; a JSONL's lines counted per partition (its row count is not known before it is read).
+    limit: int = 0
 
     def hash(self, source: dict) -> str:
         ident = json.dumps([asdict(self), source], sort_keys=True)

@@ -321,3 +321,23 @@ def test_cli_reports_a_missing_source(tmp_path, capsys):
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import os
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # a local cluster on 127.0.0.1 only
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_runner_writes_the_same_shards(tmp_path, ray_local):
+    src = write_s200k(tmp_path / "a.parquet", good_rows() * 2, row_group_size=2)
+    seq = ip.write_image_pair_shards("subjects200k", str(src), tmp_path / "seq", {"limit": 3})
+    dist = ip.write_image_pair_shards("subjects200k", str(src), tmp_path / "ray", {"limit": 3}, runner="ray")
+    assert seq["rows"] == dist["rows"] == 3 and seq["total_samples"] == 6  # the limit spans row groups
+    assert seq["shards"] == dist["shards"]  # same names, sizes and sha256
