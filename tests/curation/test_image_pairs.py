@@ -335,6 +335,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_runner_writes_the_same_shards(tmp_path, ray_local):
     src = write_s200k(tmp_path / "a.parquet", good_rows() * 2, row_group_size=2)
     seq = ip.write_image_pair_shards("subjects200k", str(src), tmp_path / "seq", {"limit": 3})

@@ -108,20 +108,18 @@ def test_config_checks_the_image_pair_settings(tmp_path):
         )
 
 
-def _one_step(cfg) -> dict:
+def _one_step(cfg, ctx=None) -> dict:
     from training.loop import train
 
-    out = train(cfg, stop_at_step=1)
+    out = train(cfg, ctx, stop_at_step=1)
     assert out["step"] == 1 and np.isfinite(out["losses"][0])
     # one optimizer step over 4 micro-batches: both kinds went through the same forward and backward
     assert 1 <= out["image_pair_batches"] <= 3, out["image_pair_batches"]
     return out
 
 
-def test_one_step_of_train_tiny_on_videos_and_image_pairs(tmp_path, triplet_shards, pair_shards):
-    from training import checkpoint as ckpt
-
-    cfg = load_config(
+def _tiny_mix(tmp_path, triplet_shards, pair_shards):
+    return load_config(
         REPO / "configs" / "train_tiny.yaml",
         {
             "data.shards": str(triplet_shards),
@@ -134,11 +132,27 @@ def test_one_step_of_train_tiny_on_videos_and_image_pairs(tmp_path, triplet_shar
             "log.sample_every": 0,
         },
     )
-    _one_step(cfg)
+
+
+def test_one_step_of_train_tiny_on_videos_and_image_pairs(tmp_path, triplet_shards, pair_shards):
+    from training import checkpoint as ckpt
+
+    _one_step(_tiny_mix(tmp_path, triplet_shards, pair_shards))
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints"))
     assert state["step"] == 1 and state["config"]["data"]["image_pair_ratio"] == 0.5
 
 
+@pytest.mark.gpu
+def test_one_step_on_the_mix_on_gpu(tmp_path, triplet_shards, pair_shards):
+    """The CUDA path (bf16 autocast) on one-frame and video batches in one step."""
+    from training.loop import Context
+
+    cfg = _tiny_mix(tmp_path, triplet_shards, pair_shards)
+    cfg.scaling.use_gpu = True
+    _one_step(cfg, Context(device=torch.device("cuda")))
+
+
+@pytest.mark.slow
 def test_one_step_of_phantom_wan_tiny_on_videos_and_image_pairs(tmp_path, triplet_shards, pair_shards):
     """The causal Wan VAE encodes a one-frame target to one latent frame; the references follow it."""
     from tests.training.wan_assets import tiny_wan_config, write_tiny_wan_assets

