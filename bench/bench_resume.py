@@ -50,8 +50,8 @@ def run() -> dict[str, float]:
 
     killed = tmp / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "curation.run", "--runner", "sequential", "--videos", VIDEOS,
-                             "--out", str(killed)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    cmd = [sys.executable, "-m", "curation.run", "--runner", "sequential", "--videos", VIDEOS, "--out", str(killed)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     m = Manifest(killed)
     deadline = time.time() + 900

@@ -223,8 +223,9 @@ def test_ray_run_killed_after_some_videos_resumes_without_redoing_them(tmp_path)
     src.write_text(json.dumps(rows))
     out = tmp_path / "out"
     env = {**os.environ, "CURATION_PLUGINS": __name__, "PYTHONPATH": repo, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_DRIVER, str(src), str(out), "0.5"], cwd=repo, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_DRIVER, str(src), str(out), "0.5"], cwd=repo,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     m = Manifest(out)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and len(list(m.records())) < 2:
