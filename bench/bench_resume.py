@@ -50,7 +50,8 @@ def run() -> dict[str, float]:
 
     killed = tmp / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "curation.run", "--runner", "sequential", "--videos", VIDEOS, "--out", str(killed)]
+    cmd = [sys.executable, "-m", "curation.run", "--runner", "sequential", "--videos", VIDEOS,
+           "--out", str(killed)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     m = Manifest(killed)
