@@ -362,8 +362,13 @@ def _gather_bucket(item: dict, store: Store) -> dict:
             w = pq.ParquetWriter(f, schema, compression="zstd")
             for rel in files:
                 data = store.read_bytes(rel)
-                h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
                 t = pq.read_table(io.BytesIO(data), schema=schema)
+                # The digest names what the bucket holds, not the float noise of its vectors: CPU kernels
+                # move embeddings by ~1e-7 with their thread count (a Ray worker vs the driver); a changed
+                # embedder changes the map hash instead.
+                ident = t.drop_columns([c for c in ("vector",) if c in t.column_names]).to_pylist()
+                blob = json.dumps(ident, sort_keys=True, default=str).encode()
+                h.update(rel.encode() + b"\0" + hashlib.sha256(blob).digest())
                 if not t.num_rows:
                     continue
                 w.write_table(t)
