@@ -154,5 +154,7 @@ def count_reasons(rows: list[dict]) -> Counter:
 
 def source_signature(row: dict) -> str:
     """What in a source row decides a video's map-phase output: a changed CSV row re-runs the video."""
-    keep = {k: row.get(k) for k in ("video_id", "video_path", "spans", "span_captions", "status", "reason")}
+    keep = {k: row.get(k) for k in ("video_id", "spans", "span_captions", "status", "reason")}
+    # the file's name, not its folder: the same videos seen from another checkout or mount are not redone
+    keep["video_file"] = os.path.basename(str(row.get("video_path") or ""))
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
