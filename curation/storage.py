@@ -11,6 +11,7 @@ AWS SDK's variable) or ``PHANTOM_S3_ENDPOINT``; credentials from the usual AWS v
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -249,9 +250,9 @@ def _copy_into(src: str, f) -> None:
 
 
 def _atomic_local(path: str, write) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
+    folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -261,6 +262,11 @@ def _atomic_local(path: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    # a writer of this path killed mid-write (SIGKILL skips `finally`) left its temp file: one writer per
+    # path by design, so any other temp of this name is stale
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(f".{name}.") + "*.tmp")):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
 
 
 def scratch_dir(store: Store) -> str:
