@@ -58,3 +58,14 @@ def test_uri_and_pickle(s3_bucket, tmp_path):
     assert s.read_bytes("k") == b"v"
     assert scratch_dir(Store(tmp_path)) == str(tmp_path)
     assert scratch_dir(s) != scratch_dir(Store(s3_bucket + "/q"))
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
+    store = Store(tmp_path)
+    stale = tmp_path / ".summary.json.abc123.tmp"  # what a SIGKILL during an atomic write leaves
+    stale.write_bytes(b"partial")
+    other = tmp_path / ".other.json.def456.tmp"
+    other.write_bytes(b"not ours")
+    store.write_json("summary.json", {"ok": True})
+    assert not stale.exists() and other.exists()
+    assert store.read_json("summary.json") == {"ok": True}
