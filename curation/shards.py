@@ -46,18 +46,10 @@ def confined(root: str | os.PathLike, rel: str) -> Path:
 
 
 def _atomic(path: str | os.PathLike, write: Callable) -> None:
-    path = str(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # the one atomic local write (temp file + rename; stale temps of a killed writer removed)
+    from curation.storage import _atomic_local
+
+    _atomic_local(os.path.abspath(str(path)), write)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
