@@ -132,7 +132,8 @@ def from_dict(cls, data: Any, path: str = ""):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The top-level schema. Stage params are validated against each stage's own ``Params`` dataclass.
+# The top-level schema. Stage and global-step params are checked against their own ``Params`` dataclasses
+# by ``curation.runner.validate_pipelines`` (this module imports no other module of the project).
 
 
 @dataclasses.dataclass
@@ -153,6 +154,42 @@ class StageSpec:
     resources: Resources = field(default_factory=Resources)
 
 
+YOUTUBE_HOSTS = ["www.youtube.com", "youtube.com", "m.youtube.com", "youtu.be"]
+
+
+@dataclasses.dataclass
+class DownloadParams:
+    max_height: int = field(720, ge=144)  # format selection: an H.264 MP4 at most this tall
+    concurrency: int = field(8, ge=1)  # tasks in flight, all hosts together
+    per_host_concurrency: int = field(4, ge=1)
+    per_host_rate_per_s: float = field(2.0, gt=0)  # task starts per second per host
+    max_attempts: int = field(3, ge=1)  # per video per run, transient errors only
+    backoff_s: float = field(5.0, ge=0)  # first retry delay; doubles per attempt
+    max_backoff_s: float = field(300.0, ge=0)
+    socket_timeout_s: float = field(30.0, gt=0)  # a stalled connection fails after this
+    max_filesize_mb: float = field(2048.0, gt=0)
+    max_duration_s: float = field(4 * 3600.0, gt=0)
+    rate_limit_bytes_per_s: int = field(0, ge=0)  # per download; 0 = unlimited
+    sections: bool = False  # fetch only the CSV spans where the site reports the duration
+    sections_max_fraction: float = field(0.5, gt=0, le=1)
+    section_pad_s: float = field(2.0, ge=0)
+    allowed_hosts: list[str] = field(YOUTUBE_HOSTS)
+    num_cpus: float = field(0.25, gt=0)  # Ray CPUs per download task (mostly waiting on the network)
+    chunk_rows: int = field(2000, ge=1)  # CSV rows read (and their logs checked) per step
+    progress_every_s: float = field(10.0, gt=0)
+    limit: int = field(0, ge=0)  # 0 = every row
+
+
+def parse_download_params(raw: Any, path: str = "download") -> DownloadParams:
+    """A ``download:`` mapping (or true/false/None for the defaults) -> DownloadParams; ConfigError naming
+    the key on an unknown key or bad value."""
+    if raw is None or isinstance(raw, bool):
+        return DownloadParams()
+    if isinstance(raw, DownloadParams):
+        return raw
+    return from_dict(DownloadParams, raw, path)
+
+
 @dataclasses.dataclass
 class SourceSpec:
     kind: Literal["panda70m", "dir", "sample"]
@@ -164,9 +201,7 @@ class SourceSpec:
 
     def validate(self, path: str = "") -> None:
         if isinstance(self.download, dict):
-            from curation.download import parse_params  # lazy: curation.download imports this module
-
-            parse_params(self.download, f"{path}.download")
+            parse_download_params(self.download, f"{path}.download")
 
 
 @dataclasses.dataclass
@@ -205,24 +240,6 @@ class Config:
             raise ConfigError(
                 f"default_pipeline: {self.default_pipeline!r} is not one of {sorted(self.pipelines)}"
             )
-        for pname, specs in self.pipelines.items():
-            for i, spec in enumerate(specs):
-                validate_stage_spec(spec, f"pipelines.{pname}[{i}]")
-
-
-def validate_stage_spec(spec: StageSpec, path: str):
-    """Check a stage exists and its params match its Params dataclass; returns the typed params."""
-    from curation.stages import load_all  # registers every stage
-
-    stages = load_all()
-    if spec.stage not in stages:
-        raise ConfigError(f"{path}.stage: unknown stage {spec.stage!r}; allowed values: {sorted(stages)}")
-    cls = stages[spec.stage]
-    if cls.Params is None:
-        if spec.params:
-            raise ConfigError(f"{path}.params: stage {spec.stage!r} takes no params")
-        return None
-    return from_dict(cls.Params, spec.params, f"{path}.params")
 
 
 def yaml_error_line(path: str | Path, e: yaml.YAMLError) -> str:

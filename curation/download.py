@@ -51,48 +51,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
-from curation.config import ConfigError, field, from_dict, load_yaml
+from curation.config import ConfigError, DownloadParams, from_dict, load_yaml, parse_download_params
+from curation.execute import worker_pool
 
 LOG_PREFIX = "_download"
 VIDEO_EXTS = ("mp4", "mkv", "webm")
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "PHANTOM_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "PHANTOM_CACHE_DIR")
-YOUTUBE_HOSTS = ["www.youtube.com", "youtube.com", "m.youtube.com", "youtu.be"]
 PERMANENT = ("unavailable", "private", "geo_blocked", "age_restricted", "not_found", "not_a_video",
              "too_long", "too_large", "live", "no_format", "bad_url", "bad_video_id")
-
-
-@dataclasses.dataclass
-class DownloadParams:
-    max_height: int = field(720, ge=144)  # format selection: an H.264 MP4 at most this tall
-    concurrency: int = field(8, ge=1)  # tasks in flight, all hosts together
-    per_host_concurrency: int = field(4, ge=1)
-    per_host_rate_per_s: float = field(2.0, gt=0)  # task starts per second per host
-    max_attempts: int = field(3, ge=1)  # per video per run, transient errors only
-    backoff_s: float = field(5.0, ge=0)  # first retry delay; doubles per attempt
-    max_backoff_s: float = field(300.0, ge=0)
-    socket_timeout_s: float = field(30.0, gt=0)  # a stalled connection fails after this
-    max_filesize_mb: float = field(2048.0, gt=0)
-    max_duration_s: float = field(4 * 3600.0, gt=0)
-    rate_limit_bytes_per_s: int = field(0, ge=0)  # per download; 0 = unlimited
-    sections: bool = False  # fetch only the CSV spans where the site reports the duration
-    sections_max_fraction: float = field(0.5, gt=0, le=1)
-    section_pad_s: float = field(2.0, ge=0)
-    allowed_hosts: list[str] = field(YOUTUBE_HOSTS)
-    num_cpus: float = field(0.25, gt=0)  # Ray CPUs per download task (mostly waiting on the network)
-    chunk_rows: int = field(2000, ge=1)  # CSV rows read (and their logs checked) per step
-    progress_every_s: float = field(10.0, gt=0)
-    limit: int = field(0, ge=0)  # 0 = every row
-
-
-def parse_params(raw: Any, path: str = "download") -> DownloadParams:
-    """A ``download:`` mapping (or true/false/None for the defaults) -> DownloadParams; ConfigError naming
-    the key on an unknown key or bad value."""
-    if raw is None or isinstance(raw, bool):
-        return DownloadParams()
-    if isinstance(raw, DownloadParams):
-        return raw
-    return from_dict(DownloadParams, raw, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,7 +329,7 @@ def download_one(row: dict, params: DownloadParams | dict, store, attempt: int =
     ``transient``); never raises for a bad video."""
     from curation.storage import Store
 
-    p = parse_params(params) if not isinstance(params, DownloadParams) else params
+    p = parse_download_params(params) if not isinstance(params, DownloadParams) else params
     store = store if isinstance(store, Store) else Store(store)
     vid = row["video_id"]
     t0 = time.time()
@@ -502,7 +467,7 @@ def count_rows_fast(csv_path: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Runners: the same task function on Ray or in a thread pool.
+# The worker: one per Ray actor (or one shared by the threads of the in-process pool).
 
 
 def warm_up() -> None:
@@ -530,93 +495,8 @@ class _DownloadWorker:
     def ready(self) -> bool:
         return True
 
-    def fetch(self, *args) -> dict:
+    def call(self, *args) -> dict:
         return download_one(*args)
-
-
-class _RayRunner:
-    """``concurrency`` download actors; each call is one actor task, so a video is one Ray task."""
-
-    def __init__(self, p: DownloadParams, cfg=None, n_start: int = 1):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local cluster on loopback
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        import ray
-
-        if not ray.is_initialized():
-            if cfg is not None:
-                from curation.runner import init_ray
-
-                init_ray(cfg)
-            else:
-                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                         _node_ip_address="127.0.0.1", configure_logging=False)
-        self.ray = ray
-        have = float(ray.cluster_resources().get("CPU", 0.0))
-        if p.num_cpus > have:
-            raise RuntimeError(f"download: num_cpus {p.num_cpus:g} per worker; the Ray cluster has {have:g}")
-        # the store's endpoint and credentials as the driver sees them reach the workers, also on a cluster
-        env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
-        opts = {"runtime_env": {"env_vars": env}} if env else {}
-        self.cls = ray.remote(num_cpus=p.num_cpus, max_restarts=0, max_task_retries=0)(_DownloadWorker)
-        self.opts = opts
-        self.idle = [self._new() for _ in range(max(1, min(n_start, p.concurrency)))]
-        # wait until they are up (or until a minute passed: those that fit start later, as resources free)
-        ray.wait([a.ready.remote() for a in self.idle], num_returns=len(self.idle), timeout=60)
-        self.busy: dict = {}
-
-    def _new(self):
-        return self.cls.options(**self.opts).remote()
-
-    def submit(self, *args):
-        actor = self.idle.pop() if self.idle else self._new()
-        h = actor.fetch.remote(*args)
-        self.busy[h] = actor
-        return h
-
-    def wait(self, handles: list, timeout: float) -> list:
-        done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
-        if done:  # take everything else that is finished too
-            more, _ = self.ray.wait(handles, num_returns=len(handles), timeout=0)
-            done = list(dict.fromkeys(done + more))
-        return done
-
-    def result(self, h) -> dict:
-        actor = self.busy.pop(h)
-        try:
-            out = self.ray.get(h)
-        except self.ray.exceptions.RayActorError:
-            self.ray.kill(actor)
-            self.idle.append(self._new())  # a worker that died is replaced; the video counts a try
-            raise
-        except Exception:
-            self.idle.append(actor)  # the call raised (e.g. the store refused a write): the actor is fine
-            raise
-        self.idle.append(actor)
-        return out
-
-    def close(self):
-        for a in self.idle + list(self.busy.values()):
-            self.ray.kill(a)  # free their CPUs for the stages that follow
-        self.idle, self.busy = [], {}
-
-
-class _ThreadRunner:
-    def __init__(self, p: DownloadParams, cfg=None, n_start: int = 1):
-        warm_up()
-        self.pool = cf.ThreadPoolExecutor(max_workers=p.concurrency, thread_name_prefix="download")
-
-    def submit(self, *args):
-        return self.pool.submit(download_one, *args)
-
-    def wait(self, handles: list, timeout: float) -> list:
-        done, _ = cf.wait(handles, timeout=timeout, return_when=cf.FIRST_COMPLETED)
-        return list(done)
-
-    def result(self, h) -> dict:
-        return h.result()
-
-    def close(self):
-        self.pool.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -713,7 +593,7 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
     if params is None:
         raw = getattr(spec, "download", None)
         params = raw if isinstance(raw, (dict, DownloadParams)) else getattr(spec, "download_params", None)
-    p = parse_params(params)
+    p = parse_download_params(params)
     if spec is not None and getattr(spec, "limit", 0) and not p.limit:
         p = dataclasses.replace(p, limit=spec.limit)
     store = store if isinstance(store, Store) else Store(store)
@@ -790,7 +670,7 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
             wake = now + 1.0
             if run is None and queued():
                 n_start = min(p.concurrency, sum(len(q) for q in queues.values()))
-                run = (_RayRunner if runner == "ray" else _ThreadRunner)(p, cfg, n_start)
+                run = worker_pool(runner, _DownloadWorker, p.concurrency, p.num_cpus, cfg.ray if cfg else None, n_start)
                 stats.t0 = now = time.time()  # rates count from here: the workers are up
             for host, q in queues.items():
                 while q and len(in_flight) < p.concurrency and per_host[host] < p.per_host_concurrency:
@@ -870,7 +750,7 @@ def _load(config: str, source: str):
     if isinstance(src_raw, dict) and isinstance(src_raw.get("download"), dict):
         top, where = src_raw.pop("download"), f"sources.{source}.download"
         src_raw["download"] = True
-    params = parse_params(top, where)
+    params = parse_download_params(top, where)
     cfg = from_dict(Config, raw)
     if source not in cfg.sources:
         raise ConfigError(f"--source: {source!r} is not one of {sorted(cfg.sources)}")

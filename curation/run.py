@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from curation.config import ConfigError, load_config
+from curation.config import ConfigError
 from curation.models import ModelHashMismatch, ModelNotFound
-from curation.runner import ResourceError, StageFailureError, run_pipeline
+from curation.runner import ResourceError, StageFailureError, load_pipeline_config, run_pipeline
 from curation.sources import load_source
 from curation.stage import StageContext
 from curation.storage import Store, is_uri
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
-        cfg = load_config(args.config)
+        cfg = load_pipeline_config(args.config)
         source = args.source or cfg.default_source
         pipeline = args.pipeline or cfg.default_pipeline
         if source not in cfg.sources:

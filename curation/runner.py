@@ -22,12 +22,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from curation.config import Config, StageSpec, validate_stage_spec
+from curation.config import Config, StageSpec, load_config
+from curation.execute import init_ray
 from curation.manifest import GroupCache, Manifest, source_signature
 from curation.stage import Record, Stage, StageContext, StageGroup
+from curation.stages.registry import load_all, validate_stage_spec
 from curation.storage import Store, is_uri, scratch_dir
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # binds a local Ray to 127.0.0.1 only
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,20 @@ class StageFailureError(RuntimeError):
     """Too many rows of one stage failed: the run stops with the first error instead of 'succeeding'."""
 
 
-def build_stage(spec: StageSpec, ctx: StageContext) -> Stage:
-    from curation.stages import load_all
+def validate_pipelines(cfg: Config) -> Config:
+    """Check every stage of every pipeline against its Params; ConfigError naming the key path."""
+    for pname, specs in cfg.pipelines.items():
+        for i, spec in enumerate(specs):
+            validate_stage_spec(spec, f"pipelines.{pname}[{i}]")
+    return cfg
 
+
+def load_pipeline_config(path: str = "pipelines.yaml") -> Config:
+    """``pipelines.yaml`` read safely, its schema checked, and every stage's params checked."""
+    return validate_pipelines(load_config(path))
+
+
+def build_stage(spec: StageSpec, ctx: StageContext) -> Stage:
     cls = load_all()[spec.stage]
     params = validate_stage_spec(spec, spec.stage)
     return cls(params=params, backend=dict(spec.backend), ctx=ctx)
@@ -81,8 +92,6 @@ class GroupPlan:
 
 def plan(specs: list[StageSpec]) -> tuple[list[GroupPlan], list[StageSpec]]:
     """Split a pipeline into map groups (in order) and the trailing global stages."""
-    from curation.stages import load_all
-
     stages = load_all()
     groups: list[GroupPlan] = []
     globals_: list[StageSpec] = []
@@ -366,26 +375,6 @@ def _no_fusion() -> dict:
     return {}
 
 
-def init_ray(cfg: Config) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(
-        num_cpus=cfg.ray.num_cpus,
-        include_dashboard=cfg.ray.dashboard,
-        dashboard_host=cfg.ray.dashboard_host,
-        _node_ip_address=cfg.ray.node_ip,
-        log_to_driver=True,
-        configure_logging=False,
-    )
-
-
 def check_resources(groups: list[GroupPlan], cluster: dict) -> None:
     """Each worker must fit on the cluster, and so must every actor pool at its minimum size at once (a
     streaming run keeps them all alive), with room left for one task of each CPU group."""
@@ -463,7 +452,7 @@ def run_ray(parts: list[str], mc: MapContext, cfg: Config) -> Iterator[dict]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    init_ray(cfg)
+    init_ray(cfg.ray)
     check_resources(mc.groups, ray.cluster_resources())
     if not parts:
         return
@@ -608,7 +597,7 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
             store.delete(f"global/gather-{mh}/_done.json")  # the digest of what was gathered)
         gctx = StageContext(out_dir=scratch_dir(store), models_dir=ctx.models_dir, config_hash=mh)
         if runner == "ray":
-            init_ray(cfg)
+            init_ray(cfg.ray)
         global_summary = run_global(global_specs, store, gctx, mh, runner=runner)
     return RunResult(n_in, skipped, committed, time.time() - t0, mh, totals.as_dict(), totals.stage_counts,
                      global_summary, t_map, time.time() - t0 - t_map, store.uri)

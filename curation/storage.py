@@ -65,6 +65,8 @@ class Store:
     """A root (local folder or URI) and relative paths under it. Picklable: Ray tasks receive the URI and
     rebuild the filesystem in the worker."""
 
+    ray_plain = True  # curation.execute passes a Store to Ray workers as it is (it pickles to its URI)
+
     def __init__(self, root: str | os.PathLike):
         root = str(root)
         self.uri = root.rstrip("/") if is_uri(root) else os.path.abspath(root)

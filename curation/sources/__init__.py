@@ -54,9 +54,7 @@ def load_source(spec, out_dir: str) -> Iterator[dict[str, Any]]:
         if not spec.csv:
             raise ValueError("source panda70m: `csv:` (the Panda-70M metadata CSV) is required")
         videos_dir = spec.videos_dir or os.path.join(out_dir, "videos")
-        return iter_panda_csv(
-            spec.csv, videos_dir, source="panda70m", download=spec.download, limit=spec.limit
-        )
+        return iter_panda_csv(spec.csv, videos_dir, source="panda70m", limit=spec.limit)
     if kind == "dir":
         from curation.sources.folder import iter_videos
 

@@ -213,35 +213,6 @@ def resolve_video(
     return None, "missing_video"
 
 
-def download_video(
-    video_id: str, videos_dir: str, url: str | None = None, spans=None, params=None
-) -> tuple[str | None, str]:
-    """Fetch one video with the download step (``curation.download.download_one``: format selection,
-    caps, PyAV check, atomic commit, the per-video log) into ``videos_dir``. Returns (path, detail).
-    ``url`` must be on ``params.allowed_hosts`` (YouTube by default); an empty one is rebuilt from the
-    id. A video the log says failed for good is not fetched again."""
-    try:
-        import yt_dlp  # noqa: F401
-    except ImportError:
-        return None, "download: yt-dlp is not installed (pip install yt-dlp)"
-    from curation.download import download_one, parse_params, read_log
-    from curation.storage import Store
-
-    store = Store(videos_dir)
-    log = read_log(store, video_id)
-    if log and log.get("status") == "failed" and not log.get("retryable"):
-        return None, f"download failed earlier: {log.get('reason')}: {log.get('detail')}"
-    attempt = int((log or {}).get("attempts") or 0) + 1
-    res = download_one({"video_id": video_id, "url": url, "spans": spans}, parse_params(params), store,
-                       attempt=attempt, final=True)
-    if res["status"] != "done":
-        return None, f"download failed: {res['reason']}: {res.get('detail')}"
-    path, _ = resolve_video(videos_dir, video_id)
-    if path is None:
-        return None, "download produced no .mp4/.mkv/.webm file"
-    return path, f"downloaded ({res.get('mode')}, {res.get('bytes')} bytes)"
-
-
 def _merge(into: dict[str, Any], rec: dict[str, Any], line: int) -> None:
     """Append ``rec``'s spans (with captions and scores) to ``into`` unless the span is already there."""
     have = {tuple(s) for s in into["spans"]}
@@ -259,7 +230,7 @@ def _merge(into: dict[str, Any], rec: dict[str, Any], line: int) -> None:
 
 
 def _parse_row(
-    row: dict[str, str], line: int, videos_dir: str, source: str, download: bool, names: set[str] | None
+    row: dict[str, str], line: int, videos_dir: str, source: str, names: set[str] | None
 ) -> dict[str, Any]:
     raw_id = (row.get("videoID") or "").strip()
     if not VIDEO_ID_RE.match(raw_id):
@@ -287,17 +258,12 @@ def _parse_row(
         except LiteralError:
             warnings.append(f"bad_{col}")
     path, why = resolve_video(videos_dir, raw_id, names)
-    detail = None
-    if path is None and why == "missing_video" and download:
-        # ``download`` is True or a DownloadParams / ``download:`` mapping (caps, allowed_hosts, ...)
-        params = None if isinstance(download, bool) else download
-        path, detail = download_video(raw_id, videos_dir, url=base["url"], spans=spans, params=params)
     if path is None:
         return rejected_record(
             raw_id,
             source,
             why,
-            detail or f"no {raw_id}.mp4|.mkv|.webm in {videos_dir}",
+            f"no {raw_id}.mp4|.mkv|.webm in {videos_dir}",
             spans=spans,
             span_captions=captions,
             matching_score=scores,
@@ -313,29 +279,29 @@ def _parse_row(
         span_captions=captions,
         matching_score=scores,
         warnings=warnings,
-        detail=detail,
         **base,
         **extra,
     )
 
 
 def read_panda_csv(
-    csv_path: str, videos_dir: str, source: str = "panda70m", download=False, limit: int = 0
+    csv_path: str, videos_dir: str, source: str = "panda70m", limit: int = 0
 ) -> list[dict[str, Any]]:
     """``list(iter_panda_csv(...))``: every record in memory (tests, small CSVs)."""
-    return list(iter_panda_csv(csv_path, videos_dir, source, download, limit))
+    return list(iter_panda_csv(csv_path, videos_dir, source, limit))
 
 
 def iter_panda_csv(
-    csv_path: str, videos_dir: str, source: str = "panda70m", download=False, limit: int = 0
+    csv_path: str, videos_dir: str, source: str = "panda70m", limit: int = 0
 ) -> Iterator[dict[str, Any]]:
     """One record per videoID of a Panda-70M CSV, yielded as the file is read (``limit`` > 0: stop after
     that many records), so a 3.8M-row CSV never sits in memory.
 
     Raises at once (not at the first ``next``) when the CSV is missing, has no header, or lacks a required
-    column, or when ``videos_dir`` does not exist and ``download`` is off. Every other problem is a
-    rejected record. Rows of a videoID seen more than once are held until its last row and merged (a
-    first pass over the ids, 8 bytes each, finds them); other rows stream straight through."""
+    column, or when ``videos_dir`` does not exist. Videos are only read here: ``curation.download`` fetches
+    them (``make download``, or the first step of ``make curate`` when the source sets ``download:``).
+    Every other problem is a rejected record. Rows of a videoID seen more than once are held until its last
+    row and merged (a first pass over the ids, 8 bytes each, finds them); other rows stream through."""
     if is_uri(csv_path):  # an object-store CSV is read from a cached local copy
         parent, name = csv_path.rsplit("/", 1)
         if not Store(parent).is_file(name):
@@ -343,15 +309,15 @@ def iter_panda_csv(
         csv_path = Store(parent).local_path(name)
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"Panda-70M CSV {csv_path} does not exist")
-    if not download and not is_uri(videos_dir) and not os.path.isdir(videos_dir):
+    if not is_uri(videos_dir) and not os.path.isdir(videos_dir):
         raise FileNotFoundError(
             f"videos folder {videos_dir} does not exist "
             "(put {videoID}.mp4 files there, or set download: true)"
         )
     header = _read_header(csv_path)
     if limit:  # a few records: one pass, held until the end (bounded by the limit)
-        return _iter_limited(csv_path, header, videos_dir, source, download, limit)
-    return _iter_streaming(csv_path, header, videos_dir, source, download)
+        return _iter_limited(csv_path, header, videos_dir, source, limit)
+    return _iter_streaming(csv_path, header, videos_dir, source)
 
 
 def _read_header(csv_path: str) -> list[str]:
@@ -425,7 +391,7 @@ def _add(records: dict[str, dict[str, Any]], rec: dict[str, Any], line: int) -> 
         records[rec["video_id"]] = rec
 
 
-def _iter_limited(csv_path, header, videos_dir, source, download, limit) -> Iterator[dict[str, Any]]:
+def _iter_limited(csv_path, header, videos_dir, source, limit) -> Iterator[dict[str, Any]]:
     names = _list_names(videos_dir)
     records: dict[str, dict[str, Any]] = {}
     for line, row, bad in _rows(csv_path, header, source):
@@ -434,11 +400,11 @@ def _iter_limited(csv_path, header, videos_dir, source, download, limit) -> Iter
         if bad is not None:
             records[bad["video_id"]] = bad
         else:
-            _add(records, _parse_row(row, line, videos_dir, source, download, names), line)
+            _add(records, _parse_row(row, line, videos_dir, source, names), line)
     yield from records.values()
 
 
-def _iter_streaming(csv_path, header, videos_dir, source, download) -> Iterator[dict[str, Any]]:
+def _iter_streaming(csv_path, header, videos_dir, source) -> Iterator[dict[str, Any]]:
     # pass 1: the 64-bit hash of every row's videoID, and the last line of each id seen more than once
     hashes, lines = array("q"), array("q")
     col = header.index("videoID")
@@ -466,7 +432,7 @@ def _iter_streaming(csv_path, header, videos_dir, source, download) -> Iterator[
             yield bad
             continue
         raw_id = row.get("videoID", "").strip()
-        rec = _parse_row(row, line, videos_dir, source, download, names)
+        rec = _parse_row(row, line, videos_dir, source, names)
         key = _id_hash(raw_id) if VIDEO_ID_RE.match(raw_id) else None
         if key not in last_line:
             yield rec

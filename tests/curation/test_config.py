@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from curation.config import Config, ConfigError, config_hash, field, from_dict, load_config
+from curation.runner import load_pipeline_config
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +19,11 @@ def raw():
 def _load(tmp_path, data):
     p = tmp_path / "p.yaml"
     p.write_text(yaml.safe_dump(data))
-    return load_config(p)
+    return load_pipeline_config(p)
 
 
 def test_shipped_config_is_valid():
-    cfg = load_config("pipelines.yaml")
+    cfg = load_pipeline_config("pipelines.yaml")
     assert cfg.default_source in cfg.sources
     assert [s.stage for s in cfg.pipelines["default"]][0] == "scenes"
 
@@ -166,7 +167,7 @@ def test_validating_the_config_does_not_import_torch():
     import sys
 
     code = (
-        "import sys; from curation.config import load_config; load_config('pipelines.yaml'); "
+        "import sys; from curation.runner import load_pipeline_config; load_pipeline_config('pipelines.yaml'); "
         "print(sorted(m for m in ('torch', 'scipy', 'transformers') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -493,7 +493,7 @@ def test_plan_section_resolve_url_format_and_params():
         backoff_delay_s,
         format_selector,
         host_key,
-        parse_params,
+        parse_download_params,
         plan_section,
         resolve_url,
     )
@@ -512,11 +512,11 @@ def test_plan_section_resolve_url_format_and_params():
     assert "[height<=480]" in sel and "vcodec^=avc1" in sel and "+ba" in sel
     assert "+" not in format_selector(480, can_merge=False)
     assert 4.0 <= backoff_delay_s(3, 1.0, 60.0) <= 5.0 and backoff_delay_s(10, 1.0, 3.0) <= 3.75
-    assert parse_params(True) == DownloadParams()
+    assert parse_download_params(True) == DownloadParams()
     with pytest.raises(ConfigError, match="download.max_height"):
-        parse_params({"max_height": 10})
+        parse_download_params({"max_height": 10})
     with pytest.raises(ConfigError, match="unknown key download.bogus"):
-        parse_params({"bogus": 1})
+        parse_download_params({"bogus": 1})
 
 
 def test_cli_config_errors_are_one_line(tmp_path):

@@ -149,16 +149,6 @@ def test_missing_column_fails_at_start_and_limit(tmp_path, videos):
     assert [r["video_id"] for r in load_source(spec, str(tmp_path / "out"))] == ["vid2"]
 
 
-def test_download_without_yt_dlp_says_so(tmp_path, videos):
-    if importlib.util.find_spec("yt_dlp") is not None:
-        pytest.skip("yt-dlp is installed here; this checks the message when it is not")
-    p = write_csv(
-        tmp_path / "p.csv", [["notHere123", "u", "[['0:00:00.000', '0:00:04.000']]", "['c']", "[1]"]]
-    )
-    (r,) = read_panda_csv(p, str(videos), download=True)
-    assert r["status"] == "rejected" and r["reason"] == "missing_video" and "yt-dlp" in r["detail"]
-
-
 def test_literal_and_time_parsers():
     assert parse_literal("[['a', 1], (2.5, -3)]") == [["a", 1], (2.5, -3)]
     for text in ("open('x')", "[x]", "[1 + 1]", "{'a': 1}", "[True]", "[None]", "[" * 5000 + "]" * 5000, ""):
