@@ -50,7 +50,8 @@ curate: setup ## curate SOURCE (default: the bundled sample) into WebDataset sha
 	$(BIN)/python -m curation.run --config $(CONFIG) --source $(SOURCE) --pipeline $(PIPELINE) --runner $(RUNNER) \
 		$(if $(VIDEOS),--videos-dir $(VIDEOS)) $(if $(CSV),--csv $(CSV)) $(if $(OUT),--out $(OUT))
 
-test: setup ## run the whole test suite (offline, CPU)
+test: setup ## the import contracts, then the whole test suite (offline, CPU)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q tests
 
 bench: setup ## run the benchmarks; writes bench-results.json and prints a table
@@ -98,8 +99,9 @@ download: setup ## fetch SOURCE's videos (Panda-70M CSV urls) with yt-dlp into i
 weights: setup ## fetch the production models named in pipelines.yaml into models/ (needs a hub)
 	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(BIN)/python -m curation.weights --config $(CONFIG)
 
-lint: setup ## ruff
+lint: setup ## ruff and the import contracts (pyproject.toml [tool.importlinter])
 	$(BIN)/ruff check curation model training bench tests
+	$(BIN)/lint-imports --no-cache
 
 format: setup ## ruff format
 	$(BIN)/ruff format curation model training bench tests
