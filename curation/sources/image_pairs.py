@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,15 +42,8 @@ import numpy as np
 from curation import scenarios
 from curation.parsing import lexicon_category, normalize_category
 from curation.shards import (
-    INDEX_FILE,
-    INDEX_NAMES,
-    RECORDS_DIR,
-    atomic_write_json,
     confined,
-    member_bytes,
     safe_component,
-    sha256_file,
-    write_tar,
 )
 
 log = logging.getLogger(__name__)
@@ -61,7 +53,7 @@ KINDS = ("subjects200k", "omnigen")
 QUALITY_KEYS = ("compositeStructure", "objectConsistency", "imageQuality")
 MAX_REFS = 4
 _PLACEHOLDER = re.compile(r"<img>\s*<\|image_(\d+)\|>\s*</img>")
-_SHARD = re.compile(r"shard-(\d{5})-\d{6}\.tar")
+SHARD_RE = re.compile(r"shard-(\d{5})-\d{6}\.tar")
 
 
 @dataclass
@@ -405,7 +397,7 @@ def plan_partitions(kind: str, data: str | list[str], params: ImagePairParams) -
     return [{**p, "partition": i} for i, p in enumerate(parts)]
 
 
-def _jsonl_rows(path: str, start: int, end: int) -> Iterator[tuple[int, dict | None]]:
+def jsonl_rows(path: str, start: int, end: int) -> Iterator[tuple[int, dict | None]]:
     """(byte offset, row or None when the line is not a JSON object) of the lines that START in [start,
     end): a partition owns the line it cuts into, the next one skips it."""
     with open(path, "rb") as f:
@@ -428,7 +420,7 @@ def _jsonl_rows(path: str, start: int, end: int) -> Iterator[tuple[int, dict | N
             yield pos, row if isinstance(row, dict) else None
 
 
-def _partition_rows(part: dict) -> Iterator[tuple[str, dict | None]]:
+def partition_rows(part: dict) -> Iterator[tuple[str, dict | None]]:
     """(row id, row) of one partition, streamed (Parquet in batches of rows_per_batch)."""
     stem = safe_component(Path(part["file"]).stem)
     if "row_group" in part:
@@ -441,188 +433,13 @@ def _partition_rows(part: dict) -> Iterator[tuple[str, dict | None]]:
                 yield f"{stem}_g{part['row_group']}_{n}", row
                 n += 1
     else:
-        for pos, row in _jsonl_rows(part["file"], part["start"], part["end"]):
+        for pos, row in jsonl_rows(part["file"], part["start"], part["end"]):
             yield f"{stem}_b{pos}", row
 
 
-def _pairs_of(kind: str, row: dict | None, row_id: str, params: ImagePairParams, images_dir) -> list[Pair]:
+def pairs_of(kind: str, row: dict | None, row_id: str, params: ImagePairParams, images_dir) -> list[Pair]:
     if row is None:
         raise Rejected("bad_row")
     if kind == "subjects200k":
         return subjects200k_pairs(row, row_id, params)
     return omnigen_pairs(row, row_id, params, images_dir)
-
-
-def shard_name(partition: int, seq: int) -> str:
-    return f"shard-{partition:05d}-{seq:06d}.tar"
-
-
-def _record_path(out_dir: Path, partition: int) -> Path:
-    return out_dir / RECORDS_DIR / f"part-{partition:05d}.json"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _partition_done(out_dir: Path, part: dict, config_hash: str) -> dict | None:
-    """The partition's record when it is complete for this config: every shard there, size as recorded."""
-    rec = _read_json(_record_path(out_dir, part["partition"]))
-    if rec.get("config_hash") != config_hash or rec.get("file") != part["file"]:
-        return None
-    for e in rec.get("shards", []):
-        p = out_dir / e["name"]
-        if not p.is_file() or p.stat().st_size != e["bytes"]:
-            return None
-    return rec
-
-
-def write_partition(
-    part: dict, kind: str, params: dict, out_dir: str, source: str, config_hash: str, images_dir: str | None
-) -> dict:
-    """Read one partition and write its shards; returns its record (shards, counts, rejections)."""
-    p = ImagePairParams(**params)
-    out = Path(out_dir)
-    order = part.pop("_order", None)
-    done = _partition_done(out, part, config_hash)
-    if done is not None:
-        return {**done, "kept": True, "_order": order}
-    part = {**part, "rows_per_batch": p.rows_per_batch}
-    maxsize = int(p.maxsize_mb * (1 << 20))
-    shards, pending, used = [], [], 0
-    counts: Counter = Counter()
-    rejections: Counter = Counter()
-
-    def flush():
-        nonlocal pending, used
-        if not pending:
-            return
-        name = shard_name(part["partition"], len(shards))
-        path = out / name
-        write_tar(path, pending)
-        shards.append(
-            {"name": name, "samples": len(pending), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        )
-        pending, used = [], 0
-
-    keys_seen: set[str] = set()
-    for row_id, row in _partition_rows(part):
-        if p.limit and part.get("row_offset", 0) + counts["rows"] >= p.limit:
-            break
-        counts["rows"] += 1
-        try:
-            pairs = _pairs_of(kind, row, row_id, p, images_dir)
-            samples = [pair_sample(pair, p, source, config_hash) for pair in pairs]
-        except Rejected as e:
-            rejections[f"image_pairs:{e.reason}"] += 1
-            log.debug("image pairs: %s rejected: %s", row_id, e)
-            continue
-        for s in samples:
-            if s["__key__"] in keys_seen:  # two rows whose ids collide after safe_component
-                rejections["image_pairs:duplicate_key"] += 1
-                continue
-            keys_seen.add(s["__key__"])
-            n = sum(member_bytes(len(v)) for k, v in s.items() if k != "__key__")
-            # the rule of curation.shards.plan_shards, applied as the samples stream in
-            if pending and (len(pending) >= p.maxcount or used + n > maxsize):
-                flush()
-            pending.append(s)
-            used += n
-            counts["samples"] += 1
-            counts.update(f"scenario:{t}" for t in json.loads(s["json"])["scenarios"])
-    flush()
-    for stale in out.glob(f"shard-{part['partition']:05d}-*.tar"):  # left by an earlier, larger run
-        if stale.name not in {s["name"] for s in shards}:
-            stale.unlink()
-    rec = {
-        "partition": part["partition"],
-        "file": part["file"],
-        "config_hash": config_hash,
-        "shards": shards,
-        "counts": dict(counts),
-        "rejections": dict(rejections),
-    }
-    atomic_write_json(_record_path(out, part["partition"]), rec)
-    return {**rec, "kept": False, "_order": order}
-
-
-def write_image_pair_shards(
-    kind: str,
-    data: str | list[str],
-    out_dir: str | os.PathLike,
-    params: ImagePairParams | dict | None = None,
-    images_dir: str | None = None,
-    runner: str = "sequential",
-) -> dict:
-    """Every pair of the dataset as one-frame ``image_pair`` triplet shards in ``out_dir``; returns the index
-    (shards with samples, bytes, sha256; totals; per-reason rejections; scenario counts)."""
-    params = params if isinstance(params, ImagePairParams) else ImagePairParams(**(params or {}))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    parts = plan_partitions(kind, data, params)
-    source = {"kind": kind, "files": sorted({p["file"] for p in parts}), "images_dir": images_dir}
-    config_hash = params.hash(source)
-    if params.limit:  # which rows the limit reaches is fixed by the plan, so a re-run gives the same set
-        offset = 0
-        for p in parts:
-            p["row_offset"] = offset
-            offset += p.get("rows", 0)
-        parts = [p for p in parts if p.get("row_offset", 0) < params.limit or "rows" not in p]
-    for stale in [out / n for n in INDEX_NAMES]:
-        if stale.exists():
-            stale.unlink()  # the set is being changed: no index until it is complete again
-    for f in out.glob("shard-*.tar"):  # partitions beyond this plan
-        m = _SHARD.fullmatch(f.name)
-        if m and int(m.group(1)) >= len(parts):
-            f.unlink()
-            _record_path(out, int(m.group(1))).unlink(missing_ok=True)
-    kw = dict(
-        kind=kind,
-        params=asdict(params),
-        out_dir=str(out),
-        source=kind,
-        config_hash=config_hash,
-        images_dir=images_dir,
-    )
-    if runner == "sequential":
-        results = [write_partition(dict(p), **kw) for p in parts]
-    elif runner == "ray":
-        from curation.global_phase import run_items
-
-        results = run_items(parts, write_partition, "ray", **kw)
-    else:
-        raise ValueError(f"runner must be 'sequential' or 'ray', got {runner!r}")
-    counts: Counter = Counter()
-    rejections: Counter = Counter()
-    shards = []
-    for r in sorted(results, key=lambda r: r["partition"]):
-        counts.update(r["counts"])
-        rejections.update(r["rejections"])
-        shards += r["shards"]
-    index = {
-        "writer": "curation.sources.image_pairs",
-        "pair_type": PAIR_TYPE,
-        "source": source,
-        "config_hash": config_hash,
-        "params": asdict(params),
-        "shards": shards,
-        "total_samples": sum(s["samples"] for s in shards),
-        "total_bytes": sum(s["bytes"] for s in shards),
-        "rows": counts.pop("rows", 0),
-        "scenarios": {t: counts.get(f"scenario:{t}", 0) for t in scenarios.TAXONOMY},
-        "rejections": dict(sorted(rejections.items())),
-        "partitions_kept": sum(1 for r in results if r.get("kept")),
-    }
-    atomic_write_json(out / INDEX_FILE, index)
-    log.info(
-        "image pairs: %d rows -> %d samples in %d shards (%d partitions kept), rejected %s",
-        index["rows"],
-        index["total_samples"],
-        len(shards),
-        index["partitions_kept"],
-        index["rejections"],
-    )
-    return index

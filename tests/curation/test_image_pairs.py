@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from curation.image_pairs import shard_name, write_image_pair_shards
 from curation.shards import iter_tar_samples, read_index
 from curation.sources import image_pairs as ip
 
@@ -163,7 +164,7 @@ def test_subjects200k_parquet_to_one_frame_shards(tmp_path):
     ]
     src = write_s200k(tmp_path / "s200k" / "train-00000.parquet", rows)
     out = tmp_path / "shards"
-    index = ip.write_image_pair_shards("subjects200k", str(src.parent), out)
+    index = write_image_pair_shards("subjects200k", str(src.parent), out)
     assert index["rows"] == 5 and index["total_samples"] == 4  # two good rows, both directions
     assert index["rejections"] == {
         "image_pairs:bad_image": 1,
@@ -199,15 +200,15 @@ def test_partitions_resume_and_stale_shards(tmp_path):
     rows = good_rows() * 3  # 6 rows in 3 row groups of 2 -> 3 partitions
     src = write_s200k(tmp_path / "a.parquet", rows, row_group_size=2)
     out = tmp_path / "shards"
-    first = ip.write_image_pair_shards("subjects200k", str(src), out, {"maxcount": 3})
+    first = write_image_pair_shards("subjects200k", str(src), out, {"maxcount": 3})
     names = [s["name"] for s in first["shards"]]
     # 4 samples per partition, at most 3 per shard: two shards per partition, named by partition
-    assert names == [ip.shard_name(p, q) for p in range(3) for q in range(2)]
+    assert names == [shard_name(p, q) for p in range(3) for q in range(2)]
     assert first["partitions_kept"] == 0 and first["total_samples"] == 12
-    again = ip.write_image_pair_shards("subjects200k", str(src), out, {"maxcount": 3})
+    again = write_image_pair_shards("subjects200k", str(src), out, {"maxcount": 3})
     assert again["partitions_kept"] == 3 and again["shards"] == first["shards"]
     # other params: every partition is rewritten; the shards the new plan does not have are gone
-    other = ip.write_image_pair_shards(
+    other = write_image_pair_shards(
         "subjects200k", str(src), out, {"maxcount": 3, "both_directions": False}
     )
     assert other["partitions_kept"] == 0 and other["total_samples"] == 6
@@ -255,7 +256,7 @@ def test_omnigen_jsonl_folder(tmp_path):
     jl = tmp_path / "omnigen.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     out = tmp_path / "shards"
-    index = ip.write_image_pair_shards("omnigen", str(jl), out, images_dir=str(imgs))
+    index = write_image_pair_shards("omnigen", str(jl), out, images_dir=str(imgs))
     assert index["total_samples"] == 2
     assert index["rejections"] == {
         "image_pairs:bad_path": 1,
@@ -280,7 +281,7 @@ def test_omnigen_jsonl_partitions_split_lines_exactly_once(tmp_path):
     for step in (1, 37, 100, 1000, size):
         got = []
         for a in range(0, size, step):
-            got += [row["i"] for _, row in ip._jsonl_rows(str(jl), a, min(size, a + step))]
+            got += [row["i"] for _, row in ip.jsonl_rows(str(jl), a, min(size, a + step))]
         assert got == list(range(200)), step
 
 
@@ -307,7 +308,7 @@ def test_omnigen_parquet_with_image_structs(tmp_path):
         }
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "x.parquet")
-    index = ip.write_image_pair_shards("omnigen", str(tmp_path / "x.parquet"), tmp_path / "shards")
+    index = write_image_pair_shards("omnigen", str(tmp_path / "x.parquet"), tmp_path / "shards")
     (s,) = read_samples(tmp_path / "shards").values()
     assert index["total_samples"] == 1 and s["txt"].decode() == "A latte like reference image 1 on a table."
     assert json.loads(s["json"])["scenarios"] == ["objects"]
@@ -338,7 +339,7 @@ def ray_local():
 @pytest.mark.slow
 def test_ray_runner_writes_the_same_shards(tmp_path, ray_local):
     src = write_s200k(tmp_path / "a.parquet", good_rows() * 2, row_group_size=2)
-    seq = ip.write_image_pair_shards("subjects200k", str(src), tmp_path / "seq", {"limit": 3})
-    dist = ip.write_image_pair_shards("subjects200k", str(src), tmp_path / "ray", {"limit": 3}, runner="ray")
+    seq = write_image_pair_shards("subjects200k", str(src), tmp_path / "seq", {"limit": 3})
+    dist = write_image_pair_shards("subjects200k", str(src), tmp_path / "ray", {"limit": 3}, runner="ray")
     assert seq["rows"] == dist["rows"] == 3 and seq["total_samples"] == 6  # the limit spans row groups
     assert seq["shards"] == dist["shards"]  # same names, sizes and sha256

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
+from curation.image_pairs import write_image_pair_shards
 from curation.shards import iter_tar_samples, read_index
-from curation.sources.image_pairs import write_image_pair_shards
 from tests.curation.test_image_pairs import good_rows, s200k_row, write_s200k
 from training.config import ConfigError, load_config
 from training.data import IMAGE_PAIR, StreamSpec, TripletStream, list_shards, resize_center_crop
