@@ -152,7 +152,6 @@ def _ground() -> dict[str, float]:
     assert all(len(d) == len(FOUR) for d in dets)
     return {
         "ground_prompts_per_frame": g.n_prompts / g.n_frames,
-        "ground_prompts_per_frame_before": float(len(FOUR)),  # the old grounder: one per (frame, subject)
         "ground_frames_per_s_tiny_qwen": len(frames) / dt,
     }
 

@@ -19,8 +19,10 @@ WARMUP_STEPS = 3  # first steps pay for worker start-up and allocator warm-up
 
 def _shards(root: Path) -> Path:
     """The curated sample shards when `make curate` has run, else small shards cut from real footage."""
+    from curation.shards import INDEX_FILE
+
     curated = Path("output/sample/shards")
-    if (curated / "index.json").exists():
+    if (curated / INDEX_FILE).exists():
         return curated
     from tests.training.conftest import write_triplet_shards
 

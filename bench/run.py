@@ -1,18 +1,61 @@
-"""`make bench`: run every bench/bench_*.py, merge their figures into bench-results.json, print a table."""
+"""`make bench`: run every bench/bench_*.py, write the figures this run measured to bench-results.json,
+stamped with the run's time, commit and machine, and print a table."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import json
 import os
 import pkgutil
 import platform
+import subprocess
 import sys
 import time
 import traceback
 
 import bench
+
+STAMP_KEYS = ("bench_run_at", "bench_commit", "machine", "bench_modules")
+
+
+def current_commit() -> str:
+    """HEAD's hash, with ``+dirty`` when the work tree has uncommitted changes to tracked files."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.strip() + ("+dirty" if dirty else "")
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}"
+
+
+def merge_base(path: str, commit: str, rerun: list[str]) -> dict:
+    """What an ``--only`` run keeps from an existing file: the figures of the other benches, and only when
+    that file was written at the same commit on the same machine. The benches run again lose their old
+    figures first, so a bench that fails now leaves none behind."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if old.get("bench_commit") != commit or old.get("machine") != machine():
+        return {}
+    modules = dict(old.get("bench_modules") or {})
+    dropped = {k for name in rerun for k in modules.pop(name, [])}
+    kept = {k: v for k, v in old.items() if k not in STAMP_KEYS and k not in dropped}
+    return {**kept, "bench_modules": modules}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,10 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     names = sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_"))
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
-    results: dict[str, float] = {}
-    if os.path.exists(args.out):  # keep figures of benches not run this time (--only)
-        with open(args.out) as f:
-            results.update(json.load(f))
+    commit = current_commit()
+    results = merge_base(args.out, commit, names) if args.only else {}
+    modules: dict[str, list[str]] = results.pop("bench_modules", {})
     failed = []
     for name in names:
         t0 = time.time()
@@ -39,16 +81,25 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             continue
         results.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()})
+        modules[name] = sorted(figures)
         print(f"   {name} took {time.time() - t0:.1f} s", flush=True)
-    results["machine"] = f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}"
-    with open(args.out, "w") as f:
+    results.update(
+        bench_run_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        bench_commit=commit,
+        machine=machine(),
+        bench_modules=modules,
+    )
+    tmp = f"{args.out}.tmp"
+    with open(tmp, "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
-    width = max(len(k) for k in results)
+    os.replace(tmp, args.out)
+    shown = {k: v for k, v in results.items() if k != "bench_modules"}
+    width = max(len(k) for k in shown)
     print(f"\n{'figure':{width}s}  value")
-    for k in sorted(results):
-        print(f"{k:{width}s}  {results[k]}")
+    for k in sorted(shown):
+        print(f"{k:{width}s}  {shown[k]}")
     if failed:
-        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+        print(f"\nfailed: {', '.join(failed)} (no figure of theirs is in {args.out})", file=sys.stderr)
     return 1 if failed else 0
 
 
