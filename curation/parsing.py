@@ -226,7 +226,8 @@ def normalize_category(value: Any) -> str:
     return _CATEGORY_SYNONYMS.get(c, "other")
 
 
-_STOP = {
+# Function words left out when subject names and prompts are compared word by word.
+STOP_WORDS = {
     "a",
     "an",
     "the",
@@ -258,12 +259,13 @@ _STOP = {
 }
 
 
-def _words(text: str) -> list[str]:
+def lower_words(text: str) -> list[str]:
+    """The lower-case alphanumeric words of ``text``, in order."""
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def _stem(w: str) -> str:
-    # Plural -> singular, enough for "dogs"/"dog", "women"/"woman", "glasses"/"glass", "puppies"/"puppy".
+def singular(w: str) -> str:
+    """Plural -> singular, enough for "dogs"/"dog", "women"/"woman", "glasses"/"glass", "puppies"/"puppy"."""
     if w.endswith("men"):
         return w[:-3] + "man"
     if w.endswith("ies") and len(w) > 4:
@@ -311,12 +313,12 @@ _CUT = {"in", "with", "on", "of", "at", "wearing", "holding", "who", "that", "fr
 def head_noun(name: str) -> str | None:
     """The head noun of a subject name: the last content word before any prepositional phrase
     ("man in a grey suit" -> "man", "cup of coffee" -> "cup")."""
-    words = _words(name)
+    words = lower_words(name)
     for i, w in enumerate(words):
         if w in _CUT and i > 0:
             words = words[:i]
             break
-    content = [w for w in words if w not in _STOP]
+    content = [w for w in words if w not in STOP_WORDS]
     return content[-1] if content else None
 
 
@@ -325,13 +327,13 @@ def lexicon_category(name: str) -> str | None:
     head = head_noun(name)
     if head is None:
         return None
-    return _LEXICON_INDEX.get(head) or _LEXICON_INDEX.get(_stem(head))
+    return _LEXICON_INDEX.get(head) or _LEXICON_INDEX.get(singular(head))
 
 
 def supported_by_caption(name: str, caption: str) -> bool:
     """True when the subject's head noun (``head_noun``) occurs in the caption (plurals folded)."""
     head = head_noun(name)
-    return head is not None and _stem(head) in {_stem(w) for w in _words(caption)}
+    return head is not None and singular(head) in {singular(w) for w in lower_words(caption)}
 
 
 @dataclass

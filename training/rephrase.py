@@ -148,19 +148,19 @@ def build_conversation(descriptions: list[str], prompt: str, reply_format: str =
 
 
 def _content(text: str) -> set[str]:
-    from curation.parsing import _STOP, _stem, _words
+    from curation.parsing import STOP_WORDS, lower_words, singular
 
-    return {_stem(w) for w in _words(text) if w not in _STOP and len(w) > 1}
+    return {singular(w) for w in lower_words(text) if w not in STOP_WORDS and len(w) > 1}
 
 
 def names_subject(description: str, rewrite_words: set[str]) -> bool:
     """A rewrite names a subject when it has the head noun of its description ("woman" for "a young woman
     in a red coat"), or at least two of the description's content words (a model may say "a woman in a
     white spacesuit" for "a woman astronaut in a white spacesuit")."""
-    from curation.parsing import _stem, head_noun
+    from curation.parsing import head_noun, singular
 
     head = head_noun(description)
-    if head is None or _stem(head) in rewrite_words:
+    if head is None or singular(head) in rewrite_words:
         return True
     return len(_content(description) & rewrite_words) >= 2
 
@@ -215,76 +215,64 @@ def descriptions_from_subjects(subjects: list[dict], n_refs: int) -> list[str] |
 
 
 class OpenAIDescriber:
-    """Reference descriptions from an OpenAI-compatible vision endpoint (e.g. vLLM serving Qwen2.5-VL)."""
+    """Reference descriptions from an OpenAI-compatible vision endpoint (e.g. vLLM serving Qwen2.5-VL);
+    ``endpoint``: the OpenAIEndpoint settings (base_url, model, api_key_env, timeout_s, retries...)."""
 
-    def __init__(
-        self,
-        base_url: str = "",
-        model: str = "",
-        api_key_env: str = "OPENAI_API_KEY",
-        timeout_s: float = 120.0,
-        max_new_tokens: int = 64,
-        prompt: str = DESCRIBE_PROMPT,
-    ):
-        from curation.backends.openai_api import OpenAIChatClient
+    def __init__(self, max_new_tokens: int = 64, prompt: str = DESCRIBE_PROMPT, **endpoint):
+        from curation.backends.openai_endpoint import OpenAIEndpoint
 
-        self.client = OpenAIChatClient(base_url, model, api_key_env=api_key_env, timeout_s=timeout_s)
+        self.client = OpenAIEndpoint(**endpoint)
         self.max_new_tokens, self.prompt = max_new_tokens, prompt
-        self.name = f"{model}@{base_url}"
+        self.name = self.client.name
 
     def describe(self, images: list[np.ndarray]) -> list[str]:
-        from curation.backends.openai_api import image_part
+        from curation.backends.openai_endpoint import image_conversation
 
-        convs = [
-            [{"role": "user", "content": [image_part(img), {"type": "text", "text": self.prompt}]}]
-            for img in images
-        ]
+        convs = [image_conversation([img], self.prompt) for img in images]
         # One request per reference, in order (1-4 of them: concurrency would buy little here).
         return [self.client.chat(c, self.max_new_tokens).strip() for c in convs]
 
 
-def _qwen_describer(**kw):
-    from curation.backends.qwen_vl import _QwenVL
+class QwenVLDescriber:
+    """Reference descriptions from a local Qwen2.5-VL, through the curation captioner's loader and batched
+    greedy ``generate`` (``kw``: its models_dir, device, batch_size)."""
 
-    class QwenVLDescriber(_QwenVL):
-        """Reference descriptions from a local Qwen2.5-VL (the curation captioner's loader and generate)."""
+    def __init__(
+        self,
+        model_path: str,
+        prompt: str = DESCRIBE_PROMPT,
+        max_new_tokens: int = 64,
+        max_pixels: int = 512 * 28 * 28,
+        **kw,
+    ):
+        from curation.backends.qwen_vl import QwenVLCaptioner
 
-        def __init__(
-            self,
-            model_path: str,
-            prompt: str = DESCRIBE_PROMPT,
-            max_new_tokens: int = 64,
-            max_pixels: int = 512 * 28 * 28,
-            **kw,
-        ):
-            super().__init__(model_path, max_new_tokens=max_new_tokens, **kw)
-            self.prompt, self.max_pixels = prompt, max_pixels
-            self.name = f"qwen2_5_vl:{model_path}"
+        self.vl = QwenVLCaptioner(model_path, max_new_tokens=max_new_tokens, **kw)
+        self.prompt, self.max_pixels = prompt, max_pixels
+        self.name = f"qwen2_5_vl:{model_path}"
 
-        def describe(self, images: list[np.ndarray]) -> list[str]:
-            from PIL import Image
+    def describe(self, images: list[np.ndarray]) -> list[str]:
+        from PIL import Image
 
-            convs = [
-                [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image", "image": Image.fromarray(img), "max_pixels": self.max_pixels},
-                            {"type": "text", "text": self.prompt},
-                        ],
-                    }
-                ]
-                for img in images
+        convs = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": Image.fromarray(img), "max_pixels": self.max_pixels},
+                        {"type": "text", "text": self.prompt},
+                    ],
+                }
             ]
-            out: list[str] = []
-            for i in range(0, len(convs), self.batch_size):
-                out += self.generate(convs[i : i + self.batch_size])[0]
-            return out
+            for img in images
+        ]
+        out: list[str] = []
+        for i in range(0, len(convs), self.vl.batch_size):
+            out += self.vl.generate(convs[i : i + self.vl.batch_size])[0]
+        return out
 
-    return QwenVLDescriber(**kw)
 
-
-DESCRIBERS = {"qwen2_5_vl": _qwen_describer, "openai_compatible": OpenAIDescriber}
+DESCRIBERS = {"qwen2_5_vl": QwenVLDescriber, "openai_compatible": OpenAIDescriber}
 
 
 def build_describer(cfg: dict):

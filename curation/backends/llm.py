@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from curation.backends.openai_api import OpenAIChatClient
+from curation.backends.openai_endpoint import OpenAIEndpoint
 from curation.models import package_file, resolve_model_path
 from curation.parsing import json_closed
 from curation.stage import register_backend
@@ -169,30 +169,14 @@ class HFChatLLM:
 
 @register_backend("subject_extractor", "openai_compatible")
 class OpenAIChatLLM:
-    """The same prompts sent to an OpenAI-compatible server (e.g. vLLM serving Qwen2.5-7B-Instruct)."""
+    """The same prompts sent to an OpenAI-compatible server (e.g. vLLM serving Qwen2.5-7B-Instruct);
+    ``endpoint``: the OpenAIEndpoint settings (base_url, model, api_key_env, timeout_s, retries...)."""
 
-    def __init__(
-        self,
-        base_url: str = "",
-        model: str = "",
-        api_key_env: str = "OPENAI_API_KEY",
-        timeout_s: float = 120.0,
-        max_concurrency: int = 8,
-        max_new_tokens: int = 256,
-        retry_wait_s: float = 1.0,
-        models_dir: str = "models",
-    ):
+    def __init__(self, max_new_tokens: int = 256, models_dir: str = "models", **endpoint):
         del models_dir
-        self.client = OpenAIChatClient(
-            base_url,
-            model,
-            api_key_env=api_key_env,
-            timeout_s=timeout_s,
-            max_concurrency=max_concurrency,
-            retry_wait_s=retry_wait_s,
-        )
+        self.client = OpenAIEndpoint(**endpoint)
         self.max_new_tokens = max_new_tokens
-        self.name = f"{model}@{base_url}"
+        self.name = self.client.name
 
     def chat(
         self, conversations: list[list[dict]], max_new_tokens: int | None = None, stop_at_json: bool = True

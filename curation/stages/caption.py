@@ -6,6 +6,7 @@ import dataclasses
 import os
 from typing import Protocol
 
+from curation.backends.openai_endpoint import OpenAIEndpoint, image_conversation
 from curation.config import field
 from curation.stage import Record, Stage, build_backend, register_backend, register_stage, reject
 
@@ -52,34 +53,21 @@ class SourceCaptioner:
 @register_backend("captioner", "openai_compatible")
 class OpenAICaptioner:
     """The same prompt to an OpenAI-compatible VLM server (e.g. vLLM serving Qwen2.5-VL), the clip sent as
-    ``n_frames`` evenly spaced JPEG frames (servers differ in video support; images work everywhere)."""
+    ``n_frames`` evenly spaced JPEG frames (servers differ in video support; images work everywhere);
+    ``endpoint``: the OpenAIEndpoint settings (base_url, model, api_key_env, timeout_s, retries...)."""
 
     origin = "openai_compatible"
 
     def __init__(
         self,
-        base_url: str = "",
-        model: str = "",
-        api_key_env: str = "OPENAI_API_KEY",
         n_frames: int = 8,
         frame_short_side_px: int = 448,
-        timeout_s: float = 120.0,
-        max_concurrency: int = 8,
         max_new_tokens: int = 256,
-        retry_wait_s: float = 1.0,
         models_dir: str = "models",
+        **endpoint,
     ):
-        from curation.backends.openai_api import OpenAIChatClient
-
         del models_dir
-        self.client = OpenAIChatClient(
-            base_url,
-            model,
-            api_key_env=api_key_env,
-            timeout_s=timeout_s,
-            max_concurrency=max_concurrency,
-            retry_wait_s=retry_wait_s,
-        )
+        self.client = OpenAIEndpoint(**endpoint)
         self.n_frames, self.short_side_px, self.max_new_tokens = n_frames, frame_short_side_px, max_new_tokens
 
     def _frames(self, clip: CaptionInput) -> list:
@@ -105,17 +93,7 @@ class OpenAICaptioner:
         return list(frames)
 
     def caption(self, clips: list[CaptionInput], prompt: str) -> list[str | None]:
-        from curation.backends.openai_api import image_part
-
-        convs = [
-            [
-                {
-                    "role": "user",
-                    "content": [*(image_part(f) for f in self._frames(c)), {"type": "text", "text": prompt}],
-                }
-            ]
-            for c in clips
-        ]
+        convs = [image_conversation(self._frames(c), prompt) for c in clips]
         return self.client.chat_many(convs, self.max_new_tokens)
 
 

@@ -181,7 +181,7 @@ def test_qwen_captioner_prompt_has_video_tokens(tiny_vl):
 
 
 def test_openai_client_and_captioner(tmp_path, monkeypatch):
-    from curation.backends.openai_api import OpenAIChatClient, OpenAIError
+    from curation.backends.openai_endpoint import OpenAIEndpoint, OpenAIError
 
     monkeypatch.setenv("TEST_VLM_KEY", "sk-local")
     server = ChatServer([503, "A man with dark hair talks on a phone while sitting in a car.", 400])
@@ -204,7 +204,7 @@ def test_openai_client_and_captioner(tmp_path, monkeypatch):
         assert [p["type"] for p in parts] == ["image_url"] * 3 + ["text"]
         assert parts[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
         assert len(server.requests) == 2  # the 503 was retried
-        client = OpenAIChatClient(server.url, "m", retry_wait_s=0.01)
+        client = OpenAIEndpoint(server.url, "m", retry_wait_s=0.01)
         with pytest.raises(OpenAIError, match="HTTP 400"):  # client errors are not retried
             client.chat([{"role": "user", "content": "hi"}])
     finally:

@@ -1,4 +1,4 @@
-"""A tiny OpenAI-compatible chat-completions client over urllib (for vLLM / SGLang servers)."""
+"""The one OpenAI-compatible chat-completions client (vLLM / SGLang servers) every remote backend uses."""
 
 from __future__ import annotations
 
@@ -17,14 +17,19 @@ class OpenAIError(RuntimeError):
     """The server answered with an error or an unexpected body."""
 
 
-class OpenAIChatClient:
-    """POST ``{base_url}/chat/completions``; the API key is read from the environment variable
-    ``api_key_env`` (never from the YAML). Retries transient failures (HTTP 429/5xx, timeouts)."""
+class OpenAIEndpoint:
+    """POST ``{base_url}/chat/completions`` for ``model``; the API key is read from the environment variable
+    ``api_key_env`` (never from the YAML). Retries transient failures (HTTP 429/5xx, timeouts) up to
+    ``max_retries`` times, waiting ``retry_wait_s`` doubled each time; ``chat_many`` keeps at most
+    ``max_concurrency`` requests in flight.
+
+    A backend that talks to such a server takes these settings as keyword arguments of its own (its YAML
+    ``backend:`` mapping) and passes them on: ``OpenAIEndpoint(**endpoint)``."""
 
     def __init__(
         self,
-        base_url: str,
-        model: str,
+        base_url: str = "",
+        model: str = "",
         api_key_env: str = "OPENAI_API_KEY",
         timeout_s: float = 120.0,
         max_retries: int = 2,
@@ -35,6 +40,7 @@ class OpenAIChatClient:
             raise ValueError("openai_compatible backend needs base_url (e.g. http://127.0.0.1:8000/v1)")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
+        self.name = f"{model}@{base_url}"
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -42,6 +48,7 @@ class OpenAIChatClient:
         self.max_concurrency = max_concurrency
 
     def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0) -> str:
+        """The reply text to one conversation ``[{role, content}]``."""
         body = json.dumps(
             {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
         ).encode()
@@ -77,6 +84,7 @@ class OpenAIChatClient:
 
 
 def _message_text(data: dict) -> str:
+    """The assistant's text in a chat-completion response body (content parts joined)."""
     try:
         content = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -97,3 +105,10 @@ def image_part(frame_rgb: np.ndarray, jpeg_quality: int = 90) -> dict:
         "type": "image_url",
         "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(buf).decode()},
     }
+
+
+def image_conversation(frames_rgb: list[np.ndarray], text: str) -> list[dict]:
+    """A one-turn conversation: the user sends the frames (as JPEG ``image_url`` parts), then ``text``."""
+    return [
+        {"role": "user", "content": [*(image_part(f) for f in frames_rgb), {"type": "text", "text": text}]}
+    ]
