@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 
@@ -22,6 +23,8 @@ from curation.video_io import (
 )
 
 # Columns of the source row that describe the whole video and do not belong on each clip row.
+log = logging.getLogger(__name__)
+
 _VIDEO_ONLY_KEYS = ("spans", "span_captions")
 
 
@@ -166,9 +169,9 @@ class Scenes(Stage):
         n = reader.n_frames
         if n < p.min_video_frames:
             raise BadVideo("video:too_few_frames", f"{n} frame(s)")
+        truncated = None  # the container promises more frames than the file holds: keep what is there
         if info.n_frames_header and n < info.n_frames_header - 1:
-            # mp4 header lists more frames than the file holds packets for: cut off mid-download.
-            raise BadVideo("video:truncated", f"{n} of {info.n_frames_header} frames present")
+            truncated = (n, info.n_frames_header)
         fps = info.fps
         # decord's timestamps are checked, and PyAV's packet times taken where they are garbage (AVI).
         ts_s, ts_source = frame_timestamps(path, reader.timestamps_s(), n, fps)
@@ -190,9 +193,16 @@ class Scenes(Stage):
             for i in range(first, first + len(frames)):
                 if i in keep:
                     store[i] = frames[i - first].copy()  # copy: a view would pin the whole chunk
-        if n_seen < n:
-            raise BadVideo("video:truncated", f"{n_seen} of {n} frames decoded")
         shots = self.detector.shots()
+        if n_seen < n:  # decoding stopped early: the frames before the break are kept
+            if n_seen < p.min_video_frames:
+                raise BadVideo("video:truncated", f"{n_seen} of {n} frames decoded")
+            truncated = (n_seen, truncated[1] if truncated else n)
+            n, ts_s = n_seen, ts_s[:n_seen]
+            samples = [i for i in samples if i + gap < n]
+            shots = [(a, min(b, n)) for a, b in shots if a < n]
+        if truncated:
+            log.warning("%s: %d of %d frames decodable; keeping them", path, *truncated)
 
         spans = span_frames(row.get("spans"), fps, n)
         segments = cut_segments(shots, spans)
@@ -234,6 +244,12 @@ class Scenes(Stage):
             }
             if isinstance(scores, list):
                 clip["matching_score"] = scores[si] if si < len(scores) else None
+            if truncated:  # recorded on every clip of the video, with the counts
+                clip["video_n_frames_promised"] = truncated[1]
+                clip["warnings"] = [
+                    *(row.get("warnings") or []),
+                    f"video:truncated:{truncated[0]}_of_{truncated[1]}",
+                ]
             if c["reason"]:
                 clips.append(reject(clip, c["reason"]))
                 continue

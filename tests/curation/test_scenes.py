@@ -175,7 +175,6 @@ def test_bad_inputs_get_reasons_and_the_rest_completes(tmp_path):
     expect = {
         "zero": "video:zero_bytes",
         "text": "video:unreadable",
-        "trunc": "video:truncated",
         "trunc_moov": "video:unreadable",
         "corrupt": "video:corrupt",
         "single": "video:too_few_frames",
@@ -197,6 +196,11 @@ def test_bad_inputs_get_reasons_and_the_rest_completes(tmp_path):
         assert (r["status"], r["reason"], r["clip_id"], r["video_n_rows"]) == ("rejected", reason, None, 1), r
     good_rows = by_video["good"]
     assert [r["status"] for r in good_rows] == ["ok"] and good_rows[0]["n_frames"] == 50
+    # the header promises 50 frames, 22 are in the file: those are kept (here too short for a clip),
+    # and the row says what was lost
+    (t,) = by_video["trunc"]
+    assert t["reason"] == "scenes:too_short" and t["video_n_frames"] == 22, t
+    assert t["video_n_frames_promised"] == 50 and "video:truncated:22_of_50" in t["warnings"], t
 
 
 def test_decode_is_chunked_and_matches_frame_count():
