@@ -39,8 +39,8 @@ def bench_train_step(
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from model.flow import Conditioning
-    from model.phantom_wan import PhantomWan, build_wan_transformer, wan_flow_loss, wan_transformer_config
+    from model.flow import Conditioning, rf_loss
+    from model.phantom_wan import WAN_LOSS_ARGS, PhantomWan, build_wan_transformer, wan_transformer_config
     from training.loop import fully_shard_model
 
     cuda = device == "cuda"
@@ -79,7 +79,7 @@ def bench_train_step(
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with autocast:
-            loss, _ = wan_flow_loss(model, x0, cond, generator=g)
+            loss, _ = rf_loss(model, x0, cond, generator=g, **WAN_LOSS_ARGS)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -113,7 +113,7 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x0
 
 
-def _draw(fn, shape, generator: torch.Generator | None, device=None, dtype=None) -> torch.Tensor:
+def draw_random(fn, shape, generator: torch.Generator | None, device=None, dtype=None) -> torch.Tensor:
     """Random numbers from `generator` on its own device, then moved to `device` (a CPU generator can
     feed CUDA tensors and the draws do not depend on where they end up)."""
     gdev = generator.device if generator is not None else (device or "cpu")
@@ -131,10 +131,16 @@ def sample_timesteps(
 ) -> torch.Tensor:
     """(B,) training timesteps in (0, 1). logit_normal (SD3's default noise sampling) or uniform."""
     if mode == "logit_normal":
-        return torch.sigmoid(mean + std * _draw(torch.randn, (B,), generator, device))
+        return torch.sigmoid(mean + std * draw_random(torch.randn, (B,), generator, device))
     if mode == "uniform":
-        return _draw(torch.rand, (B,), generator, device)
+        return draw_random(torch.rand, (B,), generator, device)
     raise ValueError(f"unknown timestep mode {mode!r}; allowed: 'logit_normal', 'uniform'")
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t' = shift * t / (1 + (shift - 1) * t): > 1 moves times towards noise (SD3's resolution shift, Wan's
+    sigma shift); shift = 1 leaves t exactly as it is."""
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def video_mse(pred_video: torch.Tensor, target_video: torch.Tensor) -> torch.Tensor:
@@ -152,17 +158,20 @@ def rf_loss(
     t_mode: str = "logit_normal",
     t_mean: float = 0.0,
     t_std: float = 1.0,
+    shift: float = 1.0,
 ) -> tuple[torch.Tensor, dict]:
     """Rectified-flow loss ||v - (eps - x0)||^2 on the video tokens only.
 
     x0: (B, C, T, H, W) clean video latents. t, noise: optional fixed values (else drawn from `generator`).
+    A drawn t is sampled by t_mode / t_mean / t_std, then moved by shift_time(t, shift) (Phantom-Wan trains
+    with uniform t and shift 5.0, as Wan does); a given t is used as it is.
     Returns (scalar loss, info) with info = {"loss_per_sample": (B,), "t": (B,)} (detached).
     """
     B = x0.shape[0]
     if t is None:
-        t = sample_timesteps(B, generator, t_mode, t_mean, t_std, device=x0.device)
+        t = shift_time(sample_timesteps(B, generator, t_mode, t_mean, t_std, device=x0.device), shift)
     if noise is None:
-        noise = _draw(torch.randn, x0.shape, generator, x0.device, x0.dtype)
+        noise = draw_random(torch.randn, x0.shape, generator, x0.device, x0.dtype)
     xt = add_noise(x0, noise, t)
     out = model(xt, t.to(x0.dtype), **cond.as_kwargs())
     per_sample = video_mse(out.video, velocity_target(x0, noise))
@@ -198,7 +207,7 @@ def draw_condition_dropout(
         raise ValueError(f"p_text + p_image + p_both = {total:.4g} must be <= 1 (the states are exclusive)")
     if batch_size < 0:
         raise ValueError(f"batch_size={batch_size} must be >= 0")
-    u = _draw(torch.rand, (batch_size,), generator, dtype=torch.float64)  # (B,) on the generator's device
+    u = draw_random(torch.rand, (batch_size,), generator, dtype=torch.float64)  # (B,), generator's device
     edges = torch.tensor([p_text, p_text + p_image, total], dtype=torch.float64, device=u.device)
     # bucket k = number of edges <= u: u < p_text -> 0 (text), < p_text + p_image -> 1 (image),
     # < total -> 2 (both), else 3 (none)
@@ -250,7 +259,7 @@ def apply_condition_dropout(
     out = apply_condition_state(cond, state)
     if out.ref_latents is not None and p_ref_vae > 0:
         n = out.ref_latents.shape[1]
-        keep_vae = _draw(torch.rand, (B, n), generator, dev) >= p_ref_vae  # (B, n)
+        keep_vae = draw_random(torch.rand, (B, n), generator, dev) >= p_ref_vae  # (B, n)
         out = replace(
             out,
             ref_latents=out.ref_latents * keep_vae[:, :, None, None, None].to(out.ref_latents.dtype),
@@ -260,8 +269,7 @@ def apply_condition_dropout(
 
 def timestep_schedule(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     """(steps + 1,) times from 1 to 0; shift > 1 spends more steps at high noise (SD3's resolution shift)."""
-    t = torch.linspace(1.0, 0.0, steps + 1, device=device)
-    return shift * t / (1 + (shift - 1) * t)
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
 
 
 @torch.no_grad()
@@ -283,7 +291,7 @@ def euler_sample(
     shape: (B, C, T, H, W). Returns the (B, C, T, H, W) sample at t = 0.
     """
     dev = cond.text.device
-    x = noise if noise is not None else _draw(torch.randn, shape, generator, dev)
+    x = noise if noise is not None else draw_random(torch.randn, shape, generator, dev)
     B = shape[0]
     img_only = cond.drop_text()
     cond3 = Conditioning.cat([img_only.drop_image(), img_only, cond])  # uncond, image, text+image
@@ -309,7 +317,7 @@ def euler_sample_cond(
 ) -> torch.Tensor:
     """Plain conditional Euler sampling (no guidance): the w_img = w_txt = 1 case of euler_sample."""
     dev = cond.text.device
-    x = noise if noise is not None else _draw(torch.randn, shape, generator, dev)
+    x = noise if noise is not None else draw_random(torch.randn, shape, generator, dev)
     ts = timestep_schedule(steps, shift, device=dev)
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]

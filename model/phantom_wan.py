@@ -9,13 +9,15 @@ it is mirrored here:
   * at every denoising step the last n frames are overwritten with the clean reference latents before the
     transformer runs, so the references are never noised; the whole sequence gets the same timestep; the
     reference frames are cut off the result (x0[:, :-n]).  -> PhantomWan.forward (append clean refs,
-    return only the video frames) and wan_flow_loss (the loss never sees the reference frames)
+    return only the video frames, so model.flow.rf_loss never sees the reference frames)
   * guidance with two weights: noise_pred = neg + w_img * (pos_i - neg) + w_txt * (pos_it - pos_i), where
     pos_it = (text, refs), pos_i = (null text, refs), neg = (null text, refs replaced by zeros of the same
     shape: ref_latents_neg = zeros_like).  -> guided_sample
   * the flow-matching schedule is shifted, sigma' = shift * sigma / (1 + (shift - 1) * sigma), shift 5.0 by
-    default (FlowUniPCMultistepScheduler.set_timesteps(shift=...)), timesteps = 1000 * sigma.  -> shift_sigma.
-    The release samples with UniPC; guided_sample integrates the same shifted schedule with Euler.
+    default (FlowUniPCMultistepScheduler.set_timesteps(shift=...)), timesteps = 1000 * sigma.
+    -> model.flow.shift_time; training draws t uniformly and shifts it the same way (WAN_LOSS_ARGS, the
+    arguments of model.flow.rf_loss). The release samples with UniPC; guided_sample also integrates the
+    same shifted schedule with Euler.
 The text goes through UMT5 (Wan's T5 encoder): the per-token states of the real tokens, zero-padded to
 text_len (512 in Wan), which the DiT attends to without a mask, as WanModel does.
 """
@@ -29,15 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from model.flow import (
-    Conditioning,
-    _draw,
-    add_noise,
-    draw_condition_dropout,
-    sample_timesteps,
-    velocity_target,
-    video_mse,
-)
+from model.flow import Conditioning, draw_condition_dropout, draw_random, timestep_schedule
 
 # diffusers WanTransformer3DModel configs of the released Wan2.1 T2V models (Wan2.1 config files).
 WAN_PRESETS: dict[str, dict] = {
@@ -159,38 +153,8 @@ class PhantomWan(nn.Module):
 
 # ----------------------------------------------------------------------------- flow matching
 
-
-def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """Wan's timestep shift: sigma' = shift * sigma / (1 + (shift - 1) * sigma); > 1 favours high noise."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
-def wan_flow_loss(
-    model,
-    x0: torch.Tensor,
-    cond: Conditioning,
-    generator: torch.Generator | None = None,
-    t: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-    t_mode: str = "uniform",
-    t_mean: float = 0.0,
-    t_std: float = 1.0,
-    shift: float = 5.0,
-) -> tuple[torch.Tensor, dict]:
-    """Flow-matching loss ||v - (eps - x0)||^2 on the video latents only, t drawn then shifted as Wan does.
-
-    x0: (B, C, T, h, w) clean video latents; the clean reference frames are appended inside the model and
-    are never part of x0, the noise or the target. Returns (loss, {"loss_per_sample", "t"}).
-    """
-    B = x0.shape[0]
-    if t is None:
-        t = shift_sigma(sample_timesteps(B, generator, t_mode, t_mean, t_std, device=x0.device), shift)
-    if noise is None:
-        noise = _draw(torch.randn, x0.shape, generator, x0.device, x0.dtype)
-    xt = add_noise(x0, noise, t)
-    out = model(xt, t.to(x0.dtype), **cond.as_kwargs())
-    per_sample = video_mse(out.video, velocity_target(x0, noise))
-    return per_sample.mean(), {"loss_per_sample": per_sample.detach(), "t": t.detach()}
+# model.flow.rf_loss arguments for Phantom-Wan: t uniform in (0, 1), then shifted by 5.0 as Wan trains.
+WAN_LOSS_ARGS: dict = {"t_mode": "uniform", "shift": 5.0}
 
 
 def drop_refs_keep_slots(cond: Conditioning, which: torch.Tensor) -> Conditioning:
@@ -249,7 +213,7 @@ def guided_sample(
     if solver not in ("unipc", "euler"):
         raise ValueError(f"solver={solver!r}; allowed: 'unipc', 'euler'")
     dev = cond.text.device
-    x = noise if noise is not None else _draw(torch.randn, shape, generator, dev)
+    x = noise if noise is not None else draw_random(torch.randn, shape, generator, dev)
     B = shape[0]
     if null_text is None:
         null = cond.drop_text()
@@ -266,7 +230,7 @@ def guided_sample(
         return v_neg + w_img * (v_i - v_neg) + w_txt * (v_it - v_i)
 
     if solver == "euler":
-        sigmas = shift_sigma(torch.linspace(1.0, 0.0, steps + 1, device=dev), shift)
+        sigmas = timestep_schedule(steps, shift, device=dev)
         for i in range(steps):
             x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i])  # ds < 0: towards data
         return x

@@ -18,26 +18,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model.flow import Conditioning
+from curation.shards import list_shards
 from training import checkpoint as ckpt
 from training.config import PhaseConfig, TrainConfig
-from training.data import (
-    IMAGE_PAIR,
-    CorruptTally,
-    DataPosition,
-    EncodingCache,
-    StreamSpec,
-    build_loader,
-    latent_tag,
-    list_shards,
-    to_unit_range,
-)
-from training.encoders import build_encoders
-from training.models import build_model, dropout_fn, encoder_cfg, encoder_signature, loss_fn
+from training.data import IMAGE_PAIR, CorruptTally, DataPosition, StreamSpec, build_loader
+from training.encode import EncodingCache, LazyEncoders, encode_batch, encoder_signature, latent_tag
+from training.models import family
 
-# Kept for callers of the old names.
-_encoder_cfg = encoder_cfg
-__all__ = ["Context", "build_model", "encode_batch", "encoder_signature", "fully_shard_model", "train"]
+__all__ = ["Context", "fully_shard_model", "read_metrics", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -84,85 +72,6 @@ def phase_at(phases: list[PhaseConfig], step: int) -> tuple[int, int]:
             return i, start
         start += phase.steps
     return len(phases), start
-
-
-# ----------------------------------------------------------------------------- encoders
-
-
-@torch.no_grad()
-def _encode_fresh(batch: dict[str, Any], enc, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Run the frozen encoders on a batch; per-sample tensors (text and refs unpadded)."""
-    video = to_unit_range(batch["video"].to(device))  # (B, 3, T, H, W) in [-1, 1]
-    latents = enc.vae.encode(video).float()  # (B, C, T', h, w)
-    text, text_mask = enc.text.encode(batch["captions"])  # (B, L, D), (B, L)
-    ref_mask = batch["ref_mask"].to(device)  # (B, n)
-    refs = to_unit_range(batch["refs"].to(device)[ref_mask])  # (N_valid, 3, H, W), only real refs
-    ref_lat = enc.vae.encode_image(refs).float()  # (N_valid, C, h, w)
-    ref_clip = enc.image.encode((refs + 1) / 2).float()  # (N_valid, clip_dim)
-    out, j = [], 0
-    for i in range(latents.shape[0]):
-        n = int(ref_mask[i].sum())
-        out.append(
-            {
-                "latents": latents[i],
-                "text": text[i][text_mask[i].bool()],
-                "ref_latents": ref_lat[j : j + n],
-                "ref_clip": ref_clip[j : j + n],
-            }
-        )
-        j += n
-    return out
-
-
-def _pad_stack(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of (l_i, ...) -> ((B, length, ...) zero-padded, (B, length) bool mask)."""
-    shape = (len(rows), length, *rows[0].shape[1:])
-    out = rows[0].new_zeros(shape)
-    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = True
-    return out, mask
-
-
-def encode_batch(
-    batch: dict[str, Any], enc, device: torch.device, cache: EncodingCache | None = None
-) -> tuple[torch.Tensor, Conditioning]:
-    """Batch from the loader -> (x0 latents (B, C, T', h, w), Conditioning), reading/writing the cache."""
-    B = len(batch["keys"])
-    per_sample: list[dict[str, torch.Tensor] | None] = [None] * B
-    paths = []
-    if "encoded" in batch:  # from latent shards (training/precompute.py): nothing to encode
-        per_sample = [{k: v.to(device) for k, v in e.items()} for e in batch["encoded"]]
-    elif cache is not None:
-        for i, key in enumerate(batch["keys"]):
-            n_refs = int(batch["ref_mask"][i].sum())
-            paths.append(cache.path(key, batch["bucket"], batch["meta"][i]["frame_indices"], n_refs))
-            hit = cache.load(paths[i])
-            if hit is not None:
-                per_sample[i] = {k: v.to(device) for k, v in hit.items()}
-    missing = [i for i in range(B) if per_sample[i] is None]
-    if missing:
-        enc = enc() if callable(enc) else enc
-        sub = {
-            "video": batch["video"][missing],
-            "captions": [batch["captions"][i] for i in missing],
-            "refs": batch["refs"][missing],
-            "ref_mask": batch["ref_mask"][missing],
-        }
-        for i, enc_out in zip(missing, _encode_fresh(sub, enc, device)):
-            per_sample[i] = enc_out
-            if cache is not None:
-                cache.save(paths[i], enc_out)
-    x0 = torch.stack([s["latents"] for s in per_sample])  # (B, C, T', h, w)
-    text, text_mask = _pad_stack([s["text"] for s in per_sample], max(s["text"].shape[0] for s in per_sample))
-    n_max = batch["ref_mask"].shape[1]
-    ref_latents, ref_mask = _pad_stack([s["ref_latents"] for s in per_sample], n_max)
-    ref_clip, _ = _pad_stack([s["ref_clip"] for s in per_sample], n_max)
-    cond = Conditioning(
-        text=text, text_mask=text_mask, ref_latents=ref_latents, ref_clip=ref_clip, ref_mask=ref_mask
-    )
-    return x0, cond
 
 
 # ----------------------------------------------------------------------------- logging
@@ -250,23 +159,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class LazyEncoders:
-    """The frozen encoders, built on first use: a run on latent shards never loads the VAE or text encoder
-    unless it writes a sample video."""
-
-    def __init__(self, cfg: dict[str, Any], device: torch.device) -> None:
-        self.cfg, self.device, self._enc = cfg, device, None
-
-    def __call__(self):
-        if self._enc is None:
-            self._enc = build_encoders(encoder_cfg(self.cfg, self.device))
-        return self._enc
-
-    @property
-    def built(self) -> bool:
-        return self._enc is not None
-
-
 def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None = None) -> dict[str, Any]:
     """Train through every phase (resuming from out_dir/checkpoints if there is one).
 
@@ -283,14 +175,14 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
     seed_everything(cfg.seed)
 
     enc = LazyEncoders(cfg.encoders, ctx.device)
-    model = build_model(cfg).to(ctx.device)
+    fam = family(cfg)
+    model = fam.build().to(ctx.device)
     model = ctx.prepare_model(model)
     # After the model: building an encoder draws from the global RNG, which must not change the model's
     # init between a run on raw shards and one on latent shards.
     if not cfg.data.latent_shards:
         enc()  # raw shards: the encoders are on the hot path, fail early if one is missing
     ema = ckpt.EMA(model, cfg.optim.ema_decay)
-    compute_loss, drop_conditions = loss_fn(cfg), dropout_fn(cfg)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
@@ -416,12 +308,12 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
                 n_samples += len(batch["keys"])
                 image_pair_batches += batch["meta"][0].get("pair_type") == IMAGE_PAIR
                 x0, cond = encode_batch(batch, enc, ctx.device, cache)
-                cond = drop_conditions(cond, generator=generator, **cfg.flow.dropout)
+                cond = fam.dropout(cond, generator=generator, **cfg.flow.dropout)
                 last = micro == cfg.optim.grad_accum - 1
                 # DDP: all-reduce gradients only on the last micro-batch.
                 sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
                 with sync, autocast:
-                    loss, _ = compute_loss(model, x0, cond, generator=generator, **cfg.flow.loss)
+                    loss, _ = fam.loss(model, x0, cond, generator=generator, **cfg.flow.loss)
                     (loss / cfg.optim.grad_accum).backward()
                 loss_sum += loss.detach().float()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

@@ -35,8 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def phase_tag(cfg, phase_idx: int) -> str:
     """Names one phase's encodings by everything they depend on (encoders, frames, sizes, seed)."""
-    from training.data import latent_tag
-    from training.models import encoder_signature
+    from training.encode import encoder_signature, latent_tag
 
     p = cfg.phases[phase_idx]
     return latent_tag(encoder_signature(cfg.encoders), phase_idx, p.buckets, p.num_frames, p.fps,
@@ -109,7 +108,7 @@ def encode_shard(
 
     from curation.models import sha256_file
     from training.data import CorruptCounter, collate, video_size
-    from training.loop import _encode_fresh  # precompute -> loop, never the other way
+    from training.encode import encode_fresh  # the trainer's own encoding: the same tensors as on the fly
 
     t0 = time.perf_counter()
     streams = _phase_streams(cfg)
@@ -139,7 +138,7 @@ def encode_shard(
                 for start in range(0, len(group), batch_size):
                     part = group[start : start + batch_size]
                     with torch.no_grad():
-                        encoded = _encode_fresh(collate([d for _, d in part]), enc, torch.device(device))
+                        encoded = encode_fresh(collate([d for _, d in part]), enc, torch.device(device))
                     for (i, _), e in zip(part, encoded):
                         chunk[i][1][f"{tag}.safetensors"] = _tensors_bytes(e)
         for key, members, _ in chunk:
@@ -208,7 +207,7 @@ def precompute(
     batch_size: int = 4,
 ) -> dict[str, Any]:
     """Encode every shard listed by `shards` into `out`; writes out/index.json (raw shard order kept)."""
-    from training.data import list_shards
+    from curation.shards import list_shards
 
     urls = list_shards(shards)
     out_dir = Path(out).resolve()

@@ -14,9 +14,9 @@ if __package__ in (None, ""):  # run as `python training/sample.py`: make the re
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.flow import Conditioning  # noqa: E402
+from model.flow import Conditioning, euler_sample  # noqa: E402
 from training.data import decode_image, letterbox, to_unit_range  # noqa: E402
-from training.models import encoder_cfg, sample_latents  # noqa: E402
+from training.models import encoder_cfg, family  # noqa: E402
 
 MAX_REFS = 4
 
@@ -64,12 +64,8 @@ def generate(
     latent_frames = 1 + (num_frames - 1) // vae.temporal_factor
     shape = (1, vae.latent_channels, latent_frames, *ref_latents.shape[-2:])
     generator = torch.Generator(device=device).manual_seed(seed)
-    if cfg is None:
-        from model.flow import euler_sample
-
-        latents = euler_sample(model, cond, shape, steps=steps, w_img=w_img, w_txt=w_txt, generator=generator)
-    else:
-        latents = sample_latents(cfg, model, cond, shape, steps, w_img, w_txt, generator)
+    sample = euler_sample if cfg is None else family(cfg).sample
+    latents = sample(model, cond, shape, steps=steps, w_img=w_img, w_txt=w_txt, generator=generator)
     video = vae.decode(latents).float()[0]  # (3, T, H, W) in about [-1, 1]
     video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return video.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
@@ -165,15 +161,14 @@ def load_for_sampling(
     from training.checkpoint import load_weights_for_inference
     from training.config import config_from_dict, load_config
     from training.encoders import build_encoders
-    from training.models import build_model
 
     stored, weights = load_weights_for_inference(checkpoint, use_ema=use_ema)
     cfg = load_config(config) if config else config_from_dict(stored)
+    fam = family(cfg)
     # The trainer seeds before building: a randomly initialised LoRA base is then rebuilt identically.
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
-    trainable_only = cfg.model.family == "phantom_wan" and cfg.model.wan.finetune == "lora"
-    missing, unexpected = model.load_state_dict(weights, strict=not trainable_only)
+    model = fam.build()
+    missing, unexpected = model.load_state_dict(weights, strict=not fam.adapters_only)
     if unexpected:
         raise ValueError(f"{checkpoint}: weights for another model ({unexpected[:3]})")
     model.to(device).eval()

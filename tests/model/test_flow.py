@@ -19,6 +19,7 @@ from model.flow import (
     euler_sample_cond,
     rf_loss,
     sample_timesteps,
+    shift_time,
     timestep_schedule,
     velocity_target,
     video_mse,
@@ -39,6 +40,19 @@ def make_batch(B=2, n=2, T=3, H=8, W=8, L=5, seed=0):
         ref_clip=torch.randn(B, n, CLIP_DIM, generator=g) if n else None,
     )
     return x0, cond
+
+
+def test_shift_moves_drawn_times_only():
+    t = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shift_time(t, 1.0), t)  # no shift is exactly no change (the MMDiT's default)
+    assert (shift_time(t, 5.0) >= t).all() and shift_time(torch.tensor([0.0, 1.0]), 5.0).tolist() == [0, 1]
+    x0, cond = make_batch(n=0)
+    model = lambda x, t, **c: ModelOutput(video=x, ref=None)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    drawn = [rf_loss(model, x0, cond, generator=g(), shift=s)[1]["t"] for s in (1.0, 5.0)]
+    torch.testing.assert_close(drawn[1], shift_time(drawn[0], 5.0))
+    given = torch.tensor([0.3, 0.6])
+    assert torch.equal(rf_loss(model, x0, cond, t=given, shift=5.0)[1]["t"], given)  # a given t is kept
 
 
 def test_noising_and_velocity():

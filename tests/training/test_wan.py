@@ -7,8 +7,9 @@ import hashlib
 import pytest
 import torch
 
-from model.flow import Conditioning
+from model.flow import Conditioning, rf_loss
 from model.phantom_wan import (
+    WAN_LOSS_ARGS,
     PhantomWan,
     build_wan_transformer,
     condition_dropout,
@@ -16,7 +17,6 @@ from model.phantom_wan import (
     diffusers_to_original,
     guided_sample,
     original_to_diffusers,
-    wan_flow_loss,
 )
 from training.config import load_config
 from training.wan import build_phantom_wan, save_original_layout
@@ -128,7 +128,7 @@ def test_references_are_clean_inputs_and_out_of_the_loss():
 
     model.transformer.register_forward_hook(hook, with_kwargs=True)
     g = torch.Generator().manual_seed(0)
-    loss, info = wan_flow_loss(model, x0, cond, generator=g, shift=5.0)
+    loss, info = rf_loss(model, x0, cond, generator=g, **WAN_LOSS_ARGS)
     loss.backward()
     inp, out = seen["input"], seen["output"]
     assert inp.shape[2] == 2 + 2  # T video frames + n reference frames
@@ -143,8 +143,8 @@ def test_shift_moves_training_timesteps_to_high_noise():
     model = PhantomWan(_transformer(), text_len=8)
     x0, cond = _batch(B=64, n=1, h=2, w=2)
     with torch.no_grad():
-        _, plain = wan_flow_loss(model, x0, cond, generator=torch.Generator().manual_seed(0), shift=1.0)
-        _, shifted = wan_flow_loss(model, x0, cond, generator=torch.Generator().manual_seed(0), shift=5.0)
+        _, plain = rf_loss(model, x0, cond, generator=torch.Generator().manual_seed(0), t_mode="uniform")
+        _, shifted = rf_loss(model, x0, cond, generator=torch.Generator().manual_seed(0), **WAN_LOSS_ARGS)
     assert torch.all(shifted["t"] >= plain["t"]) and shifted["t"].mean() > plain["t"].mean() + 0.15
 
 
@@ -185,7 +185,7 @@ def test_one_batch_overfits():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        loss, _ = wan_flow_loss(model, x0, cond, t=t, noise=noise)
+        loss, _ = rf_loss(model, x0, cond, t=t, noise=noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -247,7 +247,7 @@ def test_lora_trains_adapters_only(tmp_path):
     x0, cond = _batch(n=1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loss, _ = wan_flow_loss(model, x0, cond, generator=torch.Generator().manual_seed(0))
+    loss, _ = rf_loss(model, x0, cond, generator=torch.Generator().manual_seed(0), **WAN_LOSS_ARGS)
     loss.backward()
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -271,6 +271,25 @@ def test_wan_configs_load_and_name_the_family():
 
     with pytest.raises(ConfigError, match="model.family"):
         load_config(None, {"model.family": "sora"})
+
+
+def test_family_records_carry_what_each_family_does_differently():
+    """One record per family, picked once: the loss, dropout, sampler and checkpoint scope of each."""
+    from model.flow import apply_condition_dropout, euler_sample
+    from training.models import family
+
+    mmdit = family(load_config(None, {"model.preset": "tiny"}))
+    assert (mmdit.name, mmdit.loss, mmdit.dropout) == ("mmdit", rf_loss, apply_condition_dropout)
+    assert mmdit.sample is euler_sample and not mmdit.adapters_only
+    cfg = load_config(None, {"model.family": "phantom_wan", "model.wan.sample_shift": 3.0,
+                             "model.wan.sample_solver": "euler", "model.wan.finetune": "lora"})  # fmt: skip
+    wan = family(cfg)
+    assert wan.loss.func is rf_loss and wan.loss.keywords == {"t_mode": "uniform", "shift": 5.0}
+    assert wan.dropout is condition_dropout and wan.adapters_only
+    assert wan.sample.func is guided_sample and wan.sample.keywords == {"shift": 3.0, "solver": "euler"}
+    cfg.model.family = "sora"
+    with pytest.raises(ValueError, match="'mmdit', 'phantom_wan'"):
+        family(cfg)
 
 
 def _sha(path):
