@@ -97,6 +97,14 @@ def _pad(nb: Neighbours, m: int) -> Neighbours:
     return Neighbours(np.concatenate([nb.idx, pad.idx], 1), np.concatenate([nb.score, pad.score], 1))
 
 
+def exact_block(x, groups, r0: int, r1: int, m: int) -> Neighbours:
+    """Exact nearest ``m`` rows of other groups for the query rows [r0, r1) against every row (torch tensors
+    ``x`` (N, D) and ``groups`` (N,)), best first, padded to ``m`` (idx -1: no candidate)."""
+    rows, _ = _strip(x, groups, r0, r1, m, symmetric=False)
+    rows.idx[~np.isfinite(rows.score)] = -1
+    return _pad(rows, m)
+
+
 def exact_strips(x: np.ndarray, groups: np.ndarray, m: int, strips: list[tuple[int, int]]) -> Neighbours:
     """Exact top-m over the upper-triangle strips given: each score block is computed once and serves both
     its rows and its columns (half the multiply-adds of the full matrix)."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from curation.config import Config, StageSpec, load_config
 from curation.execute import init_ray
+from curation.global_phase import STEPS, export_video, run_global, validate_step
 from curation.manifest import GroupCache, Manifest, source_signature
 from curation.stage import Record, Stage, StageContext, StageGroup
 from curation.stages.registry import load_all, validate_stage_spec
@@ -41,10 +42,15 @@ class StageFailureError(RuntimeError):
 
 
 def validate_pipelines(cfg: Config) -> Config:
-    """Check every stage of every pipeline against its Params; ConfigError naming the key path."""
+    """Check every map stage and global step of every pipeline against its params; ConfigError naming the key
+    path."""
     for pname, specs in cfg.pipelines.items():
         for i, spec in enumerate(specs):
-            validate_stage_spec(spec, f"pipelines.{pname}[{i}]")
+            path = f"pipelines.{pname}[{i}]"
+            if spec.stage in STEPS:
+                validate_step(spec, path)
+            else:
+                validate_stage_spec(spec, path)
     return cfg
 
 
@@ -91,17 +97,15 @@ class GroupPlan:
 
 
 def plan(specs: list[StageSpec]) -> tuple[list[GroupPlan], list[StageSpec]]:
-    """Split a pipeline into map groups (in order) and the trailing global stages."""
-    stages = load_all()
+    """Split a pipeline into map groups (in order) and the trailing global steps (``global_phase.STEPS``)."""
     groups: list[GroupPlan] = []
     globals_: list[StageSpec] = []
     for spec in specs:
-        cls = stages[spec.stage]
-        if cls.kind == "global":
+        if spec.stage in STEPS:
             globals_.append(spec)
             continue
         if globals_:
-            raise ValueError(f"map stage {spec.stage!r} comes after a global stage; put global stages last")
+            raise ValueError(f"map stage {spec.stage!r} comes after a global step; put global steps last")
         # A stage may decide from its backend whether it holds a model (constructors only store config).
         uses_model = build_stage(spec, StageContext(out_dir="")).uses_model
         r = spec.resources
@@ -171,14 +175,6 @@ class MapContext:
     def stage_ctx(self) -> StageContext:
         return StageContext(out_dir=scratch_dir(self.store), models_dir=self.models_dir,
                             config_hash=map_hash(self.groups))
-
-
-def _export_hook():
-    try:
-        from curation.global_phase import export_video
-    except ImportError:
-        return None
-    return export_video
 
 
 class VideoWorker:
@@ -262,9 +258,7 @@ class VideoWorker:
 
     def _commit(self, it: dict, rows: list[Record]) -> dict:
         mh = self.plan.hash
-        export = _export_hook()
-        if export is not None:
-            export(rows, self.store, self.ctx.out_dir, mh)
+        export_video(rows, self.store, self.ctx.out_dir, mh)
         rec = Manifest(self.store).commit(it["video_id"], rows, mh, source_sig=it["sig"])
         return {"video_id": it["video_id"], "status": rec["status"], "reason": rec["reason"],
                 "summary": rec["summary"], "stage_counts": it.get("stage_counts"), "state": "processed"}
@@ -589,10 +583,6 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
 
     global_summary: dict = {}
     if global_specs:
-        try:
-            from curation.global_phase import run_global
-        except ImportError:  # until the distributed global phase lands
-            run_global = _legacy_global
         if committed:  # videos joined the map output: gather the tables again (later steps are keyed by
             store.delete(f"global/gather-{mh}/_done.json")  # the digest of what was gathered)
         gctx = StageContext(out_dir=scratch_dir(store), models_dir=ctx.models_dir, config_hash=mh)
@@ -601,16 +591,6 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
         global_summary = run_global(global_specs, store, gctx, mh, runner=runner)
     return RunResult(n_in, skipped, committed, time.time() - t0, mh, totals.as_dict(), totals.stage_counts,
                      global_summary, t_map, time.time() - t0 - t_map, store.uri)
-
-
-def _legacy_global(specs, store: Store, ctx: StageContext, mh: str, runner: str = "ray") -> dict:
-    rows = [r for r in Manifest(store).rows(mh) if r.get("status", "ok") == "ok"]
-    for spec in specs:
-        stage = build_stage(spec, ctx)
-        stage.ensure_setup()
-        rows = stage.process(rows)
-    ok = [r for r in rows if r.get("status") == "ok"]
-    return {"triplets_out": len(ok), "triplets_by_pair_type": dict(Counter(r.get("pair_type") for r in ok))}
 
 
 def replace_stage_params(cfg: Config, pipeline: str, stage: str, **params) -> Config:

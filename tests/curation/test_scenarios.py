@@ -6,7 +6,7 @@ import pytest
 
 from curation import scenarios as S
 from curation.config import ConfigError
-from curation.stages.write_shards import WriteShards
+from curation.global_phase import ShardParams
 
 
 @pytest.mark.parametrize(
@@ -42,10 +42,10 @@ def test_weights_keep_a_fraction_and_never_drop_a_rarer_label():
 
 
 def test_write_shards_params_validate_scenario_names_and_weights():
-    WriteShards.Params(scenario_weights={"people": 0.5}, scenario_quotas={"multi_person": 10}).validate("w")
+    ShardParams(scenario_weights={"people": 0.5}, scenario_quotas={"multi_person": 10}).validate("w")
     with pytest.raises(ConfigError, match="unknown scenario 'humans'"):
-        WriteShards.Params(scenario_quotas={"humans": 3}).validate("w")
+        ShardParams(scenario_quotas={"humans": 3}).validate("w")
     with pytest.raises(ConfigError, match="out of range"):
-        WriteShards.Params(category_weights={"human": 2.0}).validate("w")
+        ShardParams(category_weights={"human": 2.0}).validate("w")
     with pytest.raises(ConfigError, match="must differ"):
-        WriteShards.Params(eval_subdir="shards").validate("w")
+        ShardParams(eval_subdir="shards").validate("w")

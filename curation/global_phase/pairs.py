@@ -1,0 +1,391 @@
+"""Steps 2-4 of the global phase: search each (kind, category) for candidates (exact blocks or faiss IVF),
+near-duplicate video groups from the copy-paste edges, and the final verdicts (band, near-dup, top_k)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from curation import pairing
+from curation.execute import resolve, run_items
+from curation.global_phase.tables import KINDS, write_parquet
+from curation.shards import safe_component
+from curation.storage import Store
+
+log = logging.getLogger(__name__)
+
+SEARCH_BLOCK_ROWS = 8192  # query rows per search item (fixed: output names must not depend on the cluster)
+
+
+def find_pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> dict:
+    """Steps 2-4 over the gathered units, written under ``pdir``: the final pair files per kind, the score
+    histogram, the verdict counts and the near-duplicate counts."""
+    files = gather["units_files"]
+    hist = {k: np.zeros(pp["hist_bins"], np.int64) for k in KINDS}
+    raw: dict[str, list[tuple[str, str]]] = {k: [] for k in KINDS}
+    copies = []
+    # one bundle per (kind, category), built in tasks; one map_batches job over the query blocks of all
+    bundles, items = {}, []
+    for key, n in sorted(gather["units"].items()):
+        kind, cat = key.split("\t")
+        if n < 2:
+            continue
+        catdir = f"{kind}/{safe_component(cat)}"
+        bundles[key] = _bundle_ref(store, files, kind, cat, pp, runner)
+        items += [
+            {
+                "bundle": key,
+                "kind": kind,
+                "r0": r0,
+                "r1": min(n, r0 + SEARCH_BLOCK_ROWS),
+                "out": f"{pdir}/raw/{catdir}/block-{r0:010d}.parquet",
+                "copies": f"{pdir}/copies/{catdir}/block-{r0:010d}.parquet",
+            }
+            for r0 in range(0, n, SEARCH_BLOCK_ROWS)
+        ]
+    res = run_items(items, _search_block, runner, store=store, bundles=bundles, params=pp)
+    for it, r in zip(items, res):
+        hist[it["kind"]] += np.asarray(r["hist"], np.int64)
+        raw[it["kind"]].append((it["out"], it["out"].replace(f"{pdir}/raw/", f"{pdir}/pairs/")))
+        copies.append(it["copies"])
+    del bundles
+    dd = run_items(
+        [{"copies": copies, "out": f"{pdir}/dedup/groups.parquet"}],
+        _dedup,
+        runner,
+        store=store,
+        params=pp,
+    )[0]
+    groups = read_groups(store, f"{pdir}/dedup/groups.parquet")
+    items = [{"kind": k, "raw": a, "out": b} for k in KINDS for a, b in raw[k]]
+    res = run_items(items, _finalize_block, runner, store=store, groups=groups, params=pp)
+    verdicts = {k: Counter() for k in KINDS}
+    for it, r in zip(items, res):
+        verdicts[it["kind"]].update(r["verdicts"])
+    edges = [round(float(e), 4) for e in np.linspace(-1, 1, pp["hist_bins"] + 1)]
+    band = {"low": pp["low"], "high": pp["high"], "face_low": pp["face_low"], "face_high": pp["face_high"]}
+    histogram = {
+        ("subjects" if k == "subject" else "faces"): {
+            "edges": edges,
+            "counts": hist[k].tolist(),
+            "n": int(hist[k].sum()),
+            "verdicts": dict(verdicts[k]),
+            "units": int(sum(n for key, n in gather["units"].items() if key.startswith(k + "\t"))),
+        }
+        for k in KINDS
+    }
+    histogram["band"] = band
+    for k in KINDS:
+        h = histogram["subjects" if k == "subject" else "faces"]
+        if h["n"]:
+            log.info(
+                "pair %s: %d units, verdicts %s, score histogram:\n%s",
+                k,
+                h["units"],
+                h["verdicts"],
+                pairing.ascii_histogram(h),
+            )
+    return {
+        "files": {k: [b for _, b in raw[k]] for k in KINDS},
+        "histogram": histogram,
+        "verdicts": {k: dict(v) for k, v in verdicts.items()},
+        **dd,
+    }
+
+
+def _bundle_ref(store: Store, files, kind, cat, pp, runner):
+    if runner == "sequential":
+        return build_bundle(store, files, kind, cat, pp)
+    import ray
+
+    # built in a task: the vectors go from the files to the object store without passing the driver
+    return ray.remote(num_cpus=1)(build_bundle).remote(store, files, kind, cat, pp)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# step 2: search (per kind and category: a bundle of vectors + index in the object store, query blocks)
+
+
+def _read_units(store: Store, files: list[str], kind: str, category: str, columns=None):
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    ds = pds.dataset([store.path(f) for f in files], format="parquet", filesystem=store.fs)
+    flt = (pc.field("kind") == kind) & (pc.field("category") == category)
+    return ds.to_table(filter=flt, columns=columns)
+
+
+def build_bundle(store: Store, files: list[str], kind: str, category: str, params: dict) -> dict:
+    """Everything a search task needs for one (kind, category): unit vectors (N, D), group ids, pHashes
+    (N, K) with a count, the candidate metadata columns, and the faiss index (serialised) when the set is
+    larger than ``exact_max`` (or method says so); exact blocked products otherwise."""
+    import faiss  # noqa: F401  (fail early where faiss is missing)
+
+    t = _read_units(store, files, kind, category)
+    n = t.num_rows
+    vec = t.column("vector").combine_chunks()
+    x = np.asarray(vec.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(n, -1)
+    x = pairing.normalize(x)
+    gkey = t.column("clip_id" if params["same_source"] else "video_id").to_pylist()
+    _, groups = np.unique(np.array(gkey, dtype=object).astype(str), return_inverse=True)
+    ph = t.column("phashes").to_pylist()
+    kmax = max([len(p) for p in ph] + [1])
+    phm = np.zeros((n, kmax), np.uint64)
+    phn = np.zeros(n, np.int32)
+    for i, p in enumerate(ph):
+        phm[i, : len(p)] = p
+        phn[i] = len(p)
+    meta = t.drop_columns(["vector", "phashes", "kind"])
+    method = params["method"]
+    use_faiss = method == "faiss" or (method in ("auto", "ray") and n > params["exact_max"])
+    index = None
+    if use_faiss:
+        import faiss
+
+        index = faiss.serialize_index(pairing.build_faiss(x))
+    return {
+        "x": x,
+        "groups": groups.astype(np.int64),
+        "phm": phm,
+        "phn": phn,
+        "meta": meta,
+        "index": index,
+        "extra": int(np.unique(groups, return_counts=True)[1].max()) if n else 0,
+        "n": n,
+    }
+
+
+_INDEX_CACHE: dict = {}
+
+
+def _neighbours(bundle: dict, r0: int, r1: int, m: int, nprobe: int) -> pairing.Neighbours:
+    import torch
+
+    if bundle["index"] is None:
+        import warnings
+
+        torch.set_num_threads(1)
+        with warnings.catch_warnings():  # the object store's arrays are read-only; nothing writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            xt = torch.from_numpy(bundle["x"])
+            gt = torch.from_numpy(bundle["groups"])
+        return pairing.exact_block(xt, gt, r0, r1, m)
+    import faiss
+
+    key = id(bundle["index"])
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE.clear()
+        faiss.omp_set_num_threads(1)
+        _INDEX_CACHE[key] = faiss.deserialize_index(bundle["index"])
+    return pairing.faiss_search(
+        _INDEX_CACHE[key], bundle["x"], bundle["groups"], np.arange(r0, r1), m, nprobe, bundle["extra"]
+    )
+
+
+def _min_phash_distance(phm, phn, q: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Min Hamming distance between the pHash sets of rows q[i] and c[i] (-1 where either has none)."""
+    a, b = phm[q][:, :, None], phm[c][:, None, :]  # (P, K, 1), (P, 1, K)
+    d = np.bitwise_count(a ^ b).astype(np.int32)
+    ka = np.arange(phm.shape[1])
+    valid = (ka[None, :, None] < phn[q][:, None, None]) & (ka[None, None, :] < phn[c][:, None, None])
+    d = np.where(valid, d, 999).reshape(len(q), -1).min(1)
+    return np.where(d >= 999, -1, d)
+
+
+def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict:
+    """Candidates of query rows [r0, r1): every one with its exact score, band verdict (``in_band``,
+    ``copy_paste`` by score or pHash, ``different_subject``) and pHash distance; plus the copy edges."""
+    import pyarrow as pa
+
+    r0, r1, kind = item["r0"], item["r1"], item["kind"]
+    out_rel, copies_rel = item["out"], item["copies"]
+    if store.exists(out_rel) and store.exists(copies_rel):
+        return {"skipped": 1, "hist": [0] * params["hist_bins"]}
+    bundle = resolve(bundles[item["bundle"]])
+    low, high = (
+        (params["low"], params["high"]) if kind == "subject" else (params["face_low"], params["face_high"])
+    )
+    n = bundle["n"]
+    m = min(params["candidates"], n - 1)
+    nb = _neighbours(bundle, r0, r1, m, params["nprobe"])
+    qi, rank = np.nonzero(nb.idx >= 0)
+    c = nb.idx[qi, rank]
+    q = qi + r0
+    score = nb.score[qi, rank].astype(np.float32)
+    # the band rule; its top_k comes after the near-duplicate groups (final verdicts), so every in-band one
+    # stays in the band here
+    band = pairing.classify(nb, low, high, top_k=nb.m)[qi, rank]
+    verdict = np.where(
+        band == pairing.COPY_PASTE,
+        "copy_paste",
+        np.where(band == pairing.DIFFERENT_SUBJECT, "different_subject", "in_band"),
+    )
+    pd_ = np.full(len(q), -1, np.int32)
+    if params["phash_copy_distance"] >= 0 and len(q):
+        pd_ = _min_phash_distance(bundle["phm"], bundle["phn"], q, c)
+        verdict = np.where((pd_ >= 0) & (pd_ <= params["phash_copy_distance"]), "copy_paste", verdict)
+    meta = bundle["meta"]
+    qm, cm = meta.take(pa.array(q)), meta.take(pa.array(c))
+    inband = pa.array(verdict == "in_band")
+    cols = {
+        "bucket": qm.column("bucket"),
+        "q_video": qm.column("video_id"),
+        "q_clip": qm.column("clip_id"),
+        "q_subject": qm.column("subject"),
+        "c_video": cm.column("video_id"),
+        "c_clip": cm.column("clip_id"),
+        "c_subject": cm.column("subject"),
+        "rank": pa.array(rank.astype(np.int16)),
+        "score": pa.array(np.round(score, 3)),
+        "band": pa.array(verdict.astype(str)),
+        "phash_distance": pa.array(pd_.astype(np.int16)),
+        "q_v_n_clips": qm.column("v_n_clips"),
+        "c_v_n_clips": cm.column("v_n_clips"),
+    }
+    import pyarrow.compute as pc
+
+    for name in ("crop_path", "crop_box", "crop_box_tight", "crop_ref", "ref_t_s", "ref_frame_index"):
+        col = cm.column(name)
+        cols[f"c_{name}"] = pc.if_else(inband, col, pa.scalar(None, col.type))
+    t = pa.table(cols)
+    cross = (verdict == "copy_paste") & (
+        pa.compute.not_equal(cols["q_video"], cols["c_video"]).to_numpy(zero_copy_only=False)
+        if len(q)
+        else np.zeros(0, bool)
+    )
+    copies = t.filter(pa.array(cross)).select(
+        ["q_video", "q_clip", "c_video", "c_clip", "q_v_n_clips", "c_v_n_clips"]
+    )
+    write_parquet(store, copies_rel, copies)
+    write_parquet(store, out_rel, t)
+    hist = np.histogram(score, bins=params["hist_bins"], range=(-1.0, 1.0))[0]
+    return {"skipped": 0, "hist": hist.tolist(), "candidates": int(len(q))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# step 3: near-duplicate video groups from copy-paste edges (no all-pairs: only what the search found)
+
+
+def near_duplicate_groups(
+    edges: list[tuple[str, str, str, str, int, int]], min_frac: float
+) -> dict[str, str]:
+    """Video -> group (its smallest member id) for videos that are near-duplicates: a pair of videos whose
+    copy-paste edges (q_video, q_clip, c_video, c_clip, q_n_clips, c_n_clips) cover at least ``min_frac`` of
+    the pairable clips of each (a re-upload: the same shots under another name). Connected components, so
+    three copies form one group. Videos in no group are absent."""
+    clips: dict[tuple[str, str], dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    n_of: dict[str, int] = {}
+    for qv, qc, cv, cc, qn, cn in edges:
+        if qv == cv:
+            continue
+        a, b = sorted((qv, cv))
+        clips[(a, b)][qv].add(qc)
+        clips[(a, b)][cv].add(cc)
+        n_of[qv], n_of[cv] = max(1, int(qn)), max(1, int(cn))
+    parent: dict[str, str] = {}
+
+    def find(v):
+        while parent.get(v, v) != v:
+            parent[v] = parent.get(parent[v], parent[v])
+            v = parent[v]
+        return v
+
+    for (a, b), got in sorted(clips.items()):
+        if all(len(got[v]) / n_of[v] >= min_frac for v in (a, b)):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    members = set(parent) | {p for p in parent.values()}
+    return {
+        v: find(v) for v in sorted(members) if find(v) != v or any(find(u) == v and u != v for u in members)
+    }
+
+
+def _dedup(item: dict, store: Store, params: dict) -> dict:
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+
+    files = item["copies"]
+    if params["near_dup_min_frac"] < 0 or not files:
+        groups = {}
+    else:
+        t = pds.dataset([store.path(f) for f in files], format="parquet", filesystem=store.fs).to_table()
+        edges = list(
+            zip(
+                *(
+                    t.column(c).to_pylist()
+                    for c in ("q_video", "q_clip", "c_video", "c_clip", "q_v_n_clips", "c_v_n_clips")
+                )
+            )
+        )
+        groups = near_duplicate_groups(edges, params["near_dup_min_frac"])
+    vids = sorted(groups)
+    write_parquet(
+        store,
+        item["out"],
+        pa.table(
+            {"video_id": vids, "group": [groups[v] for v in vids]},
+            schema=pa.schema([("video_id", pa.string()), ("group", pa.string())]),
+        ),
+    )
+    return {"near_duplicate_videos": len(vids), "near_duplicate_groups": len(set(groups.values()))}
+
+
+def read_groups(store: Store, rel: str) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(io.BytesIO(store.read_bytes(rel)))
+    return dict(zip(t.column("video_id").to_pylist(), t.column("group").to_pylist()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# step 4: final verdicts (near-duplicate sources, top_k among what is left in the band)
+
+
+def final_verdicts(band: np.ndarray, q_key: np.ndarray, same_group: np.ndarray, top_k: int) -> np.ndarray:
+    """Per candidate row (sorted by query, then rank): ``near_duplicate_source`` where the two videos are one
+    source, else ``pair`` for the first ``top_k`` in-band candidates of each query and ``beyond_top_k`` for
+    the rest of the band; other band verdicts unchanged."""
+    v = band.astype(object).copy()
+    v[same_group] = "near_duplicate_source"
+    inband = v == "in_band"
+    # rank among the in-band candidates of the same query: cumulative count within runs of equal q_key
+    order = np.arange(len(v))
+    starts = np.r_[True, q_key[1:] != q_key[:-1]] if len(v) else np.zeros(0, bool)
+    run_id = np.cumsum(starts) - 1
+    c = np.cumsum(inband)
+    base = np.r_[0, c][order[starts]] if len(v) else np.zeros(0, int)
+    r = c - base[run_id]
+    v[inband & (r <= top_k)] = "pair"
+    v[inband & (r > top_k)] = "beyond_top_k"
+    return v.astype(str)
+
+
+def _finalize_block(item: dict, store: Store, groups: dict, params: dict) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(io.BytesIO(store.read_bytes(item["raw"])))
+    qv, cv = t.column("q_video").to_pylist(), t.column("c_video").to_pylist()
+    if params["same_source"]:
+        same = np.zeros(len(qv), bool)
+    else:
+        same = np.array(
+            [qa != ca and groups.get(qa, qa) == groups.get(ca, ca) for qa, ca in zip(qv, cv)], bool
+        )
+    qk = np.array(
+        [f"{c}#{s}" for c, s in zip(t.column("q_clip").to_pylist(), t.column("q_subject").to_pylist())],
+        dtype=object,
+    )
+    top_k = params["top_k"] if item["kind"] == "subject" else params["face_top_k"]
+    v = final_verdicts(np.asarray(t.column("band").to_pylist(), dtype=object), qk, same, top_k)
+    t = t.append_column("verdict", pa.array(v.tolist(), pa.string()))
+    t = t.append_column("q_group", pa.array([groups.get(x, x) for x in qv], pa.string()))
+    t = t.append_column("c_group", pa.array([groups.get(x, x) for x in cv], pa.string()))
+    # rows are in bucket order (the bundle follows the gather files): small row groups let each plan
+    # partition read only the groups of its buckets
+    write_parquet(store, item["out"], t, row_group_size=4096)
+    return {"verdicts": dict(Counter(v.tolist()))}

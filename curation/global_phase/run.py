@@ -1,0 +1,278 @@
+"""The global phase's driver: each committed video's columnar tables -> near-duplicate video groups ->
+cross-video pairs (faiss IVF / exact blocks searched in map_batches) -> sample plans -> WebDataset shards,
+every step a job over files in the store, resumable by its outputs and keyed by a hash of what made them.
+
+Layout under the store (``map_hash``: the per-video phase; ``pair_hash``: + the pair spec; ``global_hash``:
++ the write_shards spec, so changing write_shards keeps the pairs and changing pair keeps the tables):
+
+    tables/<map_hash>/units/<bb>/<video>.parquet     pairable units of one video (export_video)
+    tables/<map_hash>/clips/<bb>/<video>.parquet     its ok clips, the row as JSON text
+    global/gather-<map_hash>/{units,clips}-<bb>.parquet   one file per hash bucket bb (00..ff) of video ids
+    global/pairs-<pair_hash>/raw/<kind>/<cat>/block-N.parquet   every candidate with its score (search)
+    global/pairs-<pair_hash>/copies/...               copy-paste edges between videos (for dedup)
+    global/pairs-<pair_hash>/dedup/groups.parquet     near-duplicate video groups
+    global/pairs-<pair_hash>/pairs/<kind>/<cat>/block-N.parquet   final verdicts (band, top_k, near-dup)
+    global/plans-<global_hash>/part-P.parquet         one row per sample, partition P = a range of buckets
+    <shards_subdir>/shard-P-S.tar, .records/shard-P-S.tar.json, .index.json   (and <eval_subdir>/ likewise)
+
+The driver holds counts, object references and per-shard entries only, never rows: its memory is bounded by
+the number of partitions and shards, not by the number of clips. ``runner="sequential"`` runs the very same
+step functions over the same files in one process (tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections import Counter, defaultdict
+
+from curation import pairing, scenarios
+from curation.execute import run_items
+from curation.global_phase.gather import gather_tables
+from curation.global_phase.pairs import find_pairs, read_groups
+from curation.global_phase.params import PairParams, ShardParams, validate_step
+from curation.global_phase.plans import plan_partition
+from curation.global_phase.tables import BUCKETS, export_video, sha, video_units
+from curation.global_phase.write import write_partition
+from curation.shards import INDEX_FILE, INDEX_NAMES, RECORDS_DIR, atomic_write_json
+from curation.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def _params_dict(params) -> dict:
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params or {})
+
+
+def step_hashes(map_hash: str, pair_params, shard_params, data_digest: str = "") -> tuple[str, str]:
+    """(pair_hash, global_hash): the pairs depend on the map phase (its hash and the digest of the tables
+    gathered, so videos joining later redo the global steps) and the pair params; the plans and shards on
+    those and the write_shards params."""
+    pair_hash = sha(
+        json.dumps({"map": map_hash, "data": data_digest, "pair": _params_dict(pair_params)}, sort_keys=True)
+    )
+    global_hash = sha(
+        json.dumps({"pair": pair_hash, "write_shards": _params_dict(shard_params)}, sort_keys=True)
+    )
+    return pair_hash, global_hash
+
+
+def params_of(specs) -> tuple[PairParams, ShardParams]:
+    """The typed params of the ``pair`` and ``write_shards`` specs (the defaults where one is absent)."""
+    pair_p, shard_p = PairParams(), ShardParams()
+    for spec in specs:
+        if spec.stage == "pair":
+            pair_p = validate_step(spec, "pair")
+        elif spec.stage == "write_shards":
+            shard_p = validate_step(spec, "write_shards")
+    return pair_p, shard_p
+
+
+def n_partitions(n_clips: int, wp: dict) -> int:
+    """Partitions (ranges of the 256 buckets) for the plans and writers: ``partitions`` when set, else one
+    per ``clips_per_partition`` clips, a power of two at most 256."""
+    want = wp["partitions"] or max(1, math.ceil(n_clips / wp["clips_per_partition"]))
+    p = 1
+    while p < want and p < BUCKETS:
+        p *= 2
+    return p
+
+
+def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> dict:
+    """The global phase over the tables ``export_video`` wrote under ``tables/<map_hash>/``. Returns the
+    summary counts. Each step is skipped when its outputs (a ``_done.json`` under its hash) exist."""
+    t0 = time.time()
+    pair_p, shard_p = params_of(specs)
+    pp, wp = _params_dict(pair_p), _params_dict(shard_p)
+    gdir = f"global/gather-{map_hash}"
+    timings = {}
+
+    # 1. gather
+    gather = store.read_json(f"{gdir}/_done.json")
+    if gather is None:
+        gather = gather_tables(store, map_hash, gdir, runner)
+        store.write_json(f"{gdir}/_done.json", gather)
+    timings["gather_s"] = round(time.time() - t0, 2)
+    pair_hash, global_hash = step_hashes(map_hash, pair_p, shard_p, gather["digest"])
+    pdir, sdir = f"global/pairs-{pair_hash}", f"global/plans-{global_hash}"
+    final = store.read_json(f"{sdir}/_done.json")
+    if final and store.exists(f"{wp['shards_subdir']}/{INDEX_FILE}"):
+        return {**final["summary"], "resumed": True}
+
+    # 2-4. pairs (search, near-duplicate groups, final verdicts)
+    pairs_done = store.read_json(f"{pdir}/_done.json")
+    if pairs_done is None:
+        pairs_done = find_pairs(store, gather, pp, pdir, runner)
+        store.write_json(f"{pdir}/_done.json", pairs_done)
+        store.write_json(f"{pdir}/histogram.json", pairs_done["histogram"])
+    timings["pairs_s"] = round(time.time() - t0 - sum(timings.values()), 2)
+
+    # 5. plans
+    n_part = n_partitions(gather["clips"], wp)
+    span = BUCKETS // n_part
+    groups = read_groups(store, f"{pdir}/dedup/groups.parquet")
+    params = {"write": wp, "config_hash": ctx.config_hash or map_hash, "global_hash": global_hash}
+    plan_items = [
+        {
+            "lo": p * span,
+            "hi": (p + 1) * span,
+            "partition": p,
+            "n_partitions": n_part,
+            "gather": gdir,
+            "pairs": pairs_done["files"],
+            "out": f"{sdir}/part-{p:05d}.parquet",
+        }
+        for p in range(n_part)
+    ]
+    plans_done = store.read_json(f"{sdir}/_plans_done.json")
+    if plans_done is None:
+        res = run_items(plan_items, plan_partition, runner, store=store, groups=groups, params=params)
+        rej: Counter = Counter()
+        for r in res:
+            rej.update(r["rejections"])
+        plans_done = {"samples": sum(r["samples"] for r in res), "rejections": dict(rej)}
+        store.write_json(f"{sdir}/_plans_done.json", plans_done)
+    timings["plans_s"] = round(time.time() - t0 - sum(timings.values()), 2)
+
+    # 6. shards
+    for sub in (wp["shards_subdir"], wp["eval_subdir"]):
+        for stale in (*INDEX_NAMES, ".progress.json"):
+            store.delete(f"{sub}/{stale}")
+        if store.is_local and os.path.isdir(store.path(sub)):
+            for name in os.listdir(store.path(sub)):  # temp files of a writer killed mid-shard
+                if ".tmp" in name:
+                    os.unlink(os.path.join(store.path(sub), name))
+    w_items = [{"partition": it["partition"], "plans": it["out"]} for it in plan_items]
+    res = run_items(w_items, write_partition, runner, store=store, params=params)
+    entries = sorted((e for r in res for e in r["entries"]), key=lambda e: (e["split"], e["name"]))
+    rej = Counter(plans_done["rejections"])
+    for r in res:
+        rej.update(r["rejections"])
+    for split, sub in (("train", wp["shards_subdir"]), ("eval", wp["eval_subdir"])):
+        mine = [e for e in entries if e["split"] == split]
+        names = {e["name"] for e in mine}
+        for rel in store.list(f"{sub}/"):
+            base = rel.rsplit("/", 1)[-1]
+            if (base.startswith("shard-") and base.endswith(".tar") and base not in names) or (
+                f"/{RECORDS_DIR}/" in rel and base[: -len(".json")] not in names
+            ):
+                store.delete(rel)  # from an earlier, different run
+        if mine or split == "train":
+            store.write_json(
+                f"{sub}/{INDEX_FILE}",
+                {
+                    "config_hash": params["config_hash"],
+                    "global_hash": global_hash,
+                    "split": split,
+                    "shards": [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in mine],
+                    "total_samples": sum(e["samples"] for e in mine),
+                    "total_bytes": sum(e["bytes"] for e in mine),
+                },
+                indent=1,
+            )
+    timings["shards_s"] = round(time.time() - t0 - sum(timings.values()), 2)
+
+    counts: Counter = Counter()
+    for r in res:
+        counts.update(r["counts"])
+    summary = {
+        "triplets_out": counts["samples"],
+        "triplets_by_pair_type": {
+            k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("pair_type:")
+        },
+        "rejections_by_reason": dict(sorted(rej.items(), key=lambda kv: -kv[1])),
+        "near_duplicate_videos": pairs_done["near_duplicate_videos"],
+        "near_duplicate_groups": pairs_done["near_duplicate_groups"],
+        "shards": sum(e["split"] == "train" for e in entries),
+        "eval_shards": sum(e["split"] == "eval" for e in entries),
+        "eval_videos": counts["eval_videos"],
+        "eval_triplets": counts["eval_samples"],
+        "scenarios": {t: counts[f"scenario:{t}"] for t in scenarios.TAXONOMY},
+        "pair_verdicts": pairs_done["verdicts"],
+        "units": gather["units"],
+        "clips_in": gather["clips"],
+        "partitions": n_part,
+        "shards_written": sum(r["written"] for r in res),
+        "shards_kept": sum(r["kept"] for r in res),
+        "pair_hash": pair_hash,
+        "global_hash": global_hash,
+        "timings_s": timings,
+    }
+    store.write_json(f"{sdir}/_done.json", {"summary": summary})
+    log.info(
+        "global phase %s: %d triplets in %d shards (%.1f s)",
+        global_hash,
+        summary["triplets_out"],
+        summary["shards"] + summary["eval_shards"],
+        time.time() - t0,
+    )
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pair step on in-memory rows (tests and small tools): the same steps over a temporary local store
+
+
+def pair_rows(rows: list[dict], pair_params, out_dir: str) -> list[dict]:
+    """Rows with ``pairs`` / ``pair_rejections`` / ``face_pairs`` / ``face_pair_rejections`` on each subject,
+    computed by the global phase's own steps (export, gather, search, near-duplicate groups, verdicts) over a
+    temporary store; the histogram goes to ``<out_dir>/pairing/histogram.json``."""
+    import pyarrow.dataset as pds
+
+    rows = [{**r, "subjects": [dict(s) for s in r.get("subjects") or []]} for r in rows]
+    pp = _params_dict(pair_params)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(tmp)
+        by_video: dict[str, list[dict]] = defaultdict(list)
+        for r in rows:
+            by_video[str(r["video_id"])].append(r)
+        for vrows in by_video.values():
+            export_video(vrows, store, out_dir, "m")
+            _, errors = video_units(vrows, out_dir)
+            for r in vrows:
+                if str(r.get("clip_id")) in errors:
+                    r["pair_error"] = errors[str(r["clip_id"])]
+        gather = gather_tables(store, "m", "g", "sequential")
+        done = find_pairs(store, gather, pp, "p", "sequential")
+        at = {(r.get("clip_id"), si): s for r in rows for si, s in enumerate(r["subjects"])}
+        for kind, pk, rk in (
+            ("subject", "pairs", "pair_rejections"),
+            ("face", "face_pairs", "face_pair_rejections"),
+        ):
+            low, high = (pp["low"], pp["high"]) if kind == "subject" else (pp["face_low"], pp["face_high"])
+            seen_units = set()
+            files = done["files"][kind]
+            recs = (
+                pds.dataset([store.path(f) for f in files], format="parquet").to_table().to_pylist()
+                if files
+                else []
+            )
+            for rec in recs:
+                s = at[(rec["q_clip"], rec["q_subject"])]
+                if (rec["q_clip"], rec["q_subject"]) not in seen_units:
+                    seen_units.add((rec["q_clip"], rec["q_subject"]))
+                    s.setdefault(pk, [])
+                    s.setdefault(rk, [])
+                out = {
+                    "clip_id": rec["c_clip"],
+                    "video_id": rec["c_video"],
+                    "subject": rec["c_subject"],
+                    "score": rec["score"],
+                }
+                # a copy by pHash, not by score: its distance says why
+                if (
+                    rec["phash_distance"] >= 0
+                    and rec["band"] == "copy_paste"
+                    and pairing.band_reason(rec["score"], low, high) != "copy_paste"
+                ):
+                    out["phash_distance"] = rec["phash_distance"]
+                if rec["verdict"] == "pair":
+                    s[pk].append(out)
+                else:
+                    s[rk].append({**out, "reason": rec["verdict"]})
+        atomic_write_json(os.path.join(out_dir, "pairing", "histogram.json"), done["histogram"])
+    return rows

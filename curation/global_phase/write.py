@@ -1,0 +1,161 @@
+"""Step 6 of the global phase: the shards, one writer per partition and split (byte-reproducible WebDataset
+tars, a record per finished shard, kept on resume when the record matches the plan)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections import Counter, defaultdict
+
+from curation.global_phase.tables import sha
+from curation.shards import RECORDS_DIR, member_bytes, plan_shards
+from curation.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def shard_name(partition: int, seq: int) -> str:
+    return f"shard-{partition:05d}-{seq:06d}.tar"
+
+
+def _sha256_bytes_of(store: Store, rel: str) -> str:
+    h = hashlib.sha256()
+    with store.fs.open_input_stream(store.path(rel)) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_tar_local(path: str, samples: list[dict], store: Store) -> None:
+    """A WebDataset tar, byte-reproducible: ustar headers with a fixed mtime, owner and mode; the members of
+    a sample ``<key>.<ext>`` in sorted extension order."""
+    import tarfile
+
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for s in samples:
+            key = s["__key__"]
+            for ext in sorted(k for k in s if k != "__key__"):
+                v = s[ext]
+                data = store.read_bytes(v[1]) if isinstance(v, tuple) else v
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size, ti.mtime, ti.mode = len(data), 0, 0o444
+                ti.uname = ti.gname = "phantom"
+                tf.addfile(ti, io.BytesIO(data))
+
+
+def _file_size(store: Store, rel: str) -> int:
+    from pyarrow import fs
+
+    info = store.fs.get_file_info(store.path(rel))
+    if info.type != fs.FileType.File:
+        raise FileNotFoundError(f"missing {rel}")
+    return int(info.size)
+
+
+def write_partition(item: dict, store: Store, params: dict) -> dict:
+    """The shards of one partition: samples (sorted by key) in shards of at most maxcount samples / maxsize
+    bytes named shard-<partition>-<seq>.tar, each written under a temporary name and moved into place, then
+    one small record per finished shard. A re-run keeps every shard whose record matches its plan."""
+    import pyarrow.parquet as pq
+
+    p, wp, gh = item["partition"], params["write"], params["global_hash"]
+    t = pq.read_table(io.BytesIO(store.read_bytes(item["plans"])))
+    rejections: Counter = Counter()
+    counts: Counter = Counter()
+    eval_videos: set[str] = set()  # partitions hold disjoint videos: the driver adds the counts up
+    entries, written, kept = [], 0, 0
+    by_split: dict[str, list[dict]] = defaultdict(list)
+    for rec in t.to_pylist():
+        by_split[rec["split"]].append(rec)
+    for split, recs in sorted(by_split.items()):
+        subdir = wp["shards_subdir"] if split == "train" else wp["eval_subdir"]
+        samples, sizes = [], []
+        for rec in recs:
+            try:
+                if not rec["clip_path"]:
+                    raise FileNotFoundError("no clip_path")
+                files = [("mp4", rec["clip_path"])] + [(f"ref_{k}.jpg", r) for k, r in enumerate(rec["refs"])]
+                size = 0
+                for _, rel in files:
+                    size += member_bytes(_file_size(store, rel))
+            except (OSError, ValueError) as e:
+                rejections[f"write_shards:{type(e).__name__}"] += 1
+                log.warning("write_shards: %s: %s", rec["key"], e)
+                continue
+            js = rec["meta"].encode()
+            txt = rec["caption"].encode()
+            size += member_bytes(len(js)) + member_bytes(len(txt))
+            sample = {"__key__": rec["key"], "json": js, "txt": txt}
+            sample.update({ext: ("file", rel) for ext, rel in files})
+            samples.append((sample, rec))
+            sizes.append(size)
+            counts["samples"] += 1
+            counts[f"pair_type:{rec['pair_type']}"] += 1
+            counts.update(f"scenario:{t}" for t in json.loads(rec["meta"])["scenarios"])
+            if split == "eval":
+                counts["eval_samples"] += 1
+                eval_videos.add(rec["video_id"])
+        for seq, (a, b) in enumerate(plan_shards(sizes, wp["maxcount"], int(wp["maxsize_mb"] * (1 << 20)))):
+            name = shard_name(p, seq)
+            keys = [s["__key__"] for s, _ in samples[a:b]]
+            # what the shard holds: keys, sample JSON and member files (a changed partner changes it)
+            digest = sha(
+                "\n".join(f"{r['key']}\t{r['meta']}\t{r['clip_path']}\t{r['refs']}" for _, r in samples[a:b]),
+                64,
+            )
+            rec_rel, shard_rel = f"{subdir}/{RECORDS_DIR}/{name}.json", f"{subdir}/{name}"
+            prev = store.read_json(rec_rel)
+            if (
+                prev
+                and prev.get("global_hash") == gh
+                and prev.get("plan_sha256") == digest
+                and store.is_file(shard_rel)
+                and store.size(shard_rel) == prev.get("bytes")
+                and (not wp["verify_on_resume"] or _sha256_bytes_of(store, shard_rel) == prev.get("sha256"))
+            ):
+                entries.append({k: prev[k] for k in ("name", "split", "samples", "bytes", "sha256")})
+                kept += 1
+                continue
+            fd, tmp = tempfile.mkstemp(suffix=".tar.tmp")
+            os.close(fd)
+            try:
+                _write_tar_local(tmp, [s for s, _ in samples[a:b]], store)
+                h = hashlib.sha256()
+                with open(tmp, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                store.put_file(shard_rel, tmp)
+                entry = {
+                    "name": name,
+                    "split": split,
+                    "samples": b - a,
+                    "bytes": os.path.getsize(tmp),
+                    "sha256": h.hexdigest(),
+                }
+            finally:
+                os.unlink(tmp)
+            store.write_json(
+                rec_rel,
+                {
+                    **entry,
+                    "global_hash": gh,
+                    "plan_sha256": digest,
+                    "partition": p,
+                    "first_key": keys[0],
+                    "last_key": keys[-1],
+                },
+            )
+            entries.append(entry)
+            written += 1
+    counts["eval_videos"] = len(eval_videos)
+    return {
+        "entries": entries,
+        "written": written,
+        "kept": kept,
+        "rejections": dict(rejections),
+        "counts": dict(counts),
+    }
