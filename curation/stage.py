@@ -94,9 +94,6 @@ class Stage:
     name: ClassVar[str] = "stage"
     Params: ClassVar[type] = None  # a dataclass; None means the stage takes no params
     uses_model: ClassVar[bool] = False
-    # "map": rows flow through in batches; "global": the stage sees every committed row at once
-    # (cross-video pairing, shard writing) and runs after the per-video phase is committed.
-    kind: ClassVar[str] = "map"
 
     def __init__(self, params=None, backend: dict | None = None, ctx: StageContext | None = None):
         self.params = params if params is not None else (self.Params() if self.Params else None)
