@@ -9,7 +9,6 @@ import io
 import json
 import os
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +16,22 @@ import numpy as np
 from curation.scenarios import TAXONOMY
 from curation.scenarios import labels as scenario_labels
 from curation.scenarios import primary as primary_scenario
-from curation.shards import INDEX_NAMES, index_path, iter_tar_samples, read_index, sha256_file
+from curation.shards import (
+    INDEX_NAMES,
+    TAR_ERRORS,
+    index_entries,
+    index_path,
+    iter_tar_samples,
+    read_index,
+    sha256_file,
+)
 
 REF_NAMES = [f"ref_{i}.jpg" for i in range(4)]
 
 
 def shard_files(shards_dir: str | os.PathLike) -> list[Path]:
     """The shards named by the index (in order), else every shard-*.tar in the folder."""
-    d = Path(shards_dir)
-    if index_path(d) is not None:
-        return [d / e["name"] for e in read_index(d)["shards"]]
-    return sorted(d.glob("shard-*.tar"))
+    return [Path(shards_dir) / e["name"] for e in index_entries(shards_dir)[1]]
 
 
 def iter_samples(shards_dir: str | os.PathLike, limit: int = 0):
@@ -41,7 +45,7 @@ def iter_samples(shards_dir: str | os.PathLike, limit: int = 0):
                 n += 1
                 if limit and n >= limit:
                     return
-        except (OSError, tarfile.TarError) as e:
+        except TAR_ERRORS as e:
             print(f"warning: {path.name}: {e}", file=sys.stderr)
 
 
@@ -252,7 +256,7 @@ def validate(shards_dir: str) -> int:
                 keys.append(key)
                 for problem in check_sample(key, s):
                     bad[e["name"]].append(f"{key}: {problem}")
-        except (OSError, tarfile.TarError, EOFError) as err:
+        except TAR_ERRORS as err:
             bad[e["name"]].append(f"unreadable tar: {type(err).__name__}: {err}")
         n_samples += len(keys)
         if "keys" in e and keys != e["keys"]:

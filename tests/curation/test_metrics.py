@@ -268,6 +268,15 @@ def test_clip_and_dino_on_tiny_random_models(tmp_path):
             clip.encode_image(preprocess(Image.fromarray(pad_square(other)))[None]), dim=-1
         )
     assert _value(diff, "CLIP-T") == pytest.approx(float(i @ t.T), abs=1e-4)
+    # the metrics' embedders are the pipeline's image_embedder backends, built by name
+    from curation.backends.embedders import Dinov2Embedder, OpenClipEmbedder
+    from curation.stage import build_backend
+
+    used = {m.name: m.embedder for m in suite.metrics if hasattr(m, "embedder")}
+    assert isinstance(used["CLIP-I"], OpenClipEmbedder) and used["TempCons-CLIP"] is used["CLIP-I"]
+    assert isinstance(used["DINO-I"], Dinov2Embedder)
+    piped = build_backend("image_embedder", "dinov2", model_path=str(dino), models_dir=str(tmp_path))
+    np.testing.assert_array_equal(piped.embed([img, other]), used["DINO-I"].embed([img, other]))
     with pytest.raises(Exception, match="sha256"):
         MetricSuite(
             metrics_config({"dino": {"model_path": str(dino), "sha256": "0" * 64}}), ["subject"]

@@ -11,13 +11,23 @@ import sys
 import tarfile
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from curation.config import StageSpec
 from curation.global_phase import export_video, run_global
-from curation.shards import INDEX_FILE, RECORDS_DIR, iter_tar_samples, plan_shards, read_index, sha256_file
+from curation.shards import (
+    INDEX_FILE,
+    RECORDS_DIR,
+    ShardSetWriter,
+    iter_tar_samples,
+    list_shards,
+    plan_shards,
+    read_index,
+    sha256_file,
+)
 from curation.stage import StageContext
 from curation.stages.subject_embed import encode_jpeg
 from curation.storage import Store
@@ -244,6 +254,48 @@ def test_size_limit_and_plan():
     assert plan_shards([10, 10, 10, 10], maxcount=3, maxsize=100) == [(0, 3), (3, 4)]
     assert plan_shards([60, 60, 200, 10], maxcount=10, maxsize=100) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     assert plan_shards([], 3, 100) == []
+
+
+def test_list_shards_follows_the_index_confined_and_checked(tmp_path):
+    samples = [{"__key__": f"k{i}", "txt": f"caption {i}".encode(), "json": b"{}"} for i in range(6)]
+    index = ShardSetWriter(tmp_path / "set", maxcount=2).write(samples)
+    names = [e["name"] for e in index["shards"]]
+
+    def listed(d, **kw):
+        return [Path(p).name for p in list_shards(d, **kw)]
+
+    assert listed(tmp_path / "set", verify_sha256=True) == names
+    one = tmp_path / "set" / names[1]
+    assert list_shards(one) == [str(one.resolve())]  # a tar is itself
+    # earlier writers' indexes: a list of names, or entries naming the shard under "path"
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for n in names:
+        (legacy / n).write_bytes((tmp_path / "set" / n).read_bytes())
+    (legacy / "index.json").write_text(json.dumps([names[2], {"path": names[0]}]))
+    assert listed(legacy) == [names[2], names[0]]
+    (legacy / "index.json").unlink()
+    assert listed(legacy) == names  # no index: every shard-*.tar in name order
+
+    bad = json.loads((tmp_path / "set" / INDEX_FILE).read_text())
+    bad["shards"][0]["sha256"] = "0" * 64
+    (legacy / INDEX_FILE).write_text(json.dumps(bad))
+    assert listed(legacy) == names  # the hashes are checked only when asked
+    with pytest.raises(ValueError, match="sha256"):
+        list_shards(legacy, verify_sha256=True)
+    for entry, error, match in (
+        ({"name": "../set/" + names[0]}, ValueError, "escapes"),
+        ({"name": "shard-000009.tar"}, FileNotFoundError, "missing"),
+        ({"size": 1}, ValueError, "without a name"),
+    ):
+        (legacy / INDEX_FILE).write_text(json.dumps({"shards": [entry]}))
+        with pytest.raises(error, match=match):
+            list_shards(legacy)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        list_shards(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_shards(tmp_path / "nowhere")
 
 
 def test_bad_rows_are_recorded_not_fatal(tmp_path):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from curation.shards import list_shards
 from training.data import (
     CorruptTally,
     DataPosition,
-    EncodingCache,
     StreamSpec,
     TripletStream,
     build_loader,
@@ -21,9 +21,9 @@ from training.data import (
     epoch_shards,
     frame_indices,
     letterbox,
-    list_shards,
     resize_center_crop,
 )
+from training.encode import EncodingCache
 
 BUCKETS = [[32, 64], [48, 48]]
 
@@ -144,21 +144,31 @@ def test_ranks_read_different_data(triplet_shards):
     assert keys[0] and keys[1] and not keys[0] & keys[1]
 
 
-def test_list_shards_confined_and_checked(tmp_path, triplet_shards):
-    assert len(list_shards(triplet_shards, verify_sha256=True)) == 4
-    (tmp_path / "index.json").write_text(json.dumps({"shards": [{"name": "../escape.tar"}]}))
-    (tmp_path.parent / "escape.tar").write_bytes(b"")
-    with pytest.raises(ValueError, match="escapes"):
-        list_shards(tmp_path)
-    index = json.loads((triplet_shards / "index.json").read_text())
-    index["shards"][0]["sha256"] = "0" * 64
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for entry in index["shards"]:
-        (bad / entry["name"]).write_bytes((triplet_shards / entry["name"]).read_bytes())
-    (bad / "index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="sha256"):
-        list_shards(bad, verify_sha256=True)
+def test_a_truncated_shard_is_counted_and_its_samples_before_the_break_kept(tmp_path, triplet_shards):
+    import tarfile
+    from pathlib import Path
+
+    from curation.shards import iter_tar_samples
+    from training.data import CorruptCounter
+
+    urls = list_shards(triplet_shards)
+    with tarfile.open(urls[0]) as tf:
+        members = tf.getmembers()
+    big = max(members[4:], key=lambda m: m.size)  # a clip past the first sample
+    cut = tmp_path / "shard-000000.tar"
+    cut.write_bytes(Path(urls[0]).read_bytes()[: big.offset_data + big.size // 2])
+    kept = []
+    with pytest.raises(tarfile.ReadError):
+        kept.extend(k for k, _ in iter_tar_samples(cut))
+    others = {k for u in urls[1:] for k, _ in iter_tar_samples(u)}
+    assert kept and len(others) == 18
+    counter = CorruptCounter()
+    raw = TripletStream(_spec(triplet_shards))._raw_from([str(cut), *urls[1:]], 0, 0, counter)
+    # one epoch (every shard once), and the first sample of the next, so the broken shard has been read past
+    epoch = list(itertools.islice(raw, len(kept) + len(others) + 1))[:-1]
+    assert {s["__key__"] for s in epoch} == set(kept) | others
+    assert counter.counts == {"tar:ReadError": 1}
+    assert all(s["__url__"] in (str(cut), *urls[1:]) and "mp4" in s for s in epoch)
 
 
 def test_encoding_cache_roundtrip(tmp_path):
