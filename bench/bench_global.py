@@ -18,7 +18,7 @@ CLIPS_PER_VIDEO = 50
 
 _GEN = """
 import sys
-from curation.global_synth import make_videos
+from curation.demo.tables import make_videos
 make_videos(sys.argv[1], int(sys.argv[2]), dim=int(sys.argv[3]), clips_per_video=int(sys.argv[4]))
 """
 

@@ -20,9 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(cfg):
+    from curation.demo.footage import build_sample
     from curation.sources import load_source
 
     spec = cfg.sources["sample"]
+    build_sample(spec.sample_dir)  # the sample source reads a built folder (as `python -m curation.run` does)
     wanted = set(VIDEOS.split(","))
     return [r for r in load_source(spec, str(REPO / "output" / "sample")) if r["video_id"] in wanted]
 

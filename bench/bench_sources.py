@@ -37,8 +37,9 @@ def _write_panda_csv(path: str, videos_dir: str) -> None:
 
 
 def run() -> dict[str, float]:
+    from curation.demo.footage import build_sample
+    from curation.demo.ground_truth import load_ground_truth
     from curation.sources.panda70m import parse_literal, read_panda_csv
-    from curation.sources.sample import build_sample, load_ground_truth
 
     out: dict[str, float] = {}
     tmp = tempfile.mkdtemp(prefix="bench_sources_")

@@ -140,7 +140,7 @@ def test_sample_curated_from_and_into_s3(s3_bucket, tmp_path):
     import webdataset as wds
 
     from curation.config import load_config
-    from curation.sources.sample import build_sample
+    from curation.demo.footage import build_sample
     from curation.storage import Store
 
     paths = build_sample(REPO / load_config(str(REPO / "pipelines.yaml")).sources["sample"].sample_dir)

@@ -62,11 +62,9 @@ def load_source(spec, out_dir: str) -> Iterator[dict[str, Any]]:
             raise ValueError("source dir: `videos_dir:` (the folder to scan) is required")
         return iter_videos(spec.videos_dir, limit=spec.limit, captions=spec.csv)
     if kind == "sample":
-        from curation.sources.panda70m import iter_panda_csv
-        from curation.sources.sample import build_sample
+        from curation.sources.sample import iter_sample
 
-        paths = build_sample(spec.sample_dir)
-        return iter_panda_csv(paths.csv, paths.videos_dir, source="sample", limit=spec.limit)
+        return iter_sample(spec.sample_dir, limit=spec.limit)
     raise ValueError(f"unknown source kind {kind!r}; allowed values: ['panda70m', 'dir', 'sample']")
 
 

