@@ -31,8 +31,9 @@ def _shards(root: Path) -> Path:
 
 def measure() -> dict[str, float]:
     """Loader and training throughput in this process (run() calls it in a fresh one)."""
+    from curation.shards import list_shards
     from training.config import load_config
-    from training.data import StreamSpec, build_loader, list_shards
+    from training.data import StreamSpec, build_loader
     from training.loop import read_metrics, train
 
     repo = Path(__file__).resolve().parents[1]

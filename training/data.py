@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from curation.shards import iter_tar_samples
+
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("mp4", "txt", "json")
@@ -35,50 +37,6 @@ MAX_EMPTY_EPOCHS = 3
 
 
 # ----------------------------------------------------------------------------- shard lists
-
-
-def list_shards(shards: str | os.PathLike, verify_sha256: bool = False) -> list[str]:
-    """Shard paths from a directory's index (curation.shards.INDEX_NAMES; else its shard-*.tar files),
-    confined to that directory."""
-    root = Path(shards).resolve()
-    if root.is_file() and root.suffix == ".tar":
-        return [str(root)]
-    if not root.is_dir():
-        raise FileNotFoundError(f"shard directory {root} does not exist")
-    from curation.shards import INDEX_FILE
-    from curation.shards import index_path as find_index
-
-    index_path = find_index(root) or root / INDEX_FILE
-    entries: list[dict[str, Any]] = []
-    if index_path.exists():
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-        raw = index.get("shards", []) if isinstance(index, dict) else index
-        for item in raw:
-            entry = {"name": item} if isinstance(item, str) else dict(item)
-            name = entry.get("name") or entry.get("path") or entry.get("file") or entry.get("shard")
-            if not isinstance(name, str):
-                raise ValueError(f"{index_path}: shard entry without a name: {item!r}")
-            entry["name"] = name
-            entries.append(entry)
-    else:
-        entries = [{"name": p.name} for p in sorted(root.glob("shard-*.tar"))]
-    paths = []
-    for entry in entries:
-        path = (root / entry["name"]).resolve()
-        # Names come from a file we did not write: never follow them outside the shard directory.
-        if not path.is_relative_to(root):
-            raise ValueError(f"{index_path}: shard {entry['name']!r} escapes {root}")
-        if not path.exists():
-            raise FileNotFoundError(f"shard {path} listed in {index_path} is missing")
-        if verify_sha256 and entry.get("sha256"):
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            if digest != entry["sha256"]:
-                raise ValueError(f"shard {path}: sha256 {digest} != index {entry['sha256']}")
-        paths.append(str(path))
-    if not paths:
-        raise FileNotFoundError(f"no shards in {root}")
-    return paths
 
 
 def epoch_shards(
@@ -342,20 +300,16 @@ class TripletStream(torch.utils.data.IterableDataset):
         empty_epochs = 0
         for epoch in itertools.count():
             mine = epoch_shards(urls, seed, epoch, s.rank, s.world_size, stream, s.num_streams)
-            # Shard order is already a seeded per-epoch shuffle split by rank and stream, so the
-            # dataset itself must neither reshuffle nor resplit it.
-            ds = wds.WebDataset(
-                mine,
-                shardshuffle=False,
-                nodesplitter=None,
-                workersplitter=None,
-                empty_check=False,
-                handler=counter.handler,
-            )
+            # Shard order is already a seeded per-epoch shuffle split by rank and stream: read as listed.
             n = 0
-            for sample in ds:
-                n += 1
-                yield sample
+            for url in mine:
+                try:
+                    for key, members in iter_tar_samples(url):
+                        n += 1
+                        yield {"__key__": key, "__url__": url, **members}
+                except Exception as exn:  # noqa: BLE001 - a bad shard is counted; samples before the break stay
+                    exn.args = (*exn.args, url)
+                    counter.handler(exn)
             empty_epochs = 0 if n else empty_epochs + 1
             if empty_epochs >= MAX_EMPTY_EPOCHS:
                 raise RuntimeError(f"stream {stream} of rank {s.rank}: no readable samples in {mine}")

@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from curation.image_pairs import write_image_pair_shards
-from curation.shards import iter_tar_samples, read_index
+from curation.shards import iter_tar_samples, list_shards, read_index
 from tests.curation.test_image_pairs import good_rows, s200k_row, write_s200k
 from training.config import ConfigError, load_config
-from training.data import IMAGE_PAIR, StreamSpec, TripletStream, list_shards, resize_center_crop
+from training.data import IMAGE_PAIR, StreamSpec, TripletStream, resize_center_crop
 
 REPO = Path(__file__).resolve().parents[2]
 
