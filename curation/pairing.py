@@ -1,4 +1,4 @@
-"""Pairing math: nearest neighbours (exact blocked, faiss ANN, spread over Ray) and the similarity band rule.
+"""Pairing math: nearest neighbours (exact blocked, faiss ANN) and the similarity band rule; pure functions.
 
 Every search returns, per query row, its ``m`` nearest rows from *other groups* (a group is a source video, or
 a clip when other clips of the same source may pair) with exact fp32 cosine scores. The band rule then labels
@@ -203,93 +203,6 @@ def topk_faiss(
         for r0, r1 in _strips(x.shape[0], block_rows)
     ]
     return Neighbours(np.concatenate([p.idx for p in parts]), np.concatenate([p.score for p in parts]))
-
-
-# --- the Ray-spread version: query blocks as tasks against one shared matrix / index in the object store ---
-
-
-def _ray_exact_task(x, groups, m, strips):
-    import torch
-
-    torch.set_num_threads(1)
-    return exact_strips(x, groups, m, strips)
-
-
-def _ray_faiss_task(x, groups, index_bytes, rows, m, nprobe, extra):
-    import faiss
-
-    faiss.omp_set_num_threads(1)
-    index = faiss.deserialize_index(index_bytes)
-    return faiss_search(index, x, groups, rows, m, nprobe, extra)
-
-
-def topk_ray(
-    x: np.ndarray,
-    groups: np.ndarray,
-    m: int,
-    method: str = "exact",
-    n_tasks: int = 0,
-    block_rows: int = 2048,
-    nprobe: int = 0,
-    nlist: int = 0,
-) -> Neighbours:
-    """The same search spread over Ray tasks: the embedding matrix (and the faiss index, serialised) go into
-    the object store once; each task takes a share of the query blocks. Ray must be initialised by the caller.
-    """
-    import ray
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    groups = np.asarray(groups, dtype=np.int64)
-    n = x.shape[0]
-    n_tasks = n_tasks or max(1, int(ray.available_resources().get("CPU", 1)))
-    x_ref, g_ref = ray.put(x), ray.put(groups)
-    if method == "exact":
-        strips = _strips(n, block_rows)
-        # Strip r0 costs ~ (N - r0): deal strips round-robin from both ends so tasks get equal work.
-        order = [s for pair in zip(strips, strips[::-1]) for s in pair][: len(strips)]
-        shares = [order[i::n_tasks] for i in range(n_tasks)]
-        task = ray.remote(num_cpus=1)(_ray_exact_task)
-        parts = ray.get([task.remote(x_ref, g_ref, m, sh) for sh in shares if sh])
-        best = _empty(n, m)
-        for p in parts:
-            best = merge_topk(best, p, m)
-        return best
-    if method == "faiss":
-        import faiss
-
-        index_ref = ray.put(faiss.serialize_index(build_faiss(x, nlist)))  # uint8 array, zero-copy in tasks
-        extra = _max_group_size(groups)
-        task = ray.remote(num_cpus=1)(_ray_faiss_task)
-        chunks = np.array_split(np.arange(n), n_tasks)
-        parts = ray.get([task.remote(x_ref, g_ref, index_ref, c, m, nprobe, extra) for c in chunks if len(c)])
-        return Neighbours(np.concatenate([p.idx for p in parts]), np.concatenate([p.score for p in parts]))
-    raise ValueError(f"unknown method {method!r}; allowed: exact, faiss")
-
-
-def nearest(
-    x: np.ndarray,
-    groups: np.ndarray,
-    m: int,
-    method: str = "auto",
-    exact_max: int = 20_000,
-    nprobe: int = 0,
-    ray_tasks: int = 0,
-) -> Neighbours:
-    """Dispatch: ``auto`` uses the exact search up to ``exact_max`` rows and faiss above; ``ray`` spreads the
-    search chosen by size over Ray tasks."""
-    n = len(x)
-    if n == 0:
-        return _empty(0, m)
-    if method == "auto":
-        method = "exact" if n <= exact_max else "faiss"
-    if method == "exact":
-        return topk_exact(x, groups, m)
-    if method == "faiss":
-        return topk_faiss(x, groups, m, nprobe=nprobe)
-    if method == "ray":
-        sub = "exact" if n <= exact_max else "faiss"
-        return topk_ray(x, groups, m, method=sub, n_tasks=ray_tasks, nprobe=nprobe)
-    raise ValueError(f"unknown pairing method {method!r}; allowed: auto, exact, faiss, ray")
 
 
 def classify(nb: Neighbours, low: float, high: float, top_k: int) -> np.ndarray:
