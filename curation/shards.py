@@ -49,9 +49,9 @@ def confined(root: str | os.PathLike, rel: str) -> Path:
 
 def _atomic(path: str | os.PathLike, write: Callable) -> None:
     # the one atomic local write (temp file + rename; stale temps of a killed writer removed)
-    from curation.storage import _atomic_local
+    from curation.storage import atomic_local
 
-    _atomic_local(os.path.abspath(str(path)), write)
+    atomic_local(os.path.abspath(str(path)), write)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -192,7 +192,7 @@ class Store:
     # -- writes -----------------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.is_local:
-            _atomic_local(self.path(rel), lambda f: f.write(data))
+            atomic_local(self.path(rel), lambda f: f.write(data))
             return
         with self.fs.open_output_stream(self.path(rel)) as f:
             f.write(data)
@@ -207,7 +207,7 @@ class Store:
             dest = self.path(rel)
             if os.path.abspath(dest) == local:
                 return
-            _atomic_local(dest, lambda f: _copy_into(local, f))
+            atomic_local(dest, lambda f: _copy_into(local, f))
             return
         with open(local, "rb") as src, self.fs.open_output_stream(self.path(rel)) as f:
             shutil.copyfileobj(src, f, 1 << 20)
@@ -251,7 +251,7 @@ def _copy_into(src: str, f) -> None:
         shutil.copyfileobj(s, f, 1 << 20)
 
 
-def _atomic_local(path: str, write) -> None:
+def atomic_local(path: str, write) -> None:
     folder, name = os.path.dirname(path) or ".", os.path.basename(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
