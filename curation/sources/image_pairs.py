@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from curation import scenarios
-from curation.parsing import lexicon_category, normalize_category
+from curation.parsing import categorize
 from curation.shards import (
     confined,
     safe_component,
@@ -201,9 +201,11 @@ def _image_bytes(value: Any, images_dir: str | None, what: str) -> bytes:
 # ----------------------------------------------------------------------------- rows -> pairs
 
 
-def subject_category(name: str, dataset_category: str | None = None) -> str:
-    """curation.parsing category of a subject: its head noun when unambiguous, else the dataset's label."""
-    return lexicon_category(name or "") or normalize_category(dataset_category)
+def subject_category(name: str, dataset_category: str | None = None) -> tuple[str, str]:
+    """(category, source) of a subject: the dataset's label (source "dataset"), unless the category rule of
+    curation.parsing fires (source "rule")."""
+    category, source = categorize(name or "", dataset_category)
+    return category, ("rule" if source == "rule" else "dataset")
 
 
 def subjects200k_pairs(row: dict, row_id: str, params: ImagePairParams) -> list[Pair]:
@@ -231,11 +233,16 @@ def subjects200k_pairs(row: dict, row_id: str, params: ImagePairParams) -> list[
         raise Rejected("no_description")
     img = decode_rgb(_image_bytes(row.get("image"), None, "image"), "image")
     views = split_composite(img, params.pad_px)
-    category = subject_category(item, desc.get("category"))
+    category, category_source = subject_category(item, desc.get("category"))
     directions = [(0, 1), (1, 0)] if params.both_directions else [(0, 1)]
     out = []
     for ref_i, tgt_i in directions:
-        subject = {"name": item, "description": texts[ref_i], "category": category}
+        subject = {
+            "name": item,
+            "description": texts[ref_i],
+            "category": category,
+            "category_source": category_source,
+        }
         out.append(
             Pair(
                 key=safe_component(f"s200k_{row_id}_{ref_i}{tgt_i}"),

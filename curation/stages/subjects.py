@@ -60,7 +60,8 @@ def build_conversation(caption: str) -> list[dict]:
 
 @register_stage("subjects")
 class SubjectsStage(Stage):
-    """Adds ``subjects`` [{name, description, category}] (and ``subjects_dropped``); rejects with
+    """Adds ``subjects`` [{name, description, category, category_source}] (and ``subjects_dropped``); the
+    category is the LLM's unless the documented category rule of curation.parsing fires; rejects with
     ``subjects:parse_failed`` (raw replies kept in ``subjects_raw``), ``subjects:none`` or
     ``subjects:unsupported`` (every name missing from the caption)."""
 

@@ -3,13 +3,18 @@
 import pytest
 
 from curation.parsing import (
+    RULE_NOUNS,
     apply_box_rules,
     box_iou,
+    categorize,
     extract_json,
     head_noun,
+    lower_words,
     normalize_category,
     parse_bbox_reply,
     parse_subjects,
+    rule_category,
+    singular,
     to_frame_box,
 )
 
@@ -71,20 +76,65 @@ def test_parse_subjects_corpus(reply, names, error):
         assert s["description"]
 
 
-def test_categories_unknown_map_to_other_and_lexicon_overrides():
+def test_categories_unknown_map_to_other():
     assert normalize_category("spaceship") == "other"
     assert normalize_category("IP Character") == "ip_character"
     assert normalize_category("Person") == "human"
-    res = parse_subjects(
-        '[{"name": "bus", "description": "red bus", "category": "human"}, '
-        '{"name": "gizmo", "description": "thing", "category": "weird"}]',
-        "A red bus and a gizmo.",
+
+
+def test_llm_category_wins_unless_the_rule_fires():
+    # none of these nouns is in the bundled sample (test below)
+    reply = (
+        '[{"name": "bus", "description": "red bus", "category": "human"}, '  # rule: bus is a product
+        '{"name": "gizmo", "description": "thing", "category": "weird"}, '  # not a rule noun: LLM, unknown
+        '{"name": "kite", "description": "kite", "category": "animal"}, '  # not a rule noun: the LLM wins
+        '{"name": "nurses", "description": "two nurses", "category": "Person"}, '  # agrees: LLM
+        '{"name": "cartoon dog", "description": "a cartoon dog", "category": "ip_character"}, '  # exempt
+        '{"name": "lighthouse", "description": "lighthouse", "category": ""}]'  # no label: the rule
     )
-    assert [s["category"] for s in res.subjects] == ["product", "other"]
+    res = parse_subjects(reply, "A red bus, a gizmo, a kite, nurses, a cartoon dog and a lighthouse.")
+    got = [(s["name"], s["category"], s["category_source"], s.get("category_llm")) for s in res.subjects]
+    assert got == [
+        ("bus", "product", "rule", "human"),
+        ("gizmo", "other", "llm", None),
+        ("kite", "animal", "llm", None),
+        ("nurses", "human", "llm", None),
+        ("cartoon dog", "ip_character", "llm", None),
+        ("lighthouse", "landmark", "rule", "other"),
+    ]
     raw = parse_subjects(
-        '[{"name": "bus", "description": "red bus", "category": "human"}]', use_lexicon=False
+        '[{"name": "bus", "description": "red bus", "category": "human"}]', category_rule=False
     )
-    assert raw.subjects[0]["category"] == "human"
+    assert [(s["category"], s["category_source"]) for s in raw.subjects] == [("human", "llm")]
+    assert categorize("two golden retrievers", "product") == ("animal", "rule")  # plural folded, head noun
+    assert categorize("man in a sweater", "product") == ("product", "llm")  # head noun "man": no rule
+
+
+def test_rule_nouns_hold_no_noun_of_the_bundled_sample():
+    """The rule must not be fitted to the sample: every word of its captions, subject names and
+    descriptions, identities and backgrounds is absent from RULE_NOUNS (plurals folded)."""
+    from curation.demo import footage as f
+
+    texts = []
+    for key, s in f.SUBJECTS.items():
+        texts += [key, s.name, s.description, s.verb, s.asset]
+    for v in f.REAL_VIDEOS.values():
+        texts += v["captions"]
+    for key, bg in f.BACKGROUNDS.items():
+        texts += [key, bg["phrase"]]
+    for key, ident in f.EXTRA_IDENTITIES.items():
+        texts += [key, ident["name"], ident["description"]]
+    texts += [d for d, _ in f.LFW_FALLBACK.values()]
+    descriptions = {k: s.description for k, s in f.SUBJECTS.items()}
+    texts += [
+        f.caption_for(shot, descriptions) for shots in f.VIDEOS.values() for shot in shots if not shot.copy_of
+    ]
+    sample_words = {singular(w) for t in texts for w in lower_words(t)}
+    assert {"astronaut", "espresso", "saucer", "rocket", "woman", "cat"} <= sample_words  # the texts are read
+    rule_words = {singular(w) for words in RULE_NOUNS.values() for w in words.split()}
+    assert not rule_words & sample_words
+    for word in sorted(sample_words):
+        assert rule_category(word) is None, word
 
 
 def test_head_noun_and_caption_support():
@@ -198,6 +248,10 @@ def test_trailing_comma_repair_leaves_string_contents_alone():
     assert extract_json('[{"name": "sign \\"x,}\\" red", "n": null,},]') == [
         {"name": 'sign "x,}" red', "n": None}
     ]
+    # a JSON-only escape ("\\/"): ast.literal_eval reads it as two characters, so only the trailing-comma
+    # repair before json.loads gives the right value
+    assert extract_json('{"a": "x\\/y",}') == {"a": "x/y"}
+    assert extract_json('prose [{"a": "x\\/y"},] more') == [{"a": "x/y"}]
     # the Python-literal path spells true/null the Python way outside strings only
     assert extract_json("{'a': 'true or null', 'b': true, 'c': [null,],}") == {
         "a": "true or null",

@@ -3,6 +3,7 @@
 import pytest
 
 from curation.backends.llm import reply_done
+from curation.parsing import rule_category
 from curation.stage import StageContext
 from curation.stages.subjects import SubjectsStage, build_conversation
 from tests.curation.test_caption import ChatServer
@@ -28,7 +29,13 @@ def test_smollm2_extracts_subjects(tmp_path):
     names = [s["name"].lower() for s in ok["subjects"]]
     assert any("man" in n for n in names)
     man = next(s for s in ok["subjects"] if "man" in s["name"].lower())
-    assert man["category"] == "human" and man["description"]
+    # "man" is no rule noun (curation.parsing.RULE_NOUNS): the category is the LLM's own answer
+    assert rule_category(man["name"]) is None
+    assert man["category"] == "human" and man["category_source"] == "llm" and man["description"]
+    for s in ok["subjects"]:  # a rule fires only on a rule noun, and says what the LLM had answered
+        assert s["category_source"] in ("llm", "rule")
+        if s["category_source"] == "rule":
+            assert s["category"] == rule_category(s["name"]) != s["category_llm"]
     # Every kept subject is supported by the caption (the deterministic post-check).
     from curation.parsing import supported_by_caption
 
@@ -65,12 +72,41 @@ def test_openai_extractor_with_retry(tmp_path):
         st = SubjectsStage(backend=backend, ctx=StageContext(out_dir=str(tmp_path)))
         (r,) = st([_row(CAPTION)])
         assert r["status"] == "ok" and r["subjects_attempts"] == 2
-        assert [(s["name"], s["category"]) for s in r["subjects"]] == [("man", "human"), ("car", "product")]
+        # the LLM's labels, through their synonyms ("Person", "vehicle"): no rule fired
+        assert [(s["name"], s["category"], s["category_source"]) for s in r["subjects"]] == [
+            ("man", "human", "llm"),
+            ("car", "product", "llm"),
+        ]
         retry_msgs = server.requests[1]["body"]["messages"]
         assert retry_msgs[-2] == {"role": "assistant", "content": "Sorry, here you go: the man."}
         assert retry_msgs[-1]["role"] == "user"
     finally:
         server.close()
+
+
+def test_llm_category_wins_unless_the_rule_fires(tmp_path):
+    """Through the stage and an LLM server: the LLM's category stands, even a doubtful one on a noun the
+    rule does not know; on a rule noun ("nurse") a contradicting label is replaced and the row says so."""
+    caption = "A nurse in a green gown walks a greyhound past a parked tractor."
+    server = ChatServer(
+        [
+            '[{"name": "nurse", "description": "nurse in a green gown", "category": "animal"}, '
+            '{"name": "greyhound", "description": "greyhound on a lead", "category": "animal"}, '
+            '{"name": "tractor", "description": "parked tractor", "category": "landmark"}]'
+        ]
+    )
+    try:
+        backend = {"name": "openai_compatible", "base_url": server.url, "model": "m"}
+        (r,) = SubjectsStage(backend=backend, ctx=StageContext(out_dir=str(tmp_path)))([_row(caption)])
+    finally:
+        server.close()
+    assert r["status"] == "ok", r
+    got = [(s["name"], s["category"], s["category_source"], s.get("category_llm")) for s in r["subjects"]]
+    assert got == [
+        ("nurse", "human", "rule", "animal"),
+        ("greyhound", "animal", "llm", None),
+        ("tractor", "landmark", "llm", None),  # wrong, but no rule knows "tractor": the LLM's answer stands
+    ]
 
 
 def test_prompt_and_stop_rule():
