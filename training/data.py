@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
 import logging
 import math
-import os
 import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -180,14 +177,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def latent_tag(
-    encoder_sig: str, phase_idx: int, buckets, num_frames: int, fps: float, seed: int, max_refs: int
-) -> str:
-    """The latent-shard member name of one phase's encodings: a digest of everything they depend on."""
-    ident = json.dumps([encoder_sig, buckets, num_frames, fps, seed, max_refs])
-    return f"p{phase_idx}_{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
-
-
 def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch of latent-shard samples: per-sample encodings (padded later by encode_batch)."""
     n_max = max(s["n_refs"] for s in samples)
@@ -314,7 +303,7 @@ class TripletStream(torch.utils.data.IterableDataset):
             if empty_epochs >= MAX_EMPTY_EPOCHS:
                 raise RuntimeError(f"stream {stream} of rank {s.rank}: no readable samples in {mine}")
 
-    def _with_meta(self, samples: Iterator[dict[str, Any]], counter: CorruptCounter):
+    def with_meta(self, samples: Iterator[dict[str, Any]], counter: CorruptCounter):
         """Attach the parsed json and the bucket; samples with missing keys or bad json are counted."""
         bad_run = 0  # unusable samples in a row
         for sample in samples:
@@ -400,7 +389,7 @@ class TripletStream(torch.utils.data.IterableDataset):
             "meta": meta,
         }
 
-    def _decode(self, sample: dict[str, Any], counter: CorruptCounter) -> dict[str, Any] | None:
+    def decode(self, sample: dict[str, Any], counter: CorruptCounter) -> dict[str, Any] | None:
         s = self.spec
         if s.latent_tag is not None:
             return self._load_latents(sample, counter)
@@ -441,7 +430,7 @@ class TripletStream(torch.utils.data.IterableDataset):
         raw = self._raw(stream, counter)
         rng = random.Random(f"shuffle-{s.seed}-{s.rank}-{stream}")
         shuffled = wds.shuffle(s.shuffle_buffer, s.shuffle_initial, rng=rng)(raw)
-        groups = self._bucketed(self._with_meta(shuffled, counter))
+        groups = self._bucketed(self.with_meta(shuffled, counter))
         for _ in range(skip):
             next(groups)
         # Problems met while skipping were counted by the run that consumed those batches.
@@ -449,7 +438,7 @@ class TripletStream(torch.utils.data.IterableDataset):
         bad_groups = 0
         for index in itertools.count(skip):
             group = next(groups)
-            decoded = [d for d in (self._decode(x, counter) for x in group) if d is not None]
+            decoded = [d for d in (self.decode(x, counter) for x in group) if d is not None]
             if not decoded:
                 # A whole batch of corrupt samples: counted, and the next one is used.
                 bad_groups += 1
@@ -542,45 +531,3 @@ def build_loader(spec: StreamSpec, num_workers: int, prefetch_factor: int = 2, m
         # DataLoader hands batches back in worker order (in_order=True), which the stream layout needs.
         in_order=True,
     )
-
-
-# ----------------------------------------------------------------------------- encoder-output cache
-
-
-class EncodingCache:
-    """Encoder outputs per sample in safetensors files (never pickle), keyed by sample and transform."""
-
-    def __init__(self, root: str | os.PathLike, signature: str) -> None:
-        self.root = Path(root)
-        self.signature = signature
-        self.hits = 0
-        self.misses = 0
-
-    def path(self, key: str, bucket: list[int], frame_indices: list[int], num_refs: int) -> Path:
-        """Keyed by everything the encodings depend on: encoders, sample, output size, the exact frames."""
-        ident = json.dumps([self.signature, key, list(bucket), list(frame_indices), num_refs])
-        digest = hashlib.sha256(ident.encode()).hexdigest()
-        return self.root / digest[:2] / f"{digest}.safetensors"
-
-    def load(self, path: Path) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file
-
-        if not path.exists():
-            self.misses += 1
-            return None
-        try:
-            out = load_file(str(path))
-        except Exception as exn:  # noqa: BLE001 - a torn cache file is recomputed, not fatal
-            log.warning("ignoring unreadable cache file %s (%r)", path, exn)
-            self.misses += 1
-            return None
-        self.hits += 1
-        return out
-
-    def save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)

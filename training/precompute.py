@@ -104,23 +104,25 @@ def encode_shard(
     4 * batch_size samples is in memory at a time), and written back in their original order.
     """
     import torch
-    import webdataset as wds
 
     from curation.models import sha256_file
+    from curation.shards import iter_tar_samples
     from training.data import CorruptCounter, collate, video_size
     from training.encode import encode_fresh  # the trainer's own encoding: the same tensors as on the fly
 
     t0 = time.perf_counter()
     streams = _phase_streams(cfg)
     counter = CorruptCounter()
-    ds = wds.WebDataset(
-        [url],
-        shardshuffle=False,
-        nodesplitter=None,
-        workersplitter=None,
-        empty_check=False,
-        handler=counter.handler,
-    )
+
+    def samples():  # the one shard reader; a broken tar is counted, the samples before the break kept
+        try:
+            for key, members in iter_tar_samples(url):
+                yield {"__key__": key, "__url__": url, **members}
+        except Exception as exn:  # noqa: BLE001
+            exn.args = (*exn.args, url)
+            counter.handler(exn)
+
+    ds = samples()
     out_dir.mkdir(parents=True, exist_ok=True)
     name = Path(url).name
     tmp = out_dir / f".{name}.tmp{os.getpid()}"
@@ -155,7 +157,7 @@ def encode_shard(
             decoded_by_tag: dict[str, Any] = {}
             counter.counts.clear()
             # The trainer's own checks (missing keys, bad json, size): dropped before bucketing.
-            kept = list(streams[0][1]._with_meta(iter([sample]), counter))
+            kept = list(streams[0][1].with_meta(iter([sample]), counter))
             if not kept:
                 members["skip.txt"] = next(iter(counter.counts)).encode()
                 stats["skipped"] += 1
@@ -166,8 +168,8 @@ def encode_shard(
                 meta["frame_indices"] = {}
                 for tag, stream in streams:
                     counter.counts.clear()
-                    sample["_bucket"] = next(stream._with_meta(iter([dict(sample)]), counter))["_bucket"]
-                    decoded = stream._decode(sample, counter)
+                    sample["_bucket"] = next(stream.with_meta(iter([dict(sample)]), counter))["_bucket"]
+                    decoded = stream.decode(sample, counter)
                     if decoded is None:
                         members[f"{tag}.err"] = next(iter(counter.counts)).encode()
                         stats["errors"] += 1

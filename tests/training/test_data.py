@@ -200,7 +200,7 @@ def test_bucket_from_mp4_header_when_json_has_no_size(triplet_shards):
         dict(base, json=json.dumps(meta).encode(), mp4=b"garbage"),
     ]
     counter = CorruptCounter()
-    out = list(TripletStream(_spec(triplet_shards))._with_meta(iter(samples), counter))
+    out = list(TripletStream(_spec(triplet_shards)).with_meta(iter(samples), counter))
     assert [s["_bucket"] for s in out] == [0]
     assert counter.counts == {"bad_json": 1, "bad_mp4": 1}
 
