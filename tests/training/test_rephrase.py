@@ -48,6 +48,8 @@ def test_check_reply_rules():
     assert check_reply(json.dumps({"prompt": GOOD}), descs, PROMPT, "json", 40) == (None, "too_long")
     no_cat = json.dumps({"prompt": "A woman astronaut in a white spacesuit plays in the garden."})
     assert check_reply(no_cat, descs, PROMPT, "json", 600) == (None, "missing_subject:2")
+    no_woman = json.dumps({"prompt": "An orange tabby cat with green eyes plays in the garden."})
+    assert check_reply(no_woman, descs, PROMPT, "json", 600) == (None, "missing_subject:1")
     # both subjects named, but what happens in the prompt is gone
     assert check_reply("A woman astronaut and an orange cat.", descs, PROMPT, "text", 600) == (
         None,
@@ -113,19 +115,34 @@ def test_openai_compatible_good_and_malformed_replies(server, caplog):
 
 def test_describer_through_openai_compatible(server):
     """No descriptions given: the describer captions each reference (image_url parts), then the LLM."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
     from skimage import data
+
+    from training.rephrase import DESCRIBE_PROMPT
 
     desc = {"name": "openai_compatible", "base_url": server.url, "model": "qwen2.5-vl-7b"}
     r = _remote(server, describer=desc)
     server.replies = [WOMAN, CAT, json.dumps({"prompt": GOOD})]
-    res = r.rephrase(PROMPT, images=[data.astronaut()[::4, ::4].copy(), data.chelsea()[::4, ::4].copy()])
+    refs = [data.astronaut()[::4, ::4].copy(), data.chelsea()[::4, ::4].copy()]
+    res = r.rephrase(PROMPT, images=refs)
     assert res.rephrased and res.descriptions == [WOMAN, CAT] and res.description_origin == "describer"
     vision = [q["body"] for q in server.requests[:2]]
     assert all(b["model"] == "qwen2.5-vl-7b" for b in vision)
-    parts = [b["messages"][0]["content"][0] for b in vision]
-    assert all(
-        p["type"] == "image_url" and p["image_url"]["url"].startswith("data:image/jpeg;base64,")
-        for p in parts
+    # each reference went to the vision model as one JPEG of that very image, with the describe prompt
+    for body, img in zip(vision, refs):
+        image_part, text_part = body["messages"][0]["content"]
+        assert text_part == {"type": "text", "text": DESCRIBE_PROMPT}
+        url = image_part["image_url"]["url"]
+        assert image_part["type"] == "image_url" and url.startswith("data:image/jpeg;base64,")
+        sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+        assert sent.shape == img.shape and np.abs(sent.astype(float) - img).mean() < 8
+    # ... and the LLM got the describer's replies as the reference descriptions
+    assert server.requests[2]["body"]["messages"][-1]["content"].endswith(
+        f"1. {WOMAN}\n2. {CAT}\nPrompt: {PROMPT}"
     )
     # no describer and no descriptions: a clear error, not a silent pass-through
     with pytest.raises(ValueError, match="--ref-desc"):
@@ -136,17 +153,36 @@ def test_describer_through_openai_compatible(server):
 
 
 def test_qwen2_5_vl_describer_runs_the_real_model_class():
-    """The local describer on a tiny random-init Qwen2_5_VLForConditionalGeneration (real processor)."""
+    """The local describer on a tiny random-init Qwen2_5_VLForConditionalGeneration (real processor): each
+    reference's description is the model's greedy reply to that image and DESCRIBE_PROMPT, computed here
+    straight through transformers."""
+    from PIL import Image
+    from qwen_vl_utils import fetch_image
     from skimage import data
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from tests.curation.tiny_models import tiny_qwen2_5_vl_dir
-    from training.rephrase import build_describer
+    from training.rephrase import DESCRIBE_PROMPT, build_describer
 
-    d = build_describer(
-        {"name": "qwen2_5_vl", "model_path": str(tiny_qwen2_5_vl_dir()), "max_new_tokens": 6, "device": "cpu"}
-    )
-    out = d.describe([data.astronaut()[::8, ::8].copy(), data.coffee()[::8, ::8].copy()])
-    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    path = str(tiny_qwen2_5_vl_dir())
+    cfg = {"name": "qwen2_5_vl", "model_path": path, "max_new_tokens": 6, "device": "cpu", "batch_size": 1}
+    d = build_describer(cfg)
+    images = [data.astronaut()[::8, ::8].copy(), data.coffee()[::8, ::8].copy()]
+    out = d.describe(images)
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype="float32").eval()
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DESCRIBE_PROMPT}]}]
+    text = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    expected = []
+    for img in images:
+        pic = fetch_image({"image": Image.fromarray(img), "max_pixels": d.max_pixels})
+        inputs = processor(text=[text], images=[pic], return_tensors="pt")
+        assert (inputs["input_ids"] == 151655).sum() > 0  # <|image_pad|>: the image is in the prompt
+        ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        expected.append(processor.batch_decode(ids, skip_special_tokens=True)[0].strip())
+    assert out == expected and all(expected)
+    assert out[0] != out[1]  # another image, another description
 
 
 def test_config_rejects_unknown_keys(tmp_path):
