@@ -116,3 +116,18 @@ def test_tight_box_cuts_a_loose_person_box_to_head_and_upper_body():
     assert t == [165, 22, 315, 340] and (t[2] - t[0]) * (t[3] - t[1]) < 0.5 * 290 * 334
     assert C.tight_box(loose, 480, 360, "animal", face) == loose  # only people are tightened by a face
     assert C.tight_box([10, 10, 500, 400], 480, 360, "human") == [10, 10, 480, 360]  # clipped to the frame
+
+
+def test_only_a_face_pair_verdict_makes_a_face_only_partner():
+    """A face candidate the face band did not call ``pair`` (the other split, a re-upload of the same
+    source, past top_k, too far, a copy) is never a partner, with or without an embedding candidate."""
+    verdicts = ["split", "near_duplicate_source", "beyond_top_k", "different_subject", "copy_paste"]
+    face = [_cand(f"{chr(98 + i)}-0000", 0.8, v) for i, v in enumerate(verdicts)]
+    ok, vetoes = C.eligible_partners(HUMAN_WITH_FACE, [], face)
+    assert ok == [] and vetoes == []
+    emb = [_cand(f"{chr(98 + i)}-0000", 0.5, "different_subject") for i in range(len(verdicts))]
+    ok, _ = C.eligible_partners(HUMAN_WITH_FACE, emb, face)
+    assert ok == []
+    # ... while the same candidate with verdict pair is taken, face only
+    ok, _ = C.eligible_partners(HUMAN_WITH_FACE, [], [_cand("b-0000", 0.8)])
+    assert [(p.clip_id, p.identity) for p in ok] == [("b-0000", C.FACE_ONLY)]
