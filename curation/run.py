@@ -11,7 +11,7 @@ from pathlib import Path
 from curation.config import ConfigError
 from curation.models import ModelHashMismatch, ModelNotFound
 from curation.runner import ResourceError, StageFailureError, load_pipeline_config, run_pipeline
-from curation.sources import load_source
+from curation.sources import check_source_for_pipeline, load_source
 from curation.stage import StageContext
 from curation.storage import Store, is_uri
 
@@ -99,16 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         spec.videos_dir = spec.videos_dir or os.path.join(out_dir, "videos")
         download_source(spec, spec.videos_dir, cfg=cfg, runner="ray" if args.runner == "ray" else "threads")
         spec.download = False  # fetched by the step; the CSV reader then only finds the files
+    problem = check_source_for_pipeline(spec, cfg.pipelines[pipeline])
+    if problem:
+        print(f"config error: {problem}", file=sys.stderr)
+        return 2
     try:
-        from curation.sources import check_source_for_pipeline
-    except ImportError:
-        check_source_for_pipeline = None
-    if check_source_for_pipeline is not None:
-        problem = check_source_for_pipeline(spec, cfg.pipelines[pipeline])
-        if problem:
-            print(f"config error: {problem}", file=sys.stderr)
-            return 2
-    try:
+        if spec.kind == "sample":  # the demo footage is generated here; the source only reads the folder
+            from curation.demo.footage import build_sample
+
+            build_sample(spec.sample_dir)  # idempotent: a current build is left as it is
         rows = load_source(spec, out_dir if not is_uri(out_dir) else os.path.join(cfg.output_dir, source))
     except (FileNotFoundError, ValueError) as e:
         print(f"source error: {e}", file=sys.stderr)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from curation import pairing
+from curation.demo.footage import build_sample
+from curation.demo.ground_truth import copy_pairs, load_ground_truth, true_cross_pairs
 from curation.frames import read_frames
-from curation.sources.sample import build_sample, copy_pairs, load_ground_truth, true_cross_pairs
+from curation.global_phase import PairParams, pair_rows
 from curation.stage import StageContext
 from curation.stages.faces import Faces
-from curation.stages.pair import Pair
 from curation.stages.subject_embed import SubjectEmbed
 
 # Floors for the sample (26 clean shots, 9 identities, 2 exact copies), offline MobileNetV2 + SFace: measured
@@ -101,22 +102,6 @@ def test_faiss_agrees_with_exact_on_planted_pairs():
     assert (groups[approx.idx[approx.idx >= 0]] != np.repeat(groups, 8)[approx.idx.ravel() >= 0]).all()
 
 
-def test_ray_spread_search_matches_local():
-    ray = pytest.importorskip("ray")
-    x, _ = planted(2500, 128, 200, seed=3, clusters=20)
-    groups = np.arange(len(x)) // 2
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        spread = pairing.topk_ray(x, groups, m=6, method="exact", n_tasks=3, block_rows=256)
-        spread_faiss = pairing.topk_ray(x, groups, m=6, method="faiss", n_tasks=2, nprobe=64)
-    finally:
-        ray.shutdown()
-    local = pairing.topk_exact(x, groups, m=6)
-    np.testing.assert_allclose(spread.score, local.score, atol=1e-5)
-    assert (spread.idx == local.idx).mean() > 0.999  # ties aside, the very same neighbours
-    assert pair_set(spread_faiss, 0.5, 0.95, 4) == pair_set(local, 0.5, 0.95, 4)
-
-
 # --- the sample's ground truth
 # -------------------------------------------------------------------------------
 
@@ -176,8 +161,8 @@ def sample_pairs(request, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("pairing")
     ctx = StageContext(out_dir=str(out_dir))
     rows = Faces(ctx=ctx)(SubjectEmbed(ctx=ctx)(gt_rows(paths.root, gt)))
-    params = Pair.Params(low=0.78, high=0.99, face_low=0.5, face_high=0.99)
-    return gt, Pair(params=params, ctx=ctx)(rows), out_dir
+    params = PairParams(low=0.78, high=0.99, face_low=0.5, face_high=0.99)
+    return gt, pair_rows(rows, params, str(out_dir)), out_dir
 
 
 def _found(rows: list[dict], key: str) -> set[frozenset]:
