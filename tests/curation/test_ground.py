@@ -82,6 +82,40 @@ def test_ground_stage_rules_and_rejections(tmp_path):
     assert no_subj["reason"] == "ground:no_subjects" and no_clip["reason"] == "ground:no_clip"
 
 
+def _cut_clip(path, width: int, flip: bool = False) -> str:
+    """The carphone clip cut to its ``width`` left columns (the man's face then runs into the right border),
+    mirrored with ``flip`` (into the left border), written as H.264."""
+    import av
+
+    with av.open(CARPHONE) as src:
+        frames = [f.to_ndarray(format="rgb24")[:, :width] for f in src.decode(video=0)]
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("libx264", rate=30)
+        st.width, st.height, st.pix_fmt = width, frames[0].shape[0], "yuv420p"
+        for img in frames:
+            img = np.ascontiguousarray(img[:, ::-1] if flip else img)
+            out.mux(st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(st.encode())
+    return str(path)
+
+
+def test_ground_stage_default_sides_reject_a_face_cut_by_the_right_or_left_border(tmp_path):
+    """Default params: a person whose face runs into the right border (or, mirrored, the left one) on
+    every reference frame is rejected as incomplete; the bottom border alone is no reason (the uncut
+    clip's boxes reach the bottom and are kept: test_ground_stage_on_carphone)."""
+    st = GroundStage(ctx=StageContext(out_dir=str(tmp_path)))
+    right = _row(clip_path=_cut_clip(tmp_path / "right.mp4", 90))
+    left = _row(clip_id="car-0001", clip_path=_cut_clip(tmp_path / "left.mp4", 90, flip=True))
+    for r, side in zip(st([right, left]), ("right", "left")):
+        assert r["status"] == "rejected" and r["reason"] == "ground:no_subject_box", (side, r)
+        man = r["subjects"][0]
+        assert man["grounding"] == "ungrounded" and man["grounding_reason"] == "incomplete", side
+        assert [b["reason"] for b in man["box_rejections"]] == ["incomplete"] * 3, side
+        for b in man["box_rejections"]:  # the face touches that border (2 px margin), and only that one
+            fx0, fy0, fx1, fy1 = b["face_box"]
+            assert (fx1 >= 88 if side == "right" else fx0 <= 2) and fy0 > 2 and fy1 < 142, (side, b)
+
+
 def test_human_grounder_assigns_people_to_human_subjects(human):
     subs = [
         {"name": "man", "category": "human"},
