@@ -184,19 +184,21 @@ def test_duplicate_video_ids_are_an_error(tmp_path):
         run_pipeline(_cfg(), "p", rows + rows[:1], StageContext(out_dir=str(tmp_path)), runner="sequential")
 
 
-def _ray_listeners_off_loopback() -> list[str]:
-    """Listening sockets of this process and its children (the local Ray cluster) not on loopback."""
+def ray_listeners() -> tuple[list[str], list[str]]:
+    """(every listening socket of this process and its children — the local Ray cluster's GCS, raylet,
+    workers and agents —, those of them not on loopback), read from ``ss -Hltnp``."""
     import psutil
 
     pids = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
     out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
-    bad = []
+    seen, bad = [], []
     for line in out.splitlines():
-        cols = line.split()
-        local = cols[3]
-        if any(f"pid={p}," in line for p in pids) and not local.startswith(("127.", "[::1]", "[::ffff:127.")):
-            bad.append(line)
-    return bad
+        local = line.split()[3]
+        if any(f"pid={p}," in line for p in pids):
+            seen.append(line)
+            if not local.startswith(("127.", "[::1]", "[::ffff:127.")):
+                bad.append(line)
+    return seen, bad
 
 
 @pytest.mark.slow
@@ -211,9 +213,12 @@ def test_ray_runner_gives_the_same_records_as_sequential_on_loopback_only(tmp_pa
     try:
         par = run_pipeline(cfg, "p", rows, StageContext(out_dir=str(tmp_path / "ray")), runner="ray")
         assert ray.is_initialized()
-        bad = _ray_listeners_off_loopback()
+        seen, bad = ray_listeners()
+        gcs_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
     finally:
         ray.shutdown()
+    # the check saw the cluster (at least GCS, raylet and a worker's ports), and nothing beyond loopback
+    assert len(seen) >= 3 and any(f":{gcs_port} " in line for line in seen), seen
     assert not bad, "Ray listens beyond loopback:\n" + "\n".join(bad)
 
     def strip(rs):
