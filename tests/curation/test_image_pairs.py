@@ -178,6 +178,7 @@ def test_subjects200k_parquet_to_one_frame_shards(tmp_path):
     assert meta["pair_type"] == "image_pair" and meta["n_frames"] == 1
     assert s["txt"].decode() == rows[0]["description"]["description_1"]
     assert meta["subjects"][0]["name"] == "woman astronaut" and meta["subjects"][0]["category"] == "human"
+    assert meta["subjects"][0]["category_source"] == "dataset"  # "Person": the dataset's label stands
     assert meta["scores"] == {f"quality_{k}": 5 for k in ip.QUALITY_KEYS}
     a, b = views()["astronaut"]
     frame = one_frame(s["mp4"])
@@ -194,6 +195,41 @@ def test_subjects200k_parquet_to_one_frame_shards(tmp_path):
     from curation.inspect import validate
 
     assert validate(str(out)) == 0  # the curation's own shard checker finds nothing wrong
+
+
+def test_subjects200k_quality_threshold_and_category_source():
+    """Every quality score must reach min_quality: a row whose lowest score is one below is rejected, one at
+    the threshold is kept. The dataset's category stands unless curation.parsing's category rule fires."""
+    rows = {q: s200k_row("coffee", "red bus", "Animal", "a red bus", "the red bus", q=q) for q in (3, 4, 5)}
+    params = ip.ImagePairParams()
+    assert params.min_quality == 5  # the dataset card's filter
+    for q in (3, 4):
+        with pytest.raises(ip.Rejected) as e:
+            ip.subjects200k_pairs(rows[q], f"r{q}", params)
+        assert e.value.reason == "low_quality", q
+    pairs = ip.subjects200k_pairs(rows[5], "r5", params)
+    assert len(pairs) == 2
+    assert len(ip.subjects200k_pairs(rows[4], "r4", ip.ImagePairParams(min_quality=4))) == 2
+    # "bus" is a rule noun (a product); the dataset said Animal: the rule fires and says so
+    assert pairs[0].subjects[0]["category"] == "product" and pairs[0].subjects[0]["category_source"] == "rule"
+    assert ip.subject_category("tabby cat", "Animal") == ("animal", "dataset")  # "cat" is no rule noun
+
+
+def test_a_truncated_shard_makes_its_partition_rewritten(tmp_path):
+    """The resume check compares each shard's size with its record: a shard cut short (a copy interrupted,
+    a full disk) is not kept, its partition is written again, whole."""
+    from curation.shards import sha256_file
+
+    src = write_s200k(tmp_path / "a.parquet", good_rows() * 3, row_group_size=2)  # 3 partitions
+    out = tmp_path / "shards"
+    first = write_image_pair_shards("subjects200k", str(src), out, {"maxcount": 3})
+    victim = out / first["shards"][2]["name"]  # partition 1's first shard
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    again = write_image_pair_shards("subjects200k", str(src), out, {"maxcount": 3})
+    assert again["partitions_kept"] == 2 and again["shards"] == first["shards"]
+    assert victim.read_bytes() == data and sha256_file(victim) == first["shards"][2]["sha256"]
+    assert len(read_samples(out)) == first["total_samples"] == 12
 
 
 def test_partitions_resume_and_stale_shards(tmp_path):
