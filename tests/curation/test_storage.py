@@ -69,3 +69,37 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
     store.write_json("summary.json", {"ok": True})
     assert not stale.exists() and other.exists()
     assert store.read_json("summary.json") == {"ok": True}
+
+
+def test_a_gs_store_keeps_its_scheme():
+    """Paths and URIs of a gs:// store (built without touching the network): its own scheme everywhere,
+    never s3's."""
+    import pickle
+
+    s = Store("gs://bucket/run/")
+    assert s.uri == "gs://bucket/run" and is_uri(s.uri) and not s.is_local
+    assert s.path("shards/x.tar") == "bucket/run/shards/x.tar"
+    assert s.uri_of("shards/x.tar") == "gs://bucket/run/shards/x.tar" and s.uri_of() == "gs://bucket/run"
+    assert s.sub("shards") == Store("gs://bucket/run/shards")
+    assert s.sub("shards").uri_of("x.tar") == "gs://bucket/run/shards/x.tar"
+    assert pickle.loads(pickle.dumps(s)).uri_of("k") == "gs://bucket/run/k"
+    with pytest.raises(ValueError, match="escapes"):
+        s.uri_of("../other")
+
+
+def test_a_failed_local_write_publishes_nothing(tmp_path):
+    """write_bytes and put_file that fail mid-write leave the destination as it was (absent, or the old
+    content) and no temporary file."""
+    store = Store(tmp_path / "root")
+    with pytest.raises(TypeError):
+        store.write_bytes("a/new.bin", object())  # not bytes: the write itself fails
+    with pytest.raises(IsADirectoryError):
+        store.put_file("a/new.bin", tmp_path)  # the source cannot be read
+    assert not store.exists("a/new.bin")
+    store.write_bytes("a/old.bin", b"old")
+    with pytest.raises(TypeError):
+        store.write_bytes("a/old.bin", object())
+    with pytest.raises(IsADirectoryError):
+        store.put_file("a/old.bin", tmp_path)
+    assert store.read_bytes("a/old.bin") == b"old"
+    assert sorted(p.name for p in (tmp_path / "root" / "a").iterdir()) == ["old.bin"]  # no temp file left
