@@ -11,13 +11,17 @@ it is mirrored here:
     reference frames are cut off the result (x0[:, :-n]).  -> PhantomWan.forward (append clean refs,
     return only the video frames, so model.flow.rf_loss never sees the reference frames)
   * guidance with two weights: noise_pred = neg + w_img * (pos_i - neg) + w_txt * (pos_it - pos_i), where
-    pos_it = (text, refs), pos_i = (null text, refs), neg = (null text, refs replaced by zeros of the same
-    shape: ref_latents_neg = zeros_like).  -> guided_sample
-  * the flow-matching schedule is shifted, sigma' = shift * sigma / (1 + (shift - 1) * sigma), shift 5.0 by
-    default (FlowUniPCMultistepScheduler.set_timesteps(shift=...)), timesteps = 1000 * sigma.
-    -> model.flow.shift_time; training draws t uniformly and shifts it the same way (WAN_LOSS_ARGS, the
-    arguments of model.flow.rf_loss). The release samples with UniPC; guided_sample also integrates the
-    same shifted schedule with Euler.
+    pos_it = (text, refs), pos_i = (negative prompt, refs), neg = (negative prompt, refs replaced by zeros
+    of the same shape: ref_latents_neg = zeros_like); the negative prompt is encoded by UMT5, by default
+    the config's sample_neg_prompt (training.config.WAN_NEGATIVE_PROMPT).  -> guided_sample(null_text=...)
+  * the schedule (FlowUniPCMultistepScheduler built with shift=1, then set_timesteps(steps, shift=5.0)):
+    sigmas = linspace(0.999, 0, steps + 1)[:-1] shifted by sigma' = shift * sigma / (1 + (shift - 1) * sigma),
+    then 0 appended; the model is fed the integer timesteps int(1000 * sigma') (999, 995, ..., 92 for 50
+    steps at shift 5), the UniPC solver (order 2, bh2, predictor-corrector) steps on the sigmas.
+    -> release_schedule; guided_sample runs UniPC (the default and the release's only solver: diffusers'
+    UniPCMultistepScheduler given these sigmas, the same update) or Euler on the same grid.
+  * noise is drawn for the whole (C, T + n, h, w) latent and the reference part overwritten.  -> release_noise
+Training draws t uniformly and shifts it the same way (WAN_LOSS_ARGS, the arguments of model.flow.rf_loss).
 The text goes through UMT5 (Wan's T5 encoder): the per-token states of the real tokens, zero-padded to
 text_len (512 in Wan), which the DiT attends to without a mask, as WanModel does.
 """
@@ -31,7 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from model.flow import Conditioning, draw_condition_dropout, draw_random, timestep_schedule
+from model.flow import Conditioning, draw_condition_dropout, draw_random
 
 # diffusers WanTransformer3DModel configs of the released Wan2.1 T2V models (Wan2.1 config files).
 WAN_PRESETS: dict[str, dict] = {
@@ -59,7 +63,7 @@ def wan_transformer_config(preset: str, **overrides) -> dict:
     """The diffusers WanTransformer3DModel kwargs of a preset, with overrides (unknown preset raises)."""
     if preset not in WAN_PRESETS:
         raise ValueError(f"unknown phantom_wan preset {preset!r}; allowed: {sorted(WAN_PRESETS)}")
-    cfg = dict(_WAN_COMMON, **WAN_PRESETS[preset], **overrides)
+    cfg = {**_WAN_COMMON, **WAN_PRESETS[preset], **overrides}  # later wins: overrides may resize a preset
     cfg["patch_size"] = tuple(cfg["patch_size"])
     return cfg
 
@@ -108,16 +112,19 @@ class PhantomWan(nn.Module):
         return torch.cat([text, text.new_zeros(B, self.text_len - L, D)], dim=1)
 
     def forward(
-        self, x, t, text, text_mask=None, ref_latents=None, ref_clip=None, ref_mask=None
+        self, x, t, text, text_mask=None, ref_latents=None, ref_clip=None, ref_mask=None, timestep=None
     ) -> WanOutput:
         """x: (B, C, T, h, w) noisy video latents; t: (B,) in [0, 1] (1 = noise); text: (B, L, D) with padded
         positions zero; ref_latents: (B, n, C, h, w) clean; ref_mask: (B, n) real slots (packed first).
+        timestep: (B,) what Wan's time embedding sees, default 1000 * t; the sampler passes the release's
+        integer timesteps (int64, so no mixed-precision cast rounds them).
         ref_clip is not used: Wan2.1-T2V has no image-embedding branch and Phantom-Wan adds none."""
         B, C, T = x.shape[:3]
         # The compute dtype: under FSDP2 mixed precision the root's weights are unsharded in bf16 here.
         dtype = self.transformer.patch_embedding.weight.dtype
         context = self.pad_text(text).to(dtype)
-        timestep = (t.float() * NUM_TRAIN_TIMESTEPS).to(dtype)
+        # Kept in fp32 (or int64): the sinusoidal embedding upcasts anyway, and bf16 would round 999 to 1000.
+        timestep = t.float() * NUM_TRAIN_TIMESTEPS if timestep is None else timestep.to(x.device)
         if ref_latents is None or ref_latents.shape[1] == 0:
             counts = torch.zeros(B, dtype=torch.long)
         elif ref_mask is None:
@@ -189,6 +196,38 @@ def condition_dropout(
     return drop_refs_keep_slots(cond.drop_text(drop_t), drop_i)
 
 
+class Schedule(NamedTuple):
+    sigmas: torch.Tensor  # (steps + 1,) float64, from about 1 down to exactly 0 (the release holds float32)
+    timesteps: torch.Tensor  # (steps,) int64: what the model is fed at each step
+
+
+def release_schedule(
+    steps: int, shift: float = 5.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> Schedule:
+    """The released sampler's grid: FlowUniPCMultistepScheduler(shift=1).set_timesteps(steps, shift=shift).
+
+    sigma_k = shift * s_k / (1 + (shift - 1) * s_k) with s_k = s_max * (1 - k / steps), k < steps, where
+    s_max = 1 - 1 / num_train_timesteps in float32 (the top of the scheduler's training grid); then 0.
+    timestep_k = int(num_train_timesteps * sigma_k), truncated. Computed in float64 exactly as numpy's
+    linspace does, so the integer timesteps match the release's bit for bit.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps}: at least one sampling step")
+    top = torch.tensor(1.0 - 1.0 / num_train_timesteps, dtype=torch.float32).item()
+    s = torch.arange(steps, dtype=torch.float64) * (-top / steps) + top  # linspace(top, 0, steps + 1)[:-1]
+    s = shift * s / (1 + (shift - 1) * s)
+    timesteps = (s * num_train_timesteps).to(torch.int64)
+    return Schedule(torch.cat([s, s.new_zeros(1)]), timesteps)
+
+
+def release_noise(shape: tuple[int, ...], n_refs: list[int], generator=None, device=None) -> torch.Tensor:
+    """(B, C, T, h, w) starting noise drawn as the release draws it: randn(C, T + n, h, w) per sample (the
+    reference frames' share is overwritten by the clean references), so a seed gives the release's noise."""
+    B, C, T, h, w = shape
+    draws = [draw_random(torch.randn, (C, T + n, h, w), generator, device)[:, :T] for n in n_refs[:B]]
+    return torch.stack(draws)
+
+
 @torch.no_grad()
 def guided_sample(
     model,
@@ -203,49 +242,57 @@ def guided_sample(
     noise: torch.Tensor | None = None,
     solver: str = "unipc",
 ) -> torch.Tensor:
-    """Sample (B, C, T, h, w) video latents with Phantom's two-weight guidance on the shifted schedule.
+    """Sample (B, C, T, h, w) video latents with Phantom's two-weight guidance on the release's schedule.
 
-    solver: "unipc" (the release's: a UniPC multistep flow solver; here diffusers' UniPCMultistepScheduler
-    with flow_prediction, the one diffusers' Wan pipeline uses) or "euler" on the same shifted sigmas.
-    null_text: (B, L, D) states of a negative prompt (the release encodes its negative prompt); None = the
-    all-zero context that text dropout trains.
+    solver: "unipc" (default; the release's multistep UniPC flow solver, here diffusers'
+    UniPCMultistepScheduler fed release_schedule's sigmas and timesteps, the same update) or "euler"
+    (x += (sigma_next - sigma) * v on the same grid). The model is fed the integer timesteps.
+    null_text: (B or 1, L, D) UMT5 states of the negative prompt (zero past its real tokens), the release's
+    null text; None = the all-zero context that text dropout trains.
+    noise: the starting (B, C, T, h, w) noise; else drawn from `generator` as the release draws it.
     """
     if solver not in ("unipc", "euler"):
         raise ValueError(f"solver={solver!r}; allowed: 'unipc', 'euler'")
     dev = cond.text.device
-    x = noise if noise is not None else draw_random(torch.randn, shape, generator, dev)
     B = shape[0]
+    if noise is None:  # reference frames per sample, counted as PhantomWan.forward counts them
+        n_refs = [0] * B if cond.ref_latents is None else cond.full_ref_mask().sum(1).tolist()
+        noise = release_noise(shape, n_refs, generator, dev)
+    x = noise.float()
     if null_text is None:
         null = cond.drop_text()
     else:
+        null_text = null_text.to(cond.text).expand(B, -1, -1)
         mask = torch.ones(null_text.shape[:2], dtype=torch.bool, device=dev)
-        null = replace(cond, text=null_text.to(cond.text), text_mask=mask)
+        null = replace(cond, text=null_text, text_mask=mask)
     neg = drop_refs_keep_slots(null, torch.ones(B, dtype=torch.bool, device=dev))
     length = max(c.text.shape[1] for c in (cond, null, neg))
     cond3 = Conditioning.cat([_pad_text_to(c, length) for c in (neg, null, cond)])  # neg, pos_i, pos_it
+    schedule = release_schedule(steps, shift)
+    sigmas, timesteps = schedule.sigmas.float(), schedule.timesteps
 
-    def velocity(x, s):  # s: scalar tensor in [0, 1]
-        v3 = model(torch.cat([x] * 3, 0), s.expand(3 * B).to(x.dtype), **cond3.as_kwargs()).video.float()
+    def velocity(x, i):  # the guided flow at step i: all three branches in one batch of 3B
+        s, ts = sigmas[i].to(dev).expand(3 * B), timesteps[i].to(dev).expand(3 * B)
+        v3 = model(torch.cat([x] * 3, 0), s, timestep=ts, **cond3.as_kwargs()).video.float()
         v_neg, v_i, v_it = v3.chunk(3, dim=0)
         return v_neg + w_img * (v_i - v_neg) + w_txt * (v_it - v_i)
 
     if solver == "euler":
-        sigmas = timestep_schedule(steps, shift, device=dev)
         for i in range(steps):
-            x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i])  # ds < 0: towards data
+            x = x + (sigmas[i + 1] - sigmas[i]).to(dev) * velocity(x, i)  # d sigma < 0: towards data
         return x
     from diffusers import UniPCMultistepScheduler
 
+    # flow_shift=1: the sigmas passed in are already shifted (set_timesteps applies flow_shift to them).
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        flow_shift=shift,
+        flow_shift=1.0,
     )  # fmt: skip
-    scheduler.set_timesteps(steps, device=dev)
-    x = x.float()
+    scheduler.set_timesteps(sigmas=schedule.sigmas[:-1].numpy(), device=dev)
+    if not torch.equal(scheduler.timesteps.cpu(), timesteps):  # a diffusers that moves the grid
+        raise RuntimeError(f"UniPC timesteps {scheduler.timesteps.tolist()} != {timesteps.tolist()}")
     for i, t in enumerate(scheduler.timesteps):
-        # The model sees the exact sigma; the schedulers' int64 timesteps (999, 937, ...) truncate it.
-        s = scheduler.sigmas[i].to(dev)
-        x = scheduler.step(velocity(x, s), t, x, return_dict=False)[0]
+        x = scheduler.step(velocity(x, i), t, x, return_dict=False)[0]
     return x
 
 

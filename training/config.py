@@ -79,6 +79,15 @@ class LoraConfig:
     )
 
 
+# The released Phantom-Wan's default negative prompt: sample_neg_prompt of the Wan2.1 shared config that its
+# s2v configs take over (phantom_wan/configs/shared_config.py), used whenever generate() gets n_prompt="".
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+    "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
 @dataclass
 class WanConfig:
     """Phantom-Wan specifics: where the pretrained weights are (local, sha256-pinned) and how to fine-tune."""
@@ -96,7 +105,10 @@ class WanConfig:
     text_len: int = 512  # Wan pads the UMT5 states to 512 tokens with zeros
     grad_checkpoint: bool = False  # activation checkpointing of every transformer block
     sample_shift: float = 5.0  # the release's default flow shift at sampling
-    sample_solver: str = "unipc"  # "unipc" (the release's solver) or "euler"
+    sample_solver: str = "unipc"  # "unipc" (the release's solver) or "euler", both on the release's grid
+    # The null text of guidance at sampling: this prompt's UMT5 states (the release's negative prompt by
+    # default); null = the all-zero context that text dropout trains. Training is not affected.
+    negative_prompt: str | None = WAN_NEGATIVE_PROMPT
     dtype: str = "float32"  # parameter dtype; bf16 autocast runs on CUDA either way
 
 
@@ -105,7 +117,8 @@ class ModelConfig:
     family: str = "mmdit"  # "mmdit" (the paper's MMDiT, from scratch) or "phantom_wan" (Wan2.1 DiT)
     # A preset of the family: model.mmdit.MMDIT_CONFIGS or model.phantom_wan.WAN_PRESETS.
     preset: str = "tiny"
-    # Field overrides for MMDiTConfig / WanTransformer3DModel kwargs (unknown names raise).
+    # Field overrides for MMDiTConfig / WanTransformer3DModel kwargs, the preset's own sizes included
+    # (num_layers, freq_dim, ...; unknown names raise).
     overrides: dict[str, Any] = field(default_factory=dict)
     wan: WanConfig = field(default_factory=WanConfig)
 

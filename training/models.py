@@ -31,8 +31,12 @@ class Family:
     loss: Callable[..., tuple[torch.Tensor, dict]]
     # (cond, generator=, **cfg.flow.dropout) -> cond: the training-time condition dropout
     dropout: Callable[..., Conditioning]
-    # (model, cond, shape, steps=, w_img=, w_txt=, generator=) -> (B, C, T, h, w) latents, two-weight guidance
+    # (model, cond, shape, steps=, w_img=, w_txt=, generator=[, null_text=]) -> (B, C, T, h, w) latents,
+    # two-weight guidance; null_text is passed only when negative_prompt is set
     sample: Callable[..., torch.Tensor]
+    # The prompt whose text-encoder states are the null text of guidance at sampling (phantom_wan: the
+    # release's negative prompt unless the config says otherwise); None: the sampler's all-zero null text.
+    negative_prompt: str | None = None
     # Checkpoints hold only the trainable weights (LoRA adapters); build() recreates the rest.
     adapters_only: bool = False
 
@@ -49,7 +53,8 @@ def _mmdit(cfg: TrainConfig) -> Family:
 
 
 def _phantom_wan(cfg: TrainConfig) -> Family:
-    """The Wan2.1 DiT: shifted uniform t, dropped references keep their slots, the release's solver."""
+    """The Wan2.1 DiT: shifted uniform t, dropped references keep their slots, the release's sampler (its
+    schedule, integer timesteps, UniPC, the encoded negative prompt as null text)."""
 
     def build() -> torch.nn.Module:
         from training.wan import build_phantom_wan  # loads weights files and peft: only when building
@@ -63,6 +68,7 @@ def _phantom_wan(cfg: TrainConfig) -> Family:
         loss=partial(rf_loss, **WAN_LOSS_ARGS),
         dropout=condition_dropout,
         sample=partial(guided_sample, shift=wan.sample_shift, solver=wan.sample_solver),
+        negative_prompt=wan.negative_prompt,
         adapters_only=wan.finetune == "lora",
     )
 

@@ -1,4 +1,5 @@
-"""Sample a video from a checkpoint: 1-4 reference images + a prompt -> mp4 (dual-CFG Euler, VAE decode)."""
+"""Sample a video from a checkpoint: 1-4 reference images + a prompt -> mp4 (the family's two-weight guided
+sampler: Euler for the MMDiT, the release's UniPC for Phantom-Wan; then the VAE decode)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def generate(
 ) -> np.ndarray:
     """refs: (n, 3, H, W) uint8, n in 1..4, at the output size -> (num_frames, H, W, 3) uint8 video.
 
-    cfg (a TrainConfig) picks the family's sampler; None = the MMDiT one.
+    cfg (a TrainConfig) picks the family's sampler; None = the MMDiT one. When the family has a negative
+    prompt (Phantom-Wan: the release's by default), its encoded states are the null text of guidance.
     """
     device = torch.device(device)
     if not 1 <= refs.shape[0] <= MAX_REFS:
@@ -64,8 +66,13 @@ def generate(
     latent_frames = 1 + (num_frames - 1) // vae.temporal_factor
     shape = (1, vae.latent_channels, latent_frames, *ref_latents.shape[-2:])
     generator = torch.Generator(device=device).manual_seed(seed)
-    sample = euler_sample if cfg is None else family(cfg).sample
-    latents = sample(model, cond, shape, steps=steps, w_img=w_img, w_txt=w_txt, generator=generator)
+    fam = None if cfg is None else family(cfg)
+    sample = euler_sample if fam is None else fam.sample
+    extra = {}
+    if fam is not None and fam.negative_prompt is not None:
+        null_text, _ = enc.text.encode([fam.negative_prompt])  # (1, L, D), zero past its real tokens
+        extra["null_text"] = null_text.float().to(device)
+    latents = sample(model, cond, shape, steps=steps, w_img=w_img, w_txt=w_txt, generator=generator, **extra)
     video = vae.decode(latents).float()[0]  # (3, T, H, W) in about [-1, 1]
     video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return video.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
@@ -234,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--w-img", type=float, default=3.0, help="reference-image guidance weight")
     parser.add_argument("--w-txt", type=float, default=7.5, help="text guidance weight")
+    parser.add_argument(
+        "--negative-prompt",
+        help="phantom_wan: the prompt encoded as the null text of guidance (default: the config's "
+        "model.wan.negative_prompt, the release's negative prompt); '' = the all-zero null text",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -262,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.model and args.model != cfg.model.family:
         parser.error(f"{args.ckpt} holds a {cfg.model.family!r} model, not {args.model!r}")
+    if args.negative_prompt is not None:
+        cfg.model.wan.negative_prompt = args.negative_prompt or None
+        if family(cfg).negative_prompt != cfg.model.wan.negative_prompt:
+            parser.error(f"--negative-prompt: the {cfg.model.family} sampler takes no negative prompt")
     sampler = Sampler(cfg, model, enc, args.device)
     sampler.height = args.height or sampler.height
     sampler.width = args.width or sampler.width

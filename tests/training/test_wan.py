@@ -17,6 +17,8 @@ from model.phantom_wan import (
     diffusers_to_original,
     guided_sample,
     original_to_diffusers,
+    release_schedule,
+    wan_transformer_config,
 )
 from training.config import load_config
 from training.wan import build_phantom_wan, save_original_layout
@@ -200,12 +202,13 @@ def test_guidance_weights_pick_the_branches():
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     full = guided_sample(model, cond, x0.shape, steps=3, w_img=1, w_txt=1, noise=noise, solver="euler")
     uncond = guided_sample(model, cond, x0.shape, steps=3, w_img=0, w_txt=0, noise=noise, solver="euler")
-    s = torch.linspace(1, 0, 4)
-    s = 5 * s / (1 + 4 * s)
+    s, ts = release_schedule(3, 5.0)
+    s = s.float()
     x = noise.clone()
     with torch.no_grad():
         for i in range(3):
-            x = x + (s[i + 1] - s[i]) * model(x, s[i].expand(1), **cond.as_kwargs()).video
+            v = model(x, s[i].expand(1), timestep=ts[i].expand(1), **cond.as_kwargs()).video
+            x = x + (s[i + 1] - s[i]) * v
     torch.testing.assert_close(full, x, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(full, uncond)
 
@@ -217,7 +220,7 @@ class StraightFlow(torch.nn.Module):
         super().__init__()
         self.x0 = x0
 
-    def forward(self, x, t, text, text_mask=None, ref_latents=None, ref_clip=None, ref_mask=None):
+    def forward(self, x, t, text, text_mask=None, ref_latents=None, ref_clip=None, ref_mask=None, **_):
         from model.phantom_wan import WanOutput
 
         x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1, 1)
@@ -287,6 +290,11 @@ def test_family_records_carry_what_each_family_does_differently():
     assert wan.loss.func is rf_loss and wan.loss.keywords == {"t_mode": "uniform", "shift": 5.0}
     assert wan.dropout is condition_dropout and wan.adapters_only
     assert wan.sample.func is guided_sample and wan.sample.keywords == {"shift": 3.0, "solver": "euler"}
+    from training.config import WAN_NEGATIVE_PROMPT
+
+    assert wan.negative_prompt == WAN_NEGATIVE_PROMPT and mmdit.negative_prompt is None
+    cfg.model.wan.negative_prompt = None  # `negative_prompt: null` in the YAML: the all-zero null text
+    assert family(cfg).negative_prompt is None
     cfg.model.family = "sora"
     with pytest.raises(ValueError, match="'mmdit', 'phantom_wan'"):
         family(cfg)
@@ -367,3 +375,65 @@ def test_sample_does_not_import_the_loop():
     subprocess.run(
         [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], check=True, timeout=120
     )
+
+
+def test_yaml_overrides_resize_a_preset():
+    """model.overrides wins over the preset's own sizes (num_layers, freq_dim) instead of raising."""
+    cfg = wan_transformer_config("tiny", num_layers=3, freq_dim=16, in_channels=C)
+    sizes = (cfg["num_layers"], cfg["freq_dim"], cfg["in_channels"], cfg["num_attention_heads"])
+    assert sizes == (3, 16, C, 2)
+    model = build_phantom_wan(_wan_cfg_with({"num_layers": 1, "freq_dim": 16, "ffn_dim": 40}))
+    assert len(model.transformer.blocks) == 1 and model.transformer.config.freq_dim == 16
+    assert model.transformer.blocks[0].ffn.net[2].in_features == 40
+    with pytest.raises(TypeError, match="num_blocks"):
+        build_phantom_wan(_wan_cfg_with({"num_blocks": 1}))
+
+
+def _wan_cfg_with(sizes):
+    over = {"in_channels": C, "out_channels": C, "text_dim": TEXT_DIM, **sizes}
+    overrides = {"model.family": "phantom_wan", "model.preset": "tiny", "model.overrides": over}
+    return load_config(None, overrides).model
+
+
+class RecordingWan(PhantomWan):
+    """PhantomWan that keeps the text states of every call: rows neg, pos_i, pos_it of guided_sample."""
+
+    def forward(self, x, t, text, *args, **kwargs):
+        self.texts.append(text.detach().clone())
+        return super().forward(x, t, text, *args, **kwargs)
+
+
+def test_generate_encodes_the_negative_prompt_as_the_null_text(tmp_path):
+    """training.sample.generate: the null text is the encoded negative prompt (the release's by default),
+    zero past its real tokens; `negative_prompt: null` gives the all-zero context."""
+    from tests.training.wan_assets import TEXT_DIM as ASSET_TEXT_DIM
+    from tests.training.wan_assets import VAE_Z, write_tiny_wan_assets
+    from training.config import WAN_NEGATIVE_PROMPT
+    from training.encoders import build_encoders
+    from training.sample import generate
+
+    assets = write_tiny_wan_assets(tmp_path)
+    enc = build_encoders({"vae": {"backend": "wan_vae", "path": str(assets["vae"])},
+                          "text": {"backend": "hf_text", "path": str(assets["umt5"]), "max_length": 24},
+                          "image": {"backend": "mobilenet_v2", "image_size": 32}})  # fmt: skip
+    sizes = {"in_channels": VAE_Z, "out_channels": VAE_Z, "text_dim": ASSET_TEXT_DIM}
+    cfg = load_config(None, {"model.family": "phantom_wan", "model.preset": "tiny", "model.wan.text_len": 24,
+                             "model.overrides": sizes})  # fmt: skip
+    torch.manual_seed(0)
+    model = RecordingWan(build_wan_transformer("tiny", **sizes), text_len=24).eval()
+    g = torch.Generator().manual_seed(0)
+    refs = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=g)
+    videos = []
+    for negative in (WAN_NEGATIVE_PROMPT, "blurry, static", None):
+        cfg.model.wan.negative_prompt = negative
+        model.texts = []
+        videos.append(generate(model, enc, refs, "a cat", num_frames=5, steps=2, seed=1, cfg=cfg))
+        assert len(model.texts) == 2 and model.texts[0].shape[0] == 3  # one batch of 3 branches a step
+        null = model.texts[0][1]  # (L, D): the pos_i branch
+        if negative is None:
+            assert null.abs().max() == 0
+        else:
+            want = enc.text.encode([negative])[0][0]  # (L_neg, D)
+            assert torch.equal(null[: len(want)], want) and not null[len(want) :].any()
+            assert torch.equal(model.texts[0][0], null)  # the neg branch shares the null text
+    assert not (videos[0] == videos[2]).all() and not (videos[1] == videos[2]).all()
