@@ -11,7 +11,8 @@ import numpy as np
 
 from curation import pairing
 from curation.execute import resolve, run_items
-from curation.global_phase.tables import KINDS, write_parquet
+from curation.global_phase import ivf
+from curation.global_phase.tables import KINDS, key_dir, write_parquet
 from curation.shards import safe_component
 from curation.storage import Store
 
@@ -23,18 +24,34 @@ SEARCH_BLOCK_ROWS = 8192  # query rows per search item (fixed: output names must
 def find_pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> dict:
     """Steps 2-4 over the gathered units, written under ``pdir``: the final pair files per kind, the score
     histogram, the verdict counts and the near-duplicate counts."""
-    files = gather["units_files"]
     hist = {k: np.zeros(pp["hist_bins"], np.int64) for k in KINDS}
     raw: dict[str, list[tuple[str, str]]] = {k: [] for k in KINDS}
     copies = []
-    # one bundle per (kind, category), built in tasks; one map_batches job over the query blocks of all
+    # small categories: one bundle each (at most exact_max units), exact blocked search in map_batches;
+    # large ones: the sharded IVF search (ivf.py), then one merge item per query block
     bundles, items = {}, []
     for key, n in sorted(gather["units"].items()):
         kind, cat = key.split("\t")
         if n < 2:
             continue
         catdir = f"{kind}/{safe_component(cat)}"
-        bundles[key] = _bundle_ref(store, files, kind, cat, pp, runner)
+        parts = gather["parts"][key]
+        if use_ivf(n, pp):
+            d = f"{pdir}/ivf/{key_dir(kind, cat)}"
+            blocks = ivf.search_category(store, parts, n, pp, d, runner)
+            items += [
+                {
+                    **blk,
+                    "bundle": None,
+                    "kind": kind,
+                    "m": min(pp["candidates"], n - 1),
+                    "out": f"{pdir}/raw/{catdir}/block-{blk['r0']:010d}.parquet",
+                    "copies": f"{pdir}/copies/{catdir}/block-{blk['r0']:010d}.parquet",
+                }
+                for blk in blocks
+            ]
+            continue
+        bundles[key] = _bundle_ref(store, [f for f, _ in parts], kind, cat, pp, runner)
         items += [
             {
                 "bundle": key,
@@ -96,6 +113,12 @@ def find_pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> 
     }
 
 
+def use_ivf(n: int, pp: dict) -> bool:
+    """The sharded IVF search for a category of ``n`` units (``faiss`` / ``ray``: always; ``auto``: above
+    ``exact_max``); exact blocked products otherwise."""
+    return pp["method"] in ("faiss", "ray") or (pp["method"] == "auto" and n > pp["exact_max"])
+
+
 def _bundle_ref(store: Store, files, kind, cat, pp, runner):
     if runner == "sequential":
         return build_bundle(store, files, kind, cat, pp)
@@ -131,67 +154,53 @@ def build_bundle(store: Store, files: list[str], kind: str, category: str, param
     x = pairing.normalize(x)
     gkey = t.column("clip_id" if params["same_source"] else "video_id").to_pylist()
     _, groups = np.unique(np.array(gkey, dtype=object).astype(str), return_inverse=True)
-    ph = t.column("phashes").to_pylist()
-    kmax = max([len(p) for p in ph] + [1])
-    phm = np.zeros((n, kmax), np.uint64)
-    phn = np.zeros(n, np.int32)
-    for i, p in enumerate(ph):
-        phm[i, : len(p)] = p
-        phn[i] = len(p)
-    meta = t.drop_columns(["vector", "phashes", "kind"])
-    method = params["method"]
-    use_faiss = method == "faiss" or (method in ("auto", "ray") and n > params["exact_max"])
-    index = None
-    if use_faiss:
-        import faiss
-
-        index = faiss.serialize_index(pairing.build_faiss(x))
     return {
         "x": x,
         "groups": groups.astype(np.int64),
-        "phm": phm,
-        "phn": phn,
-        "meta": meta,
-        "index": index,
-        "extra": int(np.unique(groups, return_counts=True)[1].max()) if n else 0,
+        "meta": t.drop_columns(["vector", "kind"]),
         "n": n,
     }
 
 
-_INDEX_CACHE: dict = {}
+def _neighbours(bundle: dict, r0: int, r1: int, m: int) -> pairing.Neighbours:
+    import warnings
 
-
-def _neighbours(bundle: dict, r0: int, r1: int, m: int, nprobe: int) -> pairing.Neighbours:
     import torch
 
-    if bundle["index"] is None:
-        import warnings
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():  # the object store's arrays are read-only; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        xt = torch.from_numpy(bundle["x"])
+        gt = torch.from_numpy(bundle["groups"])
+    return pairing.exact_block(xt, gt, r0, r1, m)
 
-        torch.set_num_threads(1)
-        with warnings.catch_warnings():  # the object store's arrays are read-only; nothing writes to them
-            warnings.simplefilter("ignore", UserWarning)
-            xt = torch.from_numpy(bundle["x"])
-            gt = torch.from_numpy(bundle["groups"])
-        return pairing.exact_block(xt, gt, r0, r1, m)
-    import faiss
 
-    key = id(bundle["index"])
-    if key not in _INDEX_CACHE:
-        _INDEX_CACHE.clear()
-        faiss.omp_set_num_threads(1)
-        _INDEX_CACHE[key] = faiss.deserialize_index(bundle["index"])
-    return pairing.faiss_search(
-        _INDEX_CACHE[key], bundle["x"], bundle["groups"], np.arange(r0, r1), m, nprobe, bundle["extra"]
+def _phash_matrix(col) -> tuple[np.ndarray, np.ndarray]:
+    """A list<uint64> column as a padded (P, K) matrix and its per-row counts."""
+    import pyarrow as pa
+
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if arr.null_count:
+        arr = pa.compute.fill_null(arr, pa.scalar([], arr.type))
+    lens = np.diff(arr.offsets.to_numpy()).astype(np.int64)
+    vals = arr.flatten().to_numpy(zero_copy_only=False).astype(np.uint64)
+    m = np.zeros((len(arr), max(1, int(lens.max()) if len(lens) else 1)), np.uint64)
+    rows = np.repeat(np.arange(len(arr)), lens)
+    cols = np.arange(len(vals)) - np.repeat(np.cumsum(lens) - lens, lens)
+    m[rows, cols] = vals
+    return m, lens
+
+
+def _min_phash_distance(qph, cph) -> np.ndarray:
+    """Min Hamming distance between the pHash sets of aligned rows (two list<uint64> columns; -1 where
+    either has none)."""
+    pa_, na = _phash_matrix(qph)
+    pb, nb = _phash_matrix(cph)
+    d = np.bitwise_count(pa_[:, :, None] ^ pb[:, None, :]).astype(np.int32)  # (P, Ka, Kb)
+    valid = (np.arange(pa_.shape[1])[None, :, None] < na[:, None, None]) & (
+        np.arange(pb.shape[1])[None, None, :] < nb[:, None, None]
     )
-
-
-def _min_phash_distance(phm, phn, q: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Min Hamming distance between the pHash sets of rows q[i] and c[i] (-1 where either has none)."""
-    a, b = phm[q][:, :, None], phm[c][:, None, :]  # (P, K, 1), (P, 1, K)
-    d = np.bitwise_count(a ^ b).astype(np.int32)
-    ka = np.arange(phm.shape[1])
-    valid = (ka[None, :, None] < phn[q][:, None, None]) & (ka[None, None, :] < phn[c][:, None, None])
-    d = np.where(valid, d, 999).reshape(len(q), -1).min(1)
+    d = np.where(valid, d, 999).reshape(len(pa_), -1).min(1) if len(pa_) else np.zeros(0, np.int32)
     return np.where(d >= 999, -1, d)
 
 
@@ -200,20 +209,26 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
     ``copy_paste`` by score or pHash, ``different_subject``) and pHash distance; plus the copy edges."""
     import pyarrow as pa
 
-    r0, r1, kind = item["r0"], item["r1"], item["kind"]
+    r0, r1, kind = item["r0"], item.get("r1"), item["kind"]
     out_rel, copies_rel = item["out"], item["copies"]
     if store.exists(out_rel) and store.exists(copies_rel):
         return {"skipped": 1, "hist": [0] * params["hist_bins"]}
-    bundle = resolve(bundles[item["bundle"]])
     low, high = (
         (params["low"], params["high"]) if kind == "subject" else (params["face_low"], params["face_high"])
     )
-    n = bundle["n"]
-    m = min(params["candidates"], n - 1)
-    nb = _neighbours(bundle, r0, r1, m, params["nprobe"])
-    qi, rank = np.nonzero(nb.idx >= 0)
-    c = nb.idx[qi, rank]
-    q = qi + r0
+    if item["bundle"] is None:  # a query block of the sharded search: its merged top-m
+        nb, cands = ivf.merged(item, store, item["m"])
+        qmeta = pa.concat_tables([ivf.read_table(store, f, ivf.META + ["bucket"]) for f, _ in item["files"]])
+        qi, rank = np.nonzero(nb.idx >= 0)
+        qm, cm = qmeta.take(pa.array(qi)), cands
+    else:
+        bundle = resolve(bundles[item["bundle"]])
+        n = bundle["n"]
+        m = min(params["candidates"], n - 1)
+        nb = _neighbours(bundle, r0, r1, m)
+        qi, rank = np.nonzero(nb.idx >= 0)
+        meta = bundle["meta"]
+        qm, cm = meta.take(pa.array(qi + r0)), meta.take(pa.array(nb.idx[qi, rank]))
     score = nb.score[qi, rank].astype(np.float32)
     # the band rule; its top_k comes after the near-duplicate groups (final verdicts), so every in-band one
     # stays in the band here
@@ -223,12 +238,10 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
         "copy_paste",
         np.where(band == pairing.DIFFERENT_SUBJECT, "different_subject", "in_band"),
     )
-    pd_ = np.full(len(q), -1, np.int32)
-    if params["phash_copy_distance"] >= 0 and len(q):
-        pd_ = _min_phash_distance(bundle["phm"], bundle["phn"], q, c)
+    pd_ = np.full(len(qi), -1, np.int32)
+    if params["phash_copy_distance"] >= 0 and len(qi):
+        pd_ = _min_phash_distance(qm.column("phashes"), cm.column("phashes"))
         verdict = np.where((pd_ >= 0) & (pd_ <= params["phash_copy_distance"]), "copy_paste", verdict)
-    meta = bundle["meta"]
-    qm, cm = meta.take(pa.array(q)), meta.take(pa.array(c))
     inband = pa.array(verdict == "in_band")
     cols = {
         "bucket": qm.column("bucket"),
@@ -253,7 +266,7 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
     t = pa.table(cols)
     cross = (verdict == "copy_paste") & (
         pa.compute.not_equal(cols["q_video"], cols["c_video"]).to_numpy(zero_copy_only=False)
-        if len(q)
+        if len(qi)
         else np.zeros(0, bool)
     )
     copies = t.filter(pa.array(cross)).select(
@@ -262,7 +275,7 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
     write_parquet(store, copies_rel, copies)
     write_parquet(store, out_rel, t)
     hist = np.histogram(score, bins=params["hist_bins"], range=(-1.0, 1.0))[0]
-    return {"skipped": 0, "hist": hist.tolist(), "candidates": int(len(q))}
+    return {"skipped": 0, "hist": hist.tolist(), "candidates": int(len(qi))}
 
 
 # ---------------------------------------------------------------------------------------------------------

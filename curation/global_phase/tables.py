@@ -38,6 +38,12 @@ def _video_file(video_id: str) -> str:
     return f"{b:02x}/{safe_component(video_id)[:80]}-{digest}.parquet"
 
 
+def key_dir(kind: str, category: str) -> str:
+    """The folder of one (kind, category) under a step's directory: a plain name plus a short hash, so two
+    categories that sanitise alike never share files."""
+    return f"{kind}/{safe_component(category)[:60]}-{sha(category, 8)}"
+
+
 def _phash_int(h: str) -> int:
     return int(h, 16)
 
