@@ -11,7 +11,7 @@ import numpy as np
 
 from curation import pairing
 from curation.execute import resolve, run_items
-from curation.global_phase import ivf
+from curation.global_phase import components, ivf
 from curation.global_phase.tables import KINDS, key_dir, write_parquet
 from curation.shards import safe_component
 from curation.storage import Store
@@ -69,13 +69,9 @@ def find_pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> 
         raw[it["kind"]].append((it["out"], it["out"].replace(f"{pdir}/raw/", f"{pdir}/pairs/")))
         copies.append(it["copies"])
     del bundles
-    dd = run_items(
-        [{"copies": copies, "out": f"{pdir}/dedup/groups.parquet"}],
-        _dedup,
-        runner,
-        store=store,
-        params=pp,
-    )[0]
+    dd = components.near_duplicate_groups(
+        store, copies, f"{pdir}/dedup", f"{pdir}/dedup/groups.parquet", pp, runner
+    )
     groups = read_groups(store, f"{pdir}/dedup/groups.parquet")
     items = [{"kind": k, "raw": a, "out": b} for k in KINDS for a, b in raw[k]]
     res = run_items(items, _finalize_block, runner, store=store, groups=groups, params=pp)
@@ -279,7 +275,8 @@ def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict
 
 
 # ---------------------------------------------------------------------------------------------------------
-# step 3: near-duplicate video groups from copy-paste edges (no all-pairs: only what the search found)
+# step 3: near-duplicate video groups from copy-paste edges (no all-pairs: only what the search found); the
+# distributed steps are in components.py, this in-memory version is their reference in the tests
 
 
 def near_duplicate_groups(
@@ -315,36 +312,6 @@ def near_duplicate_groups(
     return {
         v: find(v) for v in sorted(members) if find(v) != v or any(find(u) == v and u != v for u in members)
     }
-
-
-def _dedup(item: dict, store: Store, params: dict) -> dict:
-    import pyarrow as pa
-    import pyarrow.dataset as pds
-
-    files = item["copies"]
-    if params["near_dup_min_frac"] < 0 or not files:
-        groups = {}
-    else:
-        t = pds.dataset([store.path(f) for f in files], format="parquet", filesystem=store.fs).to_table()
-        edges = list(
-            zip(
-                *(
-                    t.column(c).to_pylist()
-                    for c in ("q_video", "q_clip", "c_video", "c_clip", "q_v_n_clips", "c_v_n_clips")
-                )
-            )
-        )
-        groups = near_duplicate_groups(edges, params["near_dup_min_frac"])
-    vids = sorted(groups)
-    write_parquet(
-        store,
-        item["out"],
-        pa.table(
-            {"video_id": vids, "group": [groups[v] for v in vids]},
-            schema=pa.schema([("video_id", pa.string()), ("group", pa.string())]),
-        ),
-    )
-    return {"near_duplicate_videos": len(vids), "near_duplicate_groups": len(set(groups.values()))}
 
 
 def read_groups(store: Store, rel: str) -> dict[str, str]:

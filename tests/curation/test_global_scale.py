@@ -63,7 +63,9 @@ def test_sharded_search_probing_every_list_equals_the_exact_search(synth, monkey
 def test_sharded_search_with_few_probes_keeps_most_in_band_pairs(synth):
     store, gather = synth
     exact = {p for p in _pairs(store, _run(store, gather, "exact2", method="exact")) if p[4] == "pair"}
-    approx = {p for p in _pairs(store, _run(store, gather, "ivf2", method="faiss", nprobe=2)) if p[4] == "pair"}
+    approx = {
+        p for p in _pairs(store, _run(store, gather, "ivf2", method="faiss", nprobe=2)) if p[4] == "pair"
+    }
     assert len(approx & exact) >= 0.9 * len(exact)
 
 
@@ -117,3 +119,97 @@ def test_same_source_hits_are_filtered_by_id_not_by_asking_for_more(tmp_path, mo
             t = pds.dataset(store.path(rel), format="parquet").to_table()
             counts = np.unique(t.column("qid").to_numpy(), return_counts=True)[1]
             assert counts.max(initial=0) <= 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# near-duplicate grouping: connected components by min-label propagation over partitioned edges
+
+
+def _copy_edges(pairs: list[tuple[str, str]], clips: int = 2) -> list[dict]:
+    """Copy edges covering every clip of both videos of each pair (so every pair qualifies)."""
+    return [
+        {
+            "q_video": a,
+            "q_clip": f"{a}-{i}",
+            "c_video": b,
+            "c_clip": f"{b}-{i}",
+            "q_v_n_clips": clips,
+            "c_v_n_clips": clips,
+        }
+        for a, b in pairs
+        for i in range(clips)
+    ]
+
+
+def _components(tmp_path, edges: list[dict], runner="sequential", blocks=3, min_frac=0.5) -> dict:
+    import pyarrow as pa
+
+    from curation.global_phase import components
+    from curation.global_phase.pairs import read_groups
+    from curation.global_phase.tables import write_parquet
+
+    store = Store(str(tmp_path))
+    files = []
+    for i in range(blocks):  # the edges spread over several search blocks
+        rel = f"copies/block-{i}.parquet"
+        write_parquet(
+            store, rel, pa.Table.from_pylist(edges[i::blocks]) if edges[i::blocks] else pa.table({})
+        )
+        files.append(rel)
+    old = components.EDGE_BYTES_PER_PARTITION
+    components.EDGE_BYTES_PER_PARTITION = 1500  # several partitions even for a few edges
+    try:
+        res = components.near_duplicate_groups(
+            store, files, "dedup", "dedup/groups.parquet", {"near_dup_min_frac": min_frac}, runner
+        )
+    finally:
+        components.EDGE_BYTES_PER_PARTITION = old
+    groups = read_groups(store, "dedup/groups.parquet")
+    assert res["near_duplicate_videos"] == len(groups)
+    assert res["near_duplicate_groups"] == len(set(groups.values()))
+    return groups
+
+
+def _reference(edges: list[dict], min_frac=0.5) -> dict:
+    from curation.global_phase.pairs import near_duplicate_groups
+
+    cols = ("q_video", "q_clip", "c_video", "c_clip", "q_v_n_clips", "c_v_n_clips")
+    return near_duplicate_groups([tuple(e[c] for c in cols) for e in edges], min_frac)
+
+
+def test_components_of_a_chain_a_star_and_a_cycle(tmp_path):
+    chain = [(f"c{i:02d}", f"c{i + 1:02d}") for i in range(12)]  # 13 videos, diameter 12
+    star = [("s00", f"s{i:02d}") for i in range(1, 9)]
+    cycle = [(f"y{i}", f"y{(i + 1) % 6}") for i in range(6)]
+    edges = _copy_edges(list(reversed(chain)) + star + cycle)
+    got = _components(tmp_path, edges)
+    assert got == _reference(edges)
+    assert {v for v, g in got.items() if g == "c00"} == {f"c{i:02d}" for i in range(13)}
+    assert {v for v, g in got.items() if g == "s00"} == {f"s{i:02d}" for i in range(9)}
+    assert {v for v, g in got.items() if g == "y0"} == {f"y{i}" for i in range(6)}
+    assert len(set(got.values())) == 3
+
+
+def test_components_keep_only_pairs_that_cover_enough_clips(tmp_path):
+    """v1-v2 share 1 of 4 clips (not a re-upload); v3-v4 share all: only v3/v4 group; random graphs match
+    the in-memory reference."""
+    edges = _copy_edges([("v1", "v2")], clips=1)
+    for e in edges:
+        e["q_v_n_clips"] = e["c_v_n_clips"] = 4
+    edges += _copy_edges([("v3", "v4")])
+    assert _components(tmp_path / "a", edges) == {"v3": "v3", "v4": "v3"}
+    rng = np.random.default_rng(0)
+    pairs = [(f"r{a:03d}", f"r{b:03d}") for a, b in rng.integers(0, 120, (90, 2)) if a != b]
+    edges = _copy_edges(pairs)
+    assert _components(tmp_path / "b", edges) == _reference(edges)
+
+
+def test_components_on_ray_match_the_sequential_runner(tmp_path):
+    import ray
+
+    edges = _copy_edges([(f"c{i}", f"c{i + 1}") for i in range(5)] + [("x1", "x2")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        assert _components(tmp_path, edges, runner="ray") == _reference(edges)
+    finally:
+        ray.shutdown()
