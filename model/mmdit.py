@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.sp import SeqParallel, gather_heads, gather_seq, heads_to_seq, local_heads, seq_to_heads, split_seq
+
 # How the two streams are built (eq. 1-2 of the paper):
 #   text stream   F_T = text tokens (B, L, text_dim) ⊕ reference CLIP tokens (B, n*k, clip_dim), each
 #                 projected to `hidden` first;
@@ -30,6 +32,11 @@ from torch.utils.checkpoint import checkpoint
 #   window borders between blocks ("the in-situ features are sequentially shifted to the start of the
 #   next window"). Windows are never padded: each run of equal windows is one attention call, and a
 #   shorter first (shifted) or last window is its own call, so no mask is needed for the video part.
+# Sequence parallel (model.sp, set_sequence_parallel): each rank of a sequence group embeds and keeps 1/P
+#   of the visual tokens (video ⊕ references) through every block; the text stream (a few hundred tokens)
+#   is on every rank. Attention swaps token shards for head shards (Ulysses all-to-all), so the windows,
+#   the appended references and text and the per-window averages are computed over the WHOLE sequence,
+#   exactly as on one rank, for this rank's heads; the text stream's heads are then gathered.
 
 
 @dataclass
@@ -312,18 +319,25 @@ class MMDiTBlock(nn.Module):
         self.txt_qkv = StreamQKV(cfg)
         self.txt_out = None if context_only else StreamOut(cfg)
 
-    def forward(self, vis, txt, c, rope, n_vid, txt_mask, ref_tok_mask, window_tokens, window_shift=0):
+    def forward(
+        self, vis, txt, c, rope, n_vid, txt_mask, ref_tok_mask, window_tokens, window_shift=0, sp=None
+    ):
         """vis: (B, Nv+Nr, D) video ⊕ reference tokens; txt: (B, Lt, D) text ⊕ CLIP tokens; c: (B, D).
 
         rope: (cos, sin) for the Nv+Nr visual tokens; n_vid = Nv; txt_mask: (B, Lt); ref_tok_mask: (B, Nr).
         window_tokens, window_shift: the window grid of this block (window_groups).
+        sp: a model.sp.SeqParallel: vis and rope are then this rank's ceil((Nv+Nr)/P) tokens (module doc).
         Returns updated (vis, txt); txt is None after a context-only block.
         """
         v_shift1, v_scale1, v_gate1, v_shift2, v_scale2, v_gate2 = self.vis_mod(c).chunk(6, dim=1)
         t_mods = self.txt_mod(c).chunk(2 if self.context_only else 6, dim=1)
-        qv, kv, vv = self.vis_qkv(vis, v_shift1, v_scale1)  # (B, Nv+Nr, nh, hd)
+        qv, kv, vv = self.vis_qkv(vis, v_shift1, v_scale1)  # (B, Nv+Nr, nh, hd); SP: (B, k, nh, hd)
         qv, kv = apply_rope(qv, *rope), apply_rope(kv, *rope)
         qt, kt, vt = self.txt_qkv(txt, t_mods[0], t_mods[1])  # (B, Lt, nh, hd)
+        n_ref, nh = ref_tok_mask.shape[1], qv.shape[2]
+        if sp is not None:  # token shard -> all tokens of this rank's heads, the padding cut off
+            qv, kv, vv = (seq_to_heads(a, sp)[:, : n_vid + n_ref] for a in (qv, kv, vv))  # (B, N, nh_r, hd)
+            qt, kt, vt = (local_heads(a, sp) for a in (qt, kt, vt))  # (B, Lt, nh_r, hd)
 
         # context appended to every window = [reference VAE tokens, text + CLIP tokens]
         q_ctx = torch.cat([qv[:, n_vid:], qt], dim=1)
@@ -343,12 +357,18 @@ class MMDiTBlock(nn.Module):
             window_tokens,
             shift_tokens=window_shift,
         )
-        n_ref = vis.shape[1] - n_vid
-        attn_vis = torch.cat([out_vid, out_ctx[:, :n_ref]], dim=1)  # (B, Nv+Nr, D)
+        attn_vis = torch.cat([out_vid, out_ctx[:, :n_ref]], dim=1)  # (B, Nv+Nr, D); SP: (B, N, nh_r*hd)
+        attn_txt = out_ctx[:, n_ref:]
+        if sp is not None:  # back to this rank's tokens with every head; the text stream's heads gathered
+            attn_vis = attn_vis.unflatten(-1, (-1, qv.shape[-1]))  # (B, N, nh_r, hd)
+            attn_vis = F.pad(attn_vis, (0, 0, 0, 0, 0, sp.size * vis.shape[1] - attn_vis.shape[1]))
+            attn_vis = heads_to_seq(attn_vis, sp, nh).flatten(2)  # (B, k, D)
+            if not self.context_only:
+                attn_txt = gather_heads(attn_txt.unflatten(-1, (-1, qv.shape[-1])), sp, nh).flatten(2)
         vis = self.vis_out(vis, attn_vis, v_gate1, v_shift2, v_scale2, v_gate2)
         if self.context_only:
             return vis, None
-        txt = self.txt_out(txt, out_ctx[:, n_ref:], t_mods[2], t_mods[3], t_mods[4], t_mods[5])
+        txt = self.txt_out(txt, attn_txt, t_mods[2], t_mods[3], t_mods[4], t_mods[5])
         return vis, txt
 
 
@@ -390,7 +410,15 @@ class MMDiT(nn.Module):
             ]
         )
         self.final = FinalLayer(cfg)
+        self.sp: SeqParallel | None = None
         self.initialize_weights()
+
+    def set_sequence_parallel(self, sp: SeqParallel | None) -> None:
+        """Split every forward's visual tokens over sp's ranks (Ulysses attention); None = one rank.
+        All ranks of the group must call forward with the same inputs."""
+        if sp is not None:
+            sp.heads(self.cfg.num_heads)  # P > heads raises here, not in the first forward
+        self.sp = sp
 
     def initialize_weights(self):
         def _basic(m):
@@ -478,7 +506,10 @@ class MMDiT(nn.Module):
                 raise ValueError(f"ref_latents {tuple(ref_latents.shape)} must be (B, n, {C}, {H}, {W})")
             refs = self.patchify(ref_latents.transpose(1, 2))  # (B, n*h*w, C*p*p)
             vis = torch.cat([vis, refs.to(vis.dtype)], dim=1)
-        vis = self.patch_embed(vis)  # (B, Nv+Nr, D)
+        n_tok = vis.shape[1]
+        if self.sp is not None:  # this rank's share of the visual tokens, embedded here only
+            vis = split_seq(vis, self.sp)  # (B, ceil(N/P), C*p*p)
+        vis = self.patch_embed(vis)  # (B, Nv+Nr, D); SP: (B, ceil(N/P), D)
         ref_tok_mask = ref_mask.repeat_interleave(h * w, dim=1) if n_ref else ref_mask[:, :0]  # (B, Nr)
 
         # text stream: text ⊕ reference CLIP tokens (eq. 1)
@@ -497,15 +528,19 @@ class MMDiT(nn.Module):
             c = c + self.pooled_in(pooled)
 
         cos, sin = self.rope(self.positions(T, h, w, n_ref, x.device))
+        if self.sp is not None:
+            cos, sin = split_seq(cos, self.sp, dim=0), split_seq(sin, self.sp, dim=0)
         wt, ws = self.window_tokens(T, h, w), self.window_shift(T, h, w)
         for i, blk in enumerate(self.blocks):
-            args = (vis, txt, c, (cos, sin), n_vid, txt_mask, ref_tok_mask, wt, ws if i % 2 else 0)
+            args = (vis, txt, c, (cos, sin), n_vid, txt_mask, ref_tok_mask, wt, ws if i % 2 else 0, self.sp)
             if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
                 vis, txt = checkpoint(blk, *args, use_reentrant=False)
             else:
                 vis, txt = blk(*args)
 
         out = self.final(vis, c)  # (B, Nv+Nr, C*p*p)
+        if self.sp is not None:  # every rank computes the same loss from the whole output (model.sp)
+            out = gather_seq(out, self.sp, n_tok)
         video = self.unpatchify(out[:, :n_vid], T, H, W)
         ref = None
         if n_ref:

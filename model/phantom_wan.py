@@ -34,8 +34,10 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.flow import Conditioning, draw_condition_dropout, draw_random
+from model.sp import SeqParallel, gather_seq, heads_to_seq, seq_to_heads, split_seq
 
 # diffusers WanTransformer3DModel configs of the released Wan2.1 T2V models (Wan2.1 config files).
 WAN_PRESETS: dict[str, dict] = {
@@ -95,6 +97,19 @@ class PhantomWan(nn.Module):
         # Under FSDP every rank must run the transformer the same number of times per step (each run
         # all-gathers every block), whatever reference counts its batch holds: then one run per sample.
         self.one_call_per_sample = False
+        self.sp: SeqParallel | None = None
+
+    def set_sequence_parallel(self, sp: SeqParallel | None) -> None:
+        """Split every forward's tokens over sp's ranks: each block holds 1/P of the (T + n) * h * w tokens,
+        self-attention runs Ulysses (UlyssesWanAttnProcessor); None = one rank, diffusers' own processor.
+        All ranks of the group must call forward with the same inputs."""
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        if sp is not None:
+            sp.heads(int(self.transformer.config.num_attention_heads))  # P > heads raises here
+        for block in self.transformer.blocks:
+            block.attn1.set_processor(WanAttnProcessor() if sp is None else UlyssesWanAttnProcessor(sp))
+        self.sp = sp
 
     @property
     def in_channels(self) -> int:
@@ -145,17 +160,92 @@ class PhantomWan(nn.Module):
                     ref_latents[idx, :n].transpose(1, 2).to(hidden.dtype)
                 )  # (b, n, C, h, w) -> (b, C, n, h, w)
                 hidden = torch.cat([hidden, refs], dim=2)  # (b, C, T + n, h, w): refs after the video frames
-            pred = self.transformer(
-                hidden.to(dtype),
-                timestep=timestep[idx],
-                encoder_hidden_states=context[idx],
-                return_dict=False,
-            )[0]
+            if self.sp is None:
+                pred = self.transformer(
+                    hidden.to(dtype),
+                    timestep=timestep[idx],
+                    encoder_hidden_states=context[idx],
+                    return_dict=False,
+                )[0]
+            else:
+                pred = self.sp_transformer(hidden.to(dtype), timestep[idx], context[idx])
             pred = pred[:, :, :T]  # the reference frames never leave the model
             if out is None:
                 out = pred.new_zeros(B, *pred.shape[1:])
             out[idx] = pred
         return WanOutput(video=out)
+
+    def sp_transformer(self, hidden: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
+        """WanTransformer3DModel.forward (Wan2.1 path), this rank's share of the tokens through the blocks.
+
+        hidden: (B, C, F, H, W) the same on every rank of the group -> (B, C_out, F, H, W) on every rank.
+        """
+        tr, sp = self.transformer, self.sp
+        B, C, Fr, H, W = hidden.shape
+        pt, ph, pw = tr.config.patch_size
+        f, h, w = Fr // pt, H // ph, W // pw
+        n = f * h * w
+        cos, sin = tr.rope(hidden)  # (1, n, 1, hd) each
+        rope = ShardedRope(split_seq(cos, sp), split_seq(sin, sp), n)
+        # The Conv3d patch embedding (stride = kernel) is one linear map per patch: embed only this rank's.
+        patches = hidden.reshape(B, C, f, pt, h, ph, w, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = split_seq(patches.reshape(B, n, C * pt * ph * pw), sp)  # (B, k, C*pt*ph*pw)
+        conv = tr.patch_embedding
+        x = torch.nn.functional.linear(patches, conv.weight.flatten(1), conv.bias)  # (B, k, D)
+        temb, timestep_proj, context, _ = tr.condition_embedder(timestep, context, None)
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))  # (B, 6, D)
+        for block in tr.blocks:
+            if torch.is_grad_enabled() and tr.gradient_checkpointing:
+                x = checkpoint(block, x, context, timestep_proj, rope, use_reentrant=False)
+            else:
+                x = block(x, context, timestep_proj, rope)
+        shift, scale = (tr.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (tr.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = gather_seq(tr.proj_out(x), sp, n)  # (B, n, pt*ph*pw*C_out): every rank computes the same loss
+        x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+class ShardedRope(NamedTuple):
+    """What the blocks pass to self-attention under SP: this rank's rotary tables and the true length."""
+
+    cos: torch.Tensor  # (1, k, 1, hd), k = ceil(n / P)
+    sin: torch.Tensor
+    n_tokens: int  # n: the gathered sequence is cut back to it (the last shard's padding)
+
+
+class UlyssesWanAttnProcessor:
+    """diffusers WanAttnProcessor's self-attention (Wan2.1: no image branch) with the Ulysses all-to-all:
+    projections, qk-norm and RoPE on this rank's tokens, attention over all tokens for this rank's heads."""
+
+    def __init__(self, sp: SeqParallel) -> None:
+        self.sp = sp
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            raise ValueError("UlyssesWanAttnProcessor is for the unmasked self-attention (attn1) only")
+        if not isinstance(rotary_emb, ShardedRope):
+            raise ValueError("sequence parallel attention runs inside PhantomWan.sp_transformer only")
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # (B, k, nh, hd)
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        q, k = _wan_rope(q, rotary_emb.cos, rotary_emb.sin), _wan_rope(k, rotary_emb.cos, rotary_emb.sin)
+        n, sp = rotary_emb.n_tokens, self.sp
+        q, k, v = (seq_to_heads(a, sp)[:, :n].transpose(1, 2) for a in (q, k, v))  # (B, nh_r, n, hd)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, n, nh_r, hd)
+        out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, sp.size * hidden_states.shape[1] - n))
+        out = heads_to_seq(out, sp, attn.heads).flatten(2).type_as(hidden_states)  # (B, k, D)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # diffusers WanAttnProcessor's rotation of interleaved pairs; x: (B, k, nh, hd), cos/sin: (1, k, 1, hd)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)
 
 
 # ----------------------------------------------------------------------------- flow matching
