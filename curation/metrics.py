@@ -60,14 +60,14 @@ class FaceConfig:
 class ClipConfig:
     arch: str = "ViT-H-14"
     model_path: str = ""  # an open_clip checkpoint; empty: CLIP-I and CLIP-T are off
-    sha256: str = ""
+    sha256: str = ""  # the checkpoint's, or "unpinned"; empty: the hash `make weights` recorded
     model_config: str = ""  # a JSON architecture to register with open_clip (custom archs)
 
 
 @dataclasses.dataclass
 class DinoConfig:
     model_path: str = ""  # a transformers Dinov2Model folder; empty: DINO-I is off
-    sha256: str = ""  # of the folder's model.safetensors
+    sha256: str = ""  # the folder's digest (curation.models.folder_sha256), or "unpinned"
 
 
 @dataclasses.dataclass

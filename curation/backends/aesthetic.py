@@ -87,7 +87,7 @@ class LaionAesthetic:
         import open_clip
         import torch
 
-        from curation.models import resolve_model_path
+        from curation.models import locate_model_path, resolve_model_path
 
         key = "pipelines.<name>[aesthetic].backend"
         clip_file = resolve_model_path(
@@ -104,9 +104,9 @@ class LaionAesthetic:
             f"{key}.mlp_path",
             self.mlp_sha256 or None,
         )
-        if self.clip_config:
+        if self.clip_config:  # an architecture, no weights (a changed one cannot load the pinned weights)
             open_clip.add_model_config(
-                resolve_model_path(
+                locate_model_path(
                     self.clip_config, self.models_dir, "open_clip model config", f"{key}.clip_config"
                 )
             )

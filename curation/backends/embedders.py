@@ -125,16 +125,18 @@ class OpenClipEmbedder:
         import open_clip
         import torch
 
-        from curation.models import resolve_model_path
+        from curation.models import locate_model_path, resolve_model_path
 
         if precision not in ("auto", "fp32"):
             raise ValueError(f"{config_key}.precision={precision!r}; allowed: ['auto', 'fp32']")
         ckpt = resolve_model_path(
             model_path, models_dir, "open_clip CLIP checkpoint", f"{config_key}.model_path", sha256 or None
         )
-        if model_config:  # a JSON architecture not built into open_clip (registered under its file stem)
+        # A JSON architecture not built into open_clip (registered under its file stem): no weights, so not
+        # pinned; a changed one cannot load the pinned checkpoint.
+        if model_config:
             open_clip.add_model_config(
-                resolve_model_path(
+                locate_model_path(
                     model_config, models_dir, "open_clip model config", f"{config_key}.model_config"
                 )
             )
@@ -189,7 +191,8 @@ class OpenClipEmbedder:
 class Dinov2Embedder:
     """DINOv2 through transformers (Dinov2Model + its image processor from the same local folder): the
     final-layer-normed CLS token (``pooler_output``), L2-normalised, as DINO-I is usually computed. fp32.
-    ``sha256`` is the folder's model.safetensors'."""
+    ``sha256`` pins the whole folder (curation.models.folder_sha256), or ``unpinned``; without it every file
+    must have the hash `make weights` recorded."""
 
     name = "dinov2"
 
@@ -204,13 +207,12 @@ class Dinov2Embedder:
     ):
         from transformers import AutoImageProcessor, Dinov2Model
 
-        from curation.models import ModelNotFound, resolve_model_path, verify_sha256
+        from curation.models import ModelNotFound, locate_model_path, resolve_model_path
 
-        path = resolve_model_path(model_path, models_dir, "DINOv2 model folder", f"{config_key}.model_path")
-        if not path.is_dir():
-            raise ModelNotFound(f"{config_key}.model_path: {path} must be a transformers model folder")
-        if sha256:
-            verify_sha256(path / "model.safetensors", sha256)
+        key = f"{config_key}.model_path"
+        if not locate_model_path(model_path, models_dir, "DINOv2 model folder", key).is_dir():
+            raise ModelNotFound(f"{key}: {model_path} must be a transformers model folder")
+        path = resolve_model_path(model_path, models_dir, "DINOv2 model folder", key, sha256 or None)
         self.device = _device(device)
         self.model = Dinov2Model.from_pretrained(str(path), local_files_only=True).eval().to(self.device)
         self.processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)

@@ -67,17 +67,16 @@ def _onnx_file(
     model_path: str, file_name: str, models_dir: str, what: str, yaml_key: str, sha256: str
 ) -> Path:
     """``model_path`` names an .onnx file or an insightface model folder (e.g. buffalo_l) holding
-    ``file_name``."""
-    from curation.models import resolve_model_path, verify_sha256
+    ``file_name``; that one file is checked against ``sha256``, else the hash `make weights` recorded, else
+    refused unless ``sha256: unpinned``."""
+    from curation.models import ModelNotFound, locate_model_path, resolve_model_path
 
-    p = resolve_model_path(model_path, models_dir, what, yaml_key)  # the file is hash-checked below
+    p = locate_model_path(model_path, models_dir, what, yaml_key)
     if p.is_dir():
         p = p / file_name
         if not p.exists():
-            from curation.models import ModelNotFound
-
             raise ModelNotFound(f"{what}: {file_name} not found in the model folder {p.parent} ({yaml_key})")
-    return verify_sha256(p, sha256 or None)
+    return resolve_model_path(p, models_dir, what, yaml_key, sha256 or None)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

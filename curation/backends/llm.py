@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from curation.backends.openai_endpoint import OpenAIEndpoint
-from curation.models import package_file, resolve_model_path
+from curation.models import locate_model_path, package_file, resolve_model_path
 from curation.parsing import json_closed
 from curation.stage import register_backend
 
@@ -116,15 +116,14 @@ class HFChatLLM:
     ):
         del hub_id  # used by `make weights` only
         if model_path:
-            p = resolve_model_path(
-                model_path,
-                models_dir,
-                what="subject-extractor LLM",
-                yaml_key="pipelines.*.subjects.backend.model_path",
-            )
+            key = "pipelines.*.subjects.backend.model_path"
+            # sha256 pins the GGUF file (weights, config and tokenizer in one), else the whole folder
+            # (curation.models.folder_sha256); "unpinned" loads it unchecked, and the run lists it
             if gguf_file:
-                resolve_model_path(p / gguf_file, models_dir, what="GGUF weights", sha256=sha256)
-            folder = p
+                p = locate_model_path(model_path, models_dir, "subject-extractor LLM", key)
+                folder = resolve_model_path(p / gguf_file, models_dir, "GGUF weights", key, sha256).parent
+            else:
+                folder = resolve_model_path(model_path, models_dir, "subject-extractor LLM", key, sha256)
         else:
             package = package or SMOLLM2_PACKAGE
             gguf_file = gguf_file or SMOLLM2_GGUF

@@ -118,10 +118,18 @@ class _QwenVL:
         batch_size: int = 8,
         max_new_tokens: int = 256,
         hub_id: str = "",
+        sha256: str = "",
     ):
         del hub_id  # used by `make weights` only
+        # sha256: the folder digest (curation.models.folder_sha256) or "unpinned"; by default every file
+        # must have the hash `make weights` recorded
         path = resolve_model_path(
-            model_path, models_dir, what=self.what, yaml_key="the stage's backend.model_path"
+            model_path,
+            models_dir,
+            what=self.what,
+            yaml_key="the stage's backend.model_path",
+            sha256=sha256 or None,
+            sha256_key="the stage's backend.sha256",
         )
         self.processor, self.model, self.device = _load_qwen_vl(str(path), device)
         self.batch_size = batch_size

@@ -162,7 +162,12 @@ class TransNetV2Backend:
                 pass
 
         if self.model_path:
-            path = verify_sha256(self.model_path, self.sha256 or None)
+            path = verify_sha256(
+                self.model_path,
+                self.sha256 or None,
+                what="TransNetV2 weights",
+                yaml_key="pipelines.<name>[scenes].backend.sha256",
+            )
         else:
             path = package_file(TRANSNETV2_PACKAGE, TRANSNETV2_WEIGHTS, TRANSNETV2_SHA256)
         device = self.device

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from curation.models import folder_sha256
 from curation.stage import StageContext
 from curation.stages.caption import CaptionStage
 from tests.curation.tiny_models import tiny_qwen2_5_vl_dir
@@ -114,6 +115,7 @@ def test_qwen_captioner_end_to_end(tmp_path, tiny_vl):
     backend = {
         "name": "qwen2_5_vl",
         "model_path": tiny_vl,
+        "sha256": folder_sha256(tiny_vl),  # the tiny random-init folder, pinned as it was built
         "fps": 2.0,
         "max_pixels": 64 * 28 * 28,
         "min_pixels": 16 * 28 * 28,
@@ -147,7 +149,12 @@ def test_qwen_captioner_end_to_end(tmp_path, tiny_vl):
     from curation.stages.caption import CAPTION_PROMPT, CaptionInput
 
     alone = QwenVLCaptioner(
-        tiny_vl, fps=2.0, max_pixels=64 * 28 * 28, min_pixels=16 * 28 * 28, max_new_tokens=12
+        tiny_vl,
+        sha256=folder_sha256(tiny_vl),
+        fps=2.0,
+        max_pixels=64 * 28 * 28,
+        min_pixels=16 * 28 * 28,
+        max_new_tokens=12,
     )
     car, bikes = alone.caption([CaptionInput(CARPHONE)], CAPTION_PROMPT) + alone.caption(
         [CaptionInput(BIKES, 2.0, 4.0)], CAPTION_PROMPT
@@ -168,7 +175,12 @@ def test_qwen_captioner_prompt_has_video_tokens(tiny_vl):
     from curation.stages.caption import CAPTION_PROMPT, CaptionInput
 
     cap = QwenVLCaptioner(
-        tiny_vl, fps=2.0, max_pixels=32 * 28 * 28, min_pixels=16 * 28 * 28, max_new_tokens=4
+        tiny_vl,
+        sha256=folder_sha256(tiny_vl),
+        fps=2.0,
+        max_pixels=32 * 28 * 28,
+        min_pixels=16 * 28 * 28,
+        max_new_tokens=4,
     )
     conv = [
         [

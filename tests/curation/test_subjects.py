@@ -3,6 +3,7 @@
 import pytest
 
 from curation.backends.llm import reply_done
+from curation.models import folder_sha256
 from curation.parsing import rule_category
 from curation.stage import StageContext
 from curation.stages.subjects import SubjectsStage, build_conversation
@@ -44,7 +45,8 @@ def test_smollm2_extracts_subjects(tmp_path):
 
 
 def test_tiny_qwen2_random_replies_are_retried_then_rejected(tmp_path):
-    backend = {"name": "hf_llm", "model_path": str(tiny_qwen2_llm_dir()), "batch_size": 2}
+    llm = tiny_qwen2_llm_dir()
+    backend = {"name": "hf_llm", "model_path": str(llm), "sha256": folder_sha256(llm), "batch_size": 2}
     st = SubjectsStage(
         params=SubjectsStage.Params(max_new_tokens=16, retries=1),
         backend=backend,

@@ -1,4 +1,5 @@
-"""`make weights` (curation.weights): finds hub models in the config, records sha256, fails fast."""
+"""`make weights` (curation.weights): finds hub models and hand-copied ones in the config, records sha256,
+fails fast."""
 
 import json
 import time
@@ -6,8 +7,8 @@ import time
 import pytest
 import yaml
 
-from curation.models import ModelHashMismatch, resolve_model_path
-from curation.weights import main, model_entries
+from curation.models import ModelHashMismatch, ModelUnpinned, resolve_model_path
+from curation.weights import local_entries, main, model_entries
 
 
 def _config(tmp_path):
@@ -56,3 +57,38 @@ def test_entries_and_offline_failure(tmp_path, monkeypatch, capsys):
     (llm / "model.safetensors").write_bytes(b"tampered")
     with pytest.raises(ModelHashMismatch):
         resolve_model_path("local-llm", tmp_path / "models")
+
+
+def test_models_copied_in_by_hand_are_recorded_too(tmp_path, monkeypatch, capsys):
+    """Model paths without a hub_id (insightface buffalo_l, the aesthetic MLP, evaluation models), at any
+    depth of a backend: `make weights` records the sha256 of those present, so loading them is checked, and
+    lists those absent."""
+    cfg = {
+        "models_dir": str(tmp_path / "models"),
+        "pipelines": {
+            "prod": [
+                {"stage": "faces", "backend": {"detector": {"name": "scrfd", "model_path": "buffalo_l"}}},
+                {"stage": "aesthetic", "backend": {"name": "laion_mlp", "mlp_path": "aesthetic/mlp.pth"}},
+            ]
+        },
+        "evaluation": {"dino": {"model_path": "dinov2-small"}, "clip": {"model_path": ""}},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    assert [(e["where"], e["path"]) for e in local_entries(cfg)] == [
+        ("pipelines.prod[0].faces.backend.detector.model_path", "buffalo_l"),
+        ("pipelines.prod[1].aesthetic.backend.mlp_path", "aesthetic/mlp.pth"),
+        ("evaluation.dino.model_path", "dinov2-small"),
+    ]
+    buffalo = tmp_path / "models" / "buffalo_l"
+    buffalo.mkdir(parents=True)
+    (buffalo / "det_10g.onnx").write_bytes(b"onnx")
+    with pytest.raises(ModelUnpinned, match="make weights"):  # before `make weights`: refused
+        resolve_model_path("buffalo_l/det_10g.onnx", tmp_path / "models")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["--config", str(tmp_path / "p.yaml")]) == 1
+    out, err = capsys.readouterr()
+    assert "copied in by hand" in out and "MISSING 2 model(s)" in err and "aesthetic/mlp.pth" in err
+    assert list(json.loads((tmp_path / "models" / "SHA256SUMS.json").read_text())) == [
+        "buffalo_l/det_10g.onnx"
+    ]
+    assert resolve_model_path("buffalo_l/det_10g.onnx", tmp_path / "models").name == "det_10g.onnx"

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from curation.models import ModelUnpinned, folder_sha256, sha256_file
 from training.encoders import (
     MOBILENET_FILE,
     MOBILENET_PACKAGE,
@@ -19,6 +20,7 @@ from training.encoders import (
     VideoVAE,
     build_encoders,
     build_one,
+    write_unpinned_record,
 )
 
 
@@ -139,6 +141,7 @@ def test_hf_text_backend_on_tiny_real_architectures(tmp_path, kind):
         {
             "backend": "hf_text",
             "path": str(path),
+            "sha256": folder_sha256(path),  # every file of the tiny folder, pinned as it was saved
             "max_length": 16,
             "hidden_layer": -1 if kind == "t5" else 1,
         },
@@ -157,6 +160,25 @@ def test_hf_text_backend_on_tiny_real_architectures(tmp_path, kind):
         assert "decoder" not in type(enc.model).__name__.lower()
 
 
+def test_encoder_folder_without_a_pin_is_refused_and_unpinned_is_recorded(tmp_path):
+    """A text-encoder folder with no pin (none in the YAML, none recorded by `make weights`) is refused with
+    its folder digest and the key to set; ``sha256: unpinned`` loads it, and the run folder record names
+    it."""
+    path, _ = tiny_transformers_folder(tmp_path, "llm")
+    cfg = {"backend": "hf_text", "path": str(path), "models_dir": str(tmp_path / "models")}
+    with pytest.raises(ModelUnpinned) as e:
+        build_one("text", cfg)
+    msg = str(e.value)
+    assert "encoders.text.sha256" in msg and folder_sha256(path) in msg and "make weights" in msg
+    assert "\n" not in msg and "`unpinned`" in msg
+    assert build_one("text", {**cfg, "sha256": "unpinned"}).dim == 32
+    run = tmp_path / "run"
+    run.mkdir()
+    files = write_unpinned_record(run)
+    assert str(path.resolve()) in files
+    assert json.loads((run / "unpinned_models.json").read_text())["unpinned_model_files"] == files
+
+
 def test_wan_vae_backend_on_a_tiny_random_init(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
@@ -165,7 +187,8 @@ def test_wan_vae_backend_on_a_tiny_random_init(tmp_path):
         base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=mean, latents_std=std
     )
     vae.save_pretrained(tmp_path / "wan")
-    enc = build_one("vae", {"backend": "wan_vae", "path": str(tmp_path / "wan")})
+    pin = folder_sha256(tmp_path / "wan")
+    enc = build_one("vae", {"backend": "wan_vae", "path": str(tmp_path / "wan"), "sha256": pin})
     assert (enc.latent_channels, enc.spatial_factor, enc.temporal_factor) == (4, 8, 4)
     video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
     z = enc.encode(video)
@@ -199,6 +222,7 @@ def test_open_clip_backend_on_a_tiny_custom_arch(tmp_path):
             "backend": "open_clip",
             "arch": "TinyViT-test",
             "path": str(tmp_path / "tiny.pt"),
+            "sha256": sha256_file(tmp_path / "tiny.pt"),
             "model_config": str(cfg_path),
         },
     )

