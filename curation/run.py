@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from curation.config import ConfigError
-from curation.models import ModelHashMismatch, ModelNotFound
+from curation.models import ModelHashMismatch, ModelNotFound, ModelUnpinned
 from curation.runner import ResourceError, StageFailureError, load_pipeline_config, run_pipeline
 from curation.sources import check_source_for_pipeline, load_source
 from curation.stage import StageContext
@@ -36,6 +36,8 @@ def summarize(result, source: str, pipeline: str, out_dir: str) -> dict:
         "triplets_by_pair_type": g.get("triplets_by_pair_type", {}),
         "global": {k: v for k, v in g.items() if k not in ("triplets_out", "triplets_by_pair_type")},
         "filters_off": t.get("filters_off", []),
+        # model files loaded under `sha256: unpinned` (unchecked) for the videos of this output
+        "unpinned_model_files": list(result.unpinned_model_files),
         "wall_s": round(result.wall_s, 1),
         "map_wall_s": round(result.map_wall_s, 1),
         "global_wall_s": round(result.global_wall_s, 1),
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     except Exception as e:  # a missing or tampered model stops the run with one clear line, no traceback
         text = str(e)
-        for cls in (ModelNotFound, ModelHashMismatch):
+        for cls in (ModelNotFound, ModelHashMismatch, ModelUnpinned):
             if isinstance(e, cls) or cls.__name__ in text:
                 line = next((ln for ln in text.splitlines() if cls.__name__ in ln), text)
                 print(f"model error: {line.split(cls.__name__ + ': ')[-1]}", file=sys.stderr)

@@ -26,6 +26,7 @@ from curation.config import Config, StageSpec, load_config
 from curation.execute import init_ray
 from curation.global_phase import STEPS, export_video, run_global, validate_step
 from curation.manifest import GroupCache, Manifest, source_signature
+from curation.models import record_unpinned
 from curation.stage import Record, Stage, StageContext, StageGroup
 from curation.stages.registry import load_all, validate_stage_spec
 from curation.storage import Store, is_uri, scratch_dir
@@ -191,10 +192,13 @@ class VideoWorker:
         self.store = mc.store
         self.group = build_group(self.plan, self.ctx)
         self._ready = False
+        self.unpinned: set[str] = set()  # model files this group's stages loaded under `sha256: unpinned`
 
     def setup(self) -> None:
         if not self._ready:
-            self.group.setup()
+            with record_unpinned() as seen:
+                self.group.setup()
+            self.unpinned |= seen
             self._ready = True
 
     def __call__(self, items: list[dict]) -> list[dict]:
@@ -207,7 +211,12 @@ class VideoWorker:
         for it in todo:
             self._fetch(it, before[it["video_id"]])
         rows = [r for it in todo for r in it["rows"]]
-        out = self.group(rows)
+        with record_unpinned() as seen:  # a backend may load its model on first use
+            out = self.group(rows)
+        self.unpinned |= seen
+        if self.unpinned:  # each row names the model files that ran unpinned on it (tables, shards, summary)
+            out = [{**r, "unpinned_models": sorted(self.unpinned.union(r.get("unpinned_models") or ()))}
+                   for r in out]
         by_video: dict[str, list[Record]] = {it["video_id"]: [] for it in todo}
         for r in out:
             by_video.setdefault(r["video_id"], []).append(r)
@@ -234,7 +243,8 @@ class VideoWorker:
                 log.warning("video %s: could not save its outputs: %s", vid, e)
                 done[vid] = {"video_id": vid, "status": "failed", "reason": "store:error", "error": str(e),
                              "summary": {"n_clips": 0, "n_ok": 0, "reasons": {"store:error": 1}},
-                             "stage_counts": it.get("stage_counts"), "state": "processed"}
+                             "stage_counts": it.get("stage_counts"), "state": "processed",
+                             **unpinned_of(vrows)}
             if not self.store.is_local and self.last:
                 _remove_local(local, files_of(vrows))
         return [done.get(it["video_id"], it) if "status" not in it else it for it in items]
@@ -261,7 +271,14 @@ class VideoWorker:
         export_video(rows, self.store, self.ctx.out_dir, mh)
         rec = Manifest(self.store).commit(it["video_id"], rows, mh, source_sig=it["sig"])
         return {"video_id": it["video_id"], "status": rec["status"], "reason": rec["reason"],
-                "summary": rec["summary"], "stage_counts": it.get("stage_counts"), "state": "processed"}
+                "summary": rec["summary"], "stage_counts": it.get("stage_counts"), "state": "processed",
+                **unpinned_of(rows)}
+
+
+def unpinned_of(rows: list[Record]) -> dict:
+    """``{"unpinned_models": [...]}``: the model files that ran unpinned on any of the rows; {} when none."""
+    files = sorted({f for r in rows for f in r.get("unpinned_models") or ()})
+    return {"unpinned_models": files} if files else {}
 
 
 def _restore_video_path(r: Record) -> Record:
@@ -291,7 +308,7 @@ def resume_item(row: Record, mc: MapContext) -> dict:
     if rec is not None and rec.get("config_hash") == mh and rec.get("status") != "failed" \
             and rec.get("source_sig", sig) == sig:
         return {"video_id": vid, "status": rec["status"], "reason": rec.get("reason"),
-                "summary": rec.get("summary") or {}, "state": "skipped"}
+                "summary": rec.get("summary") or {}, "state": "skipped", **unpinned_of(rec.get("rows") or [])}
     if row.get("status", "ok") != "ok" or not mc.groups:
         rec = manifest.commit(vid, [row], mh, source_sig=sig)
         return {"video_id": vid, "status": rec["status"], "reason": rec["reason"], "summary": rec["summary"],
@@ -490,6 +507,7 @@ class RunResult:
     map_wall_s: float = 0.0
     global_wall_s: float = 0.0
     store_uri: str = ""
+    unpinned_model_files: list[str] = field(default_factory=list)  # ran under `sha256: unpinned`, any worker
 
     @property
     def rows(self) -> list[Record]:
@@ -503,6 +521,7 @@ class _Totals:
         self.n = Counter()
         self.filters_off: set[str] = set()
         self.stage_counts: dict[str, list] = {}
+        self.unpinned: set[str] = set()
 
     def add(self, item: dict) -> None:
         s = item.get("summary") or {}
@@ -512,6 +531,7 @@ class _Totals:
         self.n["videos_with_clips"] += bool(s.get("n_clips"))
         self.reasons.update(s.get("reasons") or {})
         self.filters_off.update(s.get("filters_off") or [])
+        self.unpinned.update(item.get("unpinned_models") or [])
         for name, (n_in, n_failed, err) in (item.get("stage_counts") or {}).items():
             c = self.stage_counts.setdefault(name, [0, 0, None])
             c[0] += n_in
@@ -590,7 +610,7 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
             init_ray(cfg.ray)
         global_summary = run_global(global_specs, store, gctx, mh, runner=runner)
     return RunResult(n_in, skipped, committed, time.time() - t0, mh, totals.as_dict(), totals.stage_counts,
-                     global_summary, t_map, time.time() - t0 - t_map, store.uri)
+                     global_summary, t_map, time.time() - t0 - t_map, store.uri, sorted(totals.unpinned))
 
 
 def replace_stage_params(cfg: Config, pipeline: str, stage: str, **params) -> Config:

@@ -73,7 +73,8 @@ def sample_meta(
     global_hash: str,
 ) -> dict:
     """The sample's JSON: the clip, its caption, and per reference its subject, source, crop, both scores
-    and the identity verdict; scenario labels; the split."""
+    and the identity verdict; scenario labels; the split; ``unpinned_models`` only when a model file ran
+    unpinned on the clip's row (so shards of fully pinned runs keep their bytes)."""
     subjects = row.get("subjects") or []
     subj_meta = []
     for k, ref in enumerate(plan["refs"]):
@@ -104,7 +105,7 @@ def sample_meta(
                 "face_det_scores": [f.get("det_score") for f in s.get("faces") or []],
             }
         )
-    return {
+    meta = {
         "key": key,
         "pair_type": plan["pair_type"],
         "clip_id": row.get("clip_id"),
@@ -129,6 +130,9 @@ def sample_meta(
         "config_hash": config_hash,
         "global_hash": global_hash,
     }
+    if row.get("unpinned_models"):  # model files loaded under `sha256: unpinned` (unchecked)
+        meta["unpinned_models"] = sorted(row["unpinned_models"])
+    return meta
 
 
 def _plan_schema():
