@@ -66,6 +66,12 @@ class ScalingConfig:
     use_gpu: bool = False
     strategy: str = "ddp"
     cpus_per_worker: float = 1.0
+    # Sequence (context) parallel degree: each group of sp_degree consecutive ranks trains ONE batch, every
+    # rank holding 1/sp_degree of its tokens (Ulysses attention, training/parallel.py); data parallel over
+    # num_workers / sp_degree groups. Must divide num_workers; > 1 trains under strategy fsdp.
+    sp_degree: int = 1
+    # GPU memory the planner (training/plan.py, run.py --plan) must fit each rank's plan in, in GiB.
+    gpu_memory_gb: float = 80.0
 
 
 @dataclass
@@ -218,6 +224,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("data.max_refs: Phantom takes 1 to 4 references")
     if cfg.scaling.num_workers < 1:
         raise ConfigError("scaling.num_workers: must be >= 1")
+    sp = cfg.scaling.sp_degree
+    if sp < 1 or cfg.scaling.num_workers % sp:
+        raise ConfigError(f"scaling.sp_degree: {sp} must be >= 1 and divide scaling.num_workers")
+    if sp > 1 and cfg.scaling.strategy != "fsdp":
+        raise ConfigError("scaling.sp_degree: sequence parallelism trains under scaling.strategy: fsdp")
     if cfg.optim.grad_accum < 1 or cfg.optim.warmup_steps < 0:
         raise ConfigError("optim: grad_accum must be >= 1 and warmup_steps >= 0")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:

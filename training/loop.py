@@ -24,6 +24,7 @@ from training.config import PhaseConfig, TrainConfig
 from training.data import IMAGE_PAIR, CorruptTally, DataPosition, StreamSpec, build_loader
 from training.encode import EncodingCache, LazyEncoders, encode_batch, encoder_signature, latent_tag
 from training.models import family
+from training.parallel import Layout, enable_sequence_parallel
 
 __all__ = ["Context", "fully_shard_model", "read_metrics", "train"]
 
@@ -178,6 +179,10 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
     fam = family(cfg)
     model = fam.build().to(ctx.device)
     model = ctx.prepare_model(model)
+    # dp x sp: the ranks of a sequence group share one batch, one random stream, and split its tokens.
+    layout = Layout(ctx.rank, ctx.world_size, cfg.scaling.sp_degree)
+    if layout.sp_degree > 1:
+        enable_sequence_parallel(model, layout, ctx.device)
     # After the model: building an encoder draws from the global RNG, which must not change the model's
     # init between a run on raw shards and one on latent shards.
     if not cfg.data.latent_shards:
@@ -194,8 +199,8 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
     )
-    # One generator per rank for everything random in the loss (t, noise, condition dropout).
-    generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1000 + ctx.rank)
+    # One generator per data rank for everything random in the loss (t, noise, condition dropout).
+    generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed * 1000 + layout.dp_rank)
     num_streams = max(1, cfg.data.num_workers)
     position = DataPosition(num_streams)
     tally = CorruptTally()
@@ -272,8 +277,8 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
             batch_size=phase.batch_size,
             # Each phase reads its own stream, so its data position restarts at 0.
             seed=cfg.seed + 7919 * phase_idx,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
+            rank=layout.dp_rank,
+            world_size=layout.dp_size,
             num_streams=num_streams,
             start_batch=position.consumed,
             stream_skip=list(position.next_group),
@@ -331,14 +336,14 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
 
             if step % cfg.log.log_every == 0 or step == total:
                 corrupt = torch.tensor(float(tally.total()), device=ctx.device)
-                corrupt = float(_all_reduce_mean(corrupt, ctx)) * ctx.world_size
+                corrupt = float(_all_reduce_mean(corrupt, ctx)) * layout.dp_size
                 row = {
                     "step": step,
                     "phase": phase_idx,
                     "loss": mean_loss,
                     "lr": lr,
                     "grad_norm": float(grad_norm),
-                    "samples_per_s": n_samples * ctx.world_size / step_s,
+                    "samples_per_s": n_samples * layout.dp_size / step_s,
                     "step_ms": 1000 * step_s,
                     "corrupt": corrupt,
                     "wall_s": time.perf_counter() - t_start,
