@@ -37,6 +37,7 @@ from curation.metrics import (  # noqa: E402
     sample_indices,
     suite_ranges,
 )
+from curation.models import unpinned_files  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -409,6 +410,8 @@ def evaluate(
             "cases_per_s": round(n_ok / wall, 4) if wall > 0 else None,
         },
         "cases_file": "cases.jsonl",
+        # model files (metrics, generator) loaded under `sha256: unpinned`, i.e. unchecked
+        "unpinned_model_files": unpinned_files(),
     }
     _write_report(out, report)
     (out / "eval.md").write_text(_markdown(report, _read_cases(out / "cases.jsonl")), encoding="utf-8")
