@@ -51,8 +51,9 @@ def model_entries(cfg: dict) -> list[dict]:
 
 def local_entries(cfg: dict) -> list[dict]:
     """Model paths in the config without a hub_id (copied in by hand: insightface buffalo_l, the aesthetic
-    MLP, the evaluation models): every ``path`` / ``*_path`` key, at any depth, of the stage backends, the
-    ``evaluation`` block and the top-level ``models``. `make weights` records the sha256 of those present."""
+    MLP, the evaluation models, a training config's encoders): every ``path`` / ``*_path`` key, at any depth,
+    of the stage backends, the ``evaluation`` block, the top-level ``models`` and ``encoders``. `make
+    weights` records the sha256 of those present."""
     hub = {e["path"] for e in model_entries(cfg)}
     found: dict[str, dict] = {}
 
@@ -73,6 +74,7 @@ def local_entries(cfg: dict) -> list[dict]:
             walk(st.get("backend") or {}, f"pipelines.{pname}[{i}].{st.get('stage')}.backend")
     walk(cfg.get("evaluation") or {}, "evaluation")
     walk(cfg.get("models") or {}, "models")
+    walk(cfg.get("encoders") or {}, "encoders")
     return list(found.values())
 
 
@@ -160,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as ex:  # one failed model must not hide the others' status
             missing.append((e, target, f"{type(ex).__name__}: {ex}"))
 
-    for e in by_hand:
-        target = Path(e["path"]) if os.path.isabs(e["path"]) else models_dir / e["path"]
+    for e in by_hand:  # where the loaders look: the path as given when it exists, else under models_dir
+        target = Path(e["path"]) if os.path.exists(e["path"]) else models_dir / e["path"]
         if _present(target):
             print(f"present  {target}  (copied in by hand)")
             targets.append(target)

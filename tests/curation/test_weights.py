@@ -60,9 +60,9 @@ def test_entries_and_offline_failure(tmp_path, monkeypatch, capsys):
 
 
 def test_models_copied_in_by_hand_are_recorded_too(tmp_path, monkeypatch, capsys):
-    """Model paths without a hub_id (insightface buffalo_l, the aesthetic MLP, evaluation models), at any
-    depth of a backend: `make weights` records the sha256 of those present, so loading them is checked, and
-    lists those absent."""
+    """Model paths without a hub_id (insightface buffalo_l, the aesthetic MLP, evaluation models, a training
+    config's encoders), at any depth of a backend: `make weights` records the sha256 of those present, so
+    loading them is checked, and lists those absent."""
     cfg = {
         "models_dir": str(tmp_path / "models"),
         "pipelines": {
@@ -72,23 +72,26 @@ def test_models_copied_in_by_hand_are_recorded_too(tmp_path, monkeypatch, capsys
             ]
         },
         "evaluation": {"dino": {"model_path": "dinov2-small"}, "clip": {"model_path": ""}},
+        "encoders": {"vae": {"backend": "wan_vae", "path": str(tmp_path / "models" / "wan" / "vae")}},
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     assert [(e["where"], e["path"]) for e in local_entries(cfg)] == [
         ("pipelines.prod[0].faces.backend.detector.model_path", "buffalo_l"),
         ("pipelines.prod[1].aesthetic.backend.mlp_path", "aesthetic/mlp.pth"),
         ("evaluation.dino.model_path", "dinov2-small"),
+        ("encoders.vae.path", str(tmp_path / "models" / "wan" / "vae")),
     ]
     buffalo = tmp_path / "models" / "buffalo_l"
     buffalo.mkdir(parents=True)
     (buffalo / "det_10g.onnx").write_bytes(b"onnx")
+    (tmp_path / "models" / "wan" / "vae").mkdir(parents=True)
+    (tmp_path / "models" / "wan" / "vae" / "config.json").write_text("{}")
     with pytest.raises(ModelUnpinned, match="make weights"):  # before `make weights`: refused
         resolve_model_path("buffalo_l/det_10g.onnx", tmp_path / "models")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["--config", str(tmp_path / "p.yaml")]) == 1
     out, err = capsys.readouterr()
     assert "copied in by hand" in out and "MISSING 2 model(s)" in err and "aesthetic/mlp.pth" in err
-    assert list(json.loads((tmp_path / "models" / "SHA256SUMS.json").read_text())) == [
-        "buffalo_l/det_10g.onnx"
-    ]
+    sums = json.loads((tmp_path / "models" / "SHA256SUMS.json").read_text())
+    assert list(sums) == ["buffalo_l/det_10g.onnx", "wan/vae/config.json"]
     assert resolve_model_path("buffalo_l/det_10g.onnx", tmp_path / "models").name == "det_10g.onnx"
