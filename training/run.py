@@ -34,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. optim.lr=3e-4")
     p.add_argument("--stop-at-step", type=int, help="checkpoint and leave after this step (like a kill)")
     p.add_argument("--no-ray", action="store_true", help="plain single process, same loop")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print per-GPU memory and tokens per rank, allocate nothing; exit 3 if it does not fit in "
+        "scaling.gpu_memory_gb (training/plan.py)",
+    )
     return p.parse_args(argv)
 
 
@@ -160,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # a bad YAML or value: one line naming the file/key, no traceback
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        from training.plan import check
+
+        fits, text = check(cfg)
+        print(text)
+        if not fits:
+            print(f"plan: over scaling.gpu_memory_gb={cfg.scaling.gpu_memory_gb:g}", file=sys.stderr)
+        return 0 if fits else 3
     if args.no_ray:
         summary = run_local(cfg, stop_at_step=args.stop_at_step)
         losses = summary["losses"]

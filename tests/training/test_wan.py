@@ -265,8 +265,10 @@ def test_wan_configs_load_and_name_the_family():
     assert (small.model.family, small.model.wan.finetune, big.model.wan.finetune) == (
         "phantom_wan",
         "full",
-        "lora",
+        "full",
     )
+    assert (small.scaling.sp_degree, big.scaling.sp_degree, big.scaling.num_workers) == (1, 8, 16)
+    assert [p.buckets[0] for p in big.phases] == [[256, 448], [480, 832], [720, 1280]]
     assert (
         small.log.checkpoint_format == big.log.checkpoint_format == "dcp" and small.model.wan.grad_checkpoint
     )
@@ -437,3 +439,33 @@ def test_generate_encodes_the_negative_prompt_as_the_null_text(tmp_path):
             assert torch.equal(null[: len(want)], want) and not null[len(want) :].any()
             assert torch.equal(model.texts[0][0], null)  # the neg branch shares the null text
     assert not (videos[0] == videos[2]).all() and not (videos[1] == videos[2]).all()
+
+
+def test_planner_on_the_presets_allocates_nothing_and_refuses_what_cannot_fit(capsys):
+    """The plans printed in the presets' comments, from training/run.py --plan; SP=1 at 720p is refused."""
+    from pathlib import Path
+
+    from training.config import ConfigError
+    from training.plan import check, plan
+    from training.run import main
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    big = load_config(configs / "phantom_wan_14b.yaml")
+    p720 = plan(big)[-1]
+    assert (p720.tokens, p720.tokens_per_rank) == (25 * 45 * 80, 11_250)  # 21 video + 4 reference frames
+    assert round(p720.total_gb, 1) == 23.4 and round(p720.activations_gb, 2) == 7.76
+    assert main(["--config", str(configs / "phantom_wan_14b.yaml"), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "16 ranks = dp 2 x sp 8" in out and "90,000 tokens/sample, 11,250 per rank" in out
+    args = ["--config", str(configs / "phantom_wan_14b.yaml"), "--plan"]
+    assert main([*args, "--set", "scaling.sp_degree=1"]) == 3
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    fits, text = check(load_config(configs / "phantom_wan_1.3b.yaml"))
+    assert fits and "39,000 tokens/sample, 39,000 per rank" in text and "-> 14.0 of 80 GB" in text
+    # SP=8 cuts the activations 8-fold at the same tokens; the states do not change
+    one = plan(load_config(configs / "phantom_wan_14b.yaml", {"scaling.sp_degree": 1}))[-1]
+    assert one.states_gb == p720.states_gb and one.activations_gb > 7.9 * p720.activations_gb
+    with pytest.raises(ConfigError, match="sp_degree"):
+        load_config(None, {"scaling.num_workers": 4, "scaling.sp_degree": 3, "scaling.strategy": "fsdp"})
+    with pytest.raises(ConfigError, match="fsdp"):
+        load_config(None, {"scaling.num_workers": 2, "scaling.sp_degree": 2})
