@@ -13,10 +13,10 @@ ever sits at the end of the gathered sequence, so attention strips it (`full[:, 
 
 Gradients: the model's output (C·p² values per token, ~1% of the hidden width) is gathered so every rank
 of the group computes the very same loss as one rank would; `gather_seq` then hands each rank the gradient
-of its own tokens only, and every replicated computation (text stream, time embedding) feeds only this
-rank's tokens or heads downstream. So each rank's parameter gradient is its share of the one-rank gradient,
-and the SUM over the sequence group is the one-rank gradient (training.parallel divides the FSDP reduction
-by the data-parallel degree only).
+of its own tokens only, scaled by P, and every replicated computation (text stream, time embedding) feeds
+only this rank's tokens or heads downstream. So each rank's parameter gradient is P times its share of the
+one-rank gradient, and the MEAN over the sequence group is the one-rank gradient: to FSDP2 or DDP, which
+average over all ranks, the ranks of a sequence group look like data-parallel replicas of one batch.
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ def split_seq(x: torch.Tensor, sp: SeqParallel, dim: int = 1) -> torch.Tensor:
 
 
 class _GatherSeq(torch.autograd.Function):
-    """(B, k, ...) chunks -> (B, n, ...) on every rank; backward: this rank's chunk of the gradient only,
-    which is the whole gradient of its chunk because every rank computes the same loss from the result."""
+    """(B, k, ...) chunks -> (B, n, ...) on every rank; backward: this rank's chunk of the gradient only
+    (the whole gradient of its chunk: every rank computes the same loss from the result), times P so that
+    the mean over the group, not the sum, is the one-rank gradient (module doc)."""
 
     @staticmethod
     def forward(ctx, x, group, n):
@@ -96,7 +97,7 @@ class _GatherSeq(torch.autograd.Function):
         g = grad[:, r * k : (r + 1) * k]
         if g.shape[1] < k:  # the padded tail of the last chunk
             g = torch.cat([g, g.new_zeros(g.shape[0], k - g.shape[1], *g.shape[2:])], dim=1)
-        return g.contiguous(), None, None
+        return g * dist.get_world_size(ctx.group), None, None
 
 
 def gather_seq(x: torch.Tensor, sp: SeqParallel, n: int) -> torch.Tensor:
