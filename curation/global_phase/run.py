@@ -13,7 +13,8 @@ Layout under the store (``map_hash``: the per-video phase; ``pair_hash``: + the 
     global/pairs-<pair_hash>/dedup/groups.parquet     near-duplicate video groups
     global/pairs-<pair_hash>/pairs/<kind>/<cat>/block-N.parquet   final verdicts (band, top_k, near-dup)
     global/plans-<global_hash>/part-P.parquet         one row per sample, partition P = a range of buckets
-    <shards_subdir>/shard-P-S.tar, .records/shard-P-S.tar.json, .index.json   (and <eval_subdir>/ likewise)
+    global/results/<global_hash>/<shards_subdir>/shard-P-S.tar, .records/, .index.json   (and <eval_subdir>/)
+    <shards_subdir>, <eval_subdir>, global/current.json   the published pointers, written last (publish.py)
 
 The driver holds counts, object references and per-shard entries only, never rows: its memory is bounded by
 the number of partitions and shards, not by the number of clips. ``runner="sequential"`` runs the very same
@@ -32,13 +33,14 @@ from collections import Counter, defaultdict
 
 from curation import pairing, scenarios
 from curation.execute import run_items
+from curation.global_phase import publish
 from curation.global_phase.gather import gather_tables
 from curation.global_phase.pairs import find_pairs, read_groups
 from curation.global_phase.params import PairParams, ShardParams, validate_step
 from curation.global_phase.plans import plan_partition
 from curation.global_phase.tables import BUCKETS, export_video, sha, video_units
 from curation.global_phase.write import write_partition
-from curation.shards import INDEX_FILE, INDEX_NAMES, RECORDS_DIR, atomic_write_json
+from curation.shards import INDEX_FILE, RECORDS_DIR, atomic_write_json
 from curation.storage import Store
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
     pair_hash, global_hash = step_hashes(map_hash, pair_p, shard_p, gather["digest"])
     pdir, sdir = f"global/pairs-{pair_hash}", f"global/plans-{global_hash}"
     final = store.read_json(f"{sdir}/_done.json")
-    if final and store.exists(f"{wp['shards_subdir']}/{INDEX_FILE}"):
+    if final and (publish.current(store) or {}).get("global_hash") == global_hash:
         return {**final["summary"], "resumed": True}
 
     # 2-4. pairs (search, near-duplicate groups, final verdicts)
@@ -138,42 +140,41 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
         store.write_json(f"{sdir}/_plans_done.json", plans_done)
     timings["plans_s"] = round(time.time() - t0 - sum(timings.values()), 2)
 
-    # 6. shards
-    for sub in (wp["shards_subdir"], wp["eval_subdir"]):
-        for stale in (*INDEX_NAMES, ".progress.json"):
-            store.delete(f"{sub}/{stale}")
-        if store.is_local and os.path.isdir(store.path(sub)):
-            for name in os.listdir(store.path(sub)):  # temp files of a writer killed mid-shard
+    # 6. shards, under this result's own folders (the published result stays as it is meanwhile)
+    subs = {"train": wp["shards_subdir"], "eval": wp["eval_subdir"]}
+    params["dirs"] = {split: publish.result_dirs(store, sub, global_hash) for split, sub in subs.items()}
+    for dirs in params["dirs"].values():
+        if store.is_local and os.path.isdir(store.path(dirs["tars"])):
+            for name in os.listdir(store.path(dirs["tars"])):  # temp files of a writer killed mid-shard
                 if ".tmp" in name:
-                    os.unlink(os.path.join(store.path(sub), name))
+                    os.unlink(os.path.join(store.path(dirs["tars"]), name))
     w_items = [{"partition": it["partition"], "plans": it["out"]} for it in plan_items]
     res = run_items(w_items, write_partition, runner, store=store, params=params)
     entries = sorted((e for r in res for e in r["entries"]), key=lambda e: (e["split"], e["name"]))
     rej = Counter(plans_done["rejections"])
     for r in res:
         rej.update(r["rejections"])
-    for split, sub in (("train", wp["shards_subdir"]), ("eval", wp["eval_subdir"])):
+    indexes = {}
+    for split, sub in subs.items():
         mine = [e for e in entries if e["split"] == split]
         names = {e["name"] for e in mine}
-        for rel in store.list(f"{sub}/"):
-            base = rel.rsplit("/", 1)[-1]
-            if (base.startswith("shard-") and base.endswith(".tar") and base not in names) or (
-                f"/{RECORDS_DIR}/" in rel and base[: -len(".json")] not in names
-            ):
-                store.delete(rel)  # from an earlier, different run
-        if mine or split == "train":
-            store.write_json(
-                f"{sub}/{INDEX_FILE}",
-                {
-                    "config_hash": params["config_hash"],
-                    "global_hash": global_hash,
-                    "split": split,
-                    "shards": [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in mine],
-                    "total_samples": sum(e["samples"] for e in mine),
-                    "total_bytes": sum(e["bytes"] for e in mine),
-                },
-                indent=1,
-            )
+        dirs = params["dirs"][split]
+        # shards (and records) of a partition that a killed run wrote with more shards than it has now
+        for rel in [*store.list(f"{dirs['tars']}/", ".tar"), *store.list(f"{dirs['meta']}/{RECORDS_DIR}/")]:
+            if rel.rsplit("/", 1)[-1].removesuffix(".json") not in names:
+                store.delete(rel)
+        # eval: published when it has shards, or when an earlier result published one (emptied then)
+        if mine or split == "train" or store.exists(f"{sub}/{INDEX_FILE}"):
+            indexes[sub] = {
+                "config_hash": params["config_hash"],
+                "global_hash": global_hash,
+                "split": split,
+                "shards": [{k: e[k] for k in ("name", "samples", "bytes", "sha256")} for e in mine],
+                "total_samples": sum(e["samples"] for e in mine),
+                "total_bytes": sum(e["bytes"] for e in mine),
+            }
+    # 7. publish: the pointers last (publish.py)
+    publish.publish(store, global_hash, indexes)
     timings["shards_s"] = round(time.time() - t0 - sum(timings.values()), 2)
 
     counts: Counter = Counter()

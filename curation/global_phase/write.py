@@ -72,7 +72,7 @@ def write_partition(item: dict, store: Store, params: dict) -> dict:
     for rec in t.to_pylist():
         by_split[rec["split"]].append(rec)
     for split, recs in sorted(by_split.items()):
-        subdir = wp["shards_subdir"] if split == "train" else wp["eval_subdir"]
+        dirs = params["dirs"][split]  # this result's folders (publish.result_dirs), never the published ones
         samples, sizes = [], []
         for rec in recs:
             try:
@@ -107,7 +107,7 @@ def write_partition(item: dict, store: Store, params: dict) -> dict:
                 "\n".join(f"{r['key']}\t{r['meta']}\t{r['clip_path']}\t{r['refs']}" for _, r in samples[a:b]),
                 64,
             )
-            rec_rel, shard_rel = f"{subdir}/{RECORDS_DIR}/{name}.json", f"{subdir}/{name}"
+            rec_rel, shard_rel = f"{dirs['meta']}/{RECORDS_DIR}/{name}.json", f"{dirs['tars']}/{name}"
             prev = store.read_json(rec_rel)
             if (
                 prev
