@@ -1,4 +1,5 @@
-"""Shard inspection CLI: ``python -m curation.inspect {stats,validate,show,html,quality} SHARDS_DIR``."""
+"""Shard inspection CLI: ``python -m curation.inspect {stats,validate,show,html,quality} SHARDS_DIR``, where
+SHARDS_DIR is a local folder or a store URI (``s3://bucket/run/shards``)."""
 
 from __future__ import annotations
 
@@ -20,18 +21,21 @@ from curation.shards import (
     INDEX_NAMES,
     TAR_ERRORS,
     index_entries,
-    index_path,
+    index_file,
     iter_tar_samples,
     read_index,
-    sha256_file,
+    shard_sha256,
 )
+from curation.storage import Store
 
 REF_NAMES = [f"ref_{i}.jpg" for i in range(4)]
 
 
-def shard_files(shards_dir: str | os.PathLike) -> list[Path]:
-    """The shards named by the index (in order), else every shard-*.tar in the folder."""
-    return [Path(shards_dir) / e["name"] for e in index_entries(shards_dir)[1]]
+def shard_files(shards_dir: str | os.PathLike) -> list[str]:
+    """The shards named by the index (in order), else every shard-*.tar in the folder: paths, or URIs for a
+    store URI."""
+    store = Store(shards_dir)
+    return [store.uri_of(e["name"]) for e in index_entries(shards_dir)[1]]
 
 
 def iter_samples(shards_dir: str | os.PathLike, limit: int = 0):
@@ -39,14 +43,15 @@ def iter_samples(shards_dir: str | os.PathLike, limit: int = 0):
     them)."""
     n = 0
     for path in shard_files(shards_dir):
+        name = os.path.basename(path)
         try:
             for key, sample in iter_tar_samples(path):
-                yield path.name, key, sample
+                yield name, key, sample
                 n += 1
                 if limit and n >= limit:
                     return
         except TAR_ERRORS as e:
-            print(f"warning: {path.name}: {e}", file=sys.stderr)
+            print(f"warning: {name}: {e}", file=sys.stderr)
 
 
 def decode_video(data: bytes, n_frames: int = 0):
@@ -227,28 +232,36 @@ def check_sample(key: str, s: dict) -> list[str]:
 
 
 def validate(shards_dir: str) -> int:
-    """Check every shard against the index and every sample; print what is broken. 0 when all is sound."""
-    d = Path(shards_dir)
+    """Check every shard against the index and every sample; print what is broken. 0 when all is sound.
+    ``shards_dir`` is a local folder or a store URI (the same checks, objects streamed)."""
+    store = Store(shards_dir)
     bad: dict[str, list[str]] = collections.defaultdict(list)
     index = None
     try:
-        index = read_index(d)
+        index = read_index(shards_dir)
     except (OSError, ValueError) as e:
         bad[INDEX_NAMES[0]].append(f"unreadable index: {e}")
-    entries = index["shards"] if index else [{"name": p.name} for p in sorted(d.glob("shard-*.tar"))]
+    on_disk = [n for n in store.list() if "/" not in n and n.startswith("shard-") and n.endswith(".tar")]
+    entries = index["shards"] if index else [{"name": n} for n in on_disk]
     listed = {e["name"] for e in entries}
-    for p in sorted(d.glob("shard-*.tar")):
-        if p.name not in listed:
-            bad[p.name].append("shard not in the index")
+    for name in on_disk:
+        if name not in listed:
+            bad[name].append("shard not in the index")
     n_samples = 0
     for e in entries:
-        path = d / e["name"]
-        if not path.exists():
+        try:
+            present = store.is_file(e["name"])
+        except ValueError:  # a name from the index that climbs out of the folder
+            bad[e["name"]].append("escapes the shards folder")
+            continue
+        if not present:
             bad[e["name"]].append("missing")
             continue
-        if "bytes" in e and path.stat().st_size != e["bytes"]:
-            bad[e["name"]].append(f"size {path.stat().st_size} != index {e['bytes']}")
-        if "sha256" in e and sha256_file(path) != e["sha256"]:
+        path = store.uri_of(e["name"])
+        size = store.size(e["name"])
+        if "bytes" in e and size != e["bytes"]:
+            bad[e["name"]].append(f"size {size} != index {e['bytes']}")
+        if "sha256" in e and shard_sha256(path) != e["sha256"]:
             bad[e["name"]].append("sha256 differs from the index")
         keys = []
         try:
@@ -264,7 +277,9 @@ def validate(shards_dir: str) -> int:
         elif "samples" in e and len(keys) != e["samples"]:
             bad[e["name"]].append(f"{len(keys)} samples, index says {e['samples']}")
     if index and index.get("total_samples") not in (None, n_samples):
-        bad[index_path(d).name].append(f"total_samples {index['total_samples']} != {n_samples} read")
+        bad[os.path.basename(index_file(shards_dir))].append(
+            f"total_samples {index['total_samples']} != {n_samples} read"
+        )
     for name, problems in sorted(bad.items()):
         print(f"BROKEN {name}:")
         for pr in problems[:50]:

@@ -1,6 +1,7 @@
 """WebDataset shards, the one reader and writer: deterministic plans, atomic tar files, one record per
 finished shard, the shard index; listing a shards folder (``list_shards``) and the samples of one tar
-(``iter_tar_samples``).
+(``iter_tar_samples``). The readers take a local folder or a store URI (``s3://bucket/run/shards``,
+``gs://...``) through curation.storage: a remote shard is streamed front to back, never copied to disk.
 
 The index is ``.index.json`` and the records live under ``.records/``: Ray Data's ``read_webdataset`` skips
 names starting with "." or "_", HF ``datasets`` (``load_dataset("webdataset", data_dir=...)``) skips hidden
@@ -218,6 +219,23 @@ def index_path(shards_dir: str | os.PathLike) -> Path | None:
     return next((d / n for n in INDEX_NAMES if (d / n).exists()), None)
 
 
+def _index_object(store) -> str | None:
+    """The index name in a store's root (INDEX_NAMES in order), or None."""
+    return next((n for n in INDEX_NAMES if store.exists(n)), None)
+
+
+def index_file(shards_dir: str | os.PathLike) -> str | None:
+    """The index of a shards folder, local or a store URI, as a path or URI; None when it has none."""
+    from curation.storage import Store, is_uri
+
+    if is_uri(shards_dir):
+        store = Store(str(shards_dir))
+        name = _index_object(store)
+        return store.uri_of(name) if name else None
+    path = index_path(shards_dir)
+    return str(path) if path else None
+
+
 def read_index(shards_dir: str | os.PathLike) -> dict:
     """The index of a shards folder, local or a store URI such as ``s3://bucket/run/shards``
     (FileNotFoundError when it has none)."""
@@ -225,10 +243,10 @@ def read_index(shards_dir: str | os.PathLike) -> dict:
 
     if is_uri(shards_dir):
         store = Store(str(shards_dir))
-        for name in INDEX_NAMES:
-            if store.exists(name):
-                return json.loads(store.read_bytes(name))
-        raise FileNotFoundError(f"no {INDEX_FILE} in {shards_dir}")
+        name = _index_object(store)
+        if name is None:
+            raise FileNotFoundError(f"no {INDEX_FILE} in {shards_dir}")
+        return json.loads(store.read_bytes(name))
     path = index_path(shards_dir)
     if path is None:
         raise FileNotFoundError(f"no {INDEX_FILE} in {shards_dir}")
@@ -236,30 +254,48 @@ def read_index(shards_dir: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def index_entries(shards_dir: str | os.PathLike) -> tuple[Path, list[dict]]:
-    """(index file, its shard entries) of a local shards folder, each entry with a "name" (entries of
-    earlier writers may be plain names or name the shard under path/file/shard); without an index, one
-    entry per shard-*.tar in name order (and the path the index would have)."""
+def _entries(index, where) -> list[dict]:
+    entries = []
+    for item in index.get("shards", []) if isinstance(index, dict) else index:
+        entry = {"name": item} if isinstance(item, str) else dict(item)
+        name = entry.get("name") or entry.get("path") or entry.get("file") or entry.get("shard")
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: shard entry without a name: {item!r}")
+        entry["name"] = name
+        entries.append(entry)
+    return entries
+
+
+def index_entries(shards_dir: str | os.PathLike) -> tuple[Path | str, list[dict]]:
+    """(index file, its shard entries) of a shards folder, each entry with a "name" (entries of earlier
+    writers may be plain names or name the shard under path/file/shard); without an index, one entry per
+    shard-*.tar in name order (and the path the index would have). A store URI gives the index's URI."""
+    from curation.storage import Store, is_uri
+
+    if is_uri(shards_dir):
+        store = Store(str(shards_dir))
+        name = _index_object(store)
+        if name is None:
+            tars = [n for n in store.list() if re.fullmatch(r"shard-[^/]*\.tar", n)]
+            return store.uri_of(INDEX_FILE), [{"name": n} for n in tars]
+        return store.uri_of(name), _entries(json.loads(store.read_bytes(name)), store.uri_of(name))
     root = Path(shards_dir)
     path = index_path(root)
     if path is None:
         return root / INDEX_FILE, [{"name": p.name} for p in sorted(root.glob("shard-*.tar"))]
     with open(path, encoding="utf-8") as f:
         index = json.load(f)
-    entries = []
-    for item in index.get("shards", []) if isinstance(index, dict) else index:
-        entry = {"name": item} if isinstance(item, str) else dict(item)
-        name = entry.get("name") or entry.get("path") or entry.get("file") or entry.get("shard")
-        if not isinstance(name, str):
-            raise ValueError(f"{path}: shard entry without a name: {item!r}")
-        entry["name"] = name
-        entries.append(entry)
-    return path, entries
+    return path, _entries(index, path)
 
 
 def list_shards(shards: str | os.PathLike, verify_sha256: bool = False) -> list[str]:
     """Shard paths of a folder in index order (``index_entries``), confined to that folder, each checked to
-    exist and, with ``verify_sha256``, against the sha256 its entry records; a ``.tar`` path is itself."""
+    exist and, with ``verify_sha256``, against the sha256 its entry records; a ``.tar`` path is itself.
+    A store URI (``s3://bucket/run/shards``) gives the shards' URIs, with the same checks."""
+    from curation.storage import is_uri
+
+    if is_uri(shards):
+        return _list_store_shards(str(shards), verify_sha256)
     root = Path(shards).resolve()
     if root.is_file() and root.suffix == ".tar":
         return [str(root)]
@@ -284,28 +320,108 @@ def list_shards(shards: str | os.PathLike, verify_sha256: bool = False) -> list[
     return paths
 
 
+def _list_store_shards(uri: str, verify_sha256: bool) -> list[str]:
+    """list_shards of a store URI: the index object, one listing for the existence checks, and each
+    object's sha256 computed by streaming it (when asked)."""
+    from curation.storage import Store
+
+    store = Store(uri)
+    if uri.endswith(".tar") and store.is_file(""):
+        return [store.uri]
+    index, entries = index_entries(store.uri)
+    present = set(store.list())
+    if not present:
+        raise FileNotFoundError(f"shard directory {store.uri} does not exist")
+    urls = []
+    for entry in entries:
+        try:
+            rel = store.path(entry["name"])[len(store.base) + 1 :]
+        except ValueError:  # a name climbing out of the folder, from a file we did not write
+            raise ValueError(f"{index}: shard {entry['name']!r} escapes {store.uri}") from None
+        url = store.uri_of(rel)
+        if rel not in present:
+            raise FileNotFoundError(f"shard {url} listed in {index} is missing")
+        if verify_sha256 and entry.get("sha256"):
+            digest = shard_sha256(url)
+            if digest != entry["sha256"]:
+                raise ValueError(f"shard {url}: sha256 {digest} != index {entry['sha256']}")
+        urls.append(url)
+    if not urls:
+        raise FileNotFoundError(f"no shards in {store.uri}")
+    return urls
+
+
+# Remote shards are read through a buffer this size: a tar is read in 512-byte blocks, and each read of an
+# unbuffered object-store file is one ranged GET.
+STREAM_BUFFER = 8 << 20
+
+
+def open_shard(url: str | os.PathLike):
+    """A binary stream of one shard, a local path or a store URI, for reading front to back."""
+    from curation.storage import filesystem_for, is_uri
+
+    if is_uri(url):
+        fs, path = filesystem_for(str(url))
+        return fs.open_input_stream(path, compression=None, buffer_size=STREAM_BUFFER)
+    return open(url, "rb")
+
+
+def shard_sha256(url: str | os.PathLike) -> str:
+    """sha256 of a shard, local or a store URI (streamed, never held in memory)."""
+    h = hashlib.sha256()
+    with open_shard(url) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # What reading a broken shard with iter_tar_samples raises (a missing file, a bad or truncated tar).
 TAR_ERRORS = (OSError, tarfile.TarError, EOFError)
 
 
 def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of one shard, in file order, with plain tarfile: a member's base name
-    up to its first dot is its sample's key, the rest its extension. A bad or truncated tar raises (one of
-    TAR_ERRORS) after the samples read before the break."""
-    cur_key, cur = None, {}
+    """(key, {ext: bytes}) per sample of one shard (a local path or a store URI), in file order, with plain
+    tarfile: a member's base name up to its first dot is its sample's key, the rest its extension. A bad or
+    truncated tar raises (one of TAR_ERRORS) after the samples read before the break."""
+    from curation.storage import filesystem_for, is_uri
+
+    if is_uri(path):
+        fs, key = filesystem_for(str(path))
+        size = fs.get_file_info(key).size
+        if size is None:
+            raise FileNotFoundError(f"shard {path} does not exist")
+        # A store object is read as a stream (tar mode "r|"): sequential buffered reads, no seeks.
+        with (
+            fs.open_input_stream(key, compression=None, buffer_size=STREAM_BUFFER) as f,
+            tarfile.open(fileobj=f, mode="r|") as tf,
+        ):
+            yield from _tar_samples(tf, size, path)
+        return
     with tarfile.open(path, "r") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            base = os.path.basename(m.name)
-            key, _, ext = base.partition(".")
-            data = tf.extractfile(m).read()
-            if len(data) != m.size:
-                raise tarfile.ReadError(f"{m.name}: truncated ({len(data)} of {m.size} bytes)")
-            if key != cur_key and cur_key is not None:
-                yield cur_key, cur
-                cur = {}
-            cur_key = key
-            cur[ext] = data
+        yield from _tar_samples(tf, os.path.getsize(path), path)
+
+
+def _tar_samples(tf: tarfile.TarFile, size: int, path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    cur_key, cur = None, {}
+    for m in tf:
+        if not m.isfile():
+            continue
+        base = os.path.basename(m.name)
+        key, _, ext = base.partition(".")
+        if key != cur_key and cur_key is not None:  # the previous sample is whole: out before reading on
+            yield cur_key, cur
+            cur = {}
+        cur_key = key
+        data = tf.extractfile(m).read()
+        if len(data) != m.size:
+            raise tarfile.ReadError(f"{m.name}: truncated ({len(data)} of {m.size} bytes)")
+        cur[ext] = data
+    # tarfile ends the member list without an error where a header after the first is cut short or missing:
+    # a tar truncated there would read as a shorter, whole one (its last sample perhaps missing members). A
+    # whole tar has its end-of-archive blocks.
+    if size - tf.offset < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(
+            f"{path}: truncated ({size} bytes, no end-of-archive block after byte {tf.offset})"
+        )
     if cur_key is not None:
         yield cur_key, cur

@@ -187,7 +187,8 @@ def save_sharded(
     """A DCP folder: every rank writes its own shards (no gather), its rank_<r>.pt, and rank 0 meta.pt.
 
     Written under a temporary name and renamed by rank 0 once every rank is done, so a kill mid-write
-    leaves the previous checkpoint as the latest one.
+    leaves the previous checkpoint as the latest one. Ranks may write to folders of their own (``path`` on
+    each rank's local disk, a run in a store): each then holds only its part, which the caller uploads.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -211,6 +212,9 @@ def save_sharded(
         os.replace(tmp, path)
     if distributed:
         dist.barrier()
+    if rank != 0 and tmp.exists():  # a folder of this rank's own (a run in a store): its part, renamed too
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
     return path
 
 

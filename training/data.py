@@ -1,4 +1,7 @@
-"""WebDataset loader of triplet shards: deterministic, resumable streams of bucketed triplet batches."""
+"""WebDataset loader of triplet shards: deterministic, resumable streams of bucketed triplet batches.
+
+Shards are local paths or store URIs (``s3://bucket/run/shards/shard-000000.tar``), read by curation.shards
+(a remote shard is streamed, never copied to disk)."""
 
 from __future__ import annotations
 
@@ -220,7 +223,7 @@ class CorruptCounter:
 class StreamSpec:
     """Everything one rank's loader needs; picklable so spawn-started workers get it too."""
 
-    urls: list[str]
+    urls: list[str]  # shard paths or store URIs (curation.shards.list_shards)
     buckets: list[list[int]]
     num_frames: int
     fps: float

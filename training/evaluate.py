@@ -4,9 +4,10 @@ curation.metrics; writes eval.json, eval.md and an HTML page of references, prom
     python -m training.evaluate --ckpt runs/train_tiny/checkpoints/step_00000100.pt \
         --eval-set output/sample/shards_eval [--metrics evaluation.yaml] [--out runs/eval/step_100]
 
-The evaluation set is a folder of triplet shards (the curation's held-out split, ``shards_eval/``) or a
-JSONL of cases, one ``{"refs": ["a.png", ...], "prompt": "...", "seed": 0, "key"?: ..., "subjects"?:
-[{"name": ..., "category": ...}, ...]}`` per line, paths relative to the JSONL file.
+The evaluation set is a folder of triplet shards (the curation's held-out split, ``shards_eval/``, local or
+a store URI such as ``s3://bucket/run/shards_eval``) or a JSONL of cases, one ``{"refs": ["a.png", ...],
+"prompt": "...", "seed": 0, "key"?: ..., "subjects"?: [{"name": ..., "category": ...}, ...]}`` per line,
+paths relative to the JSONL file.
 """
 
 from __future__ import annotations
@@ -138,7 +139,18 @@ def iter_jsonl_cases(path: str | os.PathLike, base_seed: int = 0) -> Iterator[Ev
 
 
 def iter_cases(eval_set: str | os.PathLike, base_seed: int = 0) -> Iterator[EvalCase]:
+    from curation.storage import is_uri
+
+    if is_uri(eval_set):  # shards in a store (s3://bucket/run/shards_eval): read where they are
+        return iter_shard_cases(str(eval_set), base_seed)
     p = Path(eval_set)
+    from training import opens2v
+
+    if opens2v.is_case_file(p):  # OpenS2V-Eval's case JSON (training/opens2v.py)
+        return (
+            EvalCase(c.key, c.refs, c.prompt, case_seed(c.key, base_seed), c.subjects, c.error)
+            for c in opens2v.iter_cases(p)
+        )
     if p.is_file() and p.suffix in (".jsonl", ".json"):
         return iter_jsonl_cases(p, base_seed)
     if p.is_dir() or p.suffix == ".tar":
@@ -302,6 +314,7 @@ def evaluate(
     suite: MetricSuite | None = None,
     sampler=None,
     rephraser=None,
+    videos: str | None = None,
 ) -> dict:
     """Generate and score every case; returns the report written to ``<out_dir>/eval.json``.
 
@@ -312,9 +325,15 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     suite = (suite or MetricSuite(metrics or MetricsConfig())).load()
     how = "given"
-    if sampler is None:
+    folder = None
+    if videos:  # another model's videos, one per case id (training/opens2v.py VideoFolder)
+        from training.opens2v import VideoFolder
+
+        folder, how = VideoFolder(videos), f"videos in {videos}"
+    elif sampler is None:
         sampler, how = load_generator(ckpt, model=model, device=device, config=config)
     fps = float(fps or getattr(sampler, "fps", None) or 8.0)
+    run_fps = fps
     summary = Summary(suite_ranges(suite))
     outputs = _Outputs(out)
     n_cases = n_ok = 0
@@ -350,16 +369,21 @@ def evaluate(
                 prompt = rp.prompt
                 rec.update(prompt_used=prompt, rephrase={"rephrased": rp.rephrased, "reason": rp.reason})
             t = time.perf_counter()
+            fps = run_fps
             try:
-                video = sampler.generate(
-                    ec.refs,
-                    prompt,
-                    seed=ec.seed,
-                    steps=steps,
-                    w_img=w_img,
-                    w_txt=w_txt,
-                    num_frames=num_frames,
-                )
+                if folder is not None:
+                    video, fps = folder.read(ec.key)
+                    fps = float(fps or run_fps)
+                else:
+                    video = sampler.generate(
+                        ec.refs,
+                        prompt,
+                        seed=ec.seed,
+                        steps=steps,
+                        w_img=w_img,
+                        w_txt=w_txt,
+                        num_frames=num_frames,
+                    )
                 video = np.asarray(video, np.uint8)
                 if video.ndim != 4 or video.shape[-1] != 3 or len(video) == 0:
                     raise ValueError(f"generator returned shape {video.shape}, expected (T, H, W, 3)")
@@ -394,7 +418,7 @@ def evaluate(
             "w_img": w_img,
             "w_txt": w_txt,
             "num_frames": num_frames,
-            "fps": fps,
+            "fps": run_fps,
             "base_seed": base_seed,
         },
         "regions": f"grounded by {suite.grounder_name}" if suite.grounder is not None else "whole frames",
@@ -413,8 +437,15 @@ def evaluate(
         # model files (metrics, generator) loaded under `sha256: unpinned`, i.e. unchecked
         "unpinned_model_files": unpinned_files(),
     }
+    from training import opens2v
+
+    if opens2v.is_case_file(eval_set):  # the benchmark's normalised scores and total, per category
+        report["opens2v"] = opens2v.summarise(_read_cases(out / "cases.jsonl"), opens2v.domain_of(eval_set))
     _write_report(out, report)
-    (out / "eval.md").write_text(_markdown(report, _read_cases(out / "cases.jsonl")), encoding="utf-8")
+    md = _markdown(report, _read_cases(out / "cases.jsonl"))
+    if "opens2v" in report:
+        md = md.replace("\n## Cases\n", opens2v.markdown(report["opens2v"]) + "\n## Cases\n", 1)
+    (out / "eval.md").write_text(md, encoding="utf-8")
     _write_html(out, report)
     return report
 
@@ -464,9 +495,12 @@ def _write_html(out: Path, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="training checkpoint (.pt)")
+    ap.add_argument("--ckpt", default=None, help="training checkpoint (.pt); or --videos")
+    ap.add_argument("--videos", default=None, help="score another model's videos: a folder of <case id>.mp4")
     ap.add_argument(
-        "--eval-set", required=True, help="shard folder (e.g. output/sample/shards_eval) or .jsonl"
+        "--eval-set",
+        required=True,
+        help="shard folder or store URI (output/sample/shards_eval, s3://b/run/shards_eval), or .jsonl",
     )
     ap.add_argument(
         "--metrics",
@@ -505,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     from curation.config import ConfigError
     from curation.models import ModelHashMismatch, ModelNotFound
 
+    if not a.ckpt and not a.videos:
+        ap.error("one of --ckpt or --videos is required")
+    a.ckpt = a.ckpt or a.videos
     out = a.out or os.path.join("runs", "eval", Path(a.ckpt).stem)
     try:
         cfg = load_metrics_config(a.metrics)
@@ -535,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             model=a.model,
             config=a.config,
             rephraser=rephraser,
+            videos=a.videos,
         )
     except (ConfigError, ModelNotFound, ModelHashMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

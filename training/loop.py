@@ -1,13 +1,17 @@
-"""The training loop shared by Ray Train workers and the --no-ray path: phases, RF loss, EMA, resume."""
+"""The training loop shared by Ray Train workers and the --no-ray path: phases, RF loss, EMA, resume; the run
+folder local or in a store (s3://, gs://)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import math
 import os
 import random
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,14 +23,16 @@ import torch
 import torch.distributed as dist
 
 from curation.shards import list_shards
+from curation.storage import Store, is_uri, scratch_dir
 from training import checkpoint as ckpt
 from training.config import PhaseConfig, TrainConfig
 from training.data import IMAGE_PAIR, CorruptTally, DataPosition, StreamSpec, build_loader
 from training.encode import EncodingCache, LazyEncoders, encode_batch, encoder_signature, latent_tag
+from training.encoders import write_unpinned_record
 from training.models import family
 from training.parallel import Layout, enable_sequence_parallel
 
-__all__ = ["Context", "fully_shard_model", "read_metrics", "train"]
+__all__ = ["Context", "RunFolder", "fully_shard_model", "read_metrics", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +117,140 @@ class MetricsLog:
 
 
 def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """metrics.csv as a list of float rows (tests and the benchmark compare loss curves with it)."""
+    """metrics.csv (of a run folder or a store URI) as a list of float rows (tests and the benchmark compare
+    loss curves with it)."""
+    if is_uri(out_dir):
+        text = Store(str(out_dir)).read_bytes("metrics.csv").decode()
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text))]
     with open(Path(out_dir) / "metrics.csv", newline="") as f:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+# A complete checkpoint in a store: a full step_N.pt object, or a DCP folder once its meta.pt is in.
+_STORE_CKPT = re.compile(r"^checkpoints/(step_\d+)(\.pt|/meta\.pt)$")
+
+
+class RunFolder:
+    """Where a run keeps metrics.csv, samples/, tensorboard/ and checkpoints/: ``log.out_dir`` itself when it
+    is a local folder; for a store URI (``s3://bucket/run``), local scratch folders whose finished files are
+    uploaded (curation.storage), since the ranks of a multi-node job share no disk.
+
+    In a store, every rank writes its part of a DCP checkpoint to a folder of its own and uploads it; rank 0
+    uploads the folder's ``meta.pt`` last, after every rank's part (and after metrics.csv), so a checkpoint
+    is complete exactly when that object exists; a full ``step_N.pt`` is one object. A resume takes the
+    newest complete checkpoint in the store and pulls it to local scratch before loading it.
+    """
+
+    def __init__(self, out_dir: str, ctx: Context) -> None:
+        self.store = Store(out_dir)
+        self.remote = not self.store.is_local
+        self.ctx = ctx
+        self._uploaded: dict[str, tuple[int, int]] = {}
+        if not self.remote:
+            self.dir = Path(out_dir)
+            self.ckpt_dir = self.dir / "checkpoints"
+            return
+        work = Path(scratch_dir(self.store))
+        self.dir = work / "run"  # rank 0's copy of the run files
+        self.ckpt_dir = work / f"checkpoints-rank{ctx.rank}"  # this rank's part of each checkpoint
+        # What a killed run left in scratch is stale: the store holds the run.
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        if ctx.rank == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.store.is_file("metrics.csv"):  # the rows up to the last checkpoint (MetricsLog cuts)
+                self._pull("metrics.csv", self.dir / "metrics.csv")
+
+    def where(self, path: Path) -> str:
+        """A checkpoint's name for logs: its path, or its URI in the store."""
+        return self.store.uri_of(f"checkpoints/{path.name}") if self.remote else str(path)
+
+    def _pull(self, rel: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with self.store.fs.open_input_stream(self.store.path(rel)) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+
+    def _barrier(self) -> None:
+        if self.ctx.distributed:
+            dist.barrier()
+
+    def store_checkpoints(self) -> list[str]:
+        """Names (step_N.pt, step_N) of the complete checkpoints in the store, in step order."""
+        found = {}
+        for rel in self.store.list("checkpoints"):
+            if m := _STORE_CKPT.match(rel):
+                found[int(m.group(1)[len("step_") :])] = m.group(1) + (".pt" if m.group(2) == ".pt" else "")
+        return [found[k] for k in sorted(found)]
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint as a local path (pulled from the store for a remote run)."""
+        if not self.remote:
+            return ckpt.latest_checkpoint(self.ckpt_dir)
+        names = self.store_checkpoints()
+        if not names:
+            return None
+        rel, dest = f"checkpoints/{names[-1]}", self.ckpt_dir / names[-1]
+        if names[-1].endswith(".pt"):
+            self._pull(rel, dest)
+        else:  # every file: DCP reshards from any rank's files, and counts the ranks by their rank_*.pt
+            for f in self.store.list(rel):
+                self._pull(f, dest / f[len(rel) + 1 :])
+        return dest
+
+    def loaded(self, path: Path) -> None:
+        """A pulled checkpoint is loaded: free its scratch copy."""
+        if self.remote and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif self.remote:
+            path.unlink(missing_ok=True)
+
+    def publish(self, path: Path) -> None:
+        """Upload a checkpoint this rank has just written (its part of a DCP folder; rank 0 a full .pt), the
+        completion marker last. Collective for a DCP folder."""
+        if not self.remote:
+            return
+        rel = f"checkpoints/{path.name}"
+        if path.is_dir():
+            if self.ctx.rank == 0:
+                self.store.delete_dir(rel)  # what a killed upload of this step left
+            self._barrier()
+            for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != "meta.pt"):
+                self.store.put_file(f"{rel}/{f.relative_to(path).as_posix()}", f)
+            self._barrier()
+            if self.ctx.rank == 0:
+                self.sync()
+                self.store.put_file(f"{rel}/meta.pt", path / "meta.pt")
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            self.sync()
+            self.store.put_file(rel, path)
+            path.unlink()
+
+    def prune(self, keep: int) -> None:
+        """All but the newest ``keep`` checkpoints deleted (keep <= 0 keeps everything); rank 0."""
+        if not self.remote:
+            ckpt.prune_checkpoints(self.ckpt_dir, keep)
+            return
+        if keep <= 0:
+            return
+        for name in self.store_checkpoints()[:-keep]:
+            rel = f"checkpoints/{name}"
+            if name.endswith(".pt"):
+                self.store.delete(rel)
+            else:
+                self.store.delete(f"{rel}/meta.pt")  # incomplete at once, never a torn "complete" one
+                self.store.delete_dir(rel)
+
+    def sync(self) -> None:
+        """Rank 0 uploads the run files (metrics.csv, samples, tensorboard) changed since the last upload."""
+        if not self.remote or self.ctx.rank != 0 or not self.dir.is_dir():
+            return
+        for f in sorted(p for p in self.dir.rglob("*") if p.is_file() and ".tmp" not in p.name):
+            rel, st = f.relative_to(self.dir).as_posix(), f.stat()
+            if self._uploaded.get(rel) != (st.st_size, st.st_mtime_ns):
+                self.store.put_file(rel, f)
+                self._uploaded[rel] = (st.st_size, st.st_mtime_ns)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -161,17 +298,17 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None = None) -> dict[str, Any]:
-    """Train through every phase (resuming from out_dir/checkpoints if there is one).
+    """Train through every phase (resuming from out_dir/checkpoints if there is one; out_dir may be a store
+    URI, see RunFolder).
 
     stop_at_step: leave right after that step's checkpoint, as if killed there (tests, debugging).
     Returns a summary: final step, losses seen by this call, skipped-sample counts.
     """
     ctx = ctx or Context()
-    out_dir = Path(cfg.log.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
+    run = RunFolder(cfg.log.out_dir, ctx)
     is_main = ctx.rank == 0
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        run.dir.mkdir(parents=True, exist_ok=True)
     use_cuda = ctx.device.type == "cuda"
     seed_everything(cfg.seed)
 
@@ -187,6 +324,8 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
     # init between a run on raw shards and one on latent shards.
     if not cfg.data.latent_shards:
         enc()  # raw shards: the encoders are on the hot path, fail early if one is missing
+    if is_main:  # model files loaded under `sha256: unpinned` (unchecked): unpinned_models.json
+        write_unpinned_record(run.dir)
     ema = ckpt.EMA(model, cfg.optim.ema_decay)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -207,7 +346,7 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
     step = 0
     saved_phase = 0
 
-    latest = ckpt.latest_checkpoint(ckpt_dir)
+    latest = run.latest()
     if latest is not None:
         if latest.is_dir():  # DCP: each rank reads its own shards and its own rank state
             state = ckpt.load_sharded(latest, model, optimizer, scheduler, ema, ctx.rank)
@@ -224,9 +363,10 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
         tally.load_state_dict(mine["corrupt"])
         step = int(state["step"])
         saved_phase = int(state["phase"])
-        log.info("resumed from %s at step %d", latest, step)
+        log.info("resumed from %s at step %d", run.where(latest), step)
         del state
-    metrics = MetricsLog(out_dir, step, cfg.log.tensorboard) if is_main else None
+        run.loaded(latest)
+    metrics = MetricsLog(run.dir, step, cfg.log.tensorboard) if is_main else None
 
     latent = bool(cfg.data.latent_shards)
     urls = list_shards(cfg.data.latent_shards or cfg.data.shards, cfg.data.verify_sha256)
@@ -245,12 +385,13 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
         }
         if cfg.log.checkpoint_format == "dcp":
             meta = {"step": step, "phase": phase_idx, "config": cfg.to_dict()}
-            path = ckpt.checkpoint_path(ckpt_dir, step, "dcp")
+            path = ckpt.checkpoint_path(run.ckpt_dir, step, "dcp")
             ckpt.save_sharded(
                 path, model, optimizer, scheduler, ema, meta, rank_state, ctx.rank, ctx.distributed
             )
+            run.publish(path)  # a run in a store: every rank uploads its part (collective)
             if is_main:
-                ckpt.prune_checkpoints(ckpt_dir, cfg.log.keep_checkpoints)
+                run.prune(cfg.log.keep_checkpoints)
             if ctx.distributed:
                 dist.barrier()
             return
@@ -258,8 +399,8 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
         ranks = _gather(rank_state, ctx)
         if is_main:
             state.update(step=step, phase=phase_idx, ranks=ranks, config=cfg.to_dict())
-            ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, step), state)
-            ckpt.prune_checkpoints(ckpt_dir, cfg.log.keep_checkpoints)
+            run.publish(ckpt.save_checkpoint(ckpt.checkpoint_path(run.ckpt_dir, step), state))
+            run.prune(cfg.log.keep_checkpoints)
         if ctx.distributed:
             dist.barrier()
 
@@ -353,7 +494,7 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
                 if ctx.report is not None:
                     ctx.report(row)
             if cfg.log.sample_every and step % cfg.log.sample_every == 0:
-                _write_sample(cfg, model, ema, enc, batch, step, ctx)
+                _write_sample(cfg, model, ema, enc, batch, step, ctx, run.dir)
             done = step == total or step == stop_at_step
             if step % cfg.log.ckpt_every == 0 or done:
                 save(step, phase_idx)
@@ -368,7 +509,10 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
 
     if metrics is not None:
         metrics.close()
+    unpinned = write_unpinned_record(run.dir) if is_main else []  # with encoders built later (samples)
+    run.sync()
     return {
+        "unpinned_model_files": unpinned,
         "step": step,
         "losses": losses,
         "corrupt": tally.totals(),
@@ -378,7 +522,9 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
     }
 
 
-def _write_sample(cfg: TrainConfig, model, ema: ckpt.EMA, enc, batch, step: int, ctx: Context) -> None:
+def _write_sample(
+    cfg: TrainConfig, model, ema: ckpt.EMA, enc, batch, step: int, ctx: Context, run_dir: Path
+) -> None:
     """EMA sample for the first item of the last batch, written as an mp4 by rank 0.
 
     Under FSDP every rank must take part in the forward passes; under DDP rank 0 samples alone on the
@@ -417,5 +563,5 @@ def _write_sample(cfg: TrainConfig, model, ema: ckpt.EMA, enc, batch, step: int,
             cfg=cfg,
         )
     if ctx.rank == 0:
-        path = Path(cfg.log.out_dir) / "samples" / f"step_{step:08d}.mp4"
+        path = run_dir / "samples" / f"step_{step:08d}.mp4"
         write_mp4(video, path, fps=cfg.phases[0].fps)

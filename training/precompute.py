@@ -9,6 +9,9 @@ latents (C, T', h, w), text (L, D) real tokens only, ref_latents (n, C, h, w), r
 A sample the trainer would skip keeps its place with the reason (skip.txt, or <tag>.err), so the shuffle
 and batching over latent shards equal those over raw shards and a run gives the same losses.
 
+Either folder may be a store URI (``s3://bucket/run/shards``): raw shards are streamed from the store; a
+latent shard is written in a local scratch folder, then uploaded whole (one object), the index last.
+
 Then train with `--set data.latent_shards=<out>`: the loop never runs the VAE or the text encoder.
 """
 
@@ -69,7 +72,7 @@ class ShardEncoder:
         from training.config import config_from_dict
 
         self.cfg = config_from_dict(cfg_dict)
-        self.out_dir = Path(out_dir)
+        self.out_dir = out_dir  # a local folder or a store URI
         self.device = device
         self.batch_size = batch_size
         self.enc = None
@@ -96,9 +99,10 @@ def _tensors_bytes(tensors) -> bytes:
 
 
 def encode_shard(
-    url: str, out_dir: Path, cfg, enc, device: str = "cpu", batch_size: int = 4
+    url: str, out_dir: str | Path, cfg, enc, device: str = "cpu", batch_size: int = 4
 ) -> dict[str, Any]:
-    """Raw shard -> latent shard of the same name (written atomically); returns its index entry and counts.
+    """Raw shard (a path or a store URI) -> latent shard of the same name in ``out_dir`` (a folder or a store
+    URI), written atomically; returns its index entry and counts.
 
     Samples are decoded in order, encoded in batches of up to `batch_size` of one bucket (a chunk of
     4 * batch_size samples is in memory at a time), and written back in their original order.
@@ -107,6 +111,7 @@ def encode_shard(
 
     from curation.models import sha256_file
     from curation.shards import iter_tar_samples
+    from curation.storage import Store, scratch_dir
     from training.data import CorruptCounter, collate, video_size
     from training.encode import encode_fresh  # the trainer's own encoding: the same tensors as on the fly
 
@@ -123,6 +128,8 @@ def encode_shard(
             counter.handler(exn)
 
     ds = samples()
+    store = Store(out_dir)
+    out_dir = Path(scratch_dir(store))  # the folder itself when local
     out_dir.mkdir(parents=True, exist_ok=True)
     name = Path(url).name
     tmp = out_dir / f".{name}.tmp{os.getpid()}"
@@ -187,10 +194,14 @@ def encode_shard(
     out = out_dir / name
     os.replace(tmp, out)
     digest = sha256_file(out)  # streamed: a shard can be gigabytes
+    size = out.stat().st_size
+    if not store.is_local:
+        store.put_file(name, out)
+        out.unlink()
     return {
         "name": name,
         "num_samples": stats["n"],
-        "bytes": out.stat().st_size,
+        "bytes": size,
         "sha256": digest,
         "skipped": stats["skipped"],
         "errors": stats["errors"],
@@ -208,12 +219,15 @@ def precompute(
     use_ray: bool = True,
     batch_size: int = 4,
 ) -> dict[str, Any]:
-    """Encode every shard listed by `shards` into `out`; writes out/index.json (raw shard order kept)."""
+    """Encode every shard listed by `shards` into `out` (each a folder or a store URI); writes
+    out/index.json (raw shard order kept)."""
     from curation.shards import list_shards
+    from curation.storage import Store, is_uri
 
     urls = list_shards(shards)
-    out_dir = Path(out).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(out)  # an absolute path when local: Ray workers may start elsewhere
+    if store.is_local:
+        Path(store.uri).mkdir(parents=True, exist_ok=True)
     device = "cuda" if gpus_per_actor > 0 else "cpu"
     if use_ray:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -234,7 +248,7 @@ def precompute(
             ShardEncoder,
             fn_constructor_kwargs={
                 "cfg_dict": cfg.to_dict(),
-                "out_dir": str(out_dir),
+                "out_dir": store.uri,
                 "device": device,
                 "batch_size": batch_size,
             },
@@ -243,18 +257,16 @@ def precompute(
             num_gpus=gpus_per_actor,
         ).take_all()  # one small row per shard, never per sample
     else:  # the same stage in this process (tests, debugging)
-        worker = ShardEncoder(cfg.to_dict(), str(out_dir), device, batch_size)
+        worker = ShardEncoder(cfg.to_dict(), store.uri, device, batch_size)
         rows = [worker({"url": u}) for u in urls]
     by_name = {r["name"]: r for r in rows}
     entries = [by_name[Path(u).name] for u in urls]
     index = {
         "shards": [{k: e[k] for k in ("name", "num_samples", "bytes", "sha256")} for e in entries],
-        "source": str(Path(shards).resolve()),
+        "source": str(shards) if is_uri(shards) else str(Path(shards).resolve()),
         "tags": [phase_tag(cfg, i) for i in range(len(cfg.phases))],
     }
-    tmp = out_dir / ".index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out_dir / "index.json")
+    store.write_bytes("index.json", json.dumps(index, indent=1).encode())  # atomic; written last
     return {
         "shards": len(entries),
         "samples": sum(e["num_samples"] for e in entries),
@@ -267,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the training YAML the latents are for")
-    p.add_argument("--shards", required=True, help="raw triplet shard directory")
-    p.add_argument("--out", required=True, help="latent shard directory to write")
+    p.add_argument("--shards", required=True, help="raw triplet shard directory (or s3://..., gs://...)")
+    p.add_argument("--out", required=True, help="latent shard directory to write (or s3://..., gs://...)")
     p.add_argument("--num-actors", type=int, default=1, help="encoder actors (one model copy each)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpus-per-actor", type=float, default=0.0)

@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import yaml  # noqa: E402
 
 from curation.config import ConfigError  # noqa: E402
+from curation.storage import Store, is_uri  # noqa: E402
 from training.config import TrainConfig, config_from_dict, load_config  # noqa: E402
 
 log = logging.getLogger("training.run")
@@ -26,8 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", required=True, help="training YAML (see configs/train_tiny.yaml)")
-    p.add_argument("--shards", help="shard directory (overrides data.shards)")
-    p.add_argument("--out-dir", help="run directory (overrides log.out_dir)")
+    p.add_argument("--shards", help="shard directory or store URI, e.g. s3://bucket/run/shards (data.shards)")
+    p.add_argument("--out-dir", help="run directory or store URI, e.g. s3://bucket/train (log.out_dir)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (overrides scaling.num_workers)")
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--strategy", choices=["ddp", "fsdp"], help="overrides scaling.strategy")
@@ -61,12 +62,18 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.strategy:
         overrides["scaling.strategy"] = args.strategy
     cfg = load_config(args.config, overrides)
-    # Workers may run elsewhere (another node, a job's working-dir copy): hand them absolute paths.
-    cfg.data.shards = str(Path(cfg.data.shards).resolve())
-    cfg.log.out_dir = str(Path(cfg.log.out_dir).resolve())
-    if cfg.data.cache_dir:
-        cfg.data.cache_dir = str(Path(cfg.data.cache_dir).resolve())
+    # Workers may run elsewhere (another node, a job's working-dir copy): hand them absolute paths; a store
+    # URI (s3://, gs://) is the same everywhere.
+    cfg.data.shards = _absolute(cfg.data.shards)
+    cfg.log.out_dir = _absolute(cfg.log.out_dir)
+    for key in ("cache_dir", "latent_shards", "image_pairs"):
+        if getattr(cfg.data, key):
+            setattr(cfg.data, key, _absolute(getattr(cfg.data, key)))
     return cfg
+
+
+def _absolute(path: str) -> str:
+    return path if is_uri(path) else str(Path(path).resolve())
 
 
 def run_local(cfg: TrainConfig, stop_at_step: int | None = None) -> dict[str, Any]:
@@ -139,6 +146,13 @@ def run_ray(cfg: TrainConfig, stop_at_step: int | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray(cfg)
+    # Ray's own run state beside ours: a store URI goes through the one storage layer's filesystem.
+    ray_dir = Store(cfg.log.out_dir).sub("ray")
+    storage = (
+        {"storage_path": ray_dir.uri}
+        if ray_dir.is_local
+        else {"storage_path": ray_dir.base, "storage_filesystem": ray_dir.fs}
+    )
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": cfg.to_dict(), "stop_at_step": stop_at_step},
@@ -151,8 +165,8 @@ def run_ray(cfg: TrainConfig, stop_at_step: int | None = None):
         ),
         run_config=ray.train.RunConfig(
             name="train",
-            # Must be shared storage on a multi-node cluster (our checkpoints live under out_dir too).
-            storage_path=str(Path(cfg.log.out_dir) / "ray"),
+            # Shared storage on a multi-node cluster: a store URI, or a folder every node mounts.
+            **storage,
         ),
     )
     return trainer.fit()

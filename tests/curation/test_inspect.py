@@ -165,6 +165,35 @@ def test_validate_passes_good_shards_through_the_cli(shards):
     assert "0 broken" in run.stdout
 
 
+def test_stats_and_validate_read_shards_in_s3(shards, s3_bucket, capsys):
+    """The shards folder (tars, index, records) in a real S3 API on loopback: the CLI reads it where it is,
+    with the same checks and the same output as on disk; a changed object is named."""
+    from curation.storage import Store
+
+    store = Store(f"{s3_bucket}/run/shards")
+    for p in sorted(shards.rglob("*")):
+        if p.is_file():
+            store.put_file(p.relative_to(shards).as_posix(), p)
+    # the AWS variables the s3_server fixture set reach the CLI process
+    cli = [sys.executable, "-m", "curation.inspect", "validate", store.uri]
+    run = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.endswith("3 shards, 8 samples, 0 broken\n")
+    assert shard_inspect.stats(store.uri, as_json=True) == shard_inspect.stats(str(shards), as_json=True)
+    capsys.readouterr()
+
+    name = read_index(store.uri)["shards"][1]["name"]
+    samples = [{"__key__": k, **s} for k, s in iter_tar_samples(store.uri_of(name))]
+    samples[0]["txt"] = b"another caption"
+    write_tar(shards / name, samples)
+    store.put_file(name, shards / name)
+    assert shard_inspect.validate(store.uri) == 1
+    remote = capsys.readouterr().out
+    assert f"BROKEN {name}:" in remote and "sha256 differs from the index" in remote
+    assert shard_inspect.validate(str(shards)) == 1
+    assert capsys.readouterr().out == remote  # the same report as on disk
+
+
 def test_validate_fails_on_a_truncated_shard(shards, capsys):
     path = shards / read_index(shards)["shards"][1]["name"]
     data = path.read_bytes()

@@ -298,6 +298,53 @@ def test_list_shards_follows_the_index_confined_and_checked(tmp_path):
         list_shards(tmp_path / "nowhere")
 
 
+def test_list_shards_on_a_store_uri_with_the_same_checks(tmp_path, s3_bucket):
+    """A shards folder in a real S3 API (moto on loopback): listed through its index object, read by
+    streaming, sha256-checked; a bad index, a missing or escaping shard and a truncated object are refused as
+    on disk."""
+    from curation.shards import TAR_ERRORS, index_entries, shard_sha256
+
+    samples = [{"__key__": f"k{i}", "txt": os.urandom(3000), "json": b"{}"} for i in range(6)]
+    local = tmp_path / "set"
+    index = ShardSetWriter(local, maxcount=2).write(samples)
+    names = [e["name"] for e in index["shards"]]
+    store = Store(f"{s3_bucket}/run/shards")
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            store.put_file(p.relative_to(local).as_posix(), p)
+    urls = list_shards(store.uri, verify_sha256=True)
+    assert urls == [f"{s3_bucket}/run/shards/{n}" for n in names]
+    for url, name in zip(urls, names):
+        assert list(iter_tar_samples(url)) == list(iter_tar_samples(local / name))
+        assert shard_sha256(url) == sha256_file(local / name)
+    assert list_shards(urls[1]) == [urls[1]]  # a .tar URI is itself
+    assert index_entries(store.uri)[0] == f"{store.uri}/{INDEX_FILE}"
+
+    store.delete(INDEX_FILE)
+    assert [e["name"] for e in index_entries(store.uri)[1]] == names  # no index: the listing, in name order
+    for entry, error, match in (
+        (dict(index["shards"][0], sha256="0" * 64), ValueError, "sha256"),
+        ({"name": "shard-000009.tar"}, FileNotFoundError, "missing"),
+        ({"name": "../" + names[0]}, ValueError, "escapes"),
+        ({"size": 1}, ValueError, "without a name"),
+    ):
+        store.write_json(INDEX_FILE, {"shards": [entry]})
+        with pytest.raises(error, match=match):
+            list_shards(store.uri, verify_sha256=True)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_shards(f"{s3_bucket}/nowhere")
+    data = (local / names[0]).read_bytes()
+    with tarfile.open(local / names[0]) as tf:
+        last = tf.getmembers()[-1]  # of the second sample
+    for cut in (last.offset_data + 100, last.offset + 100):  # in a member's data; in a header
+        store.write_bytes(names[0], data[:cut])
+        read = []
+        with pytest.raises(TAR_ERRORS, match="truncated|unexpected end"):  # after the whole samples before
+            for key, _ in iter_tar_samples(urls[0]):
+                read.append(key)
+        assert read == ["k0"]
+
+
 def test_bad_rows_are_recorded_not_fatal(tmp_path):
     rows = make_rows(str(tmp_path), n_videos=3)
     os.remove(tmp_path / rows[1]["clip_path"])
