@@ -26,11 +26,13 @@ def _data() -> Path:
 
 def _caption_speedup() -> dict[str, float]:
     from curation.backends.qwen_vl import QwenVLCaptioner
+    from curation.models import folder_sha256
     from curation.stages.caption import CAPTION_PROMPT, CaptionInput
     from tests.curation.tiny_models import tiny_qwen2_5_vl_dir
 
     model_dir = str(tiny_qwen2_5_vl_dir())
     kw = dict(fps=2.0, max_pixels=64 * 28 * 28, min_pixels=16 * 28 * 28, max_new_tokens=64)
+    kw["sha256"] = folder_sha256(model_dir)  # a tiny random model: pinned by its folder digest
     batched = QwenVLCaptioner(model_dir, batch_size=8, **kw)
     single = QwenVLCaptioner(model_dir, batch_size=1, **kw)  # same cached model and processor
     d = _data()

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from curation.models import folder_sha256, sha256_file
+
 ROUNDS = 3  # interleaved rounds, the best time of each side kept (the machine is shared)
 N_CLIPS, CROPS_PER_CLIP = 16, 3  # a stage batch of 16 clips with 3 reference crops each
 N_FACES = 48
@@ -65,6 +67,7 @@ def _open_clip(tmp: str) -> dict[str, float]:
         model_config=cfg_path,
         models_dir=tmp,
         device="cpu",
+        sha256=sha256_file(ckpt),  # a random-init tower made here: pinned by its own hash
     )
     crops = _crops(N_CLIPS * CROPS_PER_CLIP)
     clips = [crops[i : i + CROPS_PER_CLIP] for i in range(0, len(crops), CROPS_PER_CLIP)]
@@ -107,7 +110,8 @@ def _arcface(tmp: str) -> dict[str, float]:
         opset_version=17,
     )
     rec = build_backend(
-        "face_embedder", "arcface", model_path=path, file_name="", models_dir=tmp, device="cpu"
+        "face_embedder", "arcface", model_path=path, file_name="", models_dir=tmp, device="cpu",
+        sha256=sha256_file(path),
     )
     rng = np.random.default_rng(0)
     jobs = []
@@ -144,7 +148,10 @@ def _ground() -> dict[str, float]:
     from curation.backends.qwen_vl import QwenVLGrounder
     from tests.curation.tiny_models import tiny_qwen2_5_vl_dir
 
-    g = QwenVLGrounder(str(tiny_qwen2_5_vl_dir()), max_pixels=64 * 28 * 28, max_new_tokens=16, batch_size=3)
+    qdir = str(tiny_qwen2_5_vl_dir())
+    g = QwenVLGrounder(
+        qdir, max_pixels=64 * 28 * 28, max_new_tokens=16, batch_size=3, sha256=folder_sha256(qdir)
+    )
     frames = [data.astronaut(), data.coffee(), data.chelsea()]
     t0 = time.perf_counter()
     dets = g.ground(frames, [FOUR] * len(frames))
@@ -174,6 +181,7 @@ def _gpu(tmp: str) -> dict[str, float]:
         models_dir=tmp,
         device="cuda",
         batch_size=256,
+        sha256=sha256_file(os.path.join(tmp, "bench-vit-s32.pt")),
     )
     crops = _crops(512)
     emb.embed(crops[:256])  # warm-up
@@ -193,6 +201,7 @@ def _gpu(tmp: str) -> dict[str, float]:
             models_dir=tmp,
             device="cuda",
             batch_size=256,
+            sha256=sha256_file(os.path.join(tmp, "rec.onnx")),
         )
         aligned = [np.ascontiguousarray(c[:112, :112]) for c in _crops(512) if min(c.shape[:2]) >= 112]
         rec.embed_aligned(aligned[:64])

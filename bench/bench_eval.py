@@ -59,6 +59,7 @@ def _production_metrics_tiny(tmp: Path, device: str):
     import torch
 
     from curation.metrics import metrics_config
+    from curation.models import folder_sha256, sha256_file
     from tests.curation.test_faces import DET_INPUT_PX, _export_tiny_insightface
     from tests.curation.test_metrics import _tiny_clip, _tiny_dino
     from tests.curation.tiny_models import tiny_qwen2_5_vl_dir
@@ -78,30 +79,36 @@ def _production_metrics_tiny(tmp: Path, device: str):
                     "model_path": str(tmp / "insightface"),
                     "file_name": "det.onnx",
                     "input_size_px": DET_INPUT_PX,
+                    "sha256": sha256_file(tmp / "insightface" / "det.onnx"),
                 },
                 "embedder": {
                     "name": "arcface",
                     "model_path": str(tmp / "insightface"),
                     "file_name": "rec.onnx",
+                    "sha256": sha256_file(tmp / "insightface" / "rec.onnx"),
                 },
             },
             "clip": {
                 "arch": "tiny-eval-clip",
                 "model_path": str(tmp / "clip.pt"),
                 "model_config": str(tmp / "tiny-eval-clip.json"),
+                "sha256": sha256_file(tmp / "clip.pt"),
             },
-            "dino": {"model_path": str(dino)},
+            "dino": {"model_path": str(dino), "sha256": folder_sha256(dino)},
             "aesthetic": {
                 "name": "laion_mlp",
                 "clip_arch": "tiny-eval-clip",
                 "clip_path": str(tmp / "clip.pt"),
                 "clip_config": str(tmp / "tiny-eval-clip.json"),
                 "mlp_path": str(tmp / "mlp.pth"),
+                "clip_sha256": sha256_file(tmp / "clip.pt"),
+                "mlp_sha256": sha256_file(tmp / "mlp.pth"),
             },
             "grounder": {
                 "name": "qwen2_5_vl",
                 "model_path": str(tiny_qwen2_5_vl_dir()),
                 "max_new_tokens": 16,
+                "sha256": folder_sha256(tiny_qwen2_5_vl_dir()),
             },
         }
     )

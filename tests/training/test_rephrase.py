@@ -161,11 +161,13 @@ def test_qwen2_5_vl_describer_runs_the_real_model_class():
     from skimage import data
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+    from curation.models import folder_sha256
     from tests.curation.tiny_models import tiny_qwen2_5_vl_dir
     from training.rephrase import DESCRIBE_PROMPT, build_describer
 
     path = str(tiny_qwen2_5_vl_dir())
-    cfg = {"name": "qwen2_5_vl", "model_path": path, "max_new_tokens": 6, "device": "cpu", "batch_size": 1}
+    cfg = {"name": "qwen2_5_vl", "model_path": path, "max_new_tokens": 6, "device": "cpu", "batch_size": 1,
+           "sha256": folder_sha256(path)}
     d = build_describer(cfg)
     images = [data.astronaut()[::8, ::8].copy(), data.coffee()[::8, ::8].copy()]
     out = d.describe(images)

@@ -415,8 +415,12 @@ def test_generate_encodes_the_negative_prompt_as_the_null_text(tmp_path):
     from training.sample import generate
 
     assets = write_tiny_wan_assets(tmp_path)
-    enc = build_encoders({"vae": {"backend": "wan_vae", "path": str(assets["vae"])},
-                          "text": {"backend": "hf_text", "path": str(assets["umt5"]), "max_length": 24},
+    from curation.models import folder_sha256
+
+    enc = build_encoders({"vae": {"backend": "wan_vae", "path": str(assets["vae"]),
+                                  "sha256": folder_sha256(assets["vae"])},
+                          "text": {"backend": "hf_text", "path": str(assets["umt5"]), "max_length": 24,
+                                   "sha256": folder_sha256(assets["umt5"])},
                           "image": {"backend": "mobilenet_v2", "image_size": 32}})  # fmt: skip
     sizes = {"in_channels": VAE_Z, "out_channels": VAE_Z, "text_dim": ASSET_TEXT_DIM}
     cfg = load_config(None, {"model.family": "phantom_wan", "model.preset": "tiny", "model.wan.text_len": 24,
