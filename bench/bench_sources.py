@@ -11,6 +11,17 @@ import time
 
 N_ROWS = 20_000  # about the size of one Panda-70M validation CSV shard
 N_SPANS = 6
+N_LABEL_ROWS = 5_000
+# An ASSUMED mix of Panda-70M's desirable_filtering labels per span (the real shares are not measured here):
+# most spans desirable, the rest spread over the five reasons the Panda authors filter on.
+PANDA_LABEL_MIX = {
+    "desirable": 0.80,
+    "0_low_desirable_score": 0.06,
+    "1_still_foreground_image": 0.05,
+    "2_tiny_camera_movement": 0.04,
+    "3_screen_in_screen": 0.03,
+    "4_computer_screen_recording": 0.02,
+}
 
 
 def _write_panda_csv(path: str, videos_dir: str) -> None:
@@ -36,6 +47,51 @@ def _write_panda_csv(path: str, videos_dir: str) -> None:
             )
 
 
+def _write_panda7_csv(path: str, seed: int = 0) -> int:
+    """A training-format CSV (7 columns) of N_LABEL_ROWS videos, 1-20 spans each, labels drawn from
+    PANDA_LABEL_MIX; returns the number of spans. No video is on disk: the label filter acts first."""
+    import random
+
+    from curation.sources.panda70m import format_time
+
+    rng = random.Random(seed)
+    labels, weights = list(PANDA_LABEL_MIX), list(PANDA_LABEL_MIX.values())
+    n_spans = 0
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["videoID", "url", "timestamp", "caption", "matching_score", "desirable_filtering",
+                    "shot_boundary_detection"])
+        for i in range(N_LABEL_ROWS):
+            k = rng.randint(1, 20)
+            n_spans += k
+            stamps = [[format_time(j * 8.0), format_time(j * 8.0 + 6.0)] for j in range(k)]
+            shots = [[[format_time(0.0), format_time(2.5)], [format_time(2.5), format_time(6.0)]]] * k
+            w.writerow([f"L{i:010d}", "", repr(stamps), repr([f"clip {j}" for j in range(k)]),
+                        repr([0.3] * k), repr(rng.choices(labels, weights, k=k)), repr(shots)])
+    return n_spans
+
+
+def label_prefilter(tmp: str) -> dict[str, float]:
+    """``panda_label_prefilter_frac``: the share of spans ``keep_labels: [desirable]`` takes out before any
+    download or decode, on the synthetic label mix; and ``panda_label_videos_skipped_frac``."""
+    from curation.sources.panda70m import iter_panda_csv
+
+    csv_path = os.path.join(tmp, "panda7.csv")
+    n_spans = _write_panda7_csv(csv_path)
+    videos = os.path.join(tmp, "videos7")
+    os.makedirs(videos, exist_ok=True)
+    skipped = videos_out = n_videos = 0
+    t0 = time.perf_counter()
+    for r in iter_panda_csv(csv_path, videos, keep_labels=["desirable"]):
+        n_videos += 1
+        skipped += len(r.get("skipped_spans") or [])
+        videos_out += str(r.get("reason") or "").startswith("panda:")
+    dt = time.perf_counter() - t0
+    return {"panda_label_prefilter_frac": skipped / n_spans,
+            "panda_label_videos_skipped_frac": videos_out / n_videos,
+            "panda_label_rows_per_s": N_LABEL_ROWS / dt}
+
+
 def run() -> dict[str, float]:
     from curation.demo.footage import build_sample
     from curation.demo.ground_truth import load_ground_truth
@@ -53,6 +109,7 @@ def run() -> dict[str, float]:
         dt = time.perf_counter() - t0
         out["sources_panda_rows_per_s"] = N_ROWS / dt
         out["sources_panda_ok_frac"] = sum(r["status"] == "ok" for r in recs) / len(recs)
+        out.update(label_prefilter(tmp))
 
         # the ast check before literal_eval, side by side with plain literal_eval on the same texts
         texts = [repr([["0:00:00.000", "0:00:05.005"]] * N_SPANS)] * 5000

@@ -198,6 +198,9 @@ class SourceSpec:
     download: bool | dict[str, Any] = False  # panda70m: true, or the download step's params (a mapping)
     sample_dir: str = "data/sample"  # sample: where the generated footage and CSV are written
     limit: int = field(0, ge=0)  # 0 = all videos
+    # panda70m: spans whose `desirable_filtering` label is not listed are skipped before download and
+    # decode (reason panda:<label>); [] keeps every span. Spans without a label are kept.
+    keep_labels: list[str] = field(["desirable"])
 
     def validate(self, path: str = "") -> None:
         if isinstance(self.download, dict):

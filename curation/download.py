@@ -416,10 +416,18 @@ def _write_log(store, vid: str, res: dict, t0: float) -> None:
 # The CSV, streamed.
 
 
-def iter_csv_rows(csv_path: str) -> Iterator[dict]:
+def iter_csv_rows(csv_path: str, keep_labels=None) -> Iterator[dict]:
     """``{video_id, url, spans, line}`` per CSV row, streamed (one row in memory at a time). A row whose
-    id or timestamps do not parse still comes out, with ``error`` set (the parser's reason)."""
-    from curation.sources.panda70m import REQUIRED_COLUMNS, VIDEO_ID_RE, parse_spans
+    id or timestamps do not parse still comes out, with ``error`` set (the parser's reason). ``keep_labels``
+    (the source's option): spans whose ``desirable_filtering`` label is not in the set are dropped before
+    the section plan; a row left with none has ``skip`` set to ``panda:<label>`` and is never fetched."""
+    from curation.sources.panda70m import (
+        REQUIRED_COLUMNS,
+        VIDEO_ID_RE,
+        filter_spans_by_label,
+        parse_labels,
+        parse_spans,
+    )
 
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"Panda-70M CSV {csv_path} does not exist")
@@ -454,6 +462,14 @@ def iter_csv_rows(csv_path: str) -> Iterator[dict]:
             elif "timestamp" in col:
                 with contextlib.suppress(ValueError):  # bad spans only cost the section plan
                     row["spans"] = parse_spans(cells[col["timestamp"]])
+            if keep_labels and row["spans"] and "desirable_filtering" in col:
+                with contextlib.suppress(ValueError):  # a bad label list filters nothing
+                    rec = {"spans": row["spans"],
+                           "span_labels": parse_labels(cells[col["desirable_filtering"]], len(row["spans"]))}
+                    filter_spans_by_label(rec, keep_labels)
+                    row["spans"] = rec["spans"]
+                    if rec.get("status") == "rejected":
+                        row["skip"] = rec["reason"]
             yield row
 
 
@@ -563,6 +579,8 @@ def _triage(store, row: dict) -> tuple[str, Any]:
     """What a row needs: ("skip", reason) or ("fetch", prior attempts). Reads its log (O(1))."""
     if row.get("error"):
         return "bad", row["error"].split(":")[0]
+    if row.get("skip"):  # every span outside the source's keep_labels: nothing to fetch
+        return "skip", row["skip"]
     vid = row["video_id"]
     log = read_log(store, vid)
     if log and log.get("status") == "done":
@@ -615,7 +633,7 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
         raise ValueError(f"runner must be 'ray' or 'threads', not {runner!r}")
     stats = Stats(total)
     run = None  # started at the first video to fetch: a rerun with nothing left starts no Ray
-    rows = iter_csv_rows(csv_path)
+    rows = iter_csv_rows(csv_path, getattr(spec, "keep_labels", None))
     exhausted = False
     queues: dict[str, deque[_Pending]] = {}
     retry_heap: list[tuple[float, int, str, _Pending]] = []

@@ -32,6 +32,9 @@ def summarize(result, source: str, pipeline: str, out_dir: str) -> dict:
         "clips": t.get("clips", 0),
         "clips_ok": t.get("clips_ok", 0),
         "rejections_by_reason": t.get("reasons", {}),
+        # spans the source skipped before download and decode (Panda-70M's keep_labels), by reason
+        "spans_skipped": t.get("spans_skipped", 0),
+        "spans_skipped_by_reason": t.get("spans_skipped_by_reason", {}),
         "triplets_out": g.get("triplets_out", 0),
         "triplets_by_pair_type": g.get("triplets_by_pair_type", {}),
         "global": {k: v for k, v in g.items() if k not in ("triplets_out", "triplets_by_pair_type")},

@@ -522,6 +522,13 @@ class _Totals:
         self.filters_off: set[str] = set()
         self.stage_counts: dict[str, list] = {}
         self.unpinned: set[str] = set()
+        self.spans_skipped: Counter = Counter()  # spans the source took out before any decode, by reason
+
+    def count_source(self, rows: Iterable[Record]) -> Iterator[Record]:
+        """Pass the source rows through, counting the spans each one skipped (Panda's ``keep_labels``)."""
+        for r in rows:
+            self.spans_skipped.update(s.get("reason") or "?" for s in r.get("skipped_spans") or ())
+            yield r
 
     def add(self, item: dict) -> None:
         s = item.get("summary") or {}
@@ -547,7 +554,9 @@ class _Totals:
 
     def as_dict(self) -> dict:
         return {**dict(self.n), "videos_rejected": self.n["videos"] - self.n["videos_with_clips"],
-                "reasons": dict(self.reasons.most_common()), "filters_off": sorted(self.filters_off)}
+                "reasons": dict(self.reasons.most_common()), "filters_off": sorted(self.filters_off),
+                "spans_skipped": sum(self.spans_skipped.values()),
+                "spans_skipped_by_reason": dict(self.spans_skipped.most_common())}
 
 
 def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx: StageContext,
@@ -566,6 +575,7 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
     mh = map_hash(groups)
     totals = _Totals()
     committed = skipped = 0
+    source_rows = totals.count_source(source_rows)
 
     run_dir = f"source/run-{os.getpid()}-{int(t0 * 1000)}"
     if runner == "ray":

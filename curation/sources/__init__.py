@@ -4,7 +4,9 @@ Each source yields one record per input video (or per bad CSV row) with the fiel
 ``video_id``, ``source``, ``video_path`` (absolute, or None when rejected), ``status`` ("ok"|"rejected"),
 ``reason`` (a short code such as ``missing_video``), ``spans`` ([[start_s, end_s], ...] or None = whole
 video), ``span_captions`` (parallel to spans, or None), ``url``, ``matching_score`` (parallel to spans, or
-None), plus ``warnings`` (list of codes that did not reject the row) and ``detail`` (free text).
+None), plus ``warnings`` (list of codes that did not reject the row) and ``detail`` (free text). A Panda-70M
+record may add ``span_labels`` / ``span_shot_boundaries`` (parallel to spans) and ``skipped_spans`` (spans
+taken out by ``keep_labels`` before any download or decode, each with its ``panda:<label>`` reason).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def load_source(spec, out_dir: str) -> Iterator[dict[str, Any]]:
         if not spec.csv:
             raise ValueError("source panda70m: `csv:` (the Panda-70M metadata CSV) is required")
         videos_dir = spec.videos_dir or os.path.join(out_dir, "videos")
-        return iter_panda_csv(spec.csv, videos_dir, source="panda70m", limit=spec.limit)
+        return iter_panda_csv(spec.csv, videos_dir, source="panda70m", limit=spec.limit,
+                              keep_labels=getattr(spec, "keep_labels", None))
     if kind == "dir":
         from curation.sources.folder import iter_videos
 

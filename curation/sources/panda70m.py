@@ -15,7 +15,15 @@ Decisions (stated, as the rows are untrusted):
 - a bad ``matching_score`` only warns (``bad_matching_score``), it is informational;
 - duplicate videoIDs are MERGED into the first record: spans (and their captions / scores) are appended
   unless the same span is already there, and ``merged_duplicate_row:<line>`` goes to ``warnings``; a bad
-  duplicate row is a rejection of its own, with ``video_id`` ``<videoID>@row-<line>`` so ids stay unique.
+  duplicate row is a rejection of its own, with ``video_id`` ``<videoID>@row-<line>`` so ids stay unique;
+- Panda's own per-span columns become lists parallel to the spans: ``span_labels`` (``desirable_filtering``:
+  ``desirable``, ``1_still_foreground_image``, ...) and ``span_shot_boundaries`` (``shot_boundary_detection``:
+  each span's shots as [start_s, end_s] relative to the span); a list of the wrong length only warns
+  (``bad_<column>``) and is dropped. The scenes stage puts each clip's own span entry on the clip row;
+- ``keep_labels`` (the source's option, ``[desirable]`` for Panda-70M): a span whose label is not in the set
+  is taken out before anything downloads or decodes it and listed in ``skipped_spans`` with its reason
+  ``panda:<label>``; a video left with no span is a rejected record with that reason (the commonest one).
+  A span without a label (no column) is kept.
 """
 
 from __future__ import annotations
@@ -178,6 +186,80 @@ def parse_scores(text: str, n_spans: int) -> list[float] | None:
     return out
 
 
+def parse_labels(text: str | None, n_spans: int) -> list[str | None] | None:
+    """``desirable_filtering`` text -> labels parallel to the spans (None when the column is empty)."""
+    if text is None or not text.strip():
+        return None
+    value = parse_literal(text)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or len(value) != n_spans:
+        raise ValueError(f"desirable_filtering is not a list of {n_spans} labels")
+    if not all(isinstance(v, str) for v in value):
+        raise ValueError("desirable_filtering holds a non-string label")
+    return [v.strip() or None for v in value]
+
+
+def parse_shot_boundaries(text: str | None, n_spans: int) -> list[list[list[float]]] | None:
+    """``shot_boundary_detection`` text -> per span, its shots [[start_s, end_s], ...] relative to the span
+    (times as 'H:MM:SS.mmm' or seconds); None when the column is empty."""
+    if text is None or not text.strip():
+        return None
+    value = parse_literal(text)
+    if not isinstance(value, (list, tuple)) or len(value) != n_spans:
+        raise ValueError(f"shot_boundary_detection is not a list of {n_spans} shot lists")
+    out = []
+    for i, shots in enumerate(value):
+        if not isinstance(shots, (list, tuple)):
+            raise ValueError(f"shot_boundary_detection of span {i} is not a list")
+        spans = []
+        for pair in shots:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"shot_boundary_detection of span {i}: {pair!r} is not a [start, end] pair")
+            a, b = parse_time_s(pair[0]), parse_time_s(pair[1])
+            if b > a:
+                spans.append([round(a, 3), round(b, 3)])
+        out.append(spans)
+    return out
+
+
+# the record fields that run parallel to ``spans``: a span taken out takes its entry in each with it
+PER_SPAN_FIELDS = ("spans", "span_captions", "matching_score", "span_labels", "span_shot_boundaries")
+
+
+def label_reason(label: str) -> str:
+    return f"panda:{label}"
+
+
+def filter_spans_by_label(rec: dict[str, Any], keep_labels) -> dict[str, Any]:
+    """Take out of ``rec`` every span whose Panda label is not in ``keep_labels`` (empty/None: keep all),
+    listing each in ``rec["skipped_spans"]`` as ``{"span", "label", "reason"}``. A record left with no span
+    becomes a rejection with reason ``panda:<commonest label>`` (a missing video no longer matters: it would
+    not be fetched or decoded). Changes and returns ``rec``."""
+    labels, spans = rec.get("span_labels"), rec.get("spans")
+    if not keep_labels or not isinstance(labels, list) or not isinstance(spans, list):
+        return rec
+    keep = set(keep_labels)
+    kept = [i for i, lab in enumerate(labels) if lab is None or lab in keep]
+    if len(kept) == len(spans):
+        return rec
+    kept_set = set(kept)
+    skipped = [{"span": spans[i], "label": labels[i], "reason": label_reason(labels[i])}
+               for i in range(len(spans)) if i not in kept_set]
+    rec["skipped_spans"] = [*(rec.get("skipped_spans") or []), *skipped]
+    for key in PER_SPAN_FIELDS:
+        if isinstance(rec.get(key), list) and len(rec[key]) == len(spans):
+            rec[key] = [rec[key][i] for i in kept]
+    if not kept:
+        counts: dict[str, int] = {}
+        for s in skipped:
+            counts[s["reason"]] = counts.get(s["reason"], 0) + 1
+        reason = max(counts, key=counts.get)  # first-seen wins a tie
+        rec.update(status="rejected", reason=reason, video_path=None,
+                   detail=f"every span's Panda label is outside keep_labels {sorted(keep)}: {counts}")
+    return rec
+
+
 def _list_names(videos_dir: str) -> set[str]:
     """The file names directly inside ``videos_dir`` (a local folder or an object-store prefix)."""
     if is_uri(videos_dir):
@@ -217,6 +299,9 @@ def _merge(into: dict[str, Any], rec: dict[str, Any], line: int) -> None:
     """Append ``rec``'s spans (with captions and scores) to ``into`` unless the span is already there."""
     have = {tuple(s) for s in into["spans"]}
     scores_ok = into["matching_score"] is not None and rec["matching_score"] is not None
+    # Panda's per-span columns survive a merge only when both rows have them (else they would not line up)
+    extra = [k for k in ("span_labels", "span_shot_boundaries")
+             if into.get(k) is not None and rec.get(k) is not None]
     for i, span in enumerate(rec["spans"]):
         if tuple(span) in have:
             continue
@@ -224,8 +309,13 @@ def _merge(into: dict[str, Any], rec: dict[str, Any], line: int) -> None:
         into["span_captions"].append(rec["span_captions"][i])
         if scores_ok:
             into["matching_score"].append(rec["matching_score"][i])
+        for k in extra:
+            into[k].append(rec[k][i])
     if not scores_ok:
         into["matching_score"] = None
+    for k in ("span_labels", "span_shot_boundaries"):
+        if k in into and k not in extra:
+            into[k] = None
     into["warnings"].append(f"merged_duplicate_row:{line}")
 
 
@@ -249,14 +339,15 @@ def _parse_row(
     except ValueError:
         scores, warnings = None, warnings + ["bad_matching_score"]
     extra = {}
-    for col in OPTIONAL_COLUMNS:
-        text = row.get(col)
-        if text is None or not text.strip():
-            continue
+    for col, key, parse in (("desirable_filtering", "span_labels", parse_labels),
+                            ("shot_boundary_detection", "span_shot_boundaries", parse_shot_boundaries)):
         try:
-            extra[col] = parse_literal(text)
-        except LiteralError:
+            value = parse(row.get(col), len(spans))
+        except ValueError:  # LiteralError too: a bad list only costs this column, the row is kept
+            value = None
             warnings.append(f"bad_{col}")
+        if value is not None:
+            extra[key] = value
     path, why = resolve_video(videos_dir, raw_id, names)
     if path is None:
         return rejected_record(
@@ -285,14 +376,14 @@ def _parse_row(
 
 
 def read_panda_csv(
-    csv_path: str, videos_dir: str, source: str = "panda70m", limit: int = 0
+    csv_path: str, videos_dir: str, source: str = "panda70m", limit: int = 0, keep_labels=None
 ) -> list[dict[str, Any]]:
     """``list(iter_panda_csv(...))``: every record in memory (tests, small CSVs)."""
-    return list(iter_panda_csv(csv_path, videos_dir, source, limit))
+    return list(iter_panda_csv(csv_path, videos_dir, source, limit, keep_labels))
 
 
 def iter_panda_csv(
-    csv_path: str, videos_dir: str, source: str = "panda70m", limit: int = 0
+    csv_path: str, videos_dir: str, source: str = "panda70m", limit: int = 0, keep_labels=None
 ) -> Iterator[dict[str, Any]]:
     """One record per videoID of a Panda-70M CSV, yielded as the file is read (``limit`` > 0: stop after
     that many records), so a 3.8M-row CSV never sits in memory.
@@ -316,8 +407,12 @@ def iter_panda_csv(
         )
     header = _read_header(csv_path)
     if limit:  # a few records: one pass, held until the end (bounded by the limit)
-        return _iter_limited(csv_path, header, videos_dir, source, limit)
-    return _iter_streaming(csv_path, header, videos_dir, source)
+        records = _iter_limited(csv_path, header, videos_dir, source, limit)
+    else:
+        records = _iter_streaming(csv_path, header, videos_dir, source)
+    if keep_labels:  # after duplicates merged: a span is kept or skipped once
+        return (filter_spans_by_label(r, keep_labels) for r in records)
+    return records
 
 
 def _read_header(csv_path: str) -> list[str]:

@@ -25,7 +25,27 @@ from curation.video_io import (
 # Columns of the source row that describe the whole video and do not belong on each clip row.
 log = logging.getLogger(__name__)
 
-_VIDEO_ONLY_KEYS = ("spans", "span_captions")
+# Panda-70M's per-span columns (lists parallel to spans): each clip row gets its own span's entry instead.
+_VIDEO_ONLY_KEYS = ("spans", "span_captions", "span_labels", "span_shot_boundaries", "skipped_spans")
+
+
+def trusted_shots(spans_s: list | None, span_shots: list | None, fps: float, n_frames: int
+                  ) -> list[tuple[int, int]] | None:
+    """The CSV's shot boundaries (per span, [start_s, end_s] relative to the span) as absolute [start, end)
+    frame ranges, or None when a span has none (then shot detection runs for the whole video)."""
+    if not isinstance(spans_s, list) or not isinstance(span_shots, list) or len(span_shots) != len(spans_s):
+        return None
+    if not spans_s or any(not shots for shots in span_shots):
+        return None
+    out = []
+    for span, shots in zip(spans_s, span_shots):
+        t0 = float(span[0])
+        for a, b in shots:
+            fa = min(max(int(round((t0 + float(a)) * fps)), 0), n_frames)
+            fb = min(max(int(round((t0 + float(b)) * fps)), fa), n_frames)
+            if fb > fa:
+                out.append((fa, fb))
+    return sorted(out) or None
 
 
 def span_frames(spans_s: list | None, fps: float, n_frames: int) -> list[tuple[int, int]]:
@@ -110,6 +130,9 @@ class Scenes(Stage):
         min_short_side_px: int = field(32, ge=2)
         allow_vfr: bool = False  # variable-frame-rate videos are rejected unless this is set
         chunk_frames: int = field(64, ge=1, le=1024)
+        # Panda-70M rows carry shot boundaries per span (shot_boundary_detection): take them instead of
+        # running the shot detector when every span has them
+        trust_shot_boundaries: bool = False
 
         def validate(self, path: str = "") -> None:
             if self.min_clip_len_s > self.max_clip_len_s:
@@ -185,15 +208,20 @@ class Scenes(Stage):
         samples = sample_positions(n, stride, gap)
         keep = set(samples) | {i + gap for i in samples}
         store: dict[int, np.ndarray] = {}
-        self.detector.start(fps, n)
+        trusted = trusted_shots(row.get("spans"), row.get("span_shot_boundaries"), fps, n) \
+            if p.trust_shot_boundaries else None
+        if trusted is None:
+            self.detector.start(fps, n)
         n_seen = 0
         for first, frames in reader.chunks(p.chunk_frames):
-            self.detector.push(first, frames)
+            if trusted is None:
+                self.detector.push(first, frames)
             n_seen = first + len(frames)
             for i in range(first, first + len(frames)):
                 if i in keep:
                     store[i] = frames[i - first].copy()  # copy: a view would pin the whole chunk
-        shots = self.detector.shots()
+        shots = trusted if trusted is not None else self.detector.shots()
+        detector_name = "panda_csv" if trusted is not None else self.detector.name
         if n_seen < n:  # decoding stopped early: the frames before the break are kept
             if n_seen < p.min_video_frames:
                 raise BadVideo("video:truncated", f"{n_seen} of {n} frames decoded")
@@ -215,6 +243,7 @@ class Scenes(Stage):
         base = {k: v for k, v in row.items() if k not in _VIDEO_ONLY_KEYS}
         captions = row.get("span_captions")
         scores = row.get("matching_score")
+        labels, span_shots = row.get("span_labels"), row.get("span_shot_boundaries")
         video_id = row.get("video_id")
         clips = []
         for k, c in enumerate(plan):
@@ -238,12 +267,16 @@ class Scenes(Stage):
                 "n_frames": b - a,
                 "span_index": si if row.get("spans") is not None else None,
                 "source_caption": captions[si] if isinstance(captions, list) and si < len(captions) else None,
-                "shot_detector": self.detector.name,
+                "shot_detector": detector_name,
                 "video_n_frames": n,
                 "video_duration_s": round(n / fps, 3),
             }
             if isinstance(scores, list):
                 clip["matching_score"] = scores[si] if si < len(scores) else None
+            if isinstance(labels, list):  # Panda-70M's own label and shots of this clip's span
+                clip["desirable_filtering"] = labels[si] if si < len(labels) else None
+            if isinstance(span_shots, list):
+                clip["shot_boundary_detection"] = span_shots[si] if si < len(span_shots) else None
             if truncated:  # recorded on every clip of the video, with the counts
                 clip["video_n_frames_promised"] = truncated[1]
                 clip["warnings"] = [

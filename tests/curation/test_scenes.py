@@ -219,3 +219,35 @@ def test_transnetv2_on_cuda_matches_cpu():
         det.push(0, frames)
         shots[device] = det.shots()
     assert shots["cuda"] == shots["cpu"]
+
+
+def test_panda_span_labels_and_trusted_shot_boundaries(tmp_path, shots_video):
+    path, cuts = shots_video  # cuts at 46, 106, 166 of 216 frames (25 fps)
+    row = video_row(
+        "multi",
+        path,
+        source="panda70m",
+        spans=[[0.0, 4.0], [4.0, 8.64]],
+        span_captions=["first", "second"],
+        span_labels=["desirable", "2_tiny_camera_movement"],
+        # Panda's shots relative to each span; the first one's cut is put at 2.0 s (frame 50), not the real 46
+        span_shot_boundaries=[[[0.0, 2.0], [2.0, 4.0]], [[0.0, 0.24], [0.24, 2.64], [2.64, 4.64]]],
+        skipped_spans=[{"span": [9.0, 9.5], "label": "1_still_foreground_image",
+                        "reason": "panda:1_still_foreground_image"}],
+    )
+    detected = run_scenes(tmp_path, [dict(row)], min_clip_len_s=1.0)
+    assert detected[0]["end_frame"] == cuts[0] - 2 and detected[0]["shot_detector"] == "adaptive"
+    # each clip row carries its own span's label and shots, never the whole lists
+    for r in detected:
+        want = 0 if r["span_index"] == 0 else 1
+        assert r["desirable_filtering"] == row["span_labels"][want]
+        assert r["shot_boundary_detection"] == row["span_shot_boundaries"][want]
+        assert not {"span_labels", "span_shot_boundaries", "skipped_spans"} & set(r)
+    trusted = run_scenes(tmp_path, [dict(row)], min_clip_len_s=1.0, trust_shot_boundaries=True)
+    assert trusted[0]["end_frame"] == 50 - 2 and trusted[0]["start_frame"] == 0
+    assert all(r["shot_detector"] == "panda_csv" for r in trusted)
+    assert [r["desirable_filtering"] for r in trusted] == [r["desirable_filtering"] for r in detected]
+    # a span without Panda's shots: detection runs for the whole video
+    partial = dict(row, span_shot_boundaries=[[[0.0, 2.0], [2.0, 4.0]], []])
+    again = run_scenes(tmp_path, [partial], min_clip_len_s=1.0, trust_shot_boundaries=True)
+    assert again[0]["shot_detector"] == "adaptive" and again[0]["end_frame"] == cuts[0] - 2

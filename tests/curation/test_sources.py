@@ -369,3 +369,87 @@ def test_panda_csv_streams_and_merges_duplicates_far_apart(tmp_path, videos):
     assert not isinstance(load_source(spec, str(tmp_path)), list)
     with pytest.raises(FileNotFoundError):
         iter_panda_csv(str(tmp_path / "nope.csv"), str(videos))  # at the call, not at the first next()
+
+
+# ---- Panda-70M's own per-span labels and shot boundaries ---------------------------------------------------
+
+HEADER7 = [*HEADER, "desirable_filtering", "shot_boundary_detection"]
+
+
+def _panda7_rows():
+    stamps3 = ("[['0:00:00.000', '0:00:04.000'], ['0:00:04.000', '0:00:08.000'], "
+               "['0:00:10.000', '0:00:12.000']]")
+    shots3 = ("[[['0:00:00.000', '0:00:01.840'], ['0:00:01.840', '0:00:04.000']], "
+              "[['0:00:00.000', '0:00:04.000']], [['0:00:00.000', '0:00:02.000']]]")
+    return [
+        # the exact format of the training CSV: three spans, the middle one a screen recording
+        ["Ab3_xY-9kLm", "u", stamps3, "['a', 'b', 'c']", "[0.4, 0.5, 0.6]",
+         "['desirable', '4_computer_screen_recording', 'desirable']", shots3],
+        # every span a still image; the video is not even on disk (it would never be fetched)
+        ["stillonly", "u", "[['0:00:00.000', '0:00:03.000'], ['0:00:03.000', '0:00:06.000']]", "['x', 'y']",
+         "[0.3, 0.3]", "['1_still_foreground_image', '1_still_foreground_image']", ""],
+        # a label list of the wrong length only warns: every span kept
+        ["vid2", "u", "[['0:00:00.000', '0:00:03.000']]", "['z']", "[0.3]", "['desirable', 'desirable']", ""],
+    ]
+
+
+def test_panda_labels_and_shots_per_span_without_filter(tmp_path, videos):
+    csv_path = write_csv(tmp_path / "p7.csv", _panda7_rows(), header=HEADER7)
+    recs = by_id(read_panda_csv(csv_path, str(videos)))
+    r = recs["Ab3_xY-9kLm"]
+    assert r["status"] == "ok" and "desirable_filtering" not in r and "shot_boundary_detection" not in r
+    assert r["span_labels"] == ["desirable", "4_computer_screen_recording", "desirable"]
+    assert r["span_shot_boundaries"] == [[[0.0, 1.84], [1.84, 4.0]], [[0.0, 4.0]], [[0.0, 2.0]]]
+    assert recs["stillonly"]["reason"] == "missing_video"  # no filter: Panda's labels change nothing
+    assert recs["vid2"]["warnings"] == ["bad_desirable_filtering"] and "span_labels" not in recs["vid2"]
+
+
+def test_keep_labels_skips_spans_before_download_and_decode(tmp_path, videos):
+    csv_path = write_csv(tmp_path / "p7.csv", _panda7_rows(), header=HEADER7)
+    spec = SourceSpec(kind="panda70m", csv=csv_path, videos_dir=str(videos))  # keep_labels: [desirable]
+    assert spec.keep_labels == ["desirable"]
+    recs = by_id(load_source(spec, str(tmp_path)))
+    r = recs["Ab3_xY-9kLm"]
+    # the screen recording is out, with every list that runs parallel to the spans
+    assert r["status"] == "ok" and r["spans"] == [[0.0, 4.0], [10.0, 12.0]]
+    assert r["span_captions"] == ["a", "c"] and r["matching_score"] == [0.4, 0.6]
+    assert r["span_labels"] == ["desirable", "desirable"]
+    assert r["span_shot_boundaries"] == [[[0.0, 1.84], [1.84, 4.0]], [[0.0, 2.0]]]
+    assert r["skipped_spans"] == [{"span": [4.0, 8.0], "label": "4_computer_screen_recording",
+                                   "reason": "panda:4_computer_screen_recording"}]
+    s = recs["stillonly"]  # every span out: a rejection with Panda's reason, not missing_video
+    assert s["status"] == "rejected" and s["reason"] == "panda:1_still_foreground_image"
+    assert s["spans"] == [] and len(s["skipped_spans"]) == 2 and s["video_path"] is None
+    assert recs["vid2"]["status"] == "ok" and recs["vid2"]["spans"] == [[0.0, 3.0]]
+    # keep_labels: [] keeps every span
+    spec_all = dataclasses.replace(spec, keep_labels=[])
+    assert by_id(load_source(spec_all, str(tmp_path)))["Ab3_xY-9kLm"]["spans"][1] == [4.0, 8.0]
+
+
+def test_keep_labels_rows_skip_the_download(tmp_path):
+    from curation.download import iter_csv_rows
+
+    csv_path = write_csv(tmp_path / "p7.csv", _panda7_rows(), header=HEADER7)
+    rows = {r["video_id"]: r for r in iter_csv_rows(csv_path, ["desirable"])}
+    assert rows["stillonly"]["skip"] == "panda:1_still_foreground_image"
+    assert rows["Ab3_xY-9kLm"]["spans"] == [[0.0, 4.0], [10.0, 12.0]] and "skip" not in rows["Ab3_xY-9kLm"]
+    assert "skip" not in {r["video_id"]: r for r in iter_csv_rows(csv_path)}["stillonly"]
+
+
+def test_skipped_spans_are_counted_in_the_run_summary(tmp_path, videos):
+    from curation.config import Config
+    from curation.run import summarize
+    from curation.runner import run_pipeline
+    from curation.stage import StageContext
+
+    csv_path = write_csv(tmp_path / "p7.csv", _panda7_rows(), header=HEADER7)
+    spec = SourceSpec(kind="panda70m", csv=csv_path, videos_dir=str(videos))
+    cfg = Config(sources={"panda70m": spec}, pipelines={"none": []}, default_source="panda70m",
+                 default_pipeline="none")
+    out = str(tmp_path / "out")
+    result = run_pipeline(cfg, "none", load_source(spec, out), StageContext(out_dir=out), runner="sequential")
+    s = summarize(result, "panda70m", "none", out)
+    assert s["spans_skipped"] == 3
+    assert s["spans_skipped_by_reason"] == {"panda:1_still_foreground_image": 2,
+                                            "panda:4_computer_screen_recording": 1}
+    assert s["rejections_by_reason"]["panda:1_still_foreground_image"] == 1  # the video of still images
