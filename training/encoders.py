@@ -120,13 +120,8 @@ class WanVAE:
             yaml_key="encoders.vae.path",
             sha256=sha256,
         )
-        try:
-            from diffusers import AutoencoderKLWan
-        except ImportError as e:  # diffusers is only needed for this backend
-            raise ImportError(
-                "the wan_vae backend needs diffusers: `.venv/bin/pip install diffusers` "
-                "(or use encoders.vae.backend: pixel_patch offline)"
-            ) from e
+        from diffusers import AutoencoderKLWan  # a project dependency (pyproject)
+
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.vae = AutoencoderKLWan.from_pretrained(str(p), torch_dtype=self.dtype).to(self.device).eval()
         self.vae.requires_grad_(False)

@@ -180,7 +180,7 @@ def test_encoder_folder_without_a_pin_is_refused_and_unpinned_is_recorded(tmp_pa
 
 
 def test_wan_vae_backend_on_a_tiny_random_init(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     torch.manual_seed(0)
     mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 2.0, 1.0]
     vae = diffusers.AutoencoderKLWan(
@@ -235,3 +235,35 @@ def test_open_clip_backend_on_a_tiny_custom_arch(tmp_path):
     with torch.no_grad():  # the checkpoint really loaded: same features as the saved model
         want = model.eval().encode_image((imgs - mean) / std)
     torch.testing.assert_close(feats, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_trainer_run_folder_names_the_files_it_loaded_unpinned(tmp_path, triplet_shards):
+    """A training run whose text encoder is configured `sha256: unpinned` writes unpinned_models.json in its
+    run folder, and its summary names the same files."""
+    import copy
+
+    import yaml
+
+    from curation.models import package_file
+    from tests.training.conftest import TINY
+    from training.config import load_config
+    from training.encoders import MINILM_FILE, MINILM_PACKAGE, MINILM_SHA256
+    from training.loop import train
+
+    minilm = package_file(MINILM_PACKAGE, MINILM_FILE, MINILM_SHA256).parent
+    data = copy.deepcopy(TINY)
+    data["encoders"]["text"] = {
+        "backend": "hf_text",
+        "path": str(minilm),
+        "sha256": "unpinned",
+        "max_length": 16,
+    }
+    data["phases"] = [dict(TINY["phases"][0], steps=1)]
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    out = train(
+        load_config(tmp_path / "t.yaml", {"data.shards": str(triplet_shards), "log.out_dir": str(run)})
+    )
+    recorded = json.loads((run / "unpinned_models.json").read_text())["unpinned_model_files"]
+    assert str(minilm.resolve()) in recorded and recorded == out["unpinned_model_files"]
