@@ -6,22 +6,97 @@ atomic by itself (readers see the old object or the whole new one). Code that ne
 (decord, PyAV, ffmpeg) asks ``Store.local_path(rel)``: the file itself for a local store, a cached
 download for a remote one. S3-compatible endpoints (MinIO, moto, R2) come from ``AWS_ENDPOINT_URL`` (the
 AWS SDK's variable) or ``PHANTOM_S3_ENDPOINT``; credentials from the usual AWS variables.
+
+Every ``Store`` call retries transient errors (connection refused or reset, timeouts, HTTP 5xx, throttling
+such as S3's SlowDown) with exponential backoff and jitter, at most ``RETRY_ATTEMPTS`` tries and
+``RETRY_TOTAL_S`` seconds (env ``PHANTOM_STORE_RETRY_ATTEMPTS`` / ``PHANTOM_STORE_RETRY_TOTAL_S``), then
+raises the last error; a permanent one (missing key, access denied, a bad path) raises at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import json
+import logging
 import os
+import random
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "hdfs")
+log = logging.getLogger(__name__)
+
+# Retries of transient store errors (the environment variables, read at each call, override these).
+RETRY_ATTEMPTS = 8  # tries per call, the first included
+RETRY_TOTAL_S = 120.0  # no new try starts after this long since the first
+RETRY_BASE_S = 0.5  # first delay; doubles per try, capped at RETRY_MAX_DELAY_S, times a 0.5..1.0 jitter
+RETRY_MAX_DELAY_S = 15.0
+# lower-case fragments of the messages of transient errors (pyarrow's AWS/GCS clients, HTTP status texts)
+TRANSIENT_FRAGMENTS = (
+    "network_connection", "could not connect", "couldn't connect", "connection refused", "connection reset",
+    "connection aborted", "connection was closed", "broken pipe", "timed out", "timeout", "request_timeout",
+    "slow_down", "slowdown", "throttl", "too many requests", "reduce your request rate",
+    "service_unavailable", "service unavailable", "internal_failure", "internalerror", "internal error",
+    "bad gateway", "gateway timeout", "http response code: 5", "response code 5", "temporarily unavailable",
+)
+# never retried: the answer will not change (a missing key, no permission, a path that is a folder)
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                    FileExistsError, ValueError, TypeError)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a store error may pass if the call is tried again (a network fault, 5xx, throttling)."""
+    if isinstance(err, PERMANENT_ERRORS):
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if not isinstance(err, OSError):
+        return False
+    text = str(err).lower()
+    if "access_denied" in text or "accessdenied" in text or "access denied" in text:
+        return False
+    return any(f in text for f in TRANSIENT_FRAGMENTS)
+
+
+def retry_delay_s(attempt: int, base_s: float = RETRY_BASE_S, cap_s: float = RETRY_MAX_DELAY_S) -> float:
+    """Delay after the ``attempt``-th failed try (1-based): base * 2^(attempt-1), capped, times 0.5..1.0."""
+    return min(cap_s, base_s * 2 ** max(0, attempt - 1)) * (0.5 + 0.5 * random.random())
+
+
+def call_with_retry(fn, *args, what: str = "store call", **kwargs):
+    """``fn(*args, **kwargs)``, retried on transient errors within the attempt and time budget."""
+    attempts = max(1, int(os.environ.get("PHANTOM_STORE_RETRY_ATTEMPTS") or RETRY_ATTEMPTS))
+    total_s = float(os.environ.get("PHANTOM_STORE_RETRY_TOTAL_S") or RETRY_TOTAL_S)
+    t0 = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not is_transient(e) or attempt >= attempts:
+                raise
+            delay = retry_delay_s(attempt)
+            if time.monotonic() - t0 + delay > total_s:
+                raise
+            log.warning("%s failed (try %d of %d), retrying in %.1f s: %s", what, attempt, attempts, delay,
+                        str(e)[:200])
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _retried(method):
+    """A Store method whose whole call is retried on transient errors (each is idempotent)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return call_with_retry(method, self, *args, what=f"{self!r}.{method.__name__}", **kwargs)
+
+    return wrapper
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -117,19 +192,23 @@ class Store:
         return Store(self.uri_of(rel))
 
     # -- reads ------------------------------------------------------------------------------------------
+    @_retried
     def exists(self, rel: str) -> bool:
         from pyarrow import fs
 
         return self.fs.get_file_info(self.path(rel)).type != fs.FileType.NotFound
 
+    @_retried
     def is_file(self, rel: str) -> bool:
         from pyarrow import fs
 
         return self.fs.get_file_info(self.path(rel)).type == fs.FileType.File
 
+    @_retried
     def size(self, rel: str) -> int:
         return int(self.fs.get_file_info(self.path(rel)).size)
 
+    @_retried
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
@@ -138,9 +217,12 @@ class Store:
         """The JSON at ``rel``; ``default`` when it is missing or unreadable (a torn local write)."""
         try:
             return json.loads(self.read_bytes(rel))
-        except (FileNotFoundError, OSError, ValueError):
+        except (FileNotFoundError, OSError, ValueError) as e:
+            if is_transient(e):  # the store is down past the retries: not the same as a missing file
+                raise
             return default
 
+    @_retried
     def open_input(self, rel: str):
         return self.fs.open_input_file(self.path(rel))
 
@@ -150,7 +232,9 @@ class Store:
 
         root = self.path(prefix)
         try:
-            infos = self.fs.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))
+            infos = call_with_retry(self.fs.get_file_info,
+                                    fs.FileSelector(root, recursive=True, allow_not_found=True),
+                                    what=f"{self!r}.list({prefix!r})")
         except FileNotFoundError:
             return
         base = self.base.rstrip("/") + "/"
@@ -168,6 +252,7 @@ class Store:
     def local_path_ctx(self, rel: str):
         yield self.local_path(rel)
 
+    @_retried
     def local_path(self, rel: str) -> str:
         """A local file with the content of ``rel``: the file itself for a local store, else a download
         into the cache (re-fetched when its size differs), written atomically."""
@@ -190,6 +275,7 @@ class Store:
         return str(dest)
 
     # -- writes -----------------------------------------------------------------------------------------
+    @_retried
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.is_local:
             atomic_local(self.path(rel), lambda f: f.write(data))
@@ -200,6 +286,7 @@ class Store:
     def write_json(self, rel: str, obj, indent: int | None = None) -> None:
         self.write_bytes(rel, json.dumps(obj, sort_keys=True, indent=indent).encode())
 
+    @_retried
     def put_file(self, rel: str, local: str | os.PathLike) -> None:
         """Copy a local file to ``rel`` (atomic); a no-op when it is already that file."""
         local = os.path.abspath(local)
@@ -233,10 +320,15 @@ class Store:
         # Object stores: spool locally, then one PUT, so a failure never leaves a partial object.
         with tempfile.TemporaryFile() as f:
             yield f
-            f.seek(0)
-            with self.fs.open_output_stream(self.path(rel)) as out:
-                shutil.copyfileobj(f, out, 1 << 20)
 
+            def upload():
+                f.seek(0)
+                with self.fs.open_output_stream(self.path(rel)) as out:
+                    shutil.copyfileobj(f, out, 1 << 20)
+
+            call_with_retry(upload, what=f"{self!r}.writer({rel!r})")
+
+    @_retried
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self.path(rel))

@@ -103,3 +103,73 @@ def test_a_failed_local_write_publishes_nothing(tmp_path):
         store.put_file("a/old.bin", tmp_path)
     assert store.read_bytes("a/old.bin") == b"old"
     assert sorted(p.name for p in (tmp_path / "root" / "a").iterdir()) == ["old.bin"]  # no temp file left
+
+
+def test_transient_and_permanent_errors_are_told_apart():
+    from curation.storage import is_transient
+
+    refused = OSError("When reading information for key 'r/a' in bucket 'b': AWS Error NETWORK_CONNECTION "
+                      "during HeadObject operation: curlCode: 7, Could not connect to server")
+    assert is_transient(refused) and is_transient(ConnectionRefusedError()) and is_transient(TimeoutError())
+    assert is_transient(OSError("AWS Error SLOW_DOWN during PutObject: Please reduce your request rate"))
+    assert is_transient(OSError("AWS Error SERVICE_UNAVAILABLE during GetObject: HTTP response code: 503"))
+    assert not is_transient(FileNotFoundError("Path does not exist 'b/r/missing'"))
+    assert not is_transient(OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied"))
+    assert not is_transient(PermissionError("denied")) and not is_transient(ValueError("escapes"))
+
+
+def test_store_calls_ride_out_an_s3_outage(tmp_path, monkeypatch):
+    """The S3 server stops; a read, a write and a listing started while it is down succeed once it is back
+    on the same port within the retry window. A missing key is not retried."""
+    import threading
+    import time
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    import curation.storage as storage
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                 "AWS_DEFAULT_REGION": "us-east-1", "PHANTOM_STORE_RETRY_ATTEMPTS": "30",
+                 "PHANTOM_STORE_RETRY_TOTAL_S": "60"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(storage, "RETRY_BASE_S", 0.2)
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="outage")
+    store = Store("s3://outage/run")
+    store.write_bytes("a.bin", b"before")
+    sleeps: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(storage.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
+    with pytest.raises(FileNotFoundError):  # permanent: raised at once, no retry
+        store.read_bytes("missing.bin")
+    assert sleeps == []
+
+    server.stop()
+    results: dict = {}
+
+    def calls():
+        try:
+            results["read"] = store.read_bytes("a.bin")
+            store.write_bytes("b.bin", b"during")
+            results["list"] = list(store.list())
+        except Exception as e:  # noqa: BLE001 (the test reports it)
+            results["error"] = e
+
+    t = threading.Thread(target=calls)
+    t.start()
+    real_sleep(4.0)  # the calls are failing and retrying now
+    assert t.is_alive() and sleeps, "the call should be waiting between retries"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        t.join(90)
+        assert not t.is_alive()
+        assert "error" not in results, results.get("error")
+        assert results["read"] == b"before" and results["list"] == ["a.bin", "b.bin"]
+        assert store.read_bytes("b.bin") == b"during"
+    finally:
+        server.stop()
