@@ -86,6 +86,7 @@ def sample_meta(
                 "name": s.get("name"),
                 "description": s.get("description"),
                 "category": s.get("category"),
+                "category_source": s.get("category_source"),  # llm, or rule (curation.parsing.categorize)
                 "boxes": list(s.get("boxes") or []),
                 "ref": {
                     "file": f"ref_{k}.jpg",
