@@ -164,6 +164,7 @@ class DownloadParams:
     per_host_concurrency: int = field(4, ge=1)
     per_host_rate_per_s: float = field(2.0, gt=0)  # task starts per second per host
     max_attempts: int = field(3, ge=1)  # per video per run, transient errors only
+    max_total_attempts: int = field(9, ge=1)  # per video over all runs; then it is skipped (gave_up:<reason>)
     backoff_s: float = field(5.0, ge=0)  # first retry delay; doubles per attempt
     max_backoff_s: float = field(300.0, ge=0)
     socket_timeout_s: float = field(30.0, gt=0)  # a stalled connection fails after this

@@ -11,16 +11,23 @@ Decisions:
   waiting on a busy host are buffered (at most two chunks), never the whole CSV.
 - Each video is fetched into a local temporary folder, probed with PyAV (a decodable video stream, its
   duration and size under the caps), then copied into the store under a temporary name and renamed
-  (``Store.put_file``); a killed run leaves at most a temporary folder outside the store.
+  (``Store.put_file``); a killed run leaves at most a temporary folder outside the store, named with its
+  process id and removed (with yt-dlp's ``.part`` file) by the next run or worker that starts on the node
+  once that process is gone. Files are written with the umask's modes (shared storage can read them).
 - The log is one small JSON object per video at ``_download/log/<xx>/<videoID>.json`` (status
   ``done`` | ``failed``, reason, retryable, attempts, bytes, mode): a rerun skips done videos whose file
-  is still there, and permanent failures; it retries retryable ones. Nothing is rewritten in full.
+  is still there, and permanent failures; it retries retryable ones, up to ``max_total_attempts`` over all
+  runs (then ``gave_up:<reason>``). A failure the user's config decided (``bad_url``: allowed_hosts,
+  ``too_large``: max_filesize_mb, ``too_long``: max_duration_s, ``no_format``: max_height) logs those
+  values as ``decided_by``; a run whose value differs tries the video again. The Panda reader reads the
+  log of a missing video and rejects its row with ``download:<reason>``. Nothing is rewritten in full.
 - Transient errors (HTTP 5xx / 429 / 403, timeouts, truncated bodies, dropped connections) are retried with
   exponential backoff (``backoff_s`` doubling, capped, jittered) up to ``max_attempts`` per run; permanent
   ones (unavailable, private, geo_blocked, age_restricted, not_found, not_a_video, too_long, too_large,
   live, no_format, bad_url) are recorded at once.
 - The URL comes from the CSV's ``url`` column only when its host is in ``allowed_hosts`` (YouTube by
-  default), else the row fails as ``bad_url``; an empty url becomes ``https://www.youtube.com/watch?v=<id>``.
+  default; an entry is a host, on any port, or ``host:port``), else the row fails as ``bad_url``; an empty
+  url becomes ``https://www.youtube.com/watch?v=<id>``.
 - Format: an H.264 MP4 at most ``max_height`` (video+audio merged by ffmpeg when present, else a
   progressive file). Sections (``sections: true``): when the site reports the duration and the CSV spans,
   padded and merged into one range, cover at most ``sections_max_fraction`` of it, only that range is
@@ -35,7 +42,6 @@ import concurrent.futures as cf
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import heapq
 import importlib
 import json
@@ -53,11 +59,16 @@ from urllib.parse import urlparse
 
 from curation.config import ConfigError, DownloadParams, from_dict, load_yaml, parse_download_params
 from curation.execute import worker_pool
+from curation.sources.panda70m import DOWNLOAD_LOG_PREFIX, download_log_rel
 
-LOG_PREFIX = "_download"
+LOG_PREFIX = DOWNLOAD_LOG_PREFIX
 VIDEO_EXTS = ("mp4", "mkv", "webm")
 PERMANENT = ("unavailable", "private", "geo_blocked", "age_restricted", "not_found", "not_a_video",
              "too_long", "too_large", "live", "no_format", "bad_url", "bad_video_id")
+# Failures the user's own config decided: the log keeps those params' values (``decided_by``) and a later run
+# whose value differs tries the video again.
+DECIDED_BY = {"bad_url": ("allowed_hosts",), "too_large": ("max_filesize_mb",),
+              "too_long": ("max_duration_s",), "no_format": ("max_height",)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -65,8 +76,7 @@ PERMANENT = ("unavailable", "private", "geo_blocked", "age_restricted", "not_fou
 
 
 def log_rel(video_id: str) -> str:
-    h = hashlib.sha1(video_id.encode()).hexdigest()[:2]
-    return f"{LOG_PREFIX}/log/{h}/{video_id}.json"
+    return download_log_rel(video_id)  # the Panda reader reads it too (to name a failed download's reason)
 
 
 def read_log(store, video_id: str) -> dict | None:
@@ -109,7 +119,14 @@ def resolve_url(video_id: str, url: str | None, allowed_hosts: list[str]) -> tup
         return f"https://www.youtube.com/watch?v={video_id}", None
     u = urlparse(url)
     allowed = {h.lower() for h in allowed_hosts}
-    if u.scheme not in ("http", "https") or (u.hostname or "").lower() not in allowed:
+    host = (u.hostname or "").lower()
+    try:
+        port = u.port
+    except ValueError:  # a port that is not a number
+        return None, "bad_url"
+    # an entry `host` allows the host on any port, `host:port` only that port
+    ok = host in allowed or (port is not None and f"{host}:{port}" in allowed)
+    if u.scheme not in ("http", "https") or not host or not ok:
         return None, "bad_url"
     return url, None
 
@@ -226,13 +243,31 @@ def _tmp_root() -> str:
     return root
 
 
+_TMP_PID_RE = re.compile(r"-pid(\d+)-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def sweep_stale_tmp(max_age_s: float = 6 * 3600) -> int:
-    """Remove temporary download folders a killed run left behind (older than ``max_age_s``)."""
+    """Remove temporary download folders (and the ``.part`` files in them) that a killed download left:
+    at once when the process named in the folder (``<id>-pid<N>-``) is gone, else after ``max_age_s``
+    (folders of older versions, or a reused pid). Runs when a download run starts and when a worker
+    starts (each node has its own temporary folder)."""
     root, n = _tmp_root(), 0
     for name in os.listdir(root):
         p = os.path.join(root, name)
+        m = _TMP_PID_RE.search(name)
         with contextlib.suppress(OSError):
-            if time.time() - os.path.getmtime(p) > max_age_s:
+            dead = m is not None and not _pid_alive(int(m.group(1)))
+            if dead or time.time() - os.path.getmtime(p) > max_age_s:
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
     return n
@@ -337,11 +372,12 @@ def download_one(row: dict, params: DownloadParams | dict, store, attempt: int =
     url, why = resolve_url(vid, row.get("url"), p.allowed_hosts)
     if url is None:
         res.update(status="failed", reason=why, retryable=False, transient=False,
-                   detail=f"url {str(row.get('url'))[:120]!r} is not on an allowed host {p.allowed_hosts}"
+                   detail=f"url {str(row.get('url'))[:120]!r} is not on an allowed host {p.allowed_hosts} "
+                   "(an entry is a host, any port, or host:port)"
                    if why == "bad_url" else f"videoID {vid[:80]!r}")
-        _write_log(store, vid, res, t0)
+        _write_log(store, vid, res, t0, p)
         return res
-    tmp = tempfile.mkdtemp(prefix=f"{vid}-", dir=_tmp_root())
+    tmp = tempfile.mkdtemp(prefix=f"{vid}-pid{os.getpid()}-", dir=_tmp_root())
     try:
         got = _fetch(url, vid, row.get("spans"), p, tmp, sections=p.sections)
         if got["ok"]:
@@ -374,7 +410,7 @@ def download_one(row: dict, params: DownloadParams | dict, store, attempt: int =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if res["status"] == "done" or final or not res["transient"]:
-        _write_log(store, vid, res, t0)
+        _write_log(store, vid, res, t0, p)
     res["elapsed_s"] = round(time.time() - t0, 3)
     return res
 
@@ -405,8 +441,10 @@ def _validate(got: dict, p: DownloadParams) -> dict:
     return {**got, **facts}
 
 
-def _write_log(store, vid: str, res: dict, t0: float) -> None:
+def _write_log(store, vid: str, res: dict, t0: float, p: DownloadParams | None = None) -> None:
     rec = {k: v for k, v in res.items() if k != "transient"}
+    if p is not None and rec.get("status") == "failed" and rec.get("reason") in DECIDED_BY:
+        rec["decided_by"] = {k: getattr(p, k) for k in DECIDED_BY[rec["reason"]]}
     rec["finished_at"] = round(time.time(), 3)
     rec["elapsed_s"] = round(time.time() - t0, 3)
     store.write_json(log_rel(vid), rec)
@@ -506,6 +544,7 @@ class _DownloadWorker:
     (plain tasks at fractional CPUs lose their idle worker processes between waves and pay that again)."""
 
     def __init__(self):
+        sweep_stale_tmp()  # this node's leftovers of killed downloads
         warm_up()
 
     def ready(self) -> bool:
@@ -550,7 +589,10 @@ class Stats:
         todo = max(0, self.total_rows - self.rows_seen) + queued + in_flight
         fps = finished / max(1e-6, time.time() - self.t0)
         eta = _hms(todo / fps) if fps > 0 and self.total_rows else "?"
-        fails = ", ".join(f"{k} {v}" for k, v in self.failed.most_common(4))
+        top = self.failed.most_common(6)
+        fails = ", ".join(f"{k} {v}" for k, v in top)
+        if len(self.failed) > len(top):  # never hide a reason silently
+            fails += f", {len(self.failed) - len(top)} more reason(s) in the summary"
         n_failed, n_skipped = sum(self.failed.values()), sum(self.skipped.values())
         return (f"[download] {self.rows_seen}/{self.total_rows or '?'} rows | done {self.done}, failed "
                 f"{n_failed}{f' ({fails})' if fails else ''}, skipped {n_skipped} | {vps:.2f} videos/s, "
@@ -575,8 +617,9 @@ def _hms(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _triage(store, row: dict) -> tuple[str, Any]:
-    """What a row needs: ("skip", reason) or ("fetch", prior attempts). Reads its log (O(1))."""
+def _triage(store, row: dict, p: DownloadParams | None = None) -> tuple[str, Any]:
+    """What a row needs: ("skip", reason) or ("fetch", prior attempts). Reads its log (O(1)). A failure
+    the config decided is fetched again when one of those params changed (``p``: this run's)."""
     if row.get("error"):
         return "bad", row["error"].split(":")[0]
     if row.get("skip"):  # every span outside the source's keep_labels: nothing to fetch
@@ -588,9 +631,17 @@ def _triage(store, row: dict) -> tuple[str, Any]:
             return "skip", "already_done"
         return "fetch", int(log.get("attempts") or 0)  # its file vanished: fetch again
     if log and log.get("status") == "failed":
+        attempts = int(log.get("attempts") or 0)
+        reason = log.get("reason")
         if not log.get("retryable"):
-            return "skip", f"failed_before:{log.get('reason')}"
-        return "fetch", int(log.get("attempts") or 0)
+            decided = log.get("decided_by") or {}
+            if p is not None and reason in DECIDED_BY and any(
+                    decided.get(k) != getattr(p, k) for k in DECIDED_BY[reason]):
+                return "fetch", attempts  # the param that refused it changed: try again
+            return "skip", f"failed_before:{reason}"
+        if p is not None and attempts >= p.max_total_attempts:
+            return "skip", f"gave_up:{reason}"  # bounded over runs; a higher max_total_attempts retries
+        return "fetch", attempts
     if existing_video(store, vid):
         return "skip", "present"  # put there by hand or by a run killed between the file and its log
     return "fetch", 0
@@ -664,7 +715,7 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
                     exhausted = True
                 if p.limit and stats.rows_seen >= p.limit:
                     exhausted = True
-                for row, (what, val) in zip(chunk, triage_pool.map(lambda r: _triage(store, r), chunk)):
+                for row, (what, val) in zip(chunk, triage_pool.map(lambda r: _triage(store, r, p), chunk)):
                     vid = row.get("video_id")
                     if what == "bad":
                         stats.failed[val] += 1
@@ -699,7 +750,7 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
                         break
                     pend = q.popleft()
                     pend.tries_now += 1
-                    final = pend.tries_now >= p.max_attempts
+                    final = pend.tries_now >= p.max_attempts or pend.attempt >= p.max_total_attempts
                     h = run.submit(pend.row, p, store.uri, pend.attempt, final)
                     in_flight[h] = (host, pend)
                     per_host[host] += 1
@@ -726,7 +777,8 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
                     stats.bytes += int(res.get("bytes") or 0)
                     stats.modes[res.get("mode") or "full"] += 1
                     active.pop(vid, None)
-                elif res.get("transient") and pend.tries_now < p.max_attempts:
+                elif res.get("transient") and pend.tries_now < p.max_attempts \
+                        and pend.attempt < p.max_total_attempts:
                     stats.retried += 1
                     delay = backoff_delay_s(pend.tries_now, p.backoff_s, p.max_backoff_s)
                     if res.get("reason") == "rate_limited":  # the host asked us to slow down

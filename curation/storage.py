@@ -308,6 +308,7 @@ class Store:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.",
                                        suffix=".tmp")
             try:
+                os.fchmod(fd, file_mode())
                 with os.fdopen(fd, "wb") as f:
                     yield f
                     f.flush()
@@ -338,6 +339,25 @@ class Store:
             self.fs.delete_dir(self.path(rel))
 
 
+_FILE_MODE: int | None = None
+
+
+def file_mode() -> int:
+    """0o666 less the process umask: the mode ``open()`` would give a new file (mkstemp gives 0o600, which
+    shared storage cannot read). Read from /proc (the os.umask round trip would briefly change it for
+    every thread); cached."""
+    global _FILE_MODE
+    if _FILE_MODE is None:
+        umask = None
+        with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+            umask = next((int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:")), None)
+        if umask is None:
+            umask = os.umask(0o022)
+            os.umask(umask)
+        _FILE_MODE = 0o666 & ~umask
+    return _FILE_MODE
+
+
 def _copy_into(src: str, f) -> None:
     with open(src, "rb") as s:
         shutil.copyfileobj(s, f, 1 << 20)
@@ -348,6 +368,7 @@ def atomic_local(path: str, write) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import hashlib
 import math
 import os
@@ -260,6 +261,30 @@ def filter_spans_by_label(rec: dict[str, Any], keep_labels) -> dict[str, Any]:
     return rec
 
 
+# The download step's per-video log, beside the videos (``curation.download`` writes it, this reader reads it
+# to say why a video is not there): ``<videos_dir>/_download/log/<xx>/<videoID>.json`` with ``status``
+# (done|failed), ``reason``, ``detail``, ``retryable``, ``attempts``.
+DOWNLOAD_LOG_PREFIX = "_download"
+
+
+def download_log_rel(video_id: str) -> str:
+    h = hashlib.sha1(video_id.encode()).hexdigest()[:2]
+    return f"{DOWNLOAD_LOG_PREFIX}/log/{h}/{video_id}.json"
+
+
+@functools.lru_cache(maxsize=8)
+def _videos_store(videos_dir: str) -> Store:
+    return Store(videos_dir)  # one per folder: an object-store client is not built per row
+
+
+def download_failure(videos_dir: str, video_id: str) -> tuple[str, str] | None:
+    """(``download:<reason>``, detail) when the download step logged this video as failed, else None."""
+    log = _videos_store(videos_dir).read_json(download_log_rel(video_id))
+    if not isinstance(log, dict) or log.get("status") != "failed":
+        return None
+    return f"download:{log.get('reason') or 'error'}", str(log.get("detail") or "")[:200]
+
+
 def _list_names(videos_dir: str) -> set[str]:
     """The file names directly inside ``videos_dir`` (a local folder or an object-store prefix)."""
     if is_uri(videos_dir):
@@ -350,11 +375,15 @@ def _parse_row(
             extra[key] = value
     path, why = resolve_video(videos_dir, raw_id, names)
     if path is None:
+        detail = f"no {raw_id}.mp4|.mkv|.webm in {videos_dir}"
+        failed = download_failure(videos_dir, raw_id) if why == "missing_video" else None
+        if failed is not None:  # the download step tried and failed: its reason, not missing_video
+            why, detail = failed
         return rejected_record(
             raw_id,
             source,
             why,
-            f"no {raw_id}.mp4|.mkv|.webm in {videos_dir}",
+            detail,
             spans=spans,
             span_captions=captions,
             matching_score=scores,

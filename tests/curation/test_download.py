@@ -514,12 +514,103 @@ def test_the_csv_reader_finds_what_the_step_downloaded(tmp_path):
         recs = {r["video_id"]: r for r in read_panda_csv(p, str(vids))}
         assert recs["inl1"]["status"] == "ok"
         assert recs["inl1"]["video_path"] == str((vids / "inl1.mp4").resolve())
-        assert recs["inl2"]["status"] == "rejected" and recs["inl2"]["reason"] == "missing_video"
+        # the failed download's own reason (from its log), not missing_video
+        assert recs["inl2"]["status"] == "rejected" and recs["inl2"]["reason"] == "download:not_found"
+        assert "404" in recs["inl2"]["detail"]
         # the default allowlist is YouTube's: a CSV url elsewhere is refused, not fetched
         s = download_source(SourceSpec(kind="panda70m", csv=p), str(tmp_path / "vid2"), runner="threads",
                             progress=None)
         assert s["downloaded"] == 0 and s["failures_by_reason"] == {"bad_url": 2}
         assert srv.count("ok", "inl1") == 2  # one fetch: the generic extractor's look, then the download
+
+
+def test_config_decided_failures_retry_when_the_config_changes(tmp_path):
+    """bad_url (allowed_hosts, which takes host:port) and too_large (max_filesize_mb) name the params that
+    decided them; a rerun with the same values makes no request, a changed value fetches again."""
+    from curation.download import download_source
+
+    with LoopbackVideoServer() as srv:
+        rows = [("hp1", srv.url("ok", "hp1")), ("big9", srv.url("big", "big9"))]
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
+        store = Store(tmp_path / "videos")
+        wrong_port = [f"127.0.0.1:{srv.port + 1 if srv.port < 65535 else 1}"]
+        s1 = download_source(spec, store, params=params(allowed_hosts=wrong_port), runner="threads",
+                             progress=None)
+        got = logs(store)
+        assert s1["failures_by_reason"] == {"bad_url": 2} and srv.count("ok", "hp1") == 0
+        assert got["hp1"]["decided_by"] == {"allowed_hosts": wrong_port}
+        assert "host:port" in got["hp1"]["detail"]
+        here = [f"127.0.0.1:{srv.port}"]  # host:port is an allowed-host entry
+        s2 = download_source(spec, store, params=params(allowed_hosts=here), runner="threads", progress=None)
+        got = logs(store)
+        assert s2["downloaded"] == 1 and got["hp1"]["status"] == "done"
+        assert got["big9"]["reason"] == "too_large" and got["big9"]["decided_by"] == {"max_filesize_mb": 0.8}
+        n_big = srv.count("big", "big9")
+        s3 = download_source(spec, store, params=params(allowed_hosts=here), runner="threads", progress=None)
+        assert s3["skipped"] == {"already_done": 1, "failed_before:too_large": 1}
+        assert srv.count("big", "big9") == n_big  # same config: no request
+        s4 = download_source(spec, store, params=params(allowed_hosts=here, max_filesize_mb=4.0),
+                             runner="threads", progress=None)
+        assert s4["downloaded"] == 1 and logs(store)["big9"]["status"] == "done"
+        # shared storage: the videos, logs and summary have the umask's modes, not 0600
+        umask = os.umask(0o022)
+        os.umask(umask)
+        for f in (tmp_path / "videos" / "hp1.mp4", tmp_path / "videos" / "_download" / "summary.json",
+                  next((tmp_path / "videos" / "_download" / "log").rglob("big9.json"))):
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+def test_attempts_are_bounded_across_runs(tmp_path):
+    from curation.download import download_source
+
+    with LoopbackVideoServer() as srv:
+        rows = [("tr1", srv.url("truncated", "tr1"))]
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
+        store = Store(tmp_path / "videos")
+        p = params(max_attempts=2, max_total_attempts=3)
+        download_source(spec, store, params=p, runner="threads", progress=None)
+        assert logs(store)["tr1"]["attempts"] == 2
+        download_source(spec, store, params=p, runner="threads", progress=None)
+        assert logs(store)["tr1"]["attempts"] == 3  # one try left of the 3 over all runs
+        n = srv.count("truncated", "tr1")
+        s = download_source(spec, store, params=p, runner="threads", progress=None)
+        assert s["skipped"] == {"gave_up:truncated": 1} and srv.count("truncated", "tr1") == n
+        more = {**p, "max_total_attempts": 4}
+        s = download_source(spec, store, params=more, runner="threads", progress=None)
+        assert logs(store)["tr1"]["attempts"] == 4 and srv.count("truncated", "tr1") > n
+
+
+def test_progress_line_names_every_reason_or_how_many_more():
+    from curation.download import Stats
+
+    st = Stats(100)
+    for i, reason in enumerate(["not_found", "bad_url", "too_large", "timeout", "truncated", "private",
+                                "live", "no_format"]):
+        st.failed[reason] += 10 - i
+    line = st.line(0, 0)
+    assert "not_found 10" in line and "private 5" in line and "2 more reason(s)" in line
+    st.failed = Counter({"not_found": 1, "bad_url": 1})
+    assert "more reason" not in st.line(0, 0) and "bad_url 1" in st.line(0, 0)
+
+
+def test_a_killed_downloads_part_file_goes_at_the_next_start(tmp_path, monkeypatch):
+    """A download SIGKILLed mid-file leaves its temporary folder and .part file; the next run's start
+    removes it at once (its process is gone), not after hours; a live process's folder stays."""
+    from curation.download import download_source
+
+    monkeypatch.setenv("PHANTOM_CACHE_DIR", str(tmp_path / "cache"))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    root = tmp_path / "cache" / "phantom-download"
+    dead = root / f"vidK-pid{child.pid}-abc123"
+    dead.mkdir(parents=True)
+    (dead / "vidK.mp4.part").write_bytes(b"\0" * 1000)
+    live = root / f"vidL-pid{os.getpid()}-def456"
+    live.mkdir()
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", [("x1", "http://evil.example/x")]))
+    download_source(spec, Store(tmp_path / "videos"), params=params(), runner="threads", progress=None)
+    assert not dead.exists() and live.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -571,6 +662,9 @@ def test_plan_section_resolve_url_format_and_params():
     assert resolve_url("abc", "file:///etc/passwd", ["www.youtube.com"]) == (None, "bad_url")
     assert resolve_url("abc", "http://169.254.169.254/x", ["www.youtube.com"]) == (None, "bad_url")
     assert resolve_url("../x", "", ["www.youtube.com"]) == (None, "bad_video_id")
+    assert resolve_url("a", "http://127.0.0.1:38107/v.mp4", ["127.0.0.1:38107"])[1] is None
+    assert resolve_url("a", "http://127.0.0.1:38107/v.mp4", ["127.0.0.1"])[1] is None  # a host: any port
+    assert resolve_url("a", "http://127.0.0.1:9/v.mp4", ["127.0.0.1:38107"]) == (None, "bad_url")
     assert host_key("https://youtu.be/x") == host_key("https://m.youtube.com/watch?v=x") == "youtube.com"
     sel = format_selector(480, can_merge=True)
     assert "[height<=480]" in sel and "vcodec^=avc1" in sel and "+ba" in sel
