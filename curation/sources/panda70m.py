@@ -53,6 +53,11 @@ _TS = r"'\d+:\d{1,2}:\d{1,2}(?:\.\d+)?'"
 _PAIR = rf"\[\s*{_TS}\s*,\s*{_TS}\s*\]"
 # the usual shape of Panda's timestamp text, parsed without ast (ast.walk is most of the parse time)
 SPANS_FAST_RE = re.compile(rf"^\s*\[\s*{_PAIR}(?:\s*,\s*{_PAIR})*\s*\]\s*$")
+_SHOT_LIST = rf"\[\s*(?:{_PAIR}(?:\s*,\s*{_PAIR})*)?\s*\]"
+# the usual shape of shot_boundary_detection (per span, a list of time pairs), parsed without ast too
+SHOTS_FAST_RE = re.compile(rf"^\s*\[\s*{_SHOT_LIST}(?:\s*,\s*{_SHOT_LIST})*\s*\]\s*$")
+_SHOT_LIST_RE = re.compile(_SHOT_LIST)
+_PAIR_TEXT_RE = re.compile(r"'([^']*)'\s*,\s*'([^']*)'")
 _NUM = r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?"
 SCORES_FAST_RE = re.compile(rf"^\s*\[\s*{_NUM}(?:\s*,\s*{_NUM})*\s*\]\s*$")
 MAX_LITERAL_CHARS = 1_000_000  # a Panda row's longest list is a few kB; bigger text is not metadata
@@ -206,7 +211,11 @@ def parse_shot_boundaries(text: str | None, n_spans: int) -> list[list[list[floa
     (times as 'H:MM:SS.mmm' or seconds); None when the column is empty."""
     if text is None or not text.strip():
         return None
-    value = parse_literal(text)
+    if len(text) <= MAX_LITERAL_CHARS and SHOTS_FAST_RE.match(text):
+        inner = text.strip()[1:-1]
+        value = [_PAIR_TEXT_RE.findall(m.group(0)) for m in _SHOT_LIST_RE.finditer(inner)]
+    else:
+        value = parse_literal(text)
     if not isinstance(value, (list, tuple)) or len(value) != n_spans:
         raise ValueError(f"shot_boundary_detection is not a list of {n_spans} shot lists")
     out = []

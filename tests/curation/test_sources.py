@@ -453,3 +453,18 @@ def test_skipped_spans_are_counted_in_the_run_summary(tmp_path, videos):
     assert s["spans_skipped_by_reason"] == {"panda:1_still_foreground_image": 2,
                                             "panda:4_computer_screen_recording": 1}
     assert s["rejections_by_reason"]["panda:1_still_foreground_image"] == 1  # the video of still images
+
+
+def test_shot_boundary_fast_path_matches_the_literal_parser():
+    from curation.sources.panda70m import SHOTS_FAST_RE, parse_shot_boundaries
+
+    text = ("[[['0:00:00.000', '0:00:01.840'], ['0:00:01.840', '0:00:04.000']], [], "
+            "[['0:00:00.000', '0:00:02']]]")
+    same_as_numbers = "[[[0, 1.84], [1.84, 4]], [], [[0.0, 2]]]"  # not the fast shape: the ast path
+    assert SHOTS_FAST_RE.match(text) and not SHOTS_FAST_RE.match(same_as_numbers)
+    want = [[[0.0, 1.84], [1.84, 4.0]], [], [[0.0, 2.0]]]
+    assert parse_shot_boundaries(text, 3) == parse_shot_boundaries(same_as_numbers, 3) == want
+    with pytest.raises(ValueError):
+        parse_shot_boundaries(text, 2)
+    with pytest.raises(ValueError):
+        parse_shot_boundaries("[[['0:00:00.000', __import__('os')]]]", 1)
