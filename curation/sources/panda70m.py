@@ -288,7 +288,10 @@ def _videos_store(videos_dir: str) -> Store:
 
 def download_failure(videos_dir: str, video_id: str) -> tuple[str, str] | None:
     """(``download:<reason>``, detail) when the download step logged this video as failed, else None."""
-    log = _videos_store(videos_dir).read_json(download_log_rel(video_id))
+    rel = download_log_rel(video_id)
+    if not is_uri(videos_dir) and not os.path.isfile(os.path.join(videos_dir, rel)):
+        return None  # the usual case locally: one stat, not a pyarrow open that raises
+    log = _videos_store(videos_dir).read_json(rel)
     if not isinstance(log, dict) or log.get("status") != "failed":
         return None
     return f"download:{log.get('reason') or 'error'}", str(log.get("detail") or "")[:200]
