@@ -44,6 +44,9 @@ class DataConfig:
     # OmniGen, paper §3.1) mixed with the videos: each sample comes from them with this probability.
     image_pairs: str | None = None
     image_pair_ratio: float = 0.0
+    # The image pairs precomputed like latent_shards (training/precompute.py --shards <image_pairs>): read
+    # in their place when data.latent_shards is set, mixed at image_pair_ratio by the same seeded draw.
+    image_pair_latents: str | None = None
 
 
 @dataclass
@@ -209,15 +212,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{where}.buckets: expected a list of [height_px, width_px] pairs")
     if not 0.0 <= cfg.data.image_pair_ratio <= 1.0:
         raise ConfigError("data.image_pair_ratio: must be in [0, 1]")
-    if cfg.data.image_pair_ratio > 0 and not cfg.data.image_pairs:
-        raise ConfigError("data.image_pair_ratio: set data.image_pairs to the image-pair shards folder")
-    if cfg.data.image_pairs and cfg.data.image_pair_ratio <= 0:
-        raise ConfigError("data.image_pairs: set data.image_pair_ratio (the share of image-pair samples)")
-    if cfg.data.image_pairs and cfg.data.latent_shards:
+    # With latent shards the image pairs come precomputed too: the loop never runs an encoder.
+    pairs, pairs_key = (
+        (cfg.data.image_pair_latents, "image_pair_latents")
+        if cfg.data.latent_shards
+        else (cfg.data.image_pairs, "image_pairs")
+    )
+    if cfg.data.image_pair_latents and not cfg.data.latent_shards:
         raise ConfigError(
-            "data.image_pairs: not read with data.latent_shards; put the image pairs in the shards you "
-            "precompute instead (one-frame samples are encoded as one latent frame)"
+            "data.image_pair_latents: read only with data.latent_shards (the videos' latents); "
+            "set data.image_pairs to train on the raw image-pair shards"
         )
+    if cfg.data.image_pairs and cfg.data.latent_shards and not cfg.data.image_pair_latents:
+        raise ConfigError(
+            "data.image_pairs: not read with data.latent_shards; precompute them too (training/precompute.py "
+            "--shards <image_pairs> --out <dir>) and set data.image_pair_latents=<dir>"
+        )
+    if cfg.data.image_pair_ratio > 0 and not pairs:
+        raise ConfigError(f"data.image_pair_ratio: set data.{pairs_key} to the image-pair shards folder")
+    if pairs and cfg.data.image_pair_ratio <= 0:
+        raise ConfigError(f"data.{pairs_key}: set data.image_pair_ratio (the share of image-pair samples)")
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers: must be >= 0")
     if not 1 <= cfg.data.max_refs <= 4:

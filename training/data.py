@@ -245,6 +245,7 @@ class StreamSpec:
     latent_tag: str | None = None
     # Image-pair shards mixed in: each raw sample comes from them with probability image_ratio (a seeded
     # draw per sample, so the mixed order is as deterministic and resumable as the video stream alone).
+    # With latent_tag set they are image-pair latent shards, read under the same tag as the videos.
     image_urls: list[str] | None = None
     image_ratio: float = 0.0
 

@@ -370,7 +370,9 @@ def train(cfg: TrainConfig, ctx: Context | None = None, stop_at_step: int | None
 
     latent = bool(cfg.data.latent_shards)
     urls = list_shards(cfg.data.latent_shards or cfg.data.shards, cfg.data.verify_sha256)
-    image_urls = list_shards(cfg.data.image_pairs, cfg.data.verify_sha256) if cfg.data.image_pairs else None
+    # Image pairs mixed in: precomputed beside latent shards (the same phase tags), raw otherwise.
+    pairs = cfg.data.image_pair_latents if latent else cfg.data.image_pairs
+    image_urls = list_shards(pairs, cfg.data.verify_sha256) if pairs else None
     image_pair_batches = 0
     cache = EncodingCache(cfg.data.cache_dir, encoder_signature(cfg.encoders)) if cfg.data.cache_dir else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()

@@ -13,6 +13,9 @@ Either folder may be a store URI (``s3://bucket/run/shards``): raw shards are st
 latent shard is written in a local scratch folder, then uploaded whole (one object), the index last.
 
 Then train with `--set data.latent_shards=<out>`: the loop never runs the VAE or the text encoder.
+Image-pair shards (python -m curation.image_pairs) are precomputed the same way, `--shards <image_pairs> --out
+<pair_latents>`: a one-frame sample encodes to one latent frame in its own bucket, under the same phase tags;
+train with `--set data.image_pair_latents=<pair_latents>` beside data.latent_shards, at data.image_pair_ratio.
 """
 
 from __future__ import annotations
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the training YAML the latents are for")
-    p.add_argument("--shards", required=True, help="raw triplet shard directory (or s3://..., gs://...)")
+    p.add_argument("--shards", required=True, help="raw triplet or image-pair shard directory (or s3://...)")
     p.add_argument("--out", required=True, help="latent shard directory to write (or s3://..., gs://...)")
     p.add_argument("--num-actors", type=int, default=1, help="encoder actors (one model copy each)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)

@@ -101,11 +101,36 @@ def test_config_checks_the_image_pair_settings(tmp_path):
         load_config(base, {"data.image_pairs": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         load_config(base, {"data.image_pairs": str(tmp_path), "data.image_pair_ratio": 1.5})
-    with pytest.raises(ConfigError, match="latent_shards"):
+    # latent shards read the image pairs precomputed too, never the raw ones beside them
+    with pytest.raises(ConfigError, match="image_pair_latents"):
         load_config(
             base,
             {"data.image_pairs": str(tmp_path), "data.image_pair_ratio": 0.2, "data.latent_shards": "x"},
         )
+    with pytest.raises(ConfigError, match="image_pair_latents"):
+        load_config(base, {"data.image_pair_ratio": 0.2, "data.latent_shards": "x"})
+    with pytest.raises(ConfigError, match="latent_shards"):
+        load_config(base, {"data.image_pair_latents": "y", "data.image_pair_ratio": 0.2})
+    with pytest.raises(ConfigError, match="image_pair_ratio"):
+        load_config(base, {"data.image_pair_latents": "y", "data.latent_shards": "x"})
+    cfg = load_config(
+        base, {"data.image_pair_latents": "y", "data.latent_shards": "x", "data.image_pair_ratio": 0.2}
+    )
+    assert cfg.data.image_pair_latents == "y"
+
+
+def test_phantom_wan_phases_put_image_pairs_in_their_square_buckets():
+    """The 256p/480p/720p schedule: a square photo goes to each phase's square bucket, under its own tag."""
+    from training.data import choose_bucket
+    from training.precompute import phase_tag
+
+    cfg = load_config(
+        REPO / "configs" / "phantom_wan_14b.yaml",
+        {"data.latent_shards": "v", "data.image_pair_latents": "p", "data.image_pair_ratio": 0.2},
+    )
+    squares = [p.buckets[choose_bucket(1024, 1024, p.buckets)] for p in cfg.phases]
+    assert squares == [[336, 336], [624, 624], [960, 960]]
+    assert len({phase_tag(cfg, i) for i in range(len(cfg.phases))}) == 3
 
 
 def _one_step(cfg, ctx=None) -> dict:
@@ -171,3 +196,63 @@ def test_one_step_of_phantom_wan_tiny_on_videos_and_image_pairs(tmp_path, triple
         },
     )
     _one_step(cfg)
+
+
+def test_precomputed_image_pairs_train_like_raw_ones(tmp_path, triplet_shards, pair_shards):
+    """Videos and image pairs both precomputed: over two phases (bucket sets and frame counts change), the
+    same batches at the same ratio and the same losses as the raw shards, and no encoder is ever built."""
+    from training.loop import train
+    from training.precompute import precompute
+
+    def cfg(name: str, **over):
+        c = _tiny_mix(tmp_path / name, triplet_shards, pair_shards)
+        c.phases[0].steps, c.phases[0].batch_size = 2, 2
+        c.phases[1].steps, c.phases[1].num_frames = 2, 3
+        c.optim.grad_accum = 2
+        for k, v in over.items():
+            setattr(c.data, k, v)
+        return c
+
+    raw = train(cfg("raw"))
+    for src, out in ((triplet_shards, "video_lat"), (pair_shards, "pair_lat")):
+        stats = precompute(cfg("pre"), str(src), str(tmp_path / out), use_ray=False)
+        assert stats["skipped"] + stats["errors"] == 0
+    assert stats == {"shards": 2, "samples": 6, "skipped": 0, "errors": 0}
+    lat = train(
+        cfg("lat", latent_shards=str(tmp_path / "video_lat"), image_pair_latents=str(tmp_path / "pair_lat"))
+    )
+    assert not lat["encoders_built"] and raw["encoders_built"]
+    assert 1 <= raw["image_pair_batches"] <= 7 and lat["image_pair_batches"] == raw["image_pair_batches"]
+    assert len(raw["losses"]) == 4
+    assert lat["losses"] == pytest.approx(raw["losses"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_precomputed_image_pairs_train_like_raw_ones_phantom_wan(tmp_path, triplet_shards, pair_shards):
+    """The same on Phantom-Wan tiny: the causal Wan VAE's one-frame latents come from the precompute."""
+    from tests.training.wan_assets import tiny_wan_config, write_tiny_wan_assets
+    from training.loop import train
+    from training.precompute import precompute
+
+    assets = write_tiny_wan_assets(tmp_path / "assets")
+
+    def cfg(name: str, **over):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny_wan_config(assets, triplet_shards, tmp_path / name)))
+        base = {"data.num_workers": 0, "data.image_pair_ratio": 0.5, "optim.grad_accum": 2}
+        c = load_config(path, {**base, **over})
+        c.phases[0].steps = 2
+        return c
+
+    raw = train(cfg("raw", **{"data.image_pairs": str(pair_shards)}))
+    pre = cfg("pre", **{"data.image_pairs": str(pair_shards)})
+    for src, out in ((triplet_shards, "video_lat"), (pair_shards, "pair_lat")):
+        precompute(pre, str(src), str(tmp_path / out), use_ray=False)
+    latents = {
+        "data.latent_shards": str(tmp_path / "video_lat"),
+        "data.image_pair_latents": str(tmp_path / "pair_lat"),
+    }
+    lat = train(cfg("lat", **latents))
+    assert not lat["encoders_built"] and raw["image_pair_batches"] >= 1
+    assert lat["image_pair_batches"] == raw["image_pair_batches"]
+    assert lat["losses"] == pytest.approx(raw["losses"], rel=1e-5)
