@@ -66,7 +66,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     # URI (s3://, gs://) is the same everywhere.
     cfg.data.shards = _absolute(cfg.data.shards)
     cfg.log.out_dir = _absolute(cfg.log.out_dir)
-    for key in ("cache_dir", "latent_shards", "image_pairs"):
+    for key in ("cache_dir", "latent_shards", "image_pairs", "image_pair_latents"):
         if getattr(cfg.data, key):
             setattr(cfg.data, key, _absolute(getattr(cfg.data, key)))
     return cfg
