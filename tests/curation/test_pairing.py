@@ -1,24 +1,28 @@
-"""Pairing tests: band rule, exact/faiss/Ray searches agree, cross-video pairs on the sample ground truth."""
+"""Pairing tests: band rule, exact and faiss searches agree, cross-video pairs on the sample ground truth."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from curation import pairing
+from curation.config import load_config
 from curation.demo.footage import build_sample
 from curation.demo.ground_truth import copy_pairs, load_ground_truth, true_cross_pairs
 from curation.frames import read_frames
 from curation.global_phase import PairParams, pair_rows
+from curation.global_phase.run import params_of
 from curation.stage import StageContext
 from curation.stages.faces import Faces
 from curation.stages.subject_embed import SubjectEmbed
 
-# Floors for the sample (26 clean shots, 9 identities, 2 exact copies), offline MobileNetV2 + SFace: measured
-# precision 1.0 for both, recall 0.97 (37 of 38 shot pairs) and 0.94 (17 of 18); floors leave room for drift.
+# Floors for the sample (26 clean shots, 9 identities, 2 exact copies), offline MobileNetV2 + SFace, with the
+# default pipeline's band, which `make calibrate` fitted on a set the sample is not part of: measured
+# precision 1.0 for both, recall 0.92 (35 of 38 shot pairs) and 0.94 (17 of 18); floors leave room for drift.
 SUBJECT_PRECISION_FLOOR, SUBJECT_RECALL_FLOOR = 0.95, 0.9
 FACE_PRECISION_FLOOR, FACE_RECALL_FLOOR = 0.95, 0.9
 
@@ -161,8 +165,13 @@ def sample_pairs(request, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("pairing")
     ctx = StageContext(out_dir=str(out_dir))
     rows = Faces(ctx=ctx)(SubjectEmbed(ctx=ctx)(gt_rows(paths.root, gt)))
-    params = PairParams(low=0.78, high=0.99, face_low=0.5, face_high=0.99)
-    return gt, pair_rows(rows, params, str(out_dir)), out_dir
+    return gt, pair_rows(rows, configured_pair_params(), str(out_dir)), out_dir
+
+
+def configured_pair_params() -> PairParams:
+    """The pair step's params as the default pipeline of pipelines.yaml sets them."""
+    cfg = load_config(Path(__file__).resolve().parents[2] / "pipelines.yaml")
+    return params_of(cfg.pipelines["default"])[0]
 
 
 def _found(rows: list[dict], key: str) -> set[frozenset]:
@@ -189,7 +198,8 @@ def test_sample_pairs_match_ground_truth(sample_pairs):
             for q in s.get("pairs") or []:
                 assert q["video_id"] != r["video_id"]
                 assert by_clip[q["clip_id"]]["subjects"][q["subject"]]["category"] == s["category"]
-                assert 0.78 <= q["score"] <= 0.99
+                band = configured_pair_params()
+                assert band.low <= q["score"] <= band.high
     hist = json.loads((out_dir / "pairing" / "histogram.json").read_text())
     assert hist["subjects"]["verdicts"]["pair"] == sum(
         len(s.get("pairs") or []) for r in rows for s in r["subjects"]
