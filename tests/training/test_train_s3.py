@@ -106,7 +106,14 @@ def whole(s3_shards, bucket, tmp_path_factory):
     config = tmp_path_factory.mktemp("s3train") / "s3.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     uri = f"{bucket}/runs/whole"
-    return config, uri, train(load_config(config, {"data.shards": s3_shards, "log.out_dir": uri}))
+    # One intra-op thread here and in the killed run's process (OMP_NUM_THREADS=1 below): float sums then
+    # run in the same order, whatever thread count earlier tests left this process with.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return config, uri, train(load_config(config, {"data.shards": s3_shards, "log.out_dir": uri}))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -120,7 +127,7 @@ def test_train_from_s3_sigkill_resume_from_s3_is_exact(whole, s3_shards, bucket,
     killed = Store(killed_uri)
     cmd = [sys.executable, "training/run.py", "--config", str(config), "--shards", s3_shards,
            "--out-dir", killed_uri, "--no-ray"]  # fmt: skip
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
