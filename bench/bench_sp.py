@@ -43,7 +43,7 @@ def _measure(model, x0, cond, t, noise):
     return float(loss.detach()), sum(saved.values()), sorted(times)[len(times) // 2]
 
 
-def _rank(rank: int, port: int, out: str) -> None:
+def _rank(rank: int, port: int, out: str, device: str = "cpu") -> None:
     import torch
     import torch.distributed as dist
 
@@ -52,7 +52,10 @@ def _rank(rank: int, port: int, out: str) -> None:
     from model.sp import SeqParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    backend = "nccl" if device == "cuda" else "gloo"  # cuda: one GPU per rank
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
         model = MMDiT(mmdit_config("tiny", depth=4, window_size=4))
@@ -69,6 +72,10 @@ def _rank(rank: int, port: int, out: str) -> None:
             ref_clip=torch.randn(B, 1, 1280, generator=g),
         )
         t, noise = torch.rand(B, generator=g), torch.randn(SHAPE, generator=g)
+        if device == "cuda":
+            dev = torch.device("cuda", rank)
+            model, x0, t, noise = model.to(dev), x0.to(dev), t.to(dev), noise.to(dev)
+            cond = Conditioning(**{k: v.to(dev) for k, v in vars(cond).items() if v is not None})
         res = {}
         if rank == 0:  # SP=1: rank 0 alone, the other rank waits at the barrier
             res["sp1"] = _measure(model, x0, cond, t, noise)
@@ -81,7 +88,8 @@ def _rank(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def run() -> dict[str, float]:
+def measure(device: str = "cpu", prefix: str = "") -> dict[str, float]:
+    """SP=2 against SP=1 on two processes: gloo on the CPU, or NCCL with one GPU per rank (``cuda``)."""
     import torch
 
     with socket.socket() as sock:
@@ -89,16 +97,22 @@ def run() -> dict[str, float]:
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="bench_sp") as tmp:
         out = str(Path(tmp) / "sp.json")
-        torch.multiprocessing.start_processes(_rank, args=(port, out), nprocs=2, start_method="spawn")
+        torch.multiprocessing.start_processes(_rank, args=(port, out, device), nprocs=2, start_method="spawn")
         res = json.loads(Path(out).read_text())
     (l1, m1, s1), (l2, m2, s2) = res["sp1"], res["sp2"]
     return {
-        "sp2_vs_sp1_loss_abs_diff": abs(l2 - l1),
-        "sp2_activation_peak_ratio": round(m2 / m1, 3),
-        "sp2_step_ratio": round(s2 / s1, 3),
-        "sp1_activation_mb": round(m1 / 1e6, 2),
-        "sp_tokens": float(SHAPE[2] * (SHAPE[3] // 2) * (SHAPE[4] // 2) + (SHAPE[3] // 2) * (SHAPE[4] // 2)),
+        f"{prefix}sp2_vs_sp1_loss_abs_diff": abs(l2 - l1),
+        f"{prefix}sp2_activation_peak_ratio": round(m2 / m1, 3),
+        f"{prefix}sp2_step_ratio": round(s2 / s1, 3),
+        f"{prefix}sp1_activation_mb": round(m1 / 1e6, 2),
+        f"{prefix}sp_tokens": float(
+            SHAPE[2] * (SHAPE[3] // 2) * (SHAPE[4] // 2) + (SHAPE[3] // 2) * (SHAPE[4] // 2)
+        ),
     }
+
+
+def run() -> dict[str, float]:
+    return measure("cpu")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,10 @@ def run() -> dict[str, float]:
         return {}
     out = bench_train_step()
     out.update(bench_tiny_end_to_end())
+    if torch.cuda.device_count() >= 2:  # the SP case: NCCL all-to-all, one GPU per rank
+        from bench.bench_sp import measure
+
+        out.update(measure("cuda", prefix="gpu_"))
     return out
 
 
