@@ -93,6 +93,7 @@ def _cut_clip(path, width: int, flip: bool = False) -> str:
     with av.open(str(path), "w") as out:
         st = out.add_stream("libx264", rate=30)
         st.width, st.height, st.pix_fmt = width, frames[0].shape[0], "yuv420p"
+        st.options = {"g": "1"}  # every frame a key frame: the reference frames decode the same on every seek
         for img in frames:
             img = np.ascontiguousarray(img[:, ::-1] if flip else img)
             out.mux(st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
