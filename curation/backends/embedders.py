@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +17,25 @@ MOBILENET_FILE = "weights/mobilenet_v2-b0353104.pth"
 MOBILENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device):
+    """On the CPU, torch's matmul sums run in an order that depends on its thread count, which moves
+    embeddings by ~1e-7: a Ray worker (1 thread) and the in-process runner (every core) would then record
+    different scores. Embeddings are computed with one intra-op thread (workers run in parallel instead);
+    the caller's count is restored after."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ImageEmbedder(Protocol):
@@ -91,7 +111,7 @@ class MobileNetV2Embedder:
         if not images:
             return np.zeros((0, self.dim), np.float32)
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), one_cpu_thread(self.device):
             for i in range(0, len(images), self.batch_size):
                 fmap = self.features(self._batch(images[i : i + self.batch_size]))  # (B, 1280, h, w)
                 out.append(_unit_rows(fmap.mean(dim=(2, 3))))  # (B, 1280)
@@ -164,7 +184,7 @@ class OpenClipEmbedder:
         if not images:
             return np.zeros((0, self.dim), np.float32)
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), one_cpu_thread(self.device):
             for i in range(0, len(images), self.batch_size):
                 chunk = images[i : i + self.batch_size]
                 x = torch.stack([self.preprocess(Image.fromarray(pad_square(im))) for im in chunk])
@@ -226,7 +246,7 @@ class Dinov2Embedder:
         if not images:
             return np.zeros((0, self.dim), np.float32)
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), one_cpu_thread(self.device):
             for i in range(0, len(images), self.batch_size):
                 chunk = [pad_square(im) for im in images[i : i + self.batch_size]]
                 x = self.processor(images=chunk, return_tensors="pt")["pixel_values"]  # (B, 3, S, S)

@@ -163,12 +163,16 @@ def _neighbours(bundle: dict, r0: int, r1: int, m: int) -> pairing.Neighbours:
 
     import torch
 
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():  # the object store's arrays are read-only; nothing writes to them
-        warnings.simplefilter("ignore", UserWarning)
-        xt = torch.from_numpy(bundle["x"])
-        gt = torch.from_numpy(bundle["groups"])
-    return pairing.exact_block(xt, gt, r0, r1, m)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same sums on every runner; the caller's count is restored after
+    try:
+        with warnings.catch_warnings():  # the object store's arrays are read-only; nothing writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            xt = torch.from_numpy(bundle["x"])
+            gt = torch.from_numpy(bundle["groups"])
+        return pairing.exact_block(xt, gt, r0, r1, m)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _phash_matrix(col) -> tuple[np.ndarray, np.ndarray]:
