@@ -199,7 +199,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"model.wan.sample_solver: {cfg.model.wan.sample_solver!r} is not one of ['unipc', 'euler']"
         )
     if cfg.model.wan.weights and not cfg.model.wan.weights_sha256:
-        raise ConfigError("model.wan.weights_sha256: pin the base weights (sha256 of the file, or per file)")
+        raise ConfigError(
+            "model.wan.weights_sha256: pin the base weights (the sha256 of the file, or {file: sha256} per "
+            "file), or set it to `unpinned` to load them unchecked (the run then lists them)"
+        )
     if cfg.model.wan.phantom_ckpt and not cfg.model.wan.phantom_sha256:
         raise ConfigError("model.wan.phantom_sha256: pin the Phantom-Wan checkpoint's sha256")
     if not cfg.phases:

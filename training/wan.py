@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from curation.models import ModelNotFound, sha256_file, verify_sha256
+from curation.models import ModelNotFound, verify_sha256
 from model.phantom_wan import (
     PhantomWan,
     build_wan_transformer,
@@ -27,9 +27,7 @@ def load_state_file(path: str | Path, sha256: str | None) -> dict[str, torch.Ten
     path = Path(path)
     if not path.is_file():
         raise ModelNotFound(f"weight file {path} does not exist (copy it there; nothing is downloaded)")
-    if not sha256:
-        raise ValueError(f"{path}: no sha256 pinned; its sha256 is {sha256_file(path)}")
-    verify_sha256(path, sha256)
+    verify_sha256(path, sha256, "Wan weight file", "model.wan.weights_sha256")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -71,9 +69,7 @@ def load_wan_state(path: str | Path, sha256: str | dict[str, str] | None) -> dic
     for f in weight_files(root):
         if isinstance(sha256, dict):
             rel = str(f.relative_to(root)) if root.is_dir() else f.name
-            digest = sha256.get(rel)
-            if digest is None:
-                raise ValueError(f"{f}: not pinned in weights_sha256 (its sha256 is {sha256_file(f)})")
+            digest = sha256.get(rel)  # None: verify_sha256 refuses it, naming the key and `unpinned`
         else:
             digest = sha256
         state.update(load_state_file(f, digest))

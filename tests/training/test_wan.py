@@ -7,6 +7,7 @@ import hashlib
 import pytest
 import torch
 
+from curation.models import ModelUnpinned
 from model.flow import Conditioning, rf_loss
 from model.phantom_wan import (
     WAN_LOSS_ARGS,
@@ -347,8 +348,8 @@ def test_base_weights_from_a_diffusers_folder_and_a_sharded_original_folder(tmp_
     with torch.no_grad():
         assert torch.equal(loaded(x0, t, **cond.as_kwargs()).video, want)
     one = dict(list(pins.items())[:1])
-    with pytest.raises(ValueError, match="not pinned"):
-        build_phantom_wan(_wan_cfg(weights=str(folder), weights_sha256=one))
+    with pytest.raises(ModelUnpinned, match=r"no pinned sha256.*model\.wan\.weights_sha256.*`unpinned`"):
+        build_phantom_wan(_wan_cfg(weights=str(folder), weights_sha256=one))  # a shard left out of the pins
     with pytest.raises(ValueError, match="shapes differ"):  # a 1.3B file into the tiny preset, say
         build_phantom_wan(
             load_config(None, {"model.family": "phantom_wan", "model.preset": "tiny",
