@@ -73,27 +73,39 @@ _RUN = """
 import json, os, sys, threading, time
 import numpy as np
 import psutil, ray
-from curation.global_phase import PairParams, components
+from curation import execute
+from curation.global_phase import PairParams, components, ivf, pairs
 from curation.global_phase.gather import gather_tables
 from curation.global_phase.pairs import find_pairs, read_groups
 from curation.storage import Store
 
 root, pair = sys.argv[1], json.loads(sys.argv[2])
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-peak, stop = {}, threading.Event()
+peak, uss, step, stop = {}, {}, ["gather"], threading.Event()
 
-def sample():  # every Ray worker's RSS (the raylet's children), 5 times a second
+def sample():  # every Ray worker's RSS and USS (the raylet's children), 5 times a second, per global step
     me = os.getpid()
     while not stop.is_set():
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
                 cmd = " ".join(p.info["cmdline"] or [])
                 if p.pid != me and (cmd.startswith("ray::") or "default_worker.py" in cmd):
-                    peak[p.pid] = max(peak.get(p.pid, 0), p.memory_info().rss)
+                    m = p.memory_full_info()  # uss: private pages only (object-store pages are shared)
+                    k = step[0]
+                    peak[k] = max(peak.get(k, 0), m.rss)
+                    uss[k] = max(uss.get(k, 0), m.uss)
             except psutil.Error:
                 pass
         stop.wait(0.2)
 
+def labelled(fn):  # names the step (the item function run_items maps) the sampler files its peaks under
+    def run(items, f, *a, **kw):
+        step[0] = getattr(f, "__name__", "?").lstrip("_")
+        return fn(items, f, *a, **kw)
+    return run
+
+for mod in (pairs, ivf, components):
+    mod.run_items = labelled(execute.run_items)
 threading.Thread(target=sample, daemon=True).start()
 store = Store(root)
 pp = {**PairParams().__dict__, **pair}
@@ -103,6 +115,7 @@ store.write_json("g/_done.json", g)
 t1 = time.time()
 done = find_pairs(store, g, pp, "p", "ray")
 wall = time.time() - t0
+time.sleep(0.5)
 stop.set()
 copies = sorted(store.list("p/copies/", ".parquet"))
 t2 = time.time()
@@ -113,8 +126,11 @@ found = read_groups(store, "p/dedup/groups.parquet")
 planted = json.load(open(f"{root}/planted_groups.json"))
 ok = sum(1 for grp in planted if len({found.get(v) for v in grp}) == 1 and found.get(grp[0]) is not None
          and sum(1 for x in found.values() if x == found[grp[0]]) == len(grp))
+mb = lambda d: {k: round(v / 2**20, 1) for k, v in d.items()}
 print(json.dumps({"wall_s": wall, "gather_s": t1 - t0, "dedup_s": dedup_s, "driver_mb": hwm,
-                  "worker_mb": max(peak.values()) / 2**20, "units": sum(g["units"].values()),
+                  "worker_mb": max(peak.values()) / 2**20, "worker_uss_mb": max(uss.values()) / 2**20,
+                  "worker_rss_mb_by_step": mb(peak), "worker_uss_mb_by_step": mb(uss),
+                  "units": sum(g["units"].values()),
                   "groups_exact": ok / max(1, len(planted)), "planted": len(planted),
                   "verdicts": done["verdicts"]["subject"]}))
 """
@@ -188,15 +204,17 @@ def measure(n: int) -> dict:
 
 def run() -> dict[str, float]:
     out: dict[str, float] = {}
-    sizes = {"small": SMALL}
+    small = int(os.environ.get("BENCH_GLOBAL_SCALE_SMALL", SMALL))  # sizes to look at (the figures: defaults)
+    sizes = {"small": small}
     if os.environ.get("BENCH_GLOBAL_SCALE_LARGE"):
-        sizes["large"] = LARGE
+        sizes["large"] = int(os.environ.get("BENCH_GLOBAL_SCALE_LARGE_N", LARGE))
     for tag, n in sizes.items():
         r = measure(n)
         print(f"bench_global_scale {tag}: {json.dumps(r)}", file=sys.stderr)
         out[f"global_scale_units_{tag}"] = r["units"]
         out[f"global_scale_s_{tag}"] = round(r["wall_s"], 1)
         out[f"global_scale_worker_peak_rss_mb_{tag}"] = round(r["worker_mb"], 1)
+        out[f"global_scale_worker_peak_uss_mb_{tag}"] = round(r["worker_uss_mb"], 1)
         out[f"global_scale_driver_peak_rss_mb_{tag}"] = round(r["driver_mb"], 1)
         out[f"global_scale_near_dup_s_{tag}"] = round(r["dedup_s"], 2)
         out[f"global_scale_recall_vs_exact_{tag}"] = round(r["recall"], 4)
@@ -205,7 +223,7 @@ def run() -> dict[str, float]:
     out["global_scale_recall_vs_exact"] = out[f"global_scale_recall_vs_exact_{big}"]
     out["near_dup_groups_exact"] = out[f"near_dup_groups_exact_{big}"]
     if "large" in sizes:
-        for what in ("s", "worker_peak_rss_mb", "driver_peak_rss_mb", "near_dup_s"):
+        for what in ("s", "worker_peak_rss_mb", "worker_peak_uss_mb", "driver_peak_rss_mb", "near_dup_s"):
             a, b = out[f"global_scale_{what}_small"], out[f"global_scale_{what}_large"]
             out[f"global_scale_{what}_ratio"] = round(b / max(a, 1e-9), 2)
     return out
