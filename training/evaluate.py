@@ -34,11 +34,11 @@ from curation.metrics import (  # noqa: E402
     MetricsConfig,
     MetricSuite,
     Summary,
-    load_metrics_config,
     sample_indices,
     suite_ranges,
 )
 from curation.models import unpinned_files  # noqa: E402
+from training.eval_bench import BenchConfig, BenchMetrics, bench_indices, load_eval_config  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,33 @@ def build_case(
     fps: float,
     n_frames: int,
     subjects: list[dict] | None = None,
+    benchmark_sampling: bool = False,
 ) -> Case:
     """A metric case from a generated video (T, H, W, 3): ``n_frames`` evenly spaced frames for the image
-    metrics and, for the motion metric, each sampled frame with the frame that follows it."""
-    idx = sample_indices(len(video), n_frames)
+    metrics and, for the motion metric, each sampled frame with the frame that follows it.
+    ``benchmark_sampling``: the frames at OpenS2V-Eval's ``linspace(0, T-1, n_frames)`` floored (its get_*.py
+    scripts), not rounded."""
+    idx = bench_indices(len(video), n_frames) if benchmark_sampling else sample_indices(len(video), n_frames)
     pairs = sample_indices(len(video) - 1, n_frames)
     flow = (video[pairs], video[[i + 1 for i in pairs]], fps) if pairs else None
     return Case(key, refs, video[idx], prompt, list(subjects or []), None, fps, flow)
+
+
+_BENCH_KEYS = {
+    "Aesthetics": "aesthetics",
+    "MotionAmplitude": "motion_amplitude",
+    "MotionSmoothness": "motion_smoothness",
+}
+
+
+def case_group(ec: EvalCase, is_bench: bool) -> str:
+    """The category a case is reported under: OpenS2V-Eval's by case id, else its subjects' categories."""
+    if is_bench:
+        from training.opens2v import case_category
+
+        return case_category(ec.key)
+    cats = sorted({str(s.get("category") or "unknown") for s in ec.subjects})
+    return "+".join(cats) if cats else "unknown"
 
 
 def _fmt(v) -> str:
@@ -315,8 +335,14 @@ def evaluate(
     sampler=None,
     rephraser=None,
     videos: str | None = None,
+    bench: BenchConfig | None = None,
+    bench_metrics: BenchMetrics | None = None,
+    generator: str | None = None,
 ) -> dict:
     """Generate and score every case; returns the report written to ``<out_dir>/eval.json``.
+
+    ``bench`` (``evaluation.opens2v``, training/eval_bench.py): OpenS2V-Eval's Aesthetics and motion terms,
+    scored on each whole video, and, for an OpenS2V case file, its frame count for the suite's metrics.
 
     ``rephraser`` (a training.rephrase.Rephraser): each case's prompt is rewritten from its subjects'
     descriptions before generation (``prompt_used`` and ``rephrase`` in the case record); the metrics still
@@ -324,7 +350,13 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suite = (suite or MetricSuite(metrics or MetricsConfig())).load()
-    how = "given"
+    from curation.storage import is_uri
+    from training import opens2v
+
+    bench_metrics = bench_metrics or BenchMetrics(bench, suite.cfg.models_dir, suite.cfg.device)
+    is_bench = not is_uri(eval_set) and opens2v.is_case_file(eval_set)
+    n_frames = bench_metrics.cfg.frames if is_bench else suite.cfg.n_frames
+    how = generator or "given"
     folder = None
     if videos:  # another model's videos, one per case id (training/opens2v.py VideoFolder)
         from training.opens2v import VideoFolder
@@ -334,21 +366,21 @@ def evaluate(
         sampler, how = load_generator(ckpt, model=model, device=device, config=config)
     fps = float(fps or getattr(sampler, "fps", None) or 8.0)
     run_fps = fps
-    summary = Summary(suite_ranges(suite))
+    summary = Summary({**suite_ranges(suite), **bench_metrics.ranges()})
     outputs = _Outputs(out)
     n_cases = n_ok = 0
     t_gen = t_metrics = 0.0
     t0 = time.perf_counter()
-    pending: list[tuple[dict, EvalCase, Case]] = []
+    pending: list[tuple[dict, EvalCase, Case, dict]] = []
 
     def flush():
         nonlocal t_metrics
         t = time.perf_counter()
-        scores = suite.score([c for _, _, c in pending])
+        scores = suite.score([c for _, _, c, _ in pending])
         t_metrics += time.perf_counter() - t
-        for (rec, ec, c), sc in zip(pending, scores):
-            rec["metrics"] = sc["metrics"]
-            summary.add(sc)
+        for (rec, ec, c, whole), sc in zip(pending, scores):
+            rec["metrics"] = {**sc["metrics"], **whole}
+            summary.add({"metrics": rec["metrics"]})
             outputs.write(rec, ec.refs, c.frames)
         pending.clear()
 
@@ -357,7 +389,13 @@ def evaluate(
             if limit and n_cases >= limit:
                 break
             n_cases += 1
-            rec = {"key": ec.key, "prompt": ec.prompt, "seed": ec.seed, "n_refs": len(ec.refs)}
+            rec = {
+                "key": ec.key,
+                "prompt": ec.prompt,
+                "seed": ec.seed,
+                "n_refs": len(ec.refs),
+                "category": case_group(ec, is_bench),
+            }
             if ec.error:
                 outputs.write({**rec, "status": "failed", "error": ec.error}, [], None)
                 continue
@@ -399,9 +437,11 @@ def evaluate(
                 t_gen += time.perf_counter() - t
             rec.update(status="ok", frames=int(len(video)), size=[int(video.shape[2]), int(video.shape[1])])
             n_ok += 1
-            pending.append(
-                (rec, ec, build_case(ec.key, ec.refs, ec.prompt, video, fps, suite.cfg.n_frames, ec.subjects))
-            )
+            t = time.perf_counter()
+            whole = bench_metrics.score(video)  # on the whole video, before it is let go
+            t_metrics += time.perf_counter() - t
+            case = build_case(ec.key, ec.refs, ec.prompt, video, fps, n_frames, ec.subjects, is_bench)
+            pending.append((rec, ec, case, whole))
             if len(pending) >= batch_cases:
                 flush()
         if pending:
@@ -425,7 +465,12 @@ def evaluate(
         "n_cases": n_cases,
         "n_ok": n_ok,
         "n_failed": n_cases - n_ok,
-        "metrics": suite.describe(),
+        "metrics": {**suite.describe(), **bench_metrics.describe()},
+        "frames_per_video": {
+            "suite": n_frames,
+            "sampling": "linspace floored (OpenS2V-Eval)" if is_bench else "linspace rounded",
+            **{m: getattr(bench_metrics.cfg, k).frames or "all" for m, k in _BENCH_KEYS.items()},
+        },
         "summary": summary.result(hist=False),
         "timing": {
             "wall_s": round(wall, 3),
@@ -437,9 +482,7 @@ def evaluate(
         # model files (metrics, generator) loaded under `sha256: unpinned`, i.e. unchecked
         "unpinned_model_files": unpinned_files(),
     }
-    from training import opens2v
-
-    if opens2v.is_case_file(eval_set):  # the benchmark's normalised scores and total, per category
+    if is_bench:  # the benchmark's normalised scores and total, per category
         report["opens2v"] = opens2v.summarise(_read_cases(out / "cases.jsonl"), opens2v.domain_of(eval_set))
     _write_report(out, report)
     md = _markdown(report, _read_cases(out / "cases.jsonl"))
@@ -499,8 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--videos", default=None, help="score another model's videos: a folder of <case id>.mp4")
     ap.add_argument(
         "--eval-set",
-        required=True,
-        help="shard folder or store URI (output/sample/shards_eval, s3://b/run/shards_eval), or .jsonl",
+        default=None,
+        help="shard folder or store URI (output/sample/shards_eval, s3://b/run/shards_eval), .jsonl, or "
+        "OpenS2V-Eval's case JSON; default: the config's evaluation.opens2v.cases",
     )
     ap.add_argument(
         "--metrics",
@@ -544,11 +588,14 @@ def main(argv: list[str] | None = None) -> int:
     a.ckpt = a.ckpt or a.videos
     out = a.out or os.path.join("runs", "eval", Path(a.ckpt).stem)
     try:
-        cfg = load_metrics_config(a.metrics)
+        cfg, bench = load_eval_config(a.metrics)
         if a.device and cfg.device == "auto":
             cfg.device = a.device
         if not Path(a.ckpt).exists():
             raise FileNotFoundError(f"checkpoint {a.ckpt} does not exist")
+        a.eval_set = a.eval_set or bench.cases
+        if not a.eval_set:
+            raise ConfigError("no evaluation set: pass --eval-set or set evaluation.opens2v.cases")
         iter_cases(a.eval_set)  # fails now, with one line, on a missing or unknown evaluation set
         rephraser = None
         if a.rephrase or a.rephrase_config:
@@ -573,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             config=a.config,
             rephraser=rephraser,
             videos=a.videos,
+            bench=bench,
         )
     except (ConfigError, ModelNotFound, ModelHashMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

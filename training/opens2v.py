@@ -43,9 +43,11 @@ HUMAN_LABELS = ("Man", "Woman")
 HUMAN_PATH_PARTS = ("/man/", "/woman/", "/crop_man/", "/crop_woman/")
 
 # merge_result.py: (benchmark key, our metric name, clamp lo, clamp hi); normalised = (mean - lo) / (hi - lo).
-# The motion scores are |value| clamped to [0, 1]; NexusScore's mean leaves out zeros.
+# The motion scores are |value| clamped to [0, 1]; NexusScore's mean leaves out zeros. Aesthetics and the two
+# motion terms are training/eval_bench.py's (the benchmark's models and frame counts); the suite's own
+# ``Aesthetic`` (another CLIP, other frames) never stands in for Aesthetics.
 SCALE = {
-    "aes_score": ("Aesthetics", "Aesthetic", 4.0, 7.0),
+    "aes_score": ("Aesthetics", "Aesthetics", 4.0, 7.0),
     "motion_smoothness": ("MotionSmoothness", "MotionSmoothness", 0.0, 1.0),
     "motion_amplitude": ("MotionAmplitude", "MotionAmplitude", 0.0, 1.0),
     "facesim_cur": ("FaceSim", "FaceSim-Cur", 0.0, 1.0),
@@ -294,17 +296,26 @@ def _load_run(run_dir: Path) -> dict:
     return json.loads(f.read_text(encoding="utf-8"))
 
 
-def compare(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> dict:
-    """compare.md and index.html in ``out_dir``: the runs' metric means side by side, the OpenS2V-Eval
+def compare(
+    run_dirs: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    md_name: str = "compare.md",
+    names: list[str] | None = None,
+) -> dict:
+    """``md_name`` and index.html in ``out_dir``: the runs' metric means side by side (with the change from
+    the first run to the second when there are two), the means per case category, the OpenS2V-Eval
     normalised scores and total per category when the runs have them, and every case with its references,
-    prompt and each run's video."""
+    prompt and each run's video. ``names``: the runs' labels (default: their folder names)."""
     if len(run_dirs) < 2:
         raise ValueError("compare needs two or more evaluation runs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = [(Path(d), _load_run(Path(d))) for d in run_dirs]
-    names = [_run_name(d, r) for d, r in runs]
+    names = list(names) if names else [_run_name(d, r) for d, r in runs]
+    if len(names) != len(runs):
+        raise ValueError(f"{len(names)} names for {len(runs)} runs")
     metrics = list(dict.fromkeys(n for _, r in runs for n in r.get("metrics", {})))
+    two = len(runs) == 2
     lines = ["# Comparison", "", "| run | source | cases ok |", "|---|---|---|"]
     for n, (_d, r) in zip(names, runs):
         lines.append(
@@ -314,16 +325,44 @@ def compare(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> di
         "",
         "## Metric means",
         "",
-        "| metric | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
+        "| metric | " + " | ".join(names) + (f" | {names[1]} − {names[0]}" if two else "") + " |",
+        "|---" * (len(names) + 1 + two) + "|",
     ]
+    means: dict[str, list] = {}
     for m in metrics:
-        cells = []
+        cells, vals = [], []
         for _, r in runs:
             st = r.get("metrics", {}).get(m, {})
             t = r.get("summary", {}).get(m, {})
+            vals.append(None if st.get("status") == "off" else t.get("mean"))
             cells.append("off" if st.get("status") == "off" else _num(t.get("mean")))
+        means[m] = vals
+        if two:
+            cells.append(_num(vals[1] - vals[0]) if None not in vals else "—")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    by_cat = [_category_means(r) for _, r in runs]
+    cats = sorted({c for b in by_cat for c in b})
+    if cats:
+        lines += ["", "## Metric means per category", ""]
+        for cat in cats:
+            n_cases = [str(b.get(cat, {}).get("_n", 0)) for b in by_cat]
+            lines += [
+                f"### {cat}"
+                + (f" ({CATEGORIES[cat]})" if cat in CATEGORIES else "")
+                + f" — cases: {' / '.join(n_cases)}",
+                "",
+                "| metric | " + " | ".join(names) + (" | change" if two else "") + " |",
+                "|---" * (len(names) + 1 + two) + "|",
+            ]
+            for m in metrics:
+                vals = [b.get(cat, {}).get(m) for b in by_cat]
+                if all(v is None for v in vals):
+                    continue
+                cells = [_num(v) for v in vals]
+                if two:
+                    cells.append(_num(vals[1] - vals[0]) if None not in vals else "—")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
     o = [r.get("opens2v") for _, r in runs]
     table = {}
     if any(o):
@@ -343,15 +382,36 @@ def compare(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> di
                     lines.append(f"| {n} | — |" + " — |" * len(cols))
                     continue
                 table.setdefault(scope, {})[n] = s["total"]
+                if scope == "all":
+                    means.setdefault("OpenS2V total", [None] * len(runs))[names.index(n)] = s["total"]
                 lines.append(
                     f"| {n} | {_pct(s['total'])} | "
                     + " | ".join(_pct_m(s["metrics"][c]) for c in cols)
                     + " |"
                 )
             lines.append("")
-    (out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / md_name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     _compare_html(out, runs, names, "\n".join(lines))
-    return {"runs": names, "metrics": metrics, "totals": table}
+    return {"runs": names, "metrics": metrics, "totals": table, "means": means}
+
+
+def _category_means(run: dict) -> dict[str, dict]:
+    """{category: {metric: mean over the category's ok cases with a value, "_n": cases}} from a run's
+    case records (``category`` as training.evaluate records it; the case id's prefix otherwise)."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    count: dict[str, int] = {}
+    for c in run.get("cases", []):
+        if c.get("status") != "ok":
+            continue
+        cat = c.get("category") or case_category(c["key"])
+        count[cat] = count.get(cat, 0) + 1
+        for m, s in (c.get("metrics") or {}).items():
+            if s.get("value") is not None:
+                acc.setdefault(cat, {}).setdefault(m, []).append(float(s["value"]))
+    return {
+        cat: {"_n": n, **{m: float(np.mean(v)) for m, v in acc.get(cat, {}).items()}}
+        for cat, n in count.items()
+    }
 
 
 def _run_name(d: Path, r: dict) -> str:
@@ -415,9 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="two or more evaluation runs side by side")
     c.add_argument("runs", nargs="+", help="evaluation run folders (each with eval.json)")
     c.add_argument("--out", required=True)
+    c.add_argument("--names", nargs="+", default=None, help="the runs' labels (default: folder names)")
     a = ap.parse_args(argv)
     try:
-        compare(a.runs, a.out)
+        compare(a.runs, a.out, names=a.names)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,8 +18,9 @@ from training import checkpoint as ckpt
 from training.evaluate import case_seed, evaluate
 
 REPO = Path(__file__).resolve().parents[2]
-OFF = {"CLIP-I", "CLIP-T", "DINO-I", "Aesthetic"}  # no model for them on this machine
-ON = {"FaceSim-SFace", "MobileNetV2-I", "Motion", "TempCons-MobileNetV2", "CopyPaste"}
+# no model for them on this machine (Aesthetics, MotionSmoothness: OpenS2V-Eval's, training/eval_bench.py)
+OFF = {"CLIP-I", "CLIP-T", "DINO-I", "Aesthetic", "Aesthetics", "MotionSmoothness"}
+ON = {"FaceSim-SFace", "MobileNetV2-I", "Motion", "TempCons-MobileNetV2", "CopyPaste", "MotionAmplitude"}
 
 
 @pytest.fixture(scope="module")

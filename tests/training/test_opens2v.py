@@ -66,7 +66,7 @@ def test_normalisation_and_total_by_hand():
             "key": "singleface_1",
             "status": "ok",
             "metrics": {
-                "Aesthetic": {"value": 8.0},  # clamped to 7 -> 1.0 after (v - 4) / 3
+                "Aesthetics": {"value": 8.0},  # clamped to 7 -> 1.0 after (v - 4) / 3
                 "MotionSmoothness": {"value": 0.9},
                 "MotionAmplitude": {"value": -0.2},  # |v|
                 "FaceSim-Cur": {"value": 0.6},
@@ -79,7 +79,7 @@ def test_normalisation_and_total_by_hand():
             "key": "singleobj_2",
             "status": "ok",
             "metrics": {
-                "Aesthetic": {"value": 5.0},
+                "Aesthetics": {"value": 5.0},
                 "MotionSmoothness": {"value": 0.7},
                 "MotionAmplitude": {"value": 0.4},
                 "FaceSim-Cur": {"value": 0.9},  # not a face category: not in FaceSim's mean
