@@ -1,20 +1,35 @@
-"""Sharded nearest-neighbour search of one large (kind, category): an IVF coarse quantizer trained once on a
-sample, every unit assigned to its list, vectors written to the store partitioned by list range, query blocks
-joined to the list ranges they probe, top-m merged per query. No task holds more than one list range (or one
-query block): memory per task is set by ``RANGE_ROWS`` / ``BLOCK_ROWS``, not by the category's size.
+"""Nearest-neighbour search of one (kind, category) in generations: the exact blocked search for small
+categories, and the sharded IVF search for large ones (a coarse quantizer trained once on a sample, every unit
+assigned to its list, vectors written to the store partitioned by list range, query blocks joined to the list
+ranges they probe). Either way the result of query block B of generation G against the units of generation H
+is one *partial* file (the top-m per query among those units), written once and never redone: a new
+generation is searched new x everything and everything x new, and the partials merge into each query's top-m.
+No task holds more than one list range or one generation of a small category, and one query block.
 
-Layout under ``<pdir>/ivf/<kind>/<category>/``:
+Candidates are ranked by their exact score, then by a stable id of the candidate unit (a 64-bit hash of its
+clip and subject): scores come from fp32 matrix products, and every candidate within ``EPS`` of a query's m-th
+best is scored again as a float64 dot product rounded to float32, so a score never depends on the block, the
+generation or the BLAS kernel it was computed in, and the merged top-m of a query is the same whatever the
+generations (for the exact search: byte-identical to a from-scratch run over the same units).
 
-    centroids.npy                        (nlist, D) unit rows, trained on a sample of >= 39 x nlist units
-    lists/r<R>/b<B>.parquet              units of query block B whose list falls in range R (+ their metadata)
-    probes/r<R>/b<B>.parquet             units of block B probing a list of range R: id, group, vector, lists
-    assign/b<B>.json                     block B assigned (its files above are complete)
-    partial/b<B>/r<R>.parquet            top-m per query of block B among the units of range R
+Layout under ``<search>/`` (``sdir``):
 
-Unit ids are positions in the category (gather order: bucket files, rows in file order), the same ids the
-exact search uses; a query block is a run of consecutive bucket files. Same-source hits are excluded by
-comparing group ids (a 64-bit hash of the video, or of the clip when ``same_source``), never by asking for
-more neighbours. Every step skips the outputs that exist, so a killed run resumes where it stopped."""
+    exact/<kind>/<category>/g<G>/b<B>/h<H>.parquet      partial: block B of generation G x generation H
+    ivf/<kind>/<category>/n<nlist>-p<nprobe>/train.json, centroids.npy   trained once (nlist, ranges)
+        .../g<G>/lists/r<R>/b<B>.parquet     units of block B (gen G) whose list falls in range R
+        .../g<G>/probes/r<R>/b<B>.parquet    units of block B probing a list of range R (+ the lists)
+        .../g<G>/assign/b<B>.json            block B assigned (its files above are complete)
+        .../partial/g<G>/b<B>/h<H>-r<R>.parquet   top-m of block B (gen G) among the units of gen H in range R
+
+The centroids are reused while the category grows (a category retrains only when its wanted ``nlist``, about
+sqrt(units), is more than twice or less than half the trained one, or the search params change), so an
+incremental run's IVF lists differ from those a from-scratch run would train: its candidates can differ where
+the IVF is approximate (a pair found by probing one set of lists and not the other); its scores never do.
+
+Unit ids are positions in their generation's category (bucket files in order, rows in file order); a query
+block is a run of consecutive bucket files. Same-source hits are excluded by comparing group ids (a 64-bit
+hash of the video, or of the clip when ``same_source``), never by asking for more neighbours. Every step
+skips the outputs that exist, so a killed run resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -30,7 +45,10 @@ from curation.storage import Store
 
 RANGE_ROWS = 65536  # database units per search task (about RANGE_ROWS x D x 4 bytes of vectors in memory)
 BLOCK_ROWS = 16384  # query units per assign / merge task
+EXACT_BLOCK_ROWS = 8192  # query units per exact search task (scored against one generation of a category)
+EXACT_CHUNK_ROWS = 1024  # query rows per score matrix in an exact task (CHUNK x generation rows x 4 bytes)
 TRAIN_PER_LIST = 64  # training sample per list (faiss asks for >= 39)
+EPS = 1e-3  # candidates within EPS of a query's m-th fp32 score are scored again in float64
 META = [
     "video_id",
     "clip_id",
@@ -51,22 +69,26 @@ def shape(n: int, pp: dict) -> dict:
     of a category of ``n`` units."""
     nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(n)))))
     nlist = max(1, min(nlist, n // 39 or 1))
-    nprobe = min(nlist, pp["nprobe"] or pairing.auto_nprobe(nlist))
-    return {
-        "nlist": nlist,
-        "nprobe": nprobe,
-        "train_n": min(n, TRAIN_PER_LIST * nlist),
-        "ranges": max(1, min(nlist, math.ceil(n / RANGE_ROWS))),
-    }
+    return {**_shape_of(nlist, pp), "train_n": min(n, TRAIN_PER_LIST * nlist), "ranges": _ranges(n, nlist)}
 
 
-def blocks_of(parts: list) -> list[dict]:
-    """Query blocks: runs of consecutive (file, rows) parts of about BLOCK_ROWS units, with their first id."""
+def _shape_of(nlist: int, pp: dict) -> dict:
+    return {"nlist": nlist, "nprobe": min(nlist, pp["nprobe"] or pairing.auto_nprobe(nlist))}
+
+
+def _ranges(n: int, nlist: int) -> int:
+    return max(1, min(nlist, math.ceil(n / RANGE_ROWS)))
+
+
+def blocks_of(parts: list, rows_per_block: int | None = None) -> list[dict]:
+    """Query blocks: runs of consecutive (file, rows) parts of about ``rows_per_block`` (BLOCK_ROWS) units,
+    with their first id."""
+    target = rows_per_block or BLOCK_ROWS
     out, cur, r0, rows = [], [], 0, 0
     for f, n in parts:
         cur.append([f, n])
         rows += n
-        if rows >= BLOCK_ROWS:
+        if rows >= target:
             out.append({"r0": r0, "n": rows, "files": cur})
             r0, cur, rows = r0 + rows, [], 0
     if cur:
@@ -74,12 +96,22 @@ def blocks_of(parts: list) -> list[dict]:
     return out
 
 
-def group_ids(t, same_source: bool) -> np.ndarray:
-    """A 64-bit id per unit of its source (video, or clip when other clips of the same video may pair)."""
+def _hash64(values) -> np.ndarray:
     import pandas as pd
 
-    col = t.column("clip_id" if same_source else "video_id").to_pylist()
-    return pd.util.hash_array(np.asarray(col, dtype=object)).view(np.int64)
+    return pd.util.hash_array(np.asarray(values, dtype=object)).view(np.int64)
+
+
+def group_ids(t, same_source: bool) -> np.ndarray:
+    """A 64-bit id per unit of its source (video, or clip when other clips of the same video may pair)."""
+    return _hash64(t.column("clip_id" if same_source else "video_id").to_pylist())
+
+
+def unit_ids(t) -> np.ndarray:
+    """A stable 64-bit id per unit (its clip and subject): the tie-break between equal scores."""
+    return _hash64(
+        [f"{c}\t{s}" for c, s in zip(t.column("clip_id").to_pylist(), t.column("subject").to_pylist())]
+    )
 
 
 def _vectors(t) -> np.ndarray:
@@ -94,22 +126,131 @@ def read_table(store: Store, rel: str, columns=None):
     return pq.read_table(io.BytesIO(store.read_bytes(rel)), columns=columns)
 
 
+def _read_files(store: Store, files: list, columns=None):
+    import pyarrow as pa
+
+    return pa.concat_tables([read_table(store, f, columns) for f, _ in files])
+
+
 def _write(store: Store, rel: str, table) -> None:
     from curation.global_phase.tables import write_parquet
 
     write_parquet(store, rel, table)
 
 
+def _vec_col(x: np.ndarray):
+    import pyarrow as pa
+
+    n, dim = x.shape
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * dim)
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x, np.float32).ravel()))
+
+
 # ---------------------------------------------------------------------------------------------------------
-# the steps (each an item function for run_items)
+# scoring: fp32 products, the near-best rescored in float64, ranked by (score, unit id)
+
+
+def exact_scores(q: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of aligned unit rows as a float64 dot product rounded to float32: the same value for a
+    pair whatever block, generation or kernel it is computed in."""
+    out = np.empty(len(q), np.float32)
+    for a in range(0, len(q), 65536):
+        out[a : a + 65536] = np.einsum(
+            "ij,ij->i", q[a : a + 65536].astype(np.float64), c[a : a + 65536].astype(np.float64)
+        )
+    return out
+
+
+def top_m(
+    q: np.ndarray, x: np.ndarray, qgroup: np.ndarray, cgroup: np.ndarray, cuid: np.ndarray, m: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query row's best ``m`` rows of ``x`` from other groups: (query row, candidate row, score), sorted
+    by query, then score descending, then candidate unit id. Every candidate within EPS of the row's m-th
+    fp32 score is rescored exactly (``exact_scores``): ties and last-bit differences rank alike everywhere."""
+    if not len(q) or not len(x):
+        z = np.zeros(0, np.int64)
+        return z, z, np.zeros(0, np.float32)
+    s = q @ x.T  # (b, n) fp32 cosine
+    s[qgroup[:, None] == cgroup[None, :]] = -np.inf  # same source: filtered by id
+    k = min(m, s.shape[1])
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]
+    qi, ci = np.nonzero(np.isfinite(s) & (s >= (kth - EPS)[:, None]))
+    sc = exact_scores(q[qi], x[ci])
+    sel = _top_per_query(qi, -sc, cuid[ci], m)
+    return qi[sel], ci[sel], sc[sel]
+
+
+def _top_per_query(qid: np.ndarray, neg_score: np.ndarray, cid: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the best ``m`` rows per query (score descending, then candidate id), sorted by query."""
+    order = np.lexsort((cid, neg_score, qid))
+    q = qid[order]
+    starts = np.r_[True, q[1:] != q[:-1]] if len(q) else np.zeros(0, bool)
+    first = np.maximum.accumulate(np.where(starts, np.arange(len(q)), 0)) if len(q) else np.zeros(0, int)
+    return order[(np.arange(len(q)) - first) < m]
+
+
+def _partial(meta, ci: np.ndarray, qid: np.ndarray, sc: np.ndarray, cuid: np.ndarray):
+    import pyarrow as pa
+
+    out = meta.take(pa.array(ci, pa.int64())).append_column("qid", pa.array(qid, pa.int64()))
+    return out.append_column("score", pa.array(sc, pa.float32())).append_column(
+        "cuid", pa.array(cuid, pa.int64())
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact blocked search (small categories): one item per (query block, generation searched)
+
+
+def exact_block(item: dict, store: Store, params: dict) -> dict:
+    """Query block B of generation G against every unit of generation H: its partial top-m."""
+    out = item["out"]
+    if store.exists(out):
+        return {"skipped": 1, "scored": 0}
+    qt = _read_files(store, item["files"], ["vector", "video_id", "clip_id"])
+    db = _read_files(store, item["db"], ["vector", *META])
+    q, x = _vectors(qt), _vectors(db)
+    qg, cg = group_ids(qt, params["same_source"]), group_ids(db, params["same_source"])
+    cuid = unit_ids(db)
+    got_q, got_c, got_s = [], [], []
+    for a in range(0, len(q), EXACT_CHUNK_ROWS):
+        qi, ci, sc = top_m(q[a : a + EXACT_CHUNK_ROWS], x, qg[a : a + EXACT_CHUNK_ROWS], cg, cuid, item["m"])
+        got_q.append(qi + a)
+        got_c.append(ci)
+        got_s.append(sc)
+    qi, ci, sc = np.concatenate(got_q), np.concatenate(got_c), np.concatenate(got_s)
+    _write(store, out, _partial(db.drop_columns(["vector"]), ci, qi + item["r0"], sc, cuid[ci]))
+    return {"skipped": 0, "scored": int(len(q)) * int(len(x))}
+
+
+def exact_items(sdir: str, key: str, gens: list[list], m: int) -> tuple[list[dict], list[dict]]:
+    """The exact search of one category whose generations have the parts ``gens``: its search items (one per
+    query block and generation searched) and its query blocks, each with the partial files to merge."""
+    d = f"{sdir}/exact/{key}"
+    items, blocks = [], []
+    for g, parts in enumerate(gens):
+        for b, blk in enumerate(blocks_of(parts, EXACT_BLOCK_ROWS)):
+            outs = [f"{d}/g{g:04d}/b{b:06d}/h{h:04d}.parquet" for h in range(len(gens)) if gens[h]]
+            items += [
+                {**blk, "db": gens[h], "m": m, "out": f"{d}/g{g:04d}/b{b:06d}/h{h:04d}.parquet"}
+                for h in range(len(gens))
+                if gens[h]
+            ]
+            blocks.append({**blk, "gen": g, "block": b, "partials": outs})
+    return items, blocks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the sharded IVF search (large categories): train, assign, search, each an item function for run_items
 
 
 def train(item: dict, store: Store) -> dict:
-    """k-means (spherical, faiss) on a seeded sample of ``train_n`` units, read one bucket file at a time."""
+    """k-means (spherical, faiss) on a seeded sample of ``train_n`` units, read one bucket file at a time;
+    ``train.json`` (nlist, nprobe, ranges) is written after the centroids."""
     import faiss
 
     out = f"{item['dir']}/centroids.npy"
-    if store.exists(out):
+    if store.exists(f"{item['dir']}/train.json"):
         return {"skipped": 1}
     n, k = item["n"], item["train_n"]
     chosen = np.sort(np.random.default_rng(item["seed"]).choice(n, k, replace=False))
@@ -128,6 +269,8 @@ def train(item: dict, store: Store) -> dict:
     buf = io.BytesIO()
     np.save(buf, pairing.normalize(km.centroids))
     store.write_bytes(out, buf.getvalue())
+    keep = ("nlist", "nprobe", "ranges", "train_n", "n")
+    store.write_json(f"{item['dir']}/train.json", {k: item[k] for k in keep})
     return {"skipped": 0, "trained_on": int(len(x))}
 
 
@@ -136,20 +279,21 @@ def _centroids(store: Store, d: str) -> np.ndarray:
 
 
 def assign(item: dict, store: Store, params: dict) -> dict:
-    """One query block: each unit's list (its nearest centroid) and the ``nprobe`` lists it probes; the units
-    written to their list range, the queries to every range they probe."""
+    """One query block of one generation: each unit's list (its nearest centroid) and the ``nprobe`` lists it
+    probes; the units written to their list range, the queries to every range they probe."""
     import pyarrow as pa
 
-    d, b = item["dir"], item["block"]
-    done = f"{d}/assign/b{b:06d}.json"
+    d, gd, b = item["dir"], item["gdir"], item["block"]
+    done = f"{gd}/assign/b{b:06d}.json"
     if store.exists(done):
         return {"skipped": 1}
     c = _centroids(store, d)
     nlist, nprobe, n_ranges = c.shape[0], item["nprobe"], item["ranges"]
-    t = pa.concat_tables([read_table(store, f, ["vector", *META]) for f, _ in item["files"]])
+    t = _read_files(store, item["files"], ["vector", *META])
     x = _vectors(t)
     ids = np.arange(item["r0"], item["r0"] + t.num_rows, dtype=np.int64)
     grp = group_ids(t, params["same_source"])
+    uid = unit_ids(t)
     s = x @ c.T  # (b, nlist)
     top = np.argsort(-s, axis=1, kind="stable")[:, :nprobe]  # (b, nprobe) probed lists, nearest first
     own = top[:, 0]
@@ -157,12 +301,12 @@ def assign(item: dict, store: Store, params: dict) -> dict:
     meta = t.drop_columns(["vector"])
     for r in range(n_ranges):
         sel = np.nonzero(rng_of(own) == r)[0]
-        db = meta.take(pa.array(sel)).append_column("cid", pa.array(ids[sel]))
+        db = meta.take(pa.array(sel)).append_column("cuid", pa.array(uid[sel]))
         db = db.append_column("cgroup", pa.array(grp[sel])).append_column(
             "list", pa.array(own[sel].astype(np.int32))
         )
         db = db.append_column("vector", _vec_col(x[sel]))
-        _write(store, f"{d}/lists/r{r:05d}/b{b:06d}.parquet", db)
+        _write(store, f"{gd}/lists/r{r:05d}/b{b:06d}.parquet", db)
         hit = rng_of(top) == r  # (b, nprobe)
         qsel = np.nonzero(hit.any(1))[0]
         lists = [top[i][hit[i]].astype(np.int32) for i in qsel]
@@ -174,40 +318,38 @@ def assign(item: dict, store: Store, params: dict) -> dict:
                 "vector": _vec_col(x[qsel]),
             }
         )
-        _write(store, f"{d}/probes/r{r:05d}/b{b:06d}.parquet", probes)
+        _write(store, f"{gd}/probes/r{r:05d}/b{b:06d}.parquet", probes)
     store.write_bytes(done, json.dumps({"rows": int(t.num_rows)}).encode())
     return {"skipped": 0}
 
 
-def _vec_col(x: np.ndarray):
-    import pyarrow as pa
-
-    n, dim = x.shape
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * dim)
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x, np.float32).ravel()))
-
-
 def search(item: dict, store: Store, params: dict) -> dict:
-    """One list range against every query block that probes it, one block at a time: per list, the exact
-    scores of its probing queries against its units (other groups only), then the best ``m`` per query."""
+    """One list range of one generation H against the query blocks (of any generation) that probe it and have
+    no partial for it yet, one block at a time: per list, the scores of its probing queries against its units
+    (other groups only), then the best ``m`` per query."""
     import pyarrow as pa
 
-    d, r, m = item["dir"], item["range"], item["m"]
-    todo = [b for b in item["blocks"] if not store.exists(f"{d}/partial/b{b:06d}/r{r:05d}.parquet")]
+    d, h, r, m = item["dir"], item["h"], item["range"], item["m"]
+    todo = [
+        (g, b)
+        for g, b in item["queries"]
+        if not store.exists(f"{d}/partial/g{g:04d}/b{b:06d}/h{h:04d}-r{r:05d}.parquet")
+    ]
     if not todo:
         return {"skipped": 1, "scored": 0}
-    db = pa.concat_tables([read_table(store, f"{d}/lists/r{r:05d}/b{b:06d}.parquet") for b in item["blocks"]])
+    gd = f"{d}/g{h:04d}"
+    db = pa.concat_tables([read_table(store, f"{gd}/lists/r{r:05d}/b{b:06d}.parquet") for b in item["db"]])
     order = np.argsort(db.column("list").to_numpy(), kind="stable")
     db = db.take(pa.array(order))
     lists = db.column("list").to_numpy()
-    x, cgroup = _vectors(db), db.column("cgroup").to_numpy()
-    meta = db.drop_columns(["vector", "cgroup", "list"])
+    x, cgroup, cuid = _vectors(db), db.column("cgroup").to_numpy(), db.column("cuid").to_numpy()
+    meta = db.drop_columns(["vector", "cgroup", "list", "cuid"])
     uniq, starts = np.unique(lists, return_index=True)
     ends = np.r_[starts[1:], len(lists)]
     span = {int(lst): (int(a), int(e)) for lst, a, e in zip(uniq, starts, ends)}
     scored = 0
-    for b in todo:
-        p = read_table(store, f"{d}/probes/r{r:05d}/b{b:06d}.parquet")
+    for g, b in todo:
+        p = read_table(store, f"{d}/g{g:04d}/probes/r{r:05d}/b{b:06d}.parquet")
         q, qid, qgroup = _vectors(p), p.column("qid").to_numpy(), p.column("qgroup").to_numpy()
         lcol = p.column("lists").combine_chunks()
         flat = lcol.flatten().to_numpy()
@@ -218,75 +360,103 @@ def search(item: dict, store: Store, params: dict) -> dict:
                 continue
             a, e = span[int(lst)]
             qs = owner[flat == lst]
-            s = q[qs] @ x[a:e].T  # (queries probing lst, units in lst) exact fp32 cosine
-            s[qgroup[qs][:, None] == cgroup[None, a:e]] = -np.inf  # same source: filtered by id
-            scored += s.size
-            k = min(m, s.shape[1])
-            top = (
-                np.argpartition(-s, k - 1, axis=1)[:, :k]
-                if k < s.shape[1]
-                else np.tile(np.arange(k), (len(qs), 1))
-            )
-            got_q.append(np.repeat(qs, k))
-            got_c.append((top + a).ravel())
-            got_s.append(np.take_along_axis(s, top, 1).ravel())
+            qi, ci, sc = top_m(q[qs], x[a:e], qgroup[qs], cgroup[a:e], cuid[a:e], m)
+            scored += len(qs) * (e - a)
+            got_q.append(qs[qi])
+            got_c.append(ci + a)
+            got_s.append(sc)
         qi = np.concatenate(got_q) if got_q else np.zeros(0, np.int64)
         ci = np.concatenate(got_c) if got_c else np.zeros(0, np.int64)
-        sc = np.concatenate(got_s).astype(np.float32) if got_s else np.zeros(0, np.float32)
-        keep = np.isfinite(sc)
-        qi, ci, sc = qi[keep], ci[keep], sc[keep]
-        sel = _top_per_query(qid[qi], -sc, db.column("cid").to_numpy()[ci], m)
-        out = meta.take(pa.array(ci[sel])).append_column("qid", pa.array(qid[qi[sel]]))
-        out = out.append_column("score", pa.array(sc[sel]))
-        _write(store, f"{d}/partial/b{b:06d}/r{r:05d}.parquet", out)
+        sc = np.concatenate(got_s) if got_s else np.zeros(0, np.float32)
+        sel = _top_per_query(qid[qi], -sc, cuid[ci], m)
+        out = _partial(meta, ci[sel], qid[qi[sel]], sc[sel], cuid[ci[sel]])
+        _write(store, f"{d}/partial/g{g:04d}/b{b:06d}/h{h:04d}-r{r:05d}.parquet", out)
     return {"skipped": 0, "scored": int(scored)}
 
 
-def _top_per_query(qid: np.ndarray, neg_score: np.ndarray, cid: np.ndarray, m: int) -> np.ndarray:
-    """Indices of the best ``m`` rows per query (score descending, then candidate id), sorted by query."""
-    order = np.lexsort((cid, neg_score, qid))
-    q = qid[order]
-    starts = np.r_[True, q[1:] != q[:-1]] if len(q) else np.zeros(0, bool)
-    first = np.maximum.accumulate(np.where(starts, np.arange(len(q)), 0)) if len(q) else np.zeros(0, int)
-    return order[(np.arange(len(q)) - first) < m]
+def trained_dir(store: Store, d: str, n: int, pp: dict) -> tuple[str, dict]:
+    """The IVF of a category of ``n`` units under ``d``: the trained one whose nlist is within a factor two of
+    the wanted one (reused: its centroids stay while the category grows), else a new one to train."""
+    want = shape(n, pp)
+    for nlist in (want["nlist"], want["nlist"] // 2, want["nlist"] * 2):
+        if nlist < 1:
+            continue
+        sh = _shape_of(nlist, pp)
+        dn = f"{d}/n{nlist}-p{sh['nprobe']}"
+        got = store.read_json(f"{dn}/train.json")
+        if got is not None:
+            return dn, got
+    return f"{d}/n{want['nlist']}-p{want['nprobe']}", want
 
 
-def merged(item: dict, store: Store, m: int):
-    """The best ``m`` candidates of each query of a block over the ranges it probed: Neighbours with ids
-    local to the block's rows, and the candidates' metadata in the order of ``np.nonzero(idx >= 0)``."""
+def search_category(store: Store, gens: list[list], pp: dict, d: str, runner: str) -> tuple[list, dict]:
+    """Train (or reuse), assign and search one category under ``d`` whose generations have the parts
+    ``gens``; returns its query blocks (each with the partial files to merge) and the work done."""
+    n = sum(k for parts in gens for _, k in parts)
+    m = pp["candidates"]
+    dn, sh = trained_dir(store, d, n, pp)
+    every = [p for parts in gens for p in parts]
+    tr = {"nlist": sh["nlist"], "nprobe": sh["nprobe"], "ranges": sh["ranges"], "n": n}
+    tr["train_n"] = sh.get("train_n", min(n, TRAIN_PER_LIST * sh["nlist"]))
+    run_items([{"dir": dn, "files": every, "seed": 0, **tr}], train, runner, store=store)
+    sh = store.read_json(f"{dn}/train.json")
+    by_gen = [blocks_of(parts) for parts in gens]
+    blocks = [
+        {**blk, "gen": g, "block": b, "dir": dn, "gdir": f"{dn}/g{g:04d}", **sh}
+        for g, gb in enumerate(by_gen)
+        for b, blk in enumerate(gb)
+    ]
+    run_items(blocks, assign, runner, store=store, params=pp)
+    queries = [[blk["gen"], blk["block"]] for blk in blocks]
+    items = [
+        {"dir": dn, "h": h, "range": r, "m": m, "db": list(range(len(by_gen[h]))), "queries": queries}
+        for h in range(len(gens))
+        if by_gen[h]
+        for r in range(sh["ranges"])
+    ]
+    res = run_items(items, search, runner, store=store, params=pp)
+    for blk in blocks:
+        blk["partials"] = [
+            f"{dn}/partial/g{blk['gen']:04d}/b{blk['block']:06d}/h{h:04d}-r{r:05d}.parquet"
+            for h in range(len(gens))
+            if by_gen[h]
+            for r in range(sh["ranges"])
+        ]
+    return blocks, _work(res)
+
+
+def _work(res: list[dict]) -> dict:
+    return {
+        "scored": int(sum(r.get("scored", 0) for r in res)),
+        "tasks_run": int(sum(1 - r.get("skipped", 0) for r in res)),
+        "tasks_skipped": int(sum(r.get("skipped", 0) for r in res)),
+    }
+
+
+def search_exact(store: Store, gens: list[list], pp: dict, sdir: str, key: str, runner: str):
+    """The exact blocked search of one category: its query blocks (with their partials) and the work done."""
+    items, blocks = exact_items(sdir, key, gens, pp["candidates"])
+    res = run_items(items, exact_block, runner, store=store, params=pp)
+    return blocks, _work(res)
+
+
+def merged(partials: list[str], store: Store, r0: int, n: int, m: int):
+    """The best ``m`` candidates of each query of a block over its partials: Neighbours with ids local to the
+    block's rows, and the candidates' metadata in the order of ``np.nonzero(idx >= 0)``."""
     import pyarrow as pa
 
-    d, b, r0, n = item["dir"], item["block"], item["r0"], item["n"]
-    parts = [
-        read_table(store, f"{d}/partial/b{b:06d}/r{r:05d}.parquet")
-        for r in range(item["ranges"])
-        if store.exists(f"{d}/partial/b{b:06d}/r{r:05d}.parquet")
-    ]
-    t = pa.concat_tables(parts)
+    parts = [read_table(store, f) for f in partials if store.exists(f)]
+    t = pa.concat_tables(parts) if parts else None
+    nb = pairing.Neighbours(np.full((n, m), -1, np.int64), np.full((n, m), -np.inf, np.float32))
+    if t is None:
+        return nb, None
     qid, sc = t.column("qid").to_numpy(), t.column("score").to_numpy()
-    sel = _top_per_query(qid, -sc, t.column("cid").to_numpy(), m)
+    sel = _top_per_query(qid, -sc, t.column("cuid").to_numpy(), m)
     t = t.take(pa.array(sel))
     qid, sc = qid[sel], sc[sel]
-    nb = pairing.Neighbours(np.full((n, m), -1, np.int64), np.full((n, m), -np.inf, np.float32))
     starts = np.r_[True, qid[1:] != qid[:-1]] if len(qid) else np.zeros(0, bool)
     first = np.maximum.accumulate(np.where(starts, np.arange(len(qid)), 0)) if len(qid) else np.zeros(0, int)
     rank = np.arange(len(qid)) - first
     nb.idx[qid - r0, rank] = 0  # a placeholder >= 0: the candidate's metadata comes from ``t``
     nb.score[qid - r0, rank] = sc
-    return nb, t.drop_columns(["qid", "score"])
-
-
-def search_category(store: Store, parts: list, n: int, pp: dict, d: str, runner: str) -> list[dict]:
-    """Train, assign and search one category under ``d``; returns its query blocks (r0, n, files, block)
-    for the merge step, each with ``dir`` and ``ranges`` set."""
-    sh = shape(n, pp)
-    m = min(pp["candidates"], n - 1)
-    blocks = [{**blk, "block": i, "dir": d, **sh} for i, blk in enumerate(blocks_of(parts))]
-    run_items([{"dir": d, "files": parts, "n": n, "seed": 0, **sh}], train, runner, store=store)
-    run_items(blocks, assign, runner, store=store, params=pp)
-    items = [
-        {"dir": d, "range": r, "m": m, "blocks": [blk["block"] for blk in blocks]}
-        for r in range(sh["ranges"])
-    ]
-    run_items(items, search, runner, store=store, params=pp)
-    return blocks
+    return nb, t.drop_columns(["qid", "score", "cuid"])

@@ -1,5 +1,6 @@
-"""Steps 2-4 of the global phase: search each (kind, category) for candidates (exact blocks or faiss IVF),
-near-duplicate video groups from the copy-paste edges, and the final verdicts (band, near-dup, top_k)."""
+"""Steps 2-4 of the global phase: search each (kind, category) for candidates (exact blocks or faiss IVF, by
+generation: ivf.py), near-duplicate video groups from the copy-paste edges, and the final verdicts (band,
+near-dup, top_k)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from curation import pairing
-from curation.execute import resolve, run_items
+from curation.execute import run_items
 from curation.global_phase import components, ivf
 from curation.global_phase.tables import KINDS, key_dir, write_parquet
 from curation.shards import safe_component
@@ -18,57 +19,53 @@ from curation.storage import Store
 
 log = logging.getLogger(__name__)
 
-SEARCH_BLOCK_ROWS = 8192  # query rows per search item (fixed: output names must not depend on the cluster)
 
-
-def find_pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> dict:
+def find_pairs(
+    store: Store, gather: dict, pp: dict, pdir: str, runner: str, search_dir: str | None = None
+) -> dict:
     """Steps 2-4 over the gathered units, written under ``pdir``: the final pair files per kind, the score
-    histogram, the verdict counts and the near-duplicate counts."""
+    histogram, the verdict counts, the near-duplicate counts and the search work done (``search``).
+
+    ``gather`` holds the generations of units (``gather_generations``) or one set of parts (``gather_tables``:
+    one generation). The search partials go under ``search_dir`` (default ``pdir``), keyed by generation: the
+    ones that exist are kept, so a new generation costs its own blocks (new x all and all x new) only. The
+    merge into each query block's top-m and the steps after it are linear and run over everything."""
+    sdir = search_dir or pdir
+    gens = [g["parts"] for g in gather["generations"]] if "generations" in gather else [gather["parts"]]
     hist = {k: np.zeros(pp["hist_bins"], np.int64) for k in KINDS}
     raw: dict[str, list[tuple[str, str]]] = {k: [] for k in KINDS}
     copies = []
-    # small categories: one bundle each (at most exact_max units), exact blocked search in map_batches;
-    # large ones: the sharded IVF search (ivf.py), then one merge item per query block
-    bundles, items = {}, []
+    work = Counter()
+    items = []
     for key, n in sorted(gather["units"].items()):
         kind, cat = key.split("\t")
         if n < 2:
             continue
         catdir = f"{kind}/{safe_component(cat)}"
-        parts = gather["parts"][key]
+        per_gen = [list(parts.get(key, [])) for parts in gens]
         if use_ivf(n, pp):
-            d = f"{pdir}/ivf/{key_dir(kind, cat)}"
-            blocks = ivf.search_category(store, parts, n, pp, d, runner)
-            items += [
-                {
-                    **blk,
-                    "bundle": None,
-                    "kind": kind,
-                    "m": min(pp["candidates"], n - 1),
-                    "out": f"{pdir}/raw/{catdir}/block-{blk['r0']:010d}.parquet",
-                    "copies": f"{pdir}/copies/{catdir}/block-{blk['r0']:010d}.parquet",
-                }
-                for blk in blocks
-            ]
-            continue
-        bundles[key] = _bundle_ref(store, [f for f, _ in parts], kind, cat, pp, runner)
+            blocks, w = ivf.search_category(store, per_gen, pp, f"{sdir}/ivf/{key_dir(kind, cat)}", runner)
+        else:
+            blocks, w = ivf.search_exact(store, per_gen, pp, sdir, key_dir(kind, cat), runner)
+        work.update(w)
         items += [
             {
-                "bundle": key,
                 "kind": kind,
-                "r0": r0,
-                "r1": min(n, r0 + SEARCH_BLOCK_ROWS),
-                "out": f"{pdir}/raw/{catdir}/block-{r0:010d}.parquet",
-                "copies": f"{pdir}/copies/{catdir}/block-{r0:010d}.parquet",
+                "r0": blk["r0"],
+                "n": blk["n"],
+                "files": blk["files"],
+                "partials": blk["partials"],
+                "m": pp["candidates"],
+                "out": f"{pdir}/raw/{catdir}/g{blk['gen']:04d}-b{blk['block']:06d}.parquet",
+                "copies": f"{pdir}/copies/{catdir}/g{blk['gen']:04d}-b{blk['block']:06d}.parquet",
             }
-            for r0 in range(0, n, SEARCH_BLOCK_ROWS)
+            for blk in blocks
         ]
-    res = run_items(items, _search_block, runner, store=store, bundles=bundles, params=pp)
+    res = run_items(items, _search_block, runner, store=store, params=pp)
     for it, r in zip(items, res):
         hist[it["kind"]] += np.asarray(r["hist"], np.int64)
         raw[it["kind"]].append((it["out"], it["out"].replace(f"{pdir}/raw/", f"{pdir}/pairs/")))
         copies.append(it["copies"])
-    del bundles
     dd = components.near_duplicate_groups(
         store, copies, f"{pdir}/dedup", f"{pdir}/dedup/groups.parquet", pp, runner
     )
@@ -106,6 +103,7 @@ def find_pairs(store: Store, gather: dict, pp: dict, pdir: str, runner: str) -> 
         "histogram": histogram,
         "verdicts": {k: dict(v) for k, v in verdicts.items()},
         **dd,
+        "search": dict(work),
     }
 
 
@@ -115,64 +113,9 @@ def use_ivf(n: int, pp: dict) -> bool:
     return pp["method"] in ("faiss", "ray") or (pp["method"] == "auto" and n > pp["exact_max"])
 
 
-def _bundle_ref(store: Store, files, kind, cat, pp, runner):
-    if runner == "sequential":
-        return build_bundle(store, files, kind, cat, pp)
-    import ray
-
-    # built in a task: the vectors go from the files to the object store without passing the driver
-    return ray.remote(num_cpus=1)(build_bundle).remote(store, files, kind, cat, pp)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# step 2: search (per kind and category: a bundle of vectors + index in the object store, query blocks)
-
-
-def _read_units(store: Store, files: list[str], kind: str, category: str, columns=None):
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pds
-
-    ds = pds.dataset([store.path(f) for f in files], format="parquet", filesystem=store.fs)
-    flt = (pc.field("kind") == kind) & (pc.field("category") == category)
-    return ds.to_table(filter=flt, columns=columns)
-
-
-def build_bundle(store: Store, files: list[str], kind: str, category: str, params: dict) -> dict:
-    """Everything a search task needs for one (kind, category): unit vectors (N, D), group ids, pHashes
-    (N, K) with a count, the candidate metadata columns, and the faiss index (serialised) when the set is
-    larger than ``exact_max`` (or method says so); exact blocked products otherwise."""
-    import faiss  # noqa: F401  (fail early where faiss is missing)
-
-    t = _read_units(store, files, kind, category)
-    n = t.num_rows
-    vec = t.column("vector").combine_chunks()
-    x = np.asarray(vec.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(n, -1)
-    x = pairing.normalize(x)
-    gkey = t.column("clip_id" if params["same_source"] else "video_id").to_pylist()
-    _, groups = np.unique(np.array(gkey, dtype=object).astype(str), return_inverse=True)
-    return {
-        "x": x,
-        "groups": groups.astype(np.int64),
-        "meta": t.drop_columns(["vector", "kind"]),
-        "n": n,
-    }
-
-
-def _neighbours(bundle: dict, r0: int, r1: int, m: int) -> pairing.Neighbours:
-    import warnings
-
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same sums on every runner; the caller's count is restored after
-    try:
-        with warnings.catch_warnings():  # the object store's arrays are read-only; nothing writes to them
-            warnings.simplefilter("ignore", UserWarning)
-            xt = torch.from_numpy(bundle["x"])
-            gt = torch.from_numpy(bundle["groups"])
-        return pairing.exact_block(xt, gt, r0, r1, m)
-    finally:
-        torch.set_num_threads(before)
+# step 2: search (ivf.py: exact blocks or the sharded IVF, by generation), then per query block its merged
+# top-m with the band verdicts
 
 
 def _phash_matrix(col) -> tuple[np.ndarray, np.ndarray]:
@@ -204,31 +147,25 @@ def _min_phash_distance(qph, cph) -> np.ndarray:
     return np.where(d >= 999, -1, d)
 
 
-def _search_block(item: dict, store: Store, bundles: dict, params: dict) -> dict:
-    """Candidates of query rows [r0, r1): every one with its exact score, band verdict (``in_band``,
-    ``copy_paste`` by score or pHash, ``different_subject``) and pHash distance; plus the copy edges."""
+def _search_block(item: dict, store: Store, params: dict) -> dict:
+    """Candidates of one query block (its partials merged into each query's top-m): every one with its score,
+    band verdict (``in_band``, ``copy_paste`` by score or pHash, ``different_subject``) and pHash distance;
+    plus the copy edges."""
     import pyarrow as pa
 
-    r0, r1, kind = item["r0"], item.get("r1"), item["kind"]
+    kind = item["kind"]
     out_rel, copies_rel = item["out"], item["copies"]
     if store.exists(out_rel) and store.exists(copies_rel):
         return {"skipped": 1, "hist": [0] * params["hist_bins"]}
     low, high = (
         (params["low"], params["high"]) if kind == "subject" else (params["face_low"], params["face_high"])
     )
-    if item["bundle"] is None:  # a query block of the sharded search: its merged top-m
-        nb, cands = ivf.merged(item, store, item["m"])
-        qmeta = pa.concat_tables([ivf.read_table(store, f, ivf.META + ["bucket"]) for f, _ in item["files"]])
-        qi, rank = np.nonzero(nb.idx >= 0)
-        qm, cm = qmeta.take(pa.array(qi)), cands
-    else:
-        bundle = resolve(bundles[item["bundle"]])
-        n = bundle["n"]
-        m = min(params["candidates"], n - 1)
-        nb = _neighbours(bundle, r0, r1, m)
-        qi, rank = np.nonzero(nb.idx >= 0)
-        meta = bundle["meta"]
-        qm, cm = meta.take(pa.array(qi + r0)), meta.take(pa.array(nb.idx[qi, rank]))
+    nb, cm = ivf.merged(item["partials"], store, item["r0"], item["n"], item["m"])
+    qmeta = pa.concat_tables([ivf.read_table(store, f, ivf.META + ["bucket"]) for f, _ in item["files"]])
+    qi, rank = np.nonzero(nb.idx >= 0)
+    qm = qmeta.take(pa.array(qi, pa.int64()))
+    if cm is None:
+        cm = qmeta.slice(0, 0)
     score = nb.score[qi, rank].astype(np.float32)
     # the band rule; its top_k comes after the near-duplicate groups (final verdicts), so every in-band one
     # stays in the band here

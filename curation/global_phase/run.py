@@ -2,19 +2,29 @@
 cross-video pairs (faiss IVF / exact blocks searched in map_batches) -> sample plans -> WebDataset shards,
 every step a job over files in the store, resumable by its outputs and keyed by a hash of what made them.
 
-Layout under the store (``map_hash``: the per-video phase; ``pair_hash``: + the pair spec; ``global_hash``:
-+ the write_shards spec, so changing write_shards keeps the pairs and changing pair keeps the tables):
+Layout under the store (``map_hash``: the per-video phase; ``pair_hash``: + the data digest and the pair spec;
+``global_hash``: + the write_shards spec, so changing write_shards keeps the pairs and changing pair keeps the
+tables; ``search_hash``: the map phase, the gather epoch and the params the search depends on):
 
     tables/<map_hash>/units/<bb>/<video>.parquet     pairable units of one video (export_video)
     tables/<map_hash>/clips/<bb>/<video>.parquet     its ok clips, the row as JSON text
-    global/gather-<map_hash>/{units,clips}-<bb>.parquet   one file per hash bucket bb (00..ff) of video ids
-    global/pairs-<pair_hash>/raw/<kind>/<cat>/block-N.parquet   every candidate with its score (search)
+    global/gen-<map_hash>/state.json, e<E>-g<G>/...   the gathered generations (gather.py): each run gathers
+                                                     the newly committed videos only, into a new generation
+    global/search-<search_hash>/{exact,ivf}/...       search partials per (query generation, searched
+                                                     generation), never redone (ivf.py)
+    global/pairs-<pair_hash>/raw/<kind>/<cat>/g<G>-b<B>.parquet   every candidate with its score (merged)
     global/pairs-<pair_hash>/copies/...               copy-paste edges between videos (for dedup)
     global/pairs-<pair_hash>/dedup/groups.parquet     near-duplicate video groups
-    global/pairs-<pair_hash>/pairs/<kind>/<cat>/block-N.parquet   final verdicts (band, top_k, near-dup)
+    global/pairs-<pair_hash>/pairs/<kind>/<cat>/...   final verdicts (band, top_k, near-dup)
+    global/clips-<digest>/clips-<bb>.parquet          the clips of every generation, one file per bucket
+                                                     (only when there is more than one generation)
     global/plans-<global_hash>/part-P.parquet         one row per sample, partition P = a range of buckets
     global/results/<global_hash>/<shards_subdir>/shard-P-S.tar, .records/, .index.json   (and <eval_subdir>/)
     <shards_subdir>, <eval_subdir>, global/current.json   the published pointers, written last (publish.py)
+
+Only the search is incremental: the merge of the partials into each query's top-m, the near-duplicate
+groups, the verdicts, plans and shards are linear in their inputs and run over everything when the data
+changes (a new data digest keys them).
 
 The driver holds counts, object references and per-shard entries only, never rows: its memory is bounded by
 the number of partitions and shards, not by the number of clips. ``runner="sequential"`` runs the very same
@@ -23,6 +33,7 @@ step functions over the same files in one process (tests)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -34,11 +45,11 @@ from collections import Counter, defaultdict
 from curation import pairing, scenarios
 from curation.execute import run_items
 from curation.global_phase import publish
-from curation.global_phase.gather import gather_tables
+from curation.global_phase.gather import gather_generations, gather_tables
 from curation.global_phase.pairs import find_pairs, read_groups
 from curation.global_phase.params import PairParams, ShardParams, validate_step
 from curation.global_phase.plans import plan_partition
-from curation.global_phase.tables import BUCKETS, export_video, sha, video_units
+from curation.global_phase.tables import BUCKETS, export_video, sha, video_units, write_parquet
 from curation.global_phase.write import write_partition
 from curation.shards import INDEX_FILE, RECORDS_DIR, atomic_write_json
 from curation.storage import Store
@@ -61,6 +72,17 @@ def step_hashes(map_hash: str, pair_params, shard_params, data_digest: str = "")
         json.dumps({"pair": pair_hash, "write_shards": _params_dict(shard_params)}, sort_keys=True)
     )
     return pair_hash, global_hash
+
+
+SEARCH_PARAMS = ("candidates", "same_source")  # the search partials depend on these (+ nprobe: ivf.py)
+
+
+def search_hash(map_hash: str, epoch: int, pp: dict) -> str:
+    """The key of the search partials: the map phase, the gather epoch (generations are numbered within it)
+    and the pair params the search depends on; the band, top_k, pHash and near-duplicate params are applied
+    after it, so changing them keeps every partial."""
+    keep = {k: pp[k] for k in SEARCH_PARAMS}
+    return sha(json.dumps({"map": map_hash, "epoch": epoch, "search": keep}, sort_keys=True))
 
 
 def params_of(specs) -> tuple[PairParams, ShardParams]:
@@ -90,32 +112,32 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
     t0 = time.time()
     pair_p, shard_p = params_of(specs)
     pp, wp = _params_dict(pair_p), _params_dict(shard_p)
-    gdir = f"global/gather-{map_hash}"
     timings = {}
 
-    # 1. gather
-    gather = store.read_json(f"{gdir}/_done.json")
-    if gather is None:
-        gather = gather_tables(store, map_hash, gdir, runner)
-        store.write_json(f"{gdir}/_done.json", gather)
+    # 1. gather: the newly committed videos into a new generation (a listing and nothing else when none is)
+    gather = gather_generations(store, map_hash, f"global/gen-{map_hash}", runner)
     timings["gather_s"] = round(time.time() - t0, 2)
     pair_hash, global_hash = step_hashes(map_hash, pair_p, shard_p, gather["digest"])
     pdir, sdir = f"global/pairs-{pair_hash}", f"global/plans-{global_hash}"
     final = store.read_json(f"{sdir}/_done.json")
     if final and (publish.current(store) or {}).get("global_hash") == global_hash:
-        return {**final["summary"], "resumed": True}
+        return {**final["summary"], "resumed": True, "search": {"scored": 0, "tasks_run": 0}}
 
     # 2-4. pairs (search, near-duplicate groups, final verdicts)
     pairs_done = store.read_json(f"{pdir}/_done.json")
     if pairs_done is None:
-        pairs_done = find_pairs(store, gather, pp, pdir, runner)
+        search_dir = f"global/search-{search_hash(map_hash, gather['epoch'], pp)}"
+        pairs_done = find_pairs(store, gather, pp, pdir, runner, search_dir=search_dir)
         store.write_json(f"{pdir}/_done.json", pairs_done)
         store.write_json(f"{pdir}/histogram.json", pairs_done["histogram"])
+    else:
+        pairs_done = {**pairs_done, "search": {"scored": 0, "tasks_run": 0}}
     timings["pairs_s"] = round(time.time() - t0 - sum(timings.values()), 2)
 
     # 5. plans
     n_part = n_partitions(gather["clips"], wp)
     span = BUCKETS // n_part
+    gdir = clips_dir(store, gather, n_part, runner)
     groups = read_groups(store, f"{pdir}/dedup/groups.parquet")
     params = {"write": wp, "config_hash": ctx.config_hash or map_hash, "global_hash": global_hash}
     plan_items = [
@@ -201,6 +223,9 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
         "shards_kept": sum(r["kept"] for r in res),
         "pair_hash": pair_hash,
         "global_hash": global_hash,
+        "generations": len(gather["generations"]),
+        "new_videos": gather["new_videos"],
+        "search": pairs_done["search"],
         "timings_s": timings,
     }
     store.write_json(f"{sdir}/_done.json", {"summary": summary})
@@ -212,6 +237,40 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
         time.time() - t0,
     )
     return summary
+
+
+def clips_dir(store: Store, gather: dict, n_part: int, runner: str) -> str:
+    """The folder of one clips file per bucket that the plans read: the generation's own folder when there is
+    one generation, else ``global/clips-<digest>/`` with every generation's clips of each bucket."""
+    gens = gather["generations"]
+    if len(gens) <= 1:
+        return gens[0]["dir"] if gens else "global/no-clips"
+    d = f"global/clips-{gather['digest'][:16]}"
+    if store.exists(f"{d}/_done.json"):
+        return d
+    span = BUCKETS // n_part
+    items = [
+        {"lo": p * span, "hi": (p + 1) * span, "gens": [g["dir"] for g in gens], "out": d}
+        for p in range(n_part)
+    ]
+    run_items(items, _union_clips, runner, store=store)
+    store.write_json(f"{d}/_done.json", {"generations": len(gens)})
+    return d
+
+
+def _union_clips(item: dict, store: Store) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 0
+    for b in range(item["lo"], item["hi"]):
+        rels = [f"{g}/clips-{b:02x}.parquet" for g in item["gens"]]
+        tabs = [pq.read_table(io.BytesIO(store.read_bytes(r))) for r in rels if store.exists(r)]
+        if tabs:
+            t = pa.concat_tables(tabs)
+            write_parquet(store, f"{item['out']}/clips-{b:02x}.parquet", t)
+            n += t.num_rows
+    return {"clips": n}
 
 
 # ---------------------------------------------------------------------------------------------------------

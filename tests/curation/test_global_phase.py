@@ -158,14 +158,19 @@ def test_changing_write_params_keeps_the_pairs_and_changing_pair_keeps_the_table
     rows = make_rows(str(tmp_path))
     first = write(tmp_path, rows, maxcount=4)
     pairs_done = tmp_path / f"global/pairs-{first['pair_hash']}/_done.json"
-    gather_done = next(tmp_path.glob("global/gather-*/_done.json"))
+    gather_done = next(tmp_path.glob("global/gen-*/state.json"))
+    partial = next(tmp_path.glob("global/search-*/exact/subject/*/g0000/b000000/h0000.parquet"))
     t_pairs, t_gather = pairs_done.stat().st_mtime_ns, gather_done.stat().st_mtime_ns
+    t_partial = partial.stat().st_mtime_ns
     second = write(tmp_path, rows, maxcount=2)
     assert second["pair_hash"] == first["pair_hash"] and second["global_hash"] != first["global_hash"]
     assert pairs_done.stat().st_mtime_ns == t_pairs and second["shards"] == 6
     assert [e["samples"] for e in read_index(tmp_path / "shards")["shards"]] == [2] * 6
     third = write(tmp_path, rows, pair={"low": 0.5}, maxcount=2)
     assert third["pair_hash"] != first["pair_hash"] and gather_done.stat().st_mtime_ns == t_gather
+    # the band is applied after the search: its partials are kept, and no score was computed again
+    assert partial.stat().st_mtime_ns == t_partial and third["search"]["scored"] == 0
+    assert first["search"]["scored"] > 0
     again = write(tmp_path, rows, pair={"low": 0.5}, maxcount=2)
     assert again.get("resumed") and again["triplets_out"] == third["triplets_out"]
 
@@ -267,9 +272,9 @@ def test_driver_memory_does_not_grow_with_clips(tmp_path):
 
 
 def test_videos_joining_later_redo_the_global_steps_and_match_a_fresh_run(tmp_path):
-    """The runner drops the global steps' done markers when new videos were committed; the gathered tables'
-    digest then keys new pairs and plans, and every shard whose content changed is rewritten: the result is
-    byte-identical to a fresh run over all the videos."""
+    """Videos committed after a first global run are gathered into a second generation (whether or not the
+    done markers are dropped); the data digest then keys new pairs and plans, and every shard whose content
+    changed is rewritten: the result is byte-identical to a fresh run over all the videos."""
     early, fresh = tmp_path / "early", tmp_path / "fresh"
     early.mkdir()
     fresh.mkdir()
@@ -279,4 +284,5 @@ def test_videos_joining_later_redo_the_global_steps_and_match_a_fresh_run(tmp_pa
     later = write(early, make_rows(str(early), n_videos=6), maxcount=3)
     want = write(fresh, make_rows(str(fresh), n_videos=6), maxcount=3)
     assert later["pair_hash"] != first["pair_hash"] and later["triplets_out"] == want["triplets_out"] == 12
+    assert (first["generations"], later["generations"], later["new_videos"]) == (1, 2, 2)
     assert _state(early / "shards") == _state(fresh / "shards")

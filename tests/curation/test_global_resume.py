@@ -101,10 +101,10 @@ run_global(specs, Store(root), ctx, "synth", runner="sequential")
 """
 # each step by the first file it writes
 STEPS = {
-    "gather": "global/gather-synth/units/*/*/*.parquet",
-    "ivf_train": "global/pairs-*/ivf/*/*/centroids.npy",
-    "ivf_assign": "global/pairs-*/ivf/*/*/assign/*.json",
-    "ivf_search": "global/pairs-*/ivf/*/*/partial/*/*.parquet",
+    "gather": "global/gen-synth/*/units/*/*/*.parquet",
+    "ivf_train": "global/search-*/ivf/*/*/*/centroids.npy",
+    "ivf_assign": "global/search-*/ivf/*/*/*/g*/assign/*.json",
+    "ivf_search": "global/search-*/ivf/*/*/*/partial/*/*/*.parquet",
     "candidates": "global/pairs-*/raw/*/*/*.parquet",
     "near_duplicates": "global/pairs-*/dedup/long/*/*.parquet",
     "verdicts": "global/pairs-*/pairs/*/*/*.parquet",
