@@ -100,10 +100,14 @@ calibrate: setup ## fit the pairing band of PIPELINE's embedder on the calibrati
 EVAL_SET ?= output/$(SOURCE)/shards_eval
 CKPT ?= $(lastword $(sort $(wildcard runs/train_tiny/checkpoints/step_*)))
 EVAL_OUT ?= runs/eval
+EVAL_BASELINE ?= start
+EVAL_ARGS ?=
 
-eval: setup ## generate and score EVAL_SET (default: the held-out split) with CKPT (default: latest tiny checkpoint)
+eval: setup ## score CKPT (default: latest tiny checkpoint) and its starting weights (EVAL_BASELINE=start|<ckpt>|none) on EVAL_SET, side by side
 	@test -n "$(CKPT)" || { echo "no checkpoint under runs/train_tiny/checkpoints: run \`make train\` or pass CKPT=..."; exit 2; }
-	$(BIN)/python -m training.evaluate --ckpt $(CKPT) --eval-set $(EVAL_SET) --metrics $(CONFIG) --out $(EVAL_OUT)/$(notdir $(basename $(CKPT)))
+	@test -e "$(CKPT)" || { echo "checkpoint $(CKPT) does not exist: run \`make train\` or pass CKPT=..."; exit 2; }
+	$(BIN)/python -m training.eval_compare --ckpt $(CKPT) $(if $(EVAL_SET),--eval-set $(EVAL_SET)) --metrics $(CONFIG) \
+		--baseline $(EVAL_BASELINE) --out $(EVAL_OUT)/$(notdir $(basename $(CKPT))) $(EVAL_ARGS)
 
 download: setup ## fetch SOURCE's videos (Panda-70M CSV urls) with yt-dlp into its videos_dir; resumable
 	$(BIN)/python -m curation.download --config $(CONFIG) --source $(SOURCE)
