@@ -1,17 +1,23 @@
 """Step 5 of the global phase: sample plans, one partition (a range of buckets) per item: pairs joined to
-clips, identity rules, partner draw, composition, ratios, weights, quotas and the held-out split."""
+clips, identity rules, partner draw, composition, ratios, weights, quotas and the held-out split.
+
+A partition's rows stay columnar: its candidates are one Arrow table per kind (read with the bucket filter,
+sorted by query), its near-duplicate groups the rows of ``groups.parquet`` of its own videos, its clips read a
+row group at a time, its plans Arrow batches (one per bucket) sorted and capped in Arrow. Python dicts exist
+for one clip at a time: the clip's row and its own candidates, which the composition rules take. The number
+of partitions comes from the data (clips and candidate bytes per partition), never from the cluster: a
+partition's number names its shards, so it must not change with the machine."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 
 from curation import scenarios
 from curation.composition import best_crop, category_keep, compose_clip, eligible_partners, keep_fraction
-from curation.global_phase.tables import KINDS, subject_tight_box, write_parquet
+from curation.global_phase.tables import BUCKETS, KINDS, subject_tight_box, write_parquet
 from curation.scenarios import unit_draw
 from curation.shards import safe_component
 from curation.storage import Store
@@ -42,20 +48,128 @@ _PAIR_COLS = [
 ]
 
 
+PAIR_BYTES_PER_PARTITION = 256 << 20  # candidate Parquet bytes per plan partition (with clips_per_partition)
+
+
+def n_partitions(n_clips: int, pair_bytes: int, wp: dict) -> int:
+    """Partitions (ranges of the 256 buckets) for the plans and writers: ``partitions`` when set, else enough
+    for about ``clips_per_partition`` clips and PAIR_BYTES_PER_PARTITION of candidate files each, a power of
+    two at most 256."""
+    want = wp["partitions"] or max(
+        1, math.ceil(n_clips / wp["clips_per_partition"]), math.ceil(pair_bytes / PAIR_BYTES_PER_PARTITION)
+    )
+    p = 1
+    while p < want and p < BUCKETS:
+        p *= 2
+    return p
+
+
+def partitions_for(store: Store, n_clips: int, pair_files: dict, wp: dict) -> int:
+    """The partition count of the plans and shards of ``n_clips`` clips whose candidate files (per kind) are
+    ``pair_files``: from their sizes in the store."""
+    pair_bytes = sum(store.size(f) for files in pair_files.values() for f in files)
+    return n_partitions(n_clips, pair_bytes, wp)
+
+
+def plan_items(n: int, pair_files: dict, gdir: str, groups: str, sdir: str) -> list[dict]:
+    """One item per partition of ``n``: its bucket range, the gathered clips folder, the candidate files per
+    kind, the near-duplicate groups file (each partition reads its own videos' rows) and its output."""
+    span = BUCKETS // n
+    return [
+        {
+            "lo": p * span,
+            "hi": (p + 1) * span,
+            "partition": p,
+            "n_partitions": n,
+            "gather": gdir,
+            "pairs": pair_files,
+            "groups": groups,
+            "out": f"{sdir}/part-{p:05d}.parquet",
+        }
+        for p in range(n)
+    ]
+
+
 def _read_pairs(store: Store, files: list[str], lo: int, hi: int, kind: str):
-    """The pair records of queries in buckets [lo, hi) that the composition rules can use: for subject
-    embeddings the pairs and the copies (a copy vetoes a face-only pair), for faces every verdict (a face
-    rejection vetoes an embedding pair)."""
+    """The pair records of queries in buckets [lo, hi) that the composition rules can use, as one Arrow table
+    sorted by query (clip, subject) and rank: for subject embeddings the pairs and the copies (a copy vetoes a
+    face-only pair), for faces every verdict (a face rejection vetoes an embedding pair). The candidate files
+    are in bucket order with small row groups, so the filter reads only this partition's row groups."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
     if not files:
-        return []
+        return None
     ds = pds.dataset([store.path(f) for f in files], format="parquet", filesystem=store.fs)
     flt = (pc.field("bucket") >= lo) & (pc.field("bucket") < hi)
     if kind == "subject":
         flt = flt & pc.field("verdict").isin(["pair", "copy_paste", "near_duplicate_source"])
-    return ds.to_table(filter=flt, columns=_PAIR_COLS).to_pylist()
+    t = ds.to_table(filter=flt, columns=_PAIR_COLS)
+    order = pc.sort_indices(t, [("q_clip", "ascending"), ("q_subject", "ascending"), ("rank", "ascending")])
+    return t.take(order).combine_chunks() if t.num_rows else pa.Table.from_batches([], t.schema)
+
+
+class _Candidates:
+    """One kind's candidate table of a partition (sorted by query) and the row span of each query clip; the
+    records of one clip come out as dicts on demand, by subject, in rank order."""
+
+    def __init__(self, t):
+        import numpy as np
+        import pyarrow.compute as pc
+
+        self.t, self.span = t, {}
+        n = 0 if t is None else t.num_rows
+        if not n:
+            return
+        qc = t.column("q_clip")
+        diff = pc.not_equal(qc.slice(1), qc.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        starts = np.r_[0, np.nonzero(diff)[0] + 1]
+        ends = np.r_[starts[1:], n]
+        clips = qc.take(starts).to_pylist()
+        self.span = {c: (int(a), int(e)) for c, a, e in zip(clips, starts, ends)}
+
+    def of_clip(self, clip_id: str) -> dict[int, list[dict]]:
+        a_e = self.span.get(clip_id)
+        if a_e is None:
+            return {}
+        out: dict[int, list[dict]] = {}
+        for rec in self.t.slice(a_e[0], a_e[1] - a_e[0]).to_pylist():
+            out.setdefault(rec["q_subject"], []).append(rec)
+        return out
+
+
+def _clip_files(store: Store, item: dict) -> list[str]:
+    rels = [f"{item['gather']}/clips-{b:02x}.parquet" for b in range(item["lo"], item["hi"])]
+    return [rel for rel in rels if store.exists(rel)]
+
+
+def _groups_of(store: Store, rel: str, clip_files: list[str]) -> dict[str, str]:
+    """The near-duplicate group of each video of this partition that is in one: the rows of ``rel`` (video_id,
+    group) of the partition's own videos, read with a filter (a scan a batch at a time, not the whole map)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+    import pyarrow.parquet as pq
+
+    if not clip_files or not store.exists(rel):
+        return {}
+    vids = pa.chunked_array(
+        [pq.read_table(store.open_input(f), columns=["video_id"]).column("video_id") for f in clip_files]
+    )
+    vids = pc.unique(vids)
+    ds = pds.dataset(store.path(rel), format="parquet", filesystem=store.fs)
+    t = ds.to_table(filter=pc.field("video_id").isin(vids), columns=["video_id", "group"])
+    return dict(zip(t.column("video_id").to_pylist(), t.column("group").to_pylist()))
+
+
+def _clip_rows(store: Store, rel: str):
+    """The clip rows (JSON text) of one gathered clips file, a row group at a time."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(store.open_input(rel))
+    for i in range(f.num_row_groups):
+        yield from f.read_row_group(i, columns=["row"]).column("row").to_pylist()
 
 
 def _filter_scores(row: dict) -> dict:
@@ -156,35 +270,34 @@ def _plan_schema():
     )
 
 
-def plan_partition(item: dict, store: Store, groups: dict, params: dict) -> dict:
+def plan_partition(item: dict, store: Store, params: dict, groups: dict | None = None) -> dict:
     """Sample plans of the clips of buckets [lo, hi): pairs joined to clips, identity rules, partner draw,
-    composition, ratios, category balance, scenario labels, weights and quotas, the held-out split."""
+    composition, ratios, category balance, scenario labels, weights and quotas, the held-out split. The
+    near-duplicate groups come from ``item["groups"]`` (the partition's own rows of the groups file), or from
+    ``groups`` when a caller passes the whole map."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
     lo, hi, wp = item["lo"], item["hi"], params["write"]
     seed = wp["seed"]
-    by_q: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
-    for kind in KINDS:
-        for rec in _read_pairs(store, item["pairs"][kind], lo, hi, kind):
-            by_q[(kind, rec["q_clip"], rec["q_subject"])].append(rec)
-    for v in by_q.values():
-        v.sort(key=lambda r: r["rank"])
+    cands = {kind: _Candidates(_read_pairs(store, item["pairs"][kind], lo, hi, kind)) for kind in KINDS}
+    clip_files = _clip_files(store, item)
+    if groups is None:
+        groups = _groups_of(store, item["groups"], clip_files)
     rejections: Counter = Counter()
-    plans = []
-    for b in range(lo, hi):
-        rel = f"{item['gather']}/clips-{b:02x}.parquet"
-        if not store.exists(rel):
-            continue
-        t = pq.read_table(io.BytesIO(store.read_bytes(rel)))
-        for row_json in t.column("row").to_pylist():
+    schema = _plan_schema()
+    batches = []  # one Arrow batch of plans per clips file (bucket)
+    for rel in clip_files:
+        plans = []
+        for row_json in _clip_rows(store, rel):
             row = json.loads(row_json)
             group = groups.get(row["video_id"], row["video_id"])
             split = split_of(group, wp["eval_frac"], seed)
+            by_kind = {kind: cands[kind].of_clip(row["clip_id"]) for kind in KINDS}
             partners = {}
             for si, s in enumerate(row.get("subjects") or []):
-                emb = [c for c in by_q.get(("subject", row["clip_id"], si), [])]
-                face = [c for c in by_q.get(("face", row["clip_id"], si), [])]
+                emb = by_kind["subject"].get(si, [])
+                face = by_kind["face"].get(si, [])
                 # a partner on the other side of the held-out split would leak the eval subject into training
                 for lst in (emb, face):
                     for c in lst:
@@ -241,20 +354,22 @@ def plan_partition(item: dict, store: Store, groups: dict, params: dict) -> dict
                         "draw": unit_draw("quota", seed, key),
                     }
                 )
+        batches.append(pa.RecordBatch.from_pylist(plans, schema=schema))
+    t = pa.Table.from_batches(batches, schema=schema)
     # per-scenario quotas, spread over the partitions (each keeps its share, lowest draws first)
     for scen, quota in wp["scenario_quotas"].items():
         share = math.ceil(int(quota) / item["n_partitions"])
-        mine = sorted((p for p in plans if p["scenario"] == scen), key=lambda p: (p["draw"], p["key"]))
-        drop = {p["key"] for p in mine[share:]}
-        if drop:
+        mine = t.filter(pc.equal(t["scenario"], scen))
+        mine = mine.take(pc.sort_indices(mine, [("draw", "ascending"), ("key", "ascending")]))
+        drop = pc.unique(mine["key"].slice(share))
+        if len(drop):
             rejections["write_shards:scenario_quota"] += len(drop)
-            plans = [p for p in plans if p["key"] not in drop]
-    plans.sort(key=lambda p: p["key"])
-    keys = [p["key"] for p in plans]
-    if len(set(keys)) != len(keys):
+            t = t.filter(pc.invert(pc.is_in(t["key"], value_set=drop)))
+    t = t.take(pc.sort_indices(t, [("key", "ascending")])).combine_chunks()
+    if len(pc.unique(t["key"])) != t.num_rows:
         raise ValueError("duplicate sample keys in one partition")
-    write_parquet(store, item["out"], pa.Table.from_pylist(plans, schema=_plan_schema()))
-    return {"samples": len(plans), "rejections": dict(rejections)}
+    write_parquet(store, item["out"], t)
+    return {"samples": t.num_rows, "rejections": dict(rejections)}
 
 
 def _c_tight(p, emb: list[dict], face: list[dict]):

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import tempfile
-from collections import Counter, defaultdict
+from collections import Counter
 
 from curation.global_phase.tables import sha
 from curation.shards import RECORDS_DIR, member_bytes, plan_shards
@@ -59,52 +59,56 @@ def _file_size(store: Store, rel: str) -> int:
 def write_partition(item: dict, store: Store, params: dict) -> dict:
     """The shards of one partition: samples (sorted by key) in shards of at most maxcount samples / maxsize
     bytes named shard-<partition>-<seq>.tar, each written under a temporary name and moved into place, then
-    one small record per finished shard. A re-run keeps every shard whose record matches its plan."""
+    one small record per finished shard. A re-run keeps every shard whose record matches its plan.
+
+    The plans stay an Arrow table: a first pass takes each sample's size (file sizes and its JSON / caption
+    lengths), then each shard's samples are built from its own rows only."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     p, wp, gh = item["partition"], params["write"], params["global_hash"]
-    t = pq.read_table(io.BytesIO(store.read_bytes(item["plans"])))
+    t = pq.read_table(store.open_input(item["plans"]))
     rejections: Counter = Counter()
     counts: Counter = Counter()
     eval_videos: set[str] = set()  # partitions hold disjoint videos: the driver adds the counts up
     entries, written, kept = [], 0, 0
-    by_split: dict[str, list[dict]] = defaultdict(list)
-    for rec in t.to_pylist():
-        by_split[rec["split"]].append(rec)
-    for split, recs in sorted(by_split.items()):
+    for split in sorted(set(pc.unique(t["split"]).to_pylist())):
         dirs = params["dirs"][split]  # this result's folders (publish.result_dirs), never the published ones
-        samples, sizes = [], []
-        for rec in recs:
+        recs = t.filter(pc.equal(t["split"], split))
+        rows, sizes = [], []  # the row (in recs) and the tar bytes of each sample that has its files
+        for i, rec in enumerate(_iter_rows(recs, ["key", "clip_path", "refs", "caption", "meta"])):
             try:
                 if not rec["clip_path"]:
                     raise FileNotFoundError("no clip_path")
-                files = [("mp4", rec["clip_path"])] + [(f"ref_{k}.jpg", r) for k, r in enumerate(rec["refs"])]
                 size = 0
-                for _, rel in files:
+                for rel in [rec["clip_path"], *rec["refs"]]:
                     size += member_bytes(_file_size(store, rel))
             except (OSError, ValueError) as e:
                 rejections[f"write_shards:{type(e).__name__}"] += 1
                 log.warning("write_shards: %s: %s", rec["key"], e)
                 continue
-            js = rec["meta"].encode()
-            txt = rec["caption"].encode()
-            size += member_bytes(len(js)) + member_bytes(len(txt))
-            sample = {"__key__": rec["key"], "json": js, "txt": txt}
-            sample.update({ext: ("file", rel) for ext, rel in files})
-            samples.append((sample, rec))
+            size += member_bytes(len(rec["meta"].encode())) + member_bytes(len(rec["caption"].encode()))
+            rows.append(i)
             sizes.append(size)
-            counts["samples"] += 1
-            counts[f"pair_type:{rec['pair_type']}"] += 1
-            counts.update(f"scenario:{t}" for t in json.loads(rec["meta"])["scenarios"])
-            if split == "eval":
-                counts["eval_samples"] += 1
-                eval_videos.add(rec["video_id"])
         for seq, (a, b) in enumerate(plan_shards(sizes, wp["maxcount"], int(wp["maxsize_mb"] * (1 << 20)))):
+            shard = list(
+                _iter_rows(
+                    recs.take(rows[a:b]),
+                    ["key", "video_id", "pair_type", "clip_path", "refs", "caption", "meta"],
+                )
+            )
+            for rec in shard:
+                counts["samples"] += 1
+                counts[f"pair_type:{rec['pair_type']}"] += 1
+                counts.update(f"scenario:{sc}" for sc in json.loads(rec["meta"])["scenarios"])
+                if split == "eval":
+                    counts["eval_samples"] += 1
+                    eval_videos.add(rec["video_id"])
             name = shard_name(p, seq)
-            keys = [s["__key__"] for s, _ in samples[a:b]]
+            keys = [r["key"] for r in shard]
             # what the shard holds: keys, sample JSON and member files (a changed partner changes it)
             digest = sha(
-                "\n".join(f"{r['key']}\t{r['meta']}\t{r['clip_path']}\t{r['refs']}" for _, r in samples[a:b]),
+                "\n".join(f"{r['key']}\t{r['meta']}\t{r['clip_path']}\t{r['refs']}" for r in shard),
                 64,
             )
             rec_rel, shard_rel = f"{dirs['meta']}/{RECORDS_DIR}/{name}.json", f"{dirs['tars']}/{name}"
@@ -123,7 +127,7 @@ def write_partition(item: dict, store: Store, params: dict) -> dict:
             fd, tmp = tempfile.mkstemp(suffix=".tar.tmp")
             os.close(fd)
             try:
-                _write_tar_local(tmp, [s for s, _ in samples[a:b]], store)
+                _write_tar_local(tmp, [_sample(r) for r in shard], store)
                 h = hashlib.sha256()
                 with open(tmp, "rb") as f:
                     while chunk := f.read(1 << 20):
@@ -159,3 +163,20 @@ def write_partition(item: dict, store: Store, params: dict) -> dict:
         "rejections": dict(rejections),
         "counts": dict(counts),
     }
+
+
+ROWS_PER_BATCH = 1024  # plan rows turned into Python values at a time
+
+
+def _iter_rows(t, columns: list[str]):
+    """The rows of ``t`` (these columns) as dicts, a batch of ROWS_PER_BATCH at a time."""
+    for batch in t.select(columns).to_batches(max_chunksize=ROWS_PER_BATCH):
+        yield from batch.to_pylist()
+
+
+def _sample(rec: dict) -> dict:
+    """A sample's members: its JSON and caption, the clip and the references (read as the tar is written)."""
+    files = [("mp4", rec["clip_path"])] + [(f"ref_{k}.jpg", r) for k, r in enumerate(rec["refs"])]
+    sample = {"__key__": rec["key"], "json": rec["meta"].encode(), "txt": rec["caption"].encode()}
+    sample.update({ext: ("file", rel) for ext, rel in files})
+    return sample
