@@ -74,22 +74,22 @@ import json, os, sys, threading, time
 import numpy as np
 import psutil, ray
 from curation import execute
-from curation.global_phase import PairParams, components, ivf, pairs
+from curation.global_phase import PairParams, components, gather, ivf, pairs
 from curation.global_phase.gather import gather_tables
 from curation.global_phase.pairs import find_pairs, read_groups
 from curation.storage import Store
 
 root, pair = sys.argv[1], json.loads(sys.argv[2])
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-peak, uss, step, stop = {}, {}, ["gather"], threading.Event()
+peak, uss, secs, step, stop = {}, {}, {}, ["gather"], threading.Event()
 
-def sample():  # every Ray worker's RSS and USS (the raylet's children), 5 times a second, per global step
-    me = os.getpid()
+def sample():  # RSS and USS of this Ray's workers (descendants of this driver), 5 times a second, per step
+    me = psutil.Process()
     while not stop.is_set():
-        for p in psutil.process_iter(["pid", "cmdline"]):
+        for p in me.children(recursive=True):
             try:
-                cmd = " ".join(p.info["cmdline"] or [])
-                if p.pid != me and (cmd.startswith("ray::") or "default_worker.py" in cmd):
+                cmd = " ".join(p.cmdline())
+                if cmd.startswith("ray::") or "default_worker.py" in cmd:
                     m = p.memory_full_info()  # uss: private pages only (object-store pages are shared)
                     k = step[0]
                     peak[k] = max(peak.get(k, 0), m.rss)
@@ -101,10 +101,14 @@ def sample():  # every Ray worker's RSS and USS (the raylet's children), 5 times
 def labelled(fn):  # names the step (the item function run_items maps) the sampler files its peaks under
     def run(items, f, *a, **kw):
         step[0] = getattr(f, "__name__", "?").lstrip("_")
-        return fn(items, f, *a, **kw)
+        t = time.time()
+        try:
+            return fn(items, f, *a, **kw)
+        finally:
+            secs[step[0]] = secs.get(step[0], 0.0) + time.time() - t
     return run
 
-for mod in (pairs, ivf, components):
+for mod in (gather, pairs, ivf, components):
     mod.run_items = labelled(execute.run_items)
 threading.Thread(target=sample, daemon=True).start()
 store = Store(root)
@@ -130,6 +134,7 @@ mb = lambda d: {k: round(v / 2**20, 1) for k, v in d.items()}
 print(json.dumps({"wall_s": wall, "gather_s": t1 - t0, "dedup_s": dedup_s, "driver_mb": hwm,
                   "worker_mb": max(peak.values()) / 2**20, "worker_uss_mb": max(uss.values()) / 2**20,
                   "worker_rss_mb_by_step": mb(peak), "worker_uss_mb_by_step": mb(uss),
+                  "s_by_step": {k: round(v, 1) for k, v in secs.items()},
                   "units": sum(g["units"].values()),
                   "groups_exact": ok / max(1, len(planted)), "planted": len(planted),
                   "verdicts": done["verdicts"]["subject"]}))
