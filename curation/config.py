@@ -222,6 +222,9 @@ class RunConfig:
     max_fail_frac: float = field(0.5, ge=0.0, le=1.0)  # a stage failing more of its rows stops the run
     min_fail_rows: int = field(20, ge=1)  # ... once it has seen at least this many rows
     videos_per_part: int = field(16, ge=1)  # source rows per Ray read task (small sources: 1)
+    # Panda-70M CSV records per Parquet part of the Ray ingest (curation.ingest; a CSV of at most 256 records:
+    # one per part). The parts are keyed by the CSV's digest, so changing this re-splits the CSV once.
+    source_part_rows: int = field(10_000, ge=1)
 
 
 @dataclasses.dataclass

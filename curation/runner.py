@@ -247,6 +247,8 @@ class VideoWorker:
                              **unpinned_of(vrows)}
             if not self.store.is_local and self.last:
                 _remove_local(local, files_of(vrows))
+            if "spans_skipped" in it:
+                done[vid]["spans_skipped"] = it["spans_skipped"]
         return [done.get(it["video_id"], it) if "status" not in it else it for it in items]
 
     def _fetch(self, it: dict, rels: set[str]) -> None:
@@ -299,7 +301,17 @@ def _remove_local(root: str, rels: set[str]) -> None:
 def resume_item(row: Record, mc: MapContext) -> dict:
     """A source row -> the item the map groups receive: finished already (status item), resumed after the
     furthest group whose cached output is valid, or from the start. Rejected source rows (missing file,
-    bad CSV row) are committed here: they need no work."""
+    bad CSV row) are committed here: they need no work. Every item carries ``spans_skipped`` (reason ->
+    count) when the source took spans out before any decode (Panda's ``keep_labels``). The manifest is
+    looked up per row by the worker that holds the row (the anti-join of source and manifest, in Ray)."""
+    item = _resume_item(row, mc)
+    skipped = Counter(s.get("reason") or "?" for s in row.get("skipped_spans") or ())
+    if skipped:
+        item["spans_skipped"] = dict(sorted(skipped.items()))
+    return item
+
+
+def _resume_item(row: Record, mc: MapContext) -> dict:
     store, vid = mc.store, row["video_id"]
     sig = source_signature(row)
     mh = map_hash(mc.groups)
@@ -411,69 +423,20 @@ def check_resources(groups: list[GroupPlan], cluster: dict) -> None:
                 f"lower resources.concurrency or resources.num_{what.lower()}s in pipelines.yaml")
 
 
-def _write_source_parts(source: Iterable[Record], store: Store, run_dir: str,
-                        part_videos: int) -> tuple[list[str], int]:
-    """Stream the source into Parquet parts (one string column per row) so Ray reads it in parallel and
-    the driver never holds the list. Small sources get one video per part, so every video is its own task.
-    Duplicate video ids are refused (a 64-bit digest per id is all that is kept)."""
-    import array
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    digests = array.array("Q")
-    parts: list[str] = []
-    head: list[Record] = []
-    it = iter(source)
-    for row in it:  # look ahead: a source that ends early is split finely
-        head.append(row)
-        if len(head) >= 256:
-            break
-    size = 1 if len(head) < 256 else part_videos
-
-    def flush(chunk: list[Record]) -> None:
-        rel = f"{run_dir}/part-{len(parts):06d}.parquet"
-        table = pa.table({"video_id": [r["video_id"] for r in chunk],
-                          "rec": [json.dumps(r, sort_keys=True, default=str) for r in chunk]})
-        with store.writer(rel) as f:
-            pq.write_table(table, f)
-        parts.append(rel)
-
-    chunk: list[Record] = []
-    n = 0
-    for row in [*head, *it]:
-        digests.append(int.from_bytes(hashlib.blake2b(row["video_id"].encode(), digest_size=8).digest(),
-                                      "little"))
-        chunk.append(row)
-        n += 1
-        if len(chunk) >= size:
-            flush(chunk)
-            chunk = []
-    if chunk:
-        flush(chunk)
-    import numpy as np
-
-    d = np.frombuffer(digests, dtype=np.uint64) if len(digests) else np.zeros(0, np.uint64)
-    if len(np.unique(d)) != len(d):
-        raise ValueError("duplicate video_id from the source (the same id on two rows)")
-    return parts, n
-
-
-def run_ray(parts: list[str], mc: MapContext, cfg: Config) -> Iterator[dict]:
+def run_ray(ds, mc: MapContext, cfg: Config) -> Iterator[dict]:
+    """The map groups over ``ds``, the source as a Ray Dataset of ``video_id`` / ``rec`` (record JSON) rows
+    (``curation.ingest``); yields each video's status item as it finishes."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     init_ray(cfg.ray)
     check_resources(mc.groups, ray.cluster_resources())
-    if not parts:
+    if ds is None:
         return
     dctx = DataContext.get_current()
     # One video per block: a finished video leaves its task at once instead of waiting for its block-mates,
     # so it reaches the committing group (and the manifest) while other videos are still in flight.
     dctx.target_max_block_size = 64 * 1024
-    store = mc.store
-    ds = ray.data.read_parquet([store.path(p) for p in parts], filesystem=store.fs,
-                               override_num_blocks=len(parts))
     ds = ds.map_batches(_resume_task, fn_kwargs={"mc": mc}, batch_size=1, batch_format="pandas",
                         num_cpus=0.1)
     for i, g in enumerate(mc.groups):
@@ -508,6 +471,7 @@ class RunResult:
     global_wall_s: float = 0.0
     store_uri: str = ""
     unpinned_model_files: list[str] = field(default_factory=list)  # ran under `sha256: unpinned`, any worker
+    source: dict = field(default_factory=dict)  # the Ray ingest: parts, parts_written/_reused, dup_ids
 
     @property
     def rows(self) -> list[Record]:
@@ -524,13 +488,8 @@ class _Totals:
         self.unpinned: set[str] = set()
         self.spans_skipped: Counter = Counter()  # spans the source took out before any decode, by reason
 
-    def count_source(self, rows: Iterable[Record]) -> Iterator[Record]:
-        """Pass the source rows through, counting the spans each one skipped (Panda's ``keep_labels``)."""
-        for r in rows:
-            self.spans_skipped.update(s.get("reason") or "?" for s in r.get("skipped_spans") or ())
-            yield r
-
     def add(self, item: dict) -> None:
+        self.spans_skipped.update(item.get("spans_skipped") or {})
         s = item.get("summary") or {}
         self.n["videos"] += 1
         self.n["clips"] += s.get("n_clips", 0)
@@ -575,12 +534,24 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
     mh = map_hash(groups)
     totals = _Totals()
     committed = skipped = 0
-    source_rows = totals.count_source(source_rows)
-
-    run_dir = f"source/run-{os.getpid()}-{int(t0 * 1000)}"
+    ingest: dict = {}
+    parts = None
     if runner == "ray":
-        parts, n_in = _write_source_parts(source_rows, store, run_dir, run_cfg.videos_per_part)
-        stream = run_ray(parts, mc, cfg)
+        import ray
+
+        from curation.ingest import ensure_csv_parts, panda_dataset, rows_dataset, write_row_parts
+
+        init_ray(cfg.ray)
+        check_resources(groups, ray.cluster_resources())
+        src = getattr(source_rows, "ingest", None)
+        if src is not None:  # a Panda-70M CSV: converted into parts by Ray tasks, keyed by its digest
+            parts = ensure_csv_parts(src, store, run_cfg.source_part_rows)
+            ds = panda_dataset(src, parts, store)
+        else:
+            parts = write_row_parts(source_rows, store, run_cfg.videos_per_part)
+            ds = rows_dataset(parts, store) if parts.paths else None
+        ingest = parts.as_dict()
+        stream = run_ray(ds, mc, cfg)
     else:
         counted: list[int] = [0]
 
@@ -605,10 +576,11 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
                     progress(item)
             totals.check(mc.max_fail_frac, mc.min_fail_rows)
     finally:
-        if runner == "ray":
-            store.delete_dir(run_dir)
-    if runner == "sequential":
-        n_in = counted[0]
+        if parts is not None:
+            from curation.ingest import remove_parts
+
+            remove_parts(store, parts)
+    n_in = totals.n["videos"] if runner == "ray" else counted[0]
     t_map = time.time() - t0
 
     global_summary: dict = {}
@@ -620,7 +592,8 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
             init_ray(cfg.ray)
         global_summary = run_global(global_specs, store, gctx, mh, runner=runner)
     return RunResult(n_in, skipped, committed, time.time() - t0, mh, totals.as_dict(), totals.stage_counts,
-                     global_summary, t_map, time.time() - t0 - t_map, store.uri, sorted(totals.unpinned))
+                     global_summary, t_map, time.time() - t0 - t_map, store.uri, sorted(totals.unpinned),
+                     ingest)
 
 
 def replace_stage_params(cfg: Config, pipeline: str, stage: str, **params) -> Config:

@@ -29,6 +29,7 @@ Decisions (stated, as the rows are untrusted):
 from __future__ import annotations
 
 import ast
+import codecs
 import csv
 import functools
 import hashlib
@@ -36,13 +37,14 @@ import math
 import os
 import re
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from curation.sources import rejected_record, source_record
-from curation.storage import Store, is_uri
+from curation.storage import Store, call_with_retry, is_uri
 
 REQUIRED_COLUMNS = ("videoID", "url", "timestamp", "caption", "matching_score")
 OPTIONAL_COLUMNS = ("desirable_filtering", "shot_boundary_detection")
@@ -297,30 +299,21 @@ def download_failure(videos_dir: str, video_id: str) -> tuple[str, str] | None:
     return f"download:{log.get('reason') or 'error'}", str(log.get("detail") or "")[:200]
 
 
-def _list_names(videos_dir: str) -> set[str]:
-    """The file names directly inside ``videos_dir`` (a local folder or an object-store prefix)."""
-    if is_uri(videos_dir):
-        return {rel for rel in Store(videos_dir).list() if "/" not in rel}
-    return set(os.listdir(videos_dir)) if os.path.isdir(videos_dir) else set()
-
-
-def resolve_video(
-    videos_dir: str, video_id: str, names: set[str] | None = None
-) -> tuple[str | None, str | None]:
-    """(absolute path, None) of ``{video_id}.mp4|.mkv|.webm`` inside ``videos_dir``, or (None, reason)
-    with reason ``bad_video_id`` (not an id, or a symlink leaving the folder) or ``missing_video``.
-    ``names``: the folder's file names listed once up front, to skip a stat per missing candidate."""
+def resolve_video(videos_dir: str, video_id: str) -> tuple[str | None, str | None]:
+    """(absolute path or URI, None) of ``{video_id}.mp4|.mkv|.webm`` inside ``videos_dir``, or (None, reason)
+    with reason ``bad_video_id`` (not an id, or a symlink leaving the folder) or ``missing_video``. One
+    existence check per candidate name (a stat, or a HEAD on an object store): the folder is never listed,
+    so a 7.6M-key bucket costs a 3.8M-row CSV no LIST page."""
     if not VIDEO_ID_RE.match(video_id or ""):
         return None, "bad_video_id"
     if is_uri(videos_dir):  # object store: the id matched VIDEO_ID_RE, so the key stays in the folder
+        store = _videos_store(videos_dir)
         for ext in PANDA_VIDEO_EXTENSIONS:
-            if names is not None and video_id + ext in names:
+            if _object_exists(store, video_id + ext):
                 return f"{videos_dir.rstrip('/')}/{video_id + ext}", None
         return None, "missing_video"
     root = os.path.realpath(videos_dir)
     for ext in PANDA_VIDEO_EXTENSIONS:
-        if names is not None and video_id + ext not in names:
-            continue
         cand = os.path.join(root, video_id + ext)
         if not os.path.lexists(cand):
             continue
@@ -330,6 +323,38 @@ def resolve_video(
         if os.path.isfile(real):
             return real, None
     return None, "missing_video"
+
+
+def _object_exists(store: Store, rel: str) -> bool:
+    """One HEAD: opening the object (pyarrow's ``get_file_info`` would add a LIST of ``<rel>/`` for every
+    missing key, to tell a missing file from a folder)."""
+    try:
+        with call_with_retry(store.fs.open_input_file, store.path(rel), what=f"HEAD {store.uri_of(rel)}"):
+            return True
+    except FileNotFoundError:
+        return False
+
+
+def finish_record(rec: dict[str, Any], videos_dir: str, keep_labels=None) -> dict[str, Any]:
+    """A parsed (and merged) record made final: spans outside ``keep_labels`` taken out first (a record left
+    with none needs no video), then the video looked up for a record still ``ok``: its path, or the
+    rejection ``missing_video`` (or the download step's logged reason) / ``bad_video_id``. Changes and
+    returns ``rec``. The sequential reader and the Ray ingest (``curation.ingest``) both end here."""
+    if keep_labels:
+        filter_spans_by_label(rec, keep_labels)
+    if rec.get("status") != "ok" or rec.get("video_path"):
+        return rec
+    raw_id = rec["video_id"]
+    path, why = resolve_video(videos_dir, raw_id)
+    if path is not None:
+        rec["video_path"] = path
+        return rec
+    detail = f"no {raw_id}.mp4|.mkv|.webm in {videos_dir}"
+    failed = download_failure(videos_dir, raw_id) if why == "missing_video" else None
+    if failed is not None:  # the download step tried and failed: its reason, not missing_video
+        why, detail = failed
+    rec.update(status="rejected", reason=why, detail=detail)
+    return rec
 
 
 def _merge(into: dict[str, Any], rec: dict[str, Any], line: int) -> None:
@@ -356,9 +381,10 @@ def _merge(into: dict[str, Any], rec: dict[str, Any], line: int) -> None:
     into["warnings"].append(f"merged_duplicate_row:{line}")
 
 
-def _parse_row(
-    row: dict[str, str], line: int, videos_dir: str, source: str, names: set[str] | None
-) -> dict[str, Any]:
+def parse_cells(row: dict[str, str], line: int, source: str) -> dict[str, Any]:
+    """One CSV row's cells -> its record before the video is looked up (``finish_record`` does that): a
+    rejection for a bad id / timestamp / caption, else an ``ok`` record whose ``video_path`` is None. Depends
+    on the row alone, so the Ray ingest caches it per CSV part."""
     raw_id = (row.get("videoID") or "").strip()
     if not VIDEO_ID_RE.match(raw_id):
         return rejected_record(f"row-{line}", source, "bad_video_id", f"videoID {raw_id[:80]!r}", row=line)
@@ -385,28 +411,9 @@ def _parse_row(
             warnings.append(f"bad_{col}")
         if value is not None:
             extra[key] = value
-    path, why = resolve_video(videos_dir, raw_id, names)
-    if path is None:
-        detail = f"no {raw_id}.mp4|.mkv|.webm in {videos_dir}"
-        failed = download_failure(videos_dir, raw_id) if why == "missing_video" else None
-        if failed is not None:  # the download step tried and failed: its reason, not missing_video
-            why, detail = failed
-        return rejected_record(
-            raw_id,
-            source,
-            why,
-            detail,
-            spans=spans,
-            span_captions=captions,
-            matching_score=scores,
-            warnings=warnings,
-            **base,
-            **extra,
-        )
     return source_record(
         raw_id,
         source,
-        video_path=path,
         spans=spans,
         span_captions=captions,
         matching_score=scores,
@@ -423,9 +430,37 @@ def read_panda_csv(
     return list(iter_panda_csv(csv_path, videos_dir, source, limit, keep_labels))
 
 
+@dataclass(frozen=True)
+class PandaCsvSource:
+    """What a Panda-70M read is, for a reader other than this module's own loop: the Ray runner converts the
+    CSV into Parquet parts with Ray tasks (``curation.ingest``) instead of iterating here."""
+
+    csv: str  # a local path or a URI, as configured
+    videos_dir: str
+    source: str
+    keep_labels: tuple[str, ...] = ()
+
+
+class PandaRecords(Iterator):
+    """The records of a Panda-70M CSV as an iterator consumed once (read lazily on the first ``next``),
+    carrying ``ingest`` (a ``PandaCsvSource``, or None with a ``limit``) for a runner that reads the CSV in
+    parallel instead."""
+
+    def __init__(self, make: Callable[[], Iterator[dict[str, Any]]], ingest: PandaCsvSource | None):
+        self._make, self._it, self.ingest = make, None, ingest
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = self._make()
+        return next(self._it)
+
+
 def iter_panda_csv(
     csv_path: str, videos_dir: str, source: str = "panda70m", limit: int = 0, keep_labels=None
-) -> Iterator[dict[str, Any]]:
+) -> PandaRecords:
     """One record per videoID of a Panda-70M CSV, yielded as the file is read (``limit`` > 0: stop after
     that many records), so a 3.8M-row CSV never sits in memory.
 
@@ -433,74 +468,190 @@ def iter_panda_csv(
     column, or when ``videos_dir`` does not exist. Videos are only read here: ``curation.download`` fetches
     them (``make download``, or the first step of ``make curate`` when the source sets ``download:``).
     Every other problem is a rejected record. Rows of a videoID seen more than once are held until its last
-    row and merged (a first pass over the ids, 8 bytes each, finds them); other rows stream through."""
-    if is_uri(csv_path):  # an object-store CSV is read from a cached local copy
-        parent, name = csv_path.rsplit("/", 1)
-        if not Store(parent).is_file(name):
-            raise FileNotFoundError(f"Panda-70M CSV {csv_path} does not exist")
-        csv_path = Store(parent).local_path(name)
-    if not os.path.isfile(csv_path):
+    row and merged (a first pass over the ids, 8 bytes each, finds them); other rows stream through. Each
+    record is made final (``keep_labels``, then the video's existence) after any merge."""
+    store, name = csv_store(csv_path)
+    if not store.is_file(name):
         raise FileNotFoundError(f"Panda-70M CSV {csv_path} does not exist")
     if not is_uri(videos_dir) and not os.path.isdir(videos_dir):
         raise FileNotFoundError(
             f"videos folder {videos_dir} does not exist "
             "(put {videoID}.mp4 files there, or set download: true)"
         )
-    header = _read_header(csv_path)
-    if limit:  # a few records: one pass, held until the end (bounded by the limit)
-        records = _iter_limited(csv_path, header, videos_dir, source, limit)
-    else:
-        records = _iter_streaming(csv_path, header, videos_dir, source)
-    if keep_labels:  # after duplicates merged: a span is kept or skipped once
-        return (filter_spans_by_label(r, keep_labels) for r in records)
-    return records
+    header = read_header(store, name, csv_path)
+    keep = tuple(keep_labels or ())
+
+    def make() -> Iterator[dict[str, Any]]:
+        local = store.local_path(name)  # an object-store CSV is read from a cached local copy
+        records = (_iter_limited(local, header, source, limit) if limit
+                   else _iter_streaming(local, header, source))
+        return (finish_record(r, videos_dir, keep) for r in records)
+
+    ingest = None if limit else PandaCsvSource(csv_path, videos_dir, source, keep)
+    return PandaRecords(make, ingest)
 
 
-def _read_header(csv_path: str) -> list[str]:
-    with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        try:
-            header = next(csv.reader(f))
-        except StopIteration:
-            raise ValueError(
-                f"{csv_path}: empty file, expected a header {','.join(REQUIRED_COLUMNS)}"
-            ) from None
-        except csv.Error as e:
-            raise ValueError(f"{csv_path}: unreadable header: {e}") from None
+def csv_store(csv_path: str) -> tuple[Store, str]:
+    """(the store of the CSV's folder, the CSV's name in it): a local path or a URI."""
+    if is_uri(csv_path):
+        parent, name = csv_path.rsplit("/", 1)
+        return Store(parent), name
+    return Store(os.path.dirname(os.path.abspath(csv_path))), os.path.basename(csv_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a CSV, whole or by byte range. A range reader sees the same lines as
+# ``open(path, encoding="utf-8-sig", errors="replace", newline="")`` (lines end at \n, \r\n or \r), so a
+# CSV cut into ranges at record ends gives the same rows, with the same line numbers, as one pass.
+
+_NEWLINE_PIECE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+BLOCK_BYTES = 1 << 22
+
+
+def byte_lines(f, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(offset just after the line, the line with its \\n) for the lines of ``f[start:end]``, in blocks."""
+    f.seek(start)
+    pos, tail = start, b""
+    while pos < end:
+        data = f.read(min(BLOCK_BYTES, end - pos))
+        if not data:
+            break
+        pos += len(data)
+        data = tail + data
+        off = pos - len(data)
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        for ln in lines:
+            off += len(ln) + 1
+            yield off, ln + b"\n"
+    if tail:
+        yield pos, tail
+
+
+class LineCursor:
+    """Text lines of a byte range for ``csv.reader``, remembering where the last line given ends: ``offset``
+    (bytes) and ``at_cut`` (it ended a byte line, so the file may be cut there)."""
+
+    def __init__(self, f, start: int, end: int):
+        self.f, self.start, self.end = f, start, end
+        self.offset, self.at_cut = start, True
+
+    def __iter__(self) -> Iterator[str]:
+        first = self.start == 0
+        for off, b in byte_lines(self.f, self.start, self.end):
+            if first and b.startswith(codecs.BOM_UTF8):
+                b = b[len(codecs.BOM_UTF8):]
+            first = False
+            text = b.decode("utf-8", "replace")
+            pieces = _NEWLINE_PIECE.findall(text) if "\r" in text[:-2] or text.endswith("\r") else (text,)
+            for i, piece in enumerate(pieces):
+                self.offset, self.at_cut = off, i == len(pieces) - 1
+                yield piece
+
+
+def read_header(store: Store, name: str, what: str = "") -> list[str]:
+    """The CSV's header cells, checked for the required columns (ValueError naming what is missing)."""
+    what = what or name
+    with store.open_input(name) as f:
+        return _header_of(csv.reader(LineCursor(f, 0, store.size(name))), what)
+
+
+def _header_of(reader, what: str) -> list[str]:
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ValueError(f"{what}: empty file, expected a header {','.join(REQUIRED_COLUMNS)}") from None
+    except csv.Error as e:
+        raise ValueError(f"{what}: unreadable header: {e}") from None
     header = [h.strip() for h in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise ValueError(
-            f"{csv_path}: missing required column(s) {missing}; found {header}; "
+            f"{what}: missing required column(s) {missing}; found {header}; "
             f"a Panda-70M CSV has {','.join(REQUIRED_COLUMNS)}"
         )
     return header
 
 
+def index_csv(f, size: int, rows_per_part: int, fine_rows: int = 256) -> dict[str, Any]:
+    """One pass over the CSV (``csv.reader``, so quoted newlines stay inside their record) cutting it into
+    byte ranges of about ``rows_per_part`` records, each starting at a record's first line. A CSV of at most
+    ``fine_rows`` records is cut at every record (a video per part: each is its own Ray task).
+    ``{"header", "rows", "parts": [[start, end, lines_before], ...]}``."""
+    cur = LineCursor(f, 0, size)
+    reader = csv.reader(cur)
+    header = _header_of(reader, "CSV")
+    # the first range starts after the header, or at 0 (its reader skips the header) when no byte line
+    # ends with it (a file of bare-CR lines is one byte line: it stays one range)
+    first = [cur.offset, reader.line_num] if cur.at_cut else [0, 0]
+    fine: list[list[int]] = [first]
+    coarse: list[list[int]] = [list(first)]
+    n = since = 0
+    while True:
+        try:
+            next(reader)
+        except StopIteration:
+            break
+        except csv.Error:
+            pass  # a malformed record is still a record: the range reader rejects it the same way
+        n += 1
+        since += 1
+        if not cur.at_cut:
+            continue
+        if n <= fine_rows:
+            fine.append([cur.offset, reader.line_num])
+        if since >= rows_per_part:
+            coarse.append([cur.offset, reader.line_num])
+            since = 0
+    cuts = fine if n <= fine_rows else coarse
+    if cuts[-1][0] < size:
+        cuts.append([size, reader.line_num])
+    parts = [[a[0], b[0], a[1]] for a, b in zip(cuts, cuts[1:]) if b[0] > a[0]]
+    return {"header": header, "rows": n, "parts": parts}
+
+
+def parse_csv_range(f, header: list[str], start: int, end: int, lines_before: int,
+                    source: str) -> Iterator[dict[str, Any]]:
+    """The parsed records (``parse_cells``, before any merge or video lookup) of the CSV records in
+    ``f[start:end]``, with the line numbers of a whole-file read (a range from 0 skips the header)."""
+    reader = csv.reader(LineCursor(f, start, end))
+    if start == 0:
+        next(reader, None)
+    for line, row, bad in _rows_of(reader, header, source, lines_before):
+        yield bad if bad is not None else parse_cells(row, line, source)
+
+
 def _rows(
     csv_path: str, header: list[str], source: str, as_dict: bool = True
 ) -> Iterator[tuple[int, Any, dict | None]]:
-    """(line, cells as a dict (or the list), None) for each well-formed row, (line, None, rejected record)
-    for a malformed one; blank lines skipped."""
     with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
         reader = csv.reader(f)
         next(reader)
-        while True:
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:  # e.g. a field over the size limit: this line is lost, the file is not
-                line = reader.line_num
-                yield line, None, rejected_record(f"row-{line}", source, "malformed_row", str(e), row=line)
-                continue
-            line = reader.line_num
-            if not cells or all(not c.strip() for c in cells):
-                continue  # blank line
-            if len(cells) != len(header):
-                detail = f"{len(cells)} columns, expected {len(header)}"
-                yield line, None, rejected_record(f"row-{line}", source, "malformed_row", detail, row=line)
-                continue
-            yield line, dict(zip(header, cells)) if as_dict else cells, None
+        yield from _rows_of(reader, header, source, 0, as_dict)
+
+
+def _rows_of(
+    reader, header: list[str], source: str, lines_before: int, as_dict: bool = True
+) -> Iterator[tuple[int, Any, dict | None]]:
+    """(line, cells as a dict (or the list), None) for each well-formed row, (line, None, rejected record)
+    for a malformed one; blank lines skipped."""
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # e.g. a field over the size limit: this line is lost, the file is not
+            line = lines_before + reader.line_num
+            yield line, None, rejected_record(f"row-{line}", source, "malformed_row", str(e), row=line)
+            continue
+        line = lines_before + reader.line_num
+        if not cells or all(not c.strip() for c in cells):
+            continue  # blank line
+        if len(cells) != len(header):
+            detail = f"{len(cells)} columns, expected {len(header)}"
+            yield line, None, rejected_record(f"row-{line}", source, "malformed_row", detail, row=line)
+            continue
+        yield line, dict(zip(header, cells)) if as_dict else cells, None
 
 
 def _id_hash(video_id: str) -> int:
@@ -527,8 +678,16 @@ def _add(records: dict[str, dict[str, Any]], rec: dict[str, Any], line: int) -> 
         records[rec["video_id"]] = rec
 
 
-def _iter_limited(csv_path, header, videos_dir, source, limit) -> Iterator[dict[str, Any]]:
-    names = _list_names(videos_dir)
+def merge_records(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parsed records of one videoID's rows (any order) -> the records the sequential reader gives for
+    them: merged in line order by ``_add``."""
+    out: dict[str, dict[str, Any]] = {}
+    for rec in sorted(recs, key=lambda r: r.get("row") or 0):
+        _add(out, rec, rec.get("row") or 0)
+    return list(out.values())
+
+
+def _iter_limited(csv_path, header, source, limit) -> Iterator[dict[str, Any]]:
     records: dict[str, dict[str, Any]] = {}
     for line, row, bad in _rows(csv_path, header, source):
         if len(records) >= limit:
@@ -536,11 +695,11 @@ def _iter_limited(csv_path, header, videos_dir, source, limit) -> Iterator[dict[
         if bad is not None:
             records[bad["video_id"]] = bad
         else:
-            _add(records, _parse_row(row, line, videos_dir, source, names), line)
+            _add(records, parse_cells(row, line, source), line)
     yield from records.values()
 
 
-def _iter_streaming(csv_path, header, videos_dir, source) -> Iterator[dict[str, Any]]:
+def _iter_streaming(csv_path, header, source) -> Iterator[dict[str, Any]]:
     # pass 1: the 64-bit hash of every row's videoID, and the last line of each id seen more than once
     hashes, lines = array("q"), array("q")
     col = header.index("videoID")
@@ -561,14 +720,13 @@ def _iter_streaming(csv_path, header, videos_dir, source) -> Iterator[dict[str, 
     del hashes, lines, h, ln, order, dup
 
     # pass 2: parse and yield; rows of a duplicated id wait (in a small dict) for that id's last row
-    names = _list_names(videos_dir)
     held: dict[str, dict[str, dict[str, Any]]] = {}
     for line, row, bad in _rows(csv_path, header, source):
         if bad is not None:
             yield bad
             continue
         raw_id = row.get("videoID", "").strip()
-        rec = _parse_row(row, line, videos_dir, source, names)
+        rec = parse_cells(row, line, source)
         key = _id_hash(raw_id) if VIDEO_ID_RE.match(raw_id) else None
         if key not in last_line:
             yield rec
