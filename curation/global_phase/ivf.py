@@ -375,17 +375,16 @@ def search(item: dict, store: Store, params: dict) -> dict:
 
 
 def trained_dir(store: Store, d: str, n: int, pp: dict) -> tuple[str, dict]:
-    """The IVF of a category of ``n`` units under ``d``: the trained one whose nlist is within a factor two of
-    the wanted one (reused: its centroids stay while the category grows), else a new one to train."""
+    """The IVF of a category of ``n`` units under ``d``: a trained one (``d/trained.json`` lists them) whose
+    nlist is within a factor two of the wanted one and whose nprobe is what the params ask for it (reused:
+    its centroids stay while the category grows), else a new one to train."""
     want = shape(n, pp)
-    for nlist in (want["nlist"], want["nlist"] // 2, want["nlist"] * 2):
-        if nlist < 1:
-            continue
-        sh = _shape_of(nlist, pp)
-        dn = f"{d}/n{nlist}-p{sh['nprobe']}"
-        got = store.read_json(f"{dn}/train.json")
-        if got is not None:
-            return dn, got
+    for got in store.read_json(f"{d}/trained.json") or []:
+        if want["nlist"] / 2 <= got["nlist"] <= want["nlist"] * 2 and _shape_of(got["nlist"], pp) == {
+            "nlist": got["nlist"],
+            "nprobe": got["nprobe"],
+        }:
+            return got["dir"], store.read_json(f"{got['dir']}/train.json")
     return f"{d}/n{want['nlist']}-p{want['nprobe']}", want
 
 
@@ -400,9 +399,22 @@ def search_category(store: Store, gens: list[list], pp: dict, d: str, runner: st
     tr["train_n"] = sh.get("train_n", min(n, TRAIN_PER_LIST * sh["nlist"]))
     run_items([{"dir": dn, "files": every, "seed": 0, **tr}], train, runner, store=store)
     sh = store.read_json(f"{dn}/train.json")
+    known = store.read_json(f"{d}/trained.json") or []
+    if dn not in [k["dir"] for k in known]:
+        store.write_json(
+            f"{d}/trained.json", [*known, {"dir": dn, "nlist": sh["nlist"], "nprobe": sh["nprobe"]}]
+        )
     by_gen = [blocks_of(parts) for parts in gens]
     blocks = [
-        {**blk, "gen": g, "block": b, "dir": dn, "gdir": f"{dn}/g{g:04d}", **sh}
+        {
+            **blk,
+            "gen": g,
+            "block": b,
+            "dir": dn,
+            "gdir": f"{dn}/g{g:04d}",
+            "nprobe": sh["nprobe"],
+            "ranges": sh["ranges"],
+        }
         for g, gb in enumerate(by_gen)
         for b, blk in enumerate(gb)
     ]
