@@ -1,11 +1,19 @@
-"""Benchmark of the sources: Panda-70M CSV parsing throughput, the safe-literal overhead, the sample build."""
+"""Benchmark of the sources: Panda-70M CSV parsing throughput, the safe-literal overhead, the sample build,
+and the Ray source ingest (``curation.ingest``): the driver's peak RSS on synthetic Panda CSVs of 100k and
+1M rows (the 1M case only with ``BENCH_INGEST_1M=1``: about 10 minutes on 2 cores), its growth from 100k to
+1M rows, the rows per second, and the largest Ray worker's peak RSS."""
 
 from __future__ import annotations
 
 import ast
 import csv
+import io
+import json
 import os
+import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -92,6 +100,141 @@ def label_prefilter(tmp: str) -> dict[str, float]:
             "panda_label_rows_per_s": N_LABEL_ROWS / dt}
 
 
+def write_synthetic_panda_csv(path: str, n_rows: int, seed: int = 0) -> int:
+    """A Panda-70M training-format CSV (the 7 columns the reader knows) of ``n_rows`` videos, 1-20 spans
+    each with captions, scores, labels from PANDA_LABEL_MIX and two shots per span, streamed to disk in
+    chunks from per-span-count templates (a 1M-row file in well under a minute). Returns the spans."""
+    from curation.sources.panda70m import format_time
+
+    rng = random.Random(seed)
+    labels, weights = list(PANDA_LABEL_MIX), list(PANDA_LABEL_MIX.values())
+
+    def cells(values) -> str:  # one CSV line's worth of fields, quoted as csv.writer quotes them
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="").writerow(values)
+        return buf.getvalue()
+
+    templates = {}
+    for k in range(1, 21):
+        stamps = [[format_time(j * 8.0), format_time(j * 8.0 + 6.0)] for j in range(k)]
+        caps = [f"A person in a red jacket walks along a busy street, shot {j}." for j in range(k)]
+        shots = [[[format_time(0.0), format_time(2.5)], [format_time(2.5), format_time(6.0)]]] * k
+        templates[k] = (cells([repr(stamps), repr(caps), repr([0.31] * k)]), cells([repr(shots)]),
+                        [cells([repr(rng.choices(labels, weights, k=k))]) for _ in range(32)])
+    n_spans = 0
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("videoID,url,timestamp,caption,matching_score,desirable_filtering,shot_boundary_detection\n")
+        chunk = []
+        for i in range(n_rows):
+            k = rng.randint(1, 20)
+            n_spans += k
+            mid, shots, labs = templates[k]
+            vid = f"s{i:010d}"
+            chunk.append(f"{vid},https://www.youtube.com/watch?v={vid},{mid},{labs[i % 32]},{shots}\n")
+            if len(chunk) >= 10_000:
+                f.write("".join(chunk))
+                chunk = []
+        f.write("".join(chunk))
+    return n_spans
+
+
+_INGEST_CHILD = """
+import json, os, resource, sys, threading, time
+import psutil
+from curation.config import RayConfig
+from curation.execute import init_ray
+from curation.ingest import ensure_csv_parts, panda_dataset
+from curation.sources.panda70m import PandaCsvSource
+from curation.storage import Store
+
+csv_path, videos, out = sys.argv[1:4]
+init_ray(RayConfig(num_cpus=int(sys.argv[4])))
+me = psutil.Process()
+worker_peak = [0, ""]
+stop = threading.Event()
+
+def hwm(p):
+    try:
+        for line in open(f"/proc/{p.pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+def sample():  # the peak RSS (VmHWM) of every Ray worker under this driver, until the end
+    while True:
+        for c in me.children(recursive=True):
+            try:
+                cmd = " ".join(c.cmdline())
+                if ("ray::" in cmd or "default_worker" in cmd) and hwm(c) > worker_peak[0]:
+                    worker_peak[:] = [hwm(c), cmd.split()[0]]
+            except psutil.Error:
+                pass
+        if stop.wait(0.5):
+            return
+
+threading.Thread(target=sample, daemon=True).start()
+t0 = time.perf_counter()
+src = PandaCsvSource(csv_path, videos, "panda70m", ("desirable",))
+store = Store(out)
+parts = ensure_csv_parts(src, store, 10_000)
+n = ok = 0
+for batch in panda_dataset(src, parts, store).iter_batches(batch_size=None, batch_format="pyarrow"):
+    n += batch.num_rows  # the driver counts: it never holds the records
+dt = time.perf_counter() - t0
+stop.set()
+time.sleep(0.6)
+print(json.dumps({"rows": n, "csv_rows": parts.rows, "wall_s": dt, "parts": len(parts.paths),
+                  "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "worker_peak_rss_mb": worker_peak[0] / 2**20, "worker_peak_was": worker_peak[1]}))
+"""
+
+
+def ingest_once(tmp: str, n_rows: int, num_cpus: int = 2) -> dict:
+    """The Ray ingest of a synthetic ``n_rows`` CSV in a child process that does only that (so its
+    ``ru_maxrss`` is the ingest's driver peak); the CSV is deleted afterwards."""
+    csv_path = os.path.join(tmp, f"panda_{n_rows}.csv")
+    t0 = time.perf_counter()
+    write_synthetic_panda_csv(csv_path, n_rows)
+    gen_s = time.perf_counter() - t0
+    videos = os.path.join(tmp, "videos_ingest")
+    os.makedirs(videos, exist_ok=True)
+    for i in range(0, n_rows, 10):  # every tenth video on disk
+        open(os.path.join(videos, f"s{i:010d}.mp4"), "wb").close()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _INGEST_CHILD, csv_path, videos,
+                               os.path.join(tmp, f"out_{n_rows}"), str(num_cpus)],
+                              capture_output=True, text=True, env=env, cwd=repo, check=True)
+    finally:
+        os.unlink(csv_path)
+        shutil.rmtree(videos, ignore_errors=True)
+        shutil.rmtree(os.path.join(tmp, f"out_{n_rows}"), ignore_errors=True)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["rows"] == res["csv_rows"] == n_rows, res
+    return {**res, "gen_s": gen_s}
+
+
+def source_ingest(tmp: str) -> dict[str, float]:
+    """``source_ingest_driver_peak_rss_mb_{100k,1m}``, their ratio (goal <= 1.3), ``source_ingest_rows_per_s``
+    and ``source_ingest_worker_peak_rss_mb`` (the largest Ray worker)."""
+    out: dict[str, float] = {}
+    small = ingest_once(tmp, 100_000)
+    out["source_ingest_driver_peak_rss_mb_100k"] = small["driver_peak_rss_mb"]
+    out["source_ingest_rows_per_s"] = small["rows"] / small["wall_s"]
+    out["source_ingest_worker_peak_rss_mb"] = small["worker_peak_rss_mb"]
+    if os.environ.get("BENCH_INGEST_1M") == "1":
+        big = ingest_once(tmp, 1_000_000)
+        out["source_ingest_driver_peak_rss_mb_1m"] = big["driver_peak_rss_mb"]
+        ratio = big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"]
+        out["source_ingest_driver_rss_ratio_1m_over_100k"] = ratio
+        out["source_ingest_rows_per_s_1m"] = big["rows"] / big["wall_s"]
+        out["source_ingest_worker_peak_rss_mb"] = max(small["worker_peak_rss_mb"], big["worker_peak_rss_mb"])
+    return out
+
+
 def run() -> dict[str, float]:
     from curation.demo.footage import build_sample
     from curation.demo.ground_truth import load_ground_truth
@@ -110,6 +253,7 @@ def run() -> dict[str, float]:
         out["sources_panda_rows_per_s"] = N_ROWS / dt
         out["sources_panda_ok_frac"] = sum(r["status"] == "ok" for r in recs) / len(recs)
         out.update(label_prefilter(tmp))
+        out.update(source_ingest(tmp))
 
         # the ast check before literal_eval, side by side with plain literal_eval on the same texts
         texts = [repr([["0:00:00.000", "0:00:05.005"]] * N_SPANS)] * 5000

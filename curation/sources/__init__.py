@@ -44,7 +44,9 @@ def rejected_record(video_id: str, source: str, reason: str, detail: str | None 
 
 def load_source(spec, out_dir: str) -> Iterator[dict[str, Any]]:
     """Records for every input video named by ``spec`` (a ``curation.config.SourceSpec``), as an iterator
-    consumed once (a 3.8M-row CSV or a million-file folder is never held in a list).
+    consumed once (a 3.8M-row CSV or a million-file folder is never held in a list). A Panda-70M CSV's
+    iterator (``panda70m.PandaRecords``) also says what to read (``.ingest``), so the Ray runner converts
+    the CSV with Ray tasks (``curation.ingest``) instead of iterating it in the driver.
 
     Configuration errors (missing CSV, missing required column, missing folder) raise at once, before the
     first record; problems with single rows or files become ``rejected`` records with a ``reason``.

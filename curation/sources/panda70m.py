@@ -24,6 +24,10 @@ Decisions (stated, as the rows are untrusted):
   is taken out before anything downloads or decodes it and listed in ``skipped_spans`` with its reason
   ``panda:<label>``; a video left with no span is a rejected record with that reason (the commonest one).
   A span without a label (no column) is kept.
+- a record is made final (``finish_record``) after any merge: the label prefilter, then the video looked up
+  by name (a stat, or one HEAD per candidate on an object store); the videos folder is never listed;
+- the CSV can be read by byte range (``index_csv`` cuts it at record ends, ``parse_csv_range`` reads a
+  range) with the rows and line numbers of one pass: ``curation.ingest`` parses the ranges in Ray tasks.
 """
 
 from __future__ import annotations
@@ -504,6 +508,16 @@ def csv_store(csv_path: str) -> tuple[Store, str]:
 # ``open(path, encoding="utf-8-sig", errors="replace", newline="")`` (lines end at \n, \r\n or \r), so a
 # CSV cut into ranges at record ends gives the same rows, with the same line numbers, as one pass.
 
+CSV_FIELD_LIMIT = 16 << 20  # as curation.download reads the CSV: a long caption list is a field, not an error
+
+
+def csv_reader(lines):
+    """``csv.reader`` with the field limit raised to ``CSV_FIELD_LIMIT`` in this process (a Ray worker as the
+    driver: the same rows are malformed everywhere)."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    return csv.reader(lines)
+
+
 _NEWLINE_PIECE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 BLOCK_BYTES = 1 << 22
 
@@ -553,7 +567,7 @@ def read_header(store: Store, name: str, what: str = "") -> list[str]:
     """The CSV's header cells, checked for the required columns (ValueError naming what is missing)."""
     what = what or name
     with store.open_input(name) as f:
-        return _header_of(csv.reader(LineCursor(f, 0, store.size(name))), what)
+        return _header_of(csv_reader(LineCursor(f, 0, store.size(name))), what)
 
 
 def _header_of(reader, what: str) -> list[str]:
@@ -579,7 +593,7 @@ def index_csv(f, size: int, rows_per_part: int, fine_rows: int = 256) -> dict[st
     ``fine_rows`` records is cut at every record (a video per part: each is its own Ray task).
     ``{"header", "rows", "parts": [[start, end, lines_before], ...]}``."""
     cur = LineCursor(f, 0, size)
-    reader = csv.reader(cur)
+    reader = csv_reader(cur)
     header = _header_of(reader, "CSV")
     # the first range starts after the header, or at 0 (its reader skips the header) when no byte line
     # ends with it (a file of bare-CR lines is one byte line: it stays one range)
@@ -614,7 +628,7 @@ def parse_csv_range(f, header: list[str], start: int, end: int, lines_before: in
                     source: str) -> Iterator[dict[str, Any]]:
     """The parsed records (``parse_cells``, before any merge or video lookup) of the CSV records in
     ``f[start:end]``, with the line numbers of a whole-file read (a range from 0 skips the header)."""
-    reader = csv.reader(LineCursor(f, start, end))
+    reader = csv_reader(LineCursor(f, start, end))
     if start == 0:
         next(reader, None)
     for line, row, bad in _rows_of(reader, header, source, lines_before):
@@ -625,7 +639,7 @@ def _rows(
     csv_path: str, header: list[str], source: str, as_dict: bool = True
 ) -> Iterator[tuple[int, Any, dict | None]]:
     with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        reader = csv.reader(f)
+        reader = csv_reader(f)
         next(reader)
         yield from _rows_of(reader, header, source, 0, as_dict)
 

@@ -119,6 +119,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_ingest_gives_the_sequential_records_rows_in_equal_rows_out(tmp_path, ray_local):
     """300 rows (+ 4 duplicates merged in Ray, 3 bad rows) over 9 parts: the records the sequential reader
     gives, labels and shot boundaries kept per span, the label prefilter applied; a second call reuses
@@ -253,6 +254,7 @@ class CountingMotoServer:
         self.server.shutdown()
 
 
+@pytest.mark.slow
 def test_missing_video_is_found_per_row_without_listing_the_videos_bucket(tmp_path, monkeypatch):
     """Videos on a real S3 API (moto's server, counted at the server): the Ray ingest records a missing
     video ``missing_video`` and finds the present ones with per-row HEADs, and no ListObjects is ever
@@ -295,6 +297,7 @@ def test_missing_video_is_found_per_row_without_listing_the_videos_bucket(tmp_pa
     srv.stop()
 
 
+@pytest.mark.slow
 def test_duplicate_ids_are_refused_on_ray_and_leave_no_parts(tmp_path, ray_local):
     from curation.config import Config
     from curation.runner import run_pipeline
