@@ -4,6 +4,7 @@ copy flagged, a subject found in its box, production model paths on tiny random-
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -354,6 +355,13 @@ def test_config_from_yaml_and_unknown_keys(tmp_path):
     p.write_text("copy_paste: {threshold: 2}\n")
     with pytest.raises(ConfigError, match="threshold"):
         load_metrics_config(p)
+
+
+def test_the_repository_pipelines_yaml_loads_as_a_metric_config():
+    """`inspect quality --config pipelines.yaml` reads the evaluation block; its opens2v sub-block belongs to
+    training.eval_bench and is no unknown key here."""
+    cfg = load_metrics_config(Path(__file__).resolve().parents[2] / "pipelines.yaml")
+    assert cfg.n_frames >= 1
 
 
 # ---------------------------------------------------------------------------------------------------------
