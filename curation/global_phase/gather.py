@@ -26,7 +26,7 @@ from collections import Counter
 
 from curation.execute import run_items
 from curation.global_phase.tables import BUCKETS, clip_schema, key_dir, sha, unit_schema
-from curation.storage import Store
+from curation.storage import Store, call_with_retry
 
 TASKS_PER_CPU = 4  # gather tasks per cluster CPU: enough to balance uneven buckets, few enough to amortise
 STATE = "state.json"
@@ -168,8 +168,10 @@ def _listing(store: Store, prefix: str) -> list[tuple[str, int, int]]:
     from pyarrow import fs
 
     try:
-        infos = store.fs.get_file_info(
-            fs.FileSelector(store.path(prefix), recursive=True, allow_not_found=True)
+        infos = call_with_retry(
+            store.fs.get_file_info,
+            fs.FileSelector(store.path(prefix), recursive=True, allow_not_found=True),
+            what=f"{store!r} listing {prefix!r}",
         )
     except FileNotFoundError:
         return []
@@ -208,7 +210,7 @@ def _gather_bucket(item: dict, store: Store) -> dict:
                 prior[(r["what"], r["rel"])] = r
     counts: Counter = Counter()
     dims: dict[str, int] = {}
-    n_clips = n_videos = n_new = 0
+    n_clips = n_videos = 0
     seen: list[dict] = []
     new_rows: list[dict] = []
     schemas = {"units": unit_schema(), "clips": clip_schema()}
@@ -248,7 +250,6 @@ def _gather_bucket(item: dict, store: Store) -> dict:
 
         for rec in new_rows:
             what, t = rec["what"], tables[(rec["what"], rec["rel"])]
-            n_new += what == "clips"
             if not t.num_rows:
                 continue
             if what == "clips":
@@ -275,5 +276,5 @@ def _gather_bucket(item: dict, store: Store) -> dict:
         "dims": dims,
         "clips": n_clips,
         "videos": n_videos,
-        "new_videos": n_new,
+        "new_videos": len({rec["rel"].rsplit("/", 1)[-1] for rec in new_rows}),  # units or clips table
     }

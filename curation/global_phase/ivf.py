@@ -206,7 +206,7 @@ def exact_block(item: dict, store: Store, params: dict) -> dict:
     """Query block B of generation G against every unit of generation H: its partial top-m."""
     out = item["out"]
     if store.exists(out):
-        return {"skipped": 1, "scored": 0}
+        return {"skipped": 1, "scored": 0, "read": 0}
     qt = _read_files(store, item["files"], ["vector", "video_id", "clip_id"])
     db = _read_files(store, item["db"], ["vector", *META])
     q, x = _vectors(qt), _vectors(db)
@@ -220,7 +220,7 @@ def exact_block(item: dict, store: Store, params: dict) -> dict:
         got_s.append(sc)
     qi, ci, sc = np.concatenate(got_q), np.concatenate(got_c), np.concatenate(got_s)
     _write(store, out, _partial(db.drop_columns(["vector"]), ci, qi + item["r0"], sc, cuid[ci]))
-    return {"skipped": 0, "scored": int(len(q)) * int(len(x))}
+    return {"skipped": 0, "scored": int(len(q)) * int(len(x)), "read": int(len(q) + len(x))}
 
 
 def exact_items(sdir: str, key: str, gens: list[list], m: int) -> tuple[list[dict], list[dict]]:
@@ -336,7 +336,7 @@ def search(item: dict, store: Store, params: dict) -> dict:
         if not store.exists(f"{d}/partial/g{g:04d}/b{b:06d}/h{h:04d}-r{r:05d}.parquet")
     ]
     if not todo:
-        return {"skipped": 1, "scored": 0}
+        return {"skipped": 1, "scored": 0, "read": 0}
     gd = f"{d}/g{h:04d}"
     db = pa.concat_tables([read_table(store, f"{gd}/lists/r{r:05d}/b{b:06d}.parquet") for b in item["db"]])
     order = np.argsort(db.column("list").to_numpy(), kind="stable")
@@ -347,9 +347,10 @@ def search(item: dict, store: Store, params: dict) -> dict:
     uniq, starts = np.unique(lists, return_index=True)
     ends = np.r_[starts[1:], len(lists)]
     span = {int(lst): (int(a), int(e)) for lst, a, e in zip(uniq, starts, ends)}
-    scored = 0
+    scored, read = 0, db.num_rows
     for g, b in todo:
         p = read_table(store, f"{d}/g{g:04d}/probes/r{r:05d}/b{b:06d}.parquet")
+        read += p.num_rows
         q, qid, qgroup = _vectors(p), p.column("qid").to_numpy(), p.column("qgroup").to_numpy()
         lcol = p.column("lists").combine_chunks()
         flat = lcol.flatten().to_numpy()
@@ -371,7 +372,7 @@ def search(item: dict, store: Store, params: dict) -> dict:
         sel = _top_per_query(qid[qi], -sc, cuid[ci], m)
         out = _partial(meta, ci[sel], qid[qi[sel]], sc[sel], cuid[ci[sel]])
         _write(store, f"{d}/partial/g{g:04d}/b{b:06d}/h{h:04d}-r{r:05d}.parquet", out)
-    return {"skipped": 0, "scored": int(scored)}
+    return {"skipped": 0, "scored": int(scored), "read": int(read)}
 
 
 def trained_dir(store: Store, d: str, n: int, pp: dict) -> tuple[str, dict]:
@@ -440,6 +441,7 @@ def search_category(store: Store, gens: list[list], pp: dict, d: str, runner: st
 def _work(res: list[dict]) -> dict:
     return {
         "scored": int(sum(r.get("scored", 0) for r in res)),
+        "read": int(sum(r.get("read", 0) for r in res)),
         "tasks_run": int(sum(1 - r.get("skipped", 0) for r in res)),
         "tasks_skipped": int(sum(r.get("skipped", 0) for r in res)),
     }

@@ -306,7 +306,7 @@ def _finalize_block(item: dict, store: Store, groups: dict, params: dict) -> dic
     t = t.append_column("verdict", pa.array(v.tolist(), pa.string()))
     t = t.append_column("q_group", pa.array([groups.get(x, x) for x in qv], pa.string()))
     t = t.append_column("c_group", pa.array([groups.get(x, x) for x in cv], pa.string()))
-    # rows are in bucket order (the bundle follows the gather files): small row groups let each plan
+    # rows are in bucket order (a query block follows the gather files): small row groups let each plan
     # partition read only the groups of its buckets
     write_parquet(store, item["out"], t, row_group_size=4096)
     return {"verdicts": dict(Counter(v.tolist()))}

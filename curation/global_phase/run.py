@@ -74,6 +74,7 @@ def step_hashes(map_hash: str, pair_params, shard_params, data_digest: str = "")
     return pair_hash, global_hash
 
 
+NO_SEARCH = {"scored": 0, "read": 0, "tasks_run": 0, "tasks_skipped": 0}  # a step skipped: nothing searched
 SEARCH_PARAMS = ("candidates", "same_source")  # the search partials depend on these (+ nprobe: ivf.py)
 
 
@@ -121,7 +122,7 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
     pdir, sdir = f"global/pairs-{pair_hash}", f"global/plans-{global_hash}"
     final = store.read_json(f"{sdir}/_done.json")
     if final and (publish.current(store) or {}).get("global_hash") == global_hash:
-        return {**final["summary"], "resumed": True, "search": {"scored": 0, "tasks_run": 0}}
+        return {**final["summary"], "resumed": True, "search": NO_SEARCH}
 
     # 2-4. pairs (search, near-duplicate groups, final verdicts)
     pairs_done = store.read_json(f"{pdir}/_done.json")
@@ -131,7 +132,7 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
         store.write_json(f"{pdir}/_done.json", pairs_done)
         store.write_json(f"{pdir}/histogram.json", pairs_done["histogram"])
     else:
-        pairs_done = {**pairs_done, "search": {"scored": 0, "tasks_run": 0}}
+        pairs_done = {**pairs_done, "search": NO_SEARCH}
     timings["pairs_s"] = round(time.time() - t0 - sum(timings.values()), 2)
 
     # 5. plans

@@ -152,7 +152,7 @@ def test_adding_videos_redoes_only_their_blocks_and_matches_a_fresh_run(synth, t
     for done in root.glob("global/**/_*done.json"):
         done.unlink()
     redo = _run(root)
-    assert redo["search"] == {"scored": 0, "tasks_run": 0, "tasks_skipped": redo["search"]["tasks_skipped"]}
+    assert (redo["search"]["scored"], redo["search"]["read"], redo["search"]["tasks_run"]) == (0, 0, 0)
     assert redo["search"]["tasks_skipped"] > 0 and redo["generations"] == 2
     assert _published(root) == _published(fresh)
 
