@@ -145,6 +145,8 @@ def _duplicates(store: Store, paths: list[str], rel: str) -> int:
     done = store.read_json(f"{rel}.done.json")
     if isinstance(done, dict):
         return int(done["n"])
+    if not paths:
+        return 0
     ds = ray.data.read_parquet([store.path(p) for p in paths], filesystem=store.fs, columns=["video_id"])
     dups = ds.groupby("video_id", num_partitions=_partitions(len(paths))).count()
     dups = dups.filter(lambda r: r["count()"] > 1).materialize()
@@ -196,6 +198,8 @@ def panda_dataset(src: PandaCsvSource, parts: SourceParts, store: Store):
     then ``finish_record`` per row (label prefilter, the video looked up by the worker)."""
     import ray
 
+    if not parts.paths:  # a header and nothing else
+        return None
     ds = ray.data.read_parquet([store.path(p) for p in parts.paths], filesystem=store.fs,
                                override_num_blocks=max(1, len(parts.paths)))
     if parts.dup_ids:
