@@ -29,7 +29,7 @@ import sys
 import tempfile
 
 # the scale bench's generator of synthetic Panda-shaped tables (a script run in a child); it needs
-# bench_global_scale to name it publicly (GEN = _GEN there)
+# bench_global_scale (its synthetic generator)
 from bench.bench_global_scale import GEN
 
 N = 40_000

@@ -22,7 +22,7 @@ CATEGORIES = {"human": 0.6, "animal": 0.1, "product": 0.1, "landmark": 0.1, "veh
 REUPLOAD_FRAC = 0.01  # videos with one or two planted re-uploads (near-duplicate groups of 2-3)
 PAIR = {"low": 0.6, "high": 0.99, "candidates": 16, "nprobe": 16}
 
-_GEN = """
+GEN = """
 import json, sys
 import numpy as np, pyarrow as pa
 from curation.global_phase.tables import bucket_of, unit_schema, write_parquet
@@ -199,7 +199,7 @@ def _py(code: str, *args) -> str:
 def measure(n: int) -> dict:
     root = tempfile.mkdtemp(prefix=f"bench-global-scale-{n}-")
     try:
-        _py(_GEN, root, n, DIM, UNITS_PER_VIDEO, json.dumps(CATEGORIES), REUPLOAD_FRAC)
+        _py(GEN, root, n, DIM, UNITS_PER_VIDEO, json.dumps(CATEGORIES), REUPLOAD_FRAC)
         r = json.loads(_py(_RUN, root, json.dumps(PAIR)))
         r.update(json.loads(_py(_RECALL, root, json.dumps(PAIR), "human", 200)))
         return r
