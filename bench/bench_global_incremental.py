@@ -28,8 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-# the scale bench's generator of synthetic Panda-shaped tables (a script run in a child); it needs
-# bench_global_scale (its synthetic generator)
+# the scale bench's generator of synthetic Panda-shaped tables (a script run in a child)
 from bench.bench_global_scale import GEN
 
 N = 40_000
