@@ -585,8 +585,6 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
 
     global_summary: dict = {}
     if global_specs:
-        if committed:  # videos joined the map output: gather the tables again (later steps are keyed by
-            store.delete(f"global/gather-{mh}/_done.json")  # the digest of what was gathered)
         gctx = StageContext(out_dir=scratch_dir(store), models_dir=ctx.models_dir, config_hash=mh)
         if runner == "ray":
             init_ray(cfg.ray)
