@@ -15,6 +15,17 @@ from curation.sources import check_source_for_pipeline, load_source
 from curation.stage import StageContext
 from curation.storage import Store, is_uri
 
+EPILOG = """exit status:
+  0  every video was curated or rejected (a rejection is a decision: bad video, filters)
+  2  config or source error
+  3  resource or model error (nothing was curated)
+  4  run stopped: a stage failed on too many rows
+  5  the run finished and published what succeeded, but some videos FAILED (a store error, a stage
+     exception): the last line says how many; the same command again retries exactly those videos
+"""
+
+EXIT_VIDEOS_FAILED = 5
+
 
 def summarize(result, source: str, pipeline: str, out_dir: str) -> dict:
     """The run summary from the streamed per-video counts and the global phase's counts (no rows)."""
@@ -29,6 +40,10 @@ def summarize(result, source: str, pipeline: str, out_dir: str) -> dict:
         "videos_processed_now": result.videos_committed,
         "videos_with_clips": t.get("videos_with_clips", 0),
         "videos_rejected": t.get("videos_rejected", 0),
+        # videos that ended `failed` (an error, not a decision): a rerun retries them
+        "videos_failed": t.get("videos_failed", 0),
+        "failed_by_reason": t.get("failed_by_reason", {}),
+        "failed_video_ids": t.get("failed_video_ids", []),
         "clips": t.get("clips", 0),
         "clips_ok": t.get("clips_ok", 0),
         "rejections_by_reason": t.get("reasons", {}),
@@ -60,7 +75,8 @@ def print_summary(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="pipelines.yaml")
     ap.add_argument("--source", default=None, help="a source from pipelines.yaml")
     ap.add_argument("--pipeline", default=None, help="a pipeline name (default: default_pipeline)")
@@ -151,7 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(result, source, pipeline, out_dir)
     Store(out_dir).write_json("summary.json", summary, indent=2)
     print_summary(summary)
+    line = failed_line(summary)
+    if line:
+        print(line, flush=True)
+        return EXIT_VIDEOS_FAILED
     return 0
+
+
+def failed_line(summary: dict) -> str:
+    """The run's last line when videos failed (empty when none did)."""
+    n = summary.get("videos_failed", 0)
+    if not n:
+        return ""
+    reasons = ", ".join(f"{k}: {v}" for k, v in summary.get("failed_by_reason", {}).items())
+    ids = summary.get("failed_video_ids", [])
+    shown = ", ".join(ids) + (", ..." if n > len(ids) else "")
+    return (f"FAILED: {n} video{'s' if n != 1 else ''} failed ({reasons}; {shown}); the output holds the "
+            f"others. Run the same command again to retry {'them' if n != 1 else 'it'} "
+            f"(exit status {EXIT_VIDEOS_FAILED}).")
 
 
 if __name__ == "__main__":

@@ -487,11 +487,19 @@ class _Totals:
         self.stage_counts: dict[str, list] = {}
         self.unpinned: set[str] = set()
         self.spans_skipped: Counter = Counter()  # spans the source took out before any decode, by reason
+        self.failed_reasons: Counter = Counter()  # videos whose status is `failed` (retried by a rerun)
+        self.failed_ids: list[str] = []  # the FAILED_IDS_SHOWN smallest of their ids (any runner's order)
+
+    FAILED_IDS_SHOWN = 20
 
     def add(self, item: dict) -> None:
         self.spans_skipped.update(item.get("spans_skipped") or {})
         s = item.get("summary") or {}
         self.n["videos"] += 1
+        if item.get("status") == "failed":  # an error (store, stage exception), not a rejection
+            self.n["videos_failed"] += 1
+            self.failed_reasons[item.get("reason") or "?"] += 1
+            self.failed_ids = sorted([*self.failed_ids, str(item["video_id"])])[: self.FAILED_IDS_SHOWN]
         self.n["clips"] += s.get("n_clips", 0)
         self.n["clips_ok"] += s.get("n_ok", 0)
         self.n["videos_with_clips"] += bool(s.get("n_clips"))
@@ -512,7 +520,11 @@ class _Totals:
                     f"stopping the run. First error: {err}")
 
     def as_dict(self) -> dict:
-        return {**dict(self.n), "videos_rejected": self.n["videos"] - self.n["videos_with_clips"],
+        n = self.n
+        return {**dict(n), "videos_failed": n["videos_failed"],
+                "videos_rejected": n["videos"] - n["videos_with_clips"] - n["videos_failed"],
+                "failed_by_reason": dict(sorted(self.failed_reasons.items())),
+                "failed_video_ids": list(self.failed_ids),
                 "reasons": dict(self.reasons.most_common()), "filters_off": sorted(self.filters_off),
                 "spans_skipped": sum(self.spans_skipped.values()),
                 "spans_skipped_by_reason": dict(self.spans_skipped.most_common())}
