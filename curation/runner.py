@@ -208,8 +208,7 @@ class VideoWorker:
             return items
         local = self.ctx.out_dir
         before = {it["video_id"]: files_of(it["rows"]) for it in todo}
-        for it in todo:
-            self._fetch(it, before[it["video_id"]])
+        downloaded = {it["video_id"]: self._fetch(it, before[it["video_id"]]) for it in todo}
         rows = [r for it in todo for r in it["rows"]]
         with record_unpinned() as seen:  # a backend may load its model on first use
             out = self.group(rows)
@@ -245,28 +244,38 @@ class VideoWorker:
                              "summary": {"n_clips": 0, "n_ok": 0, "reasons": {"store:error": 1}},
                              "stage_counts": it.get("stage_counts"), "state": "processed",
                              **unpinned_of(vrows)}
-            if not self.store.is_local and self.last:
-                _remove_local(local, files_of(vrows))
+            # The video has left this group (saved for the next one, or committed): none of its local files
+            # is needed here any more. The next group fetches what it reads, on whichever node it runs.
+            if not self.store.is_local:
+                _remove_local(local, before[vid] | files_of(vrows))
+            _remove_files(downloaded[vid])
             if "spans_skipped" in it:
                 done[vid]["spans_skipped"] = it["spans_skipped"]
         return [done.get(it["video_id"], it) if "status" not in it else it for it in items]
 
-    def _fetch(self, it: dict, rels: set[str]) -> None:
-        """Make the video's source file and the files its rows name available locally."""
-        if self.store.is_local:
-            pass
-        else:
+    def _fetch(self, it: dict, rels: set[str]) -> list[str]:
+        """Make the files the video's rows name available locally, and its source video when a stage of
+        this group reads it (``reads_source_video``); returns the local copies of source videos it
+        downloaded (removed once the video leaves the group)."""
+        if not self.store.is_local:
             for rel in rels:
                 dest = os.path.join(self.ctx.out_dir, rel)
                 if not os.path.exists(dest) and self.store.exists(rel):
                     os.makedirs(os.path.dirname(dest), exist_ok=True)
                     os.replace(self.store.local_path(rel), dest)
+        ok = [r for r in it["rows"] if r.get("status", "ok") == "ok"]
+        if not any(reads_source_video(s, r) for s in self.group.stages for r in ok):
+            return []
+        got: dict[str, str] = {}
         for r in it["rows"]:
             p = r.get("video_path")
             if isinstance(p, str) and is_uri(p):
+                if p not in got:
+                    d, name = p.rsplit("/", 1)
+                    got[p] = Store(d).local_path(name)
                 r["video_uri"] = p
-                d, name = p.rsplit("/", 1)
-                r["video_path"] = Store(d).local_path(name)
+                r["video_path"] = got[p]
+        return sorted(set(got.values()))
 
     def _commit(self, it: dict, rows: list[Record]) -> dict:
         mh = self.plan.hash
@@ -291,11 +300,31 @@ def _restore_video_path(r: Record) -> Record:
 
 
 def _remove_local(root: str, rels: set[str]) -> None:
-    for rel in rels:
+    _remove_files(os.path.join(root, rel) for rel in sorted(rels))
+
+
+def _remove_files(paths: Iterable[str]) -> None:
+    for p in paths:
         try:
-            os.unlink(os.path.join(root, rel))
+            os.unlink(p)
         except OSError:
             pass
+
+
+# Stages that read a video's extracted clip (``clip_path``) and the files earlier stages made, never its
+# source video, except for a row without a clip (caption then reads the source span). Any other stage is
+# taken to read the source video; a stage class can say otherwise with ``reads_source_video(row) -> bool``.
+CLIP_READERS = frozenset({"caption", "subjects", "ground", "subject_embed", "faces"})
+
+
+def reads_source_video(stage: Stage, row: Record) -> bool:
+    """Whether ``stage`` reads the source video (``video_path``) of the ``ok`` row ``row``."""
+    own = getattr(stage, "reads_source_video", None)
+    if callable(own):
+        return bool(own(row))
+    if stage.name in CLIP_READERS:
+        return not row.get("clip_path")
+    return True
 
 
 def resume_item(row: Record, mc: MapContext) -> dict:

@@ -1,0 +1,163 @@
+"""The map phase's local disk and source-video traffic, on the bundled sample curated into a real S3 API
+(moto's server on loopback, every request counted at the server), sequential runner:
+
+- ``scratch_bytes_left_after_run``: bytes of the files under every local scratch root (``PHANTOM_CACHE_DIR``:
+  the per-store scratch folder and the download cache) after the run (goal 0: no download cache is kept);
+- ``source_video_fetches_per_video``: downloads of a source video object per video (GETs from its first
+  byte; goal 1: only the group that reads the source video fetches it, once);
+- ``map_io_store_requests_per_video``: every request the server answered, per video (for comparison)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+VIDEOS = ("gen01", "gen02")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CountingS3:
+    """moto's S3 server on loopback behind a WSGI layer that counts every request by (method, path)."""
+
+    def __init__(self):
+        self.requests: Counter = Counter()
+        self.fetches: Counter = Counter()  # path -> downloads of it (GETs from its first byte)
+        self._lock = threading.Lock()
+        self._server = None
+        self.url = ""
+
+    def _app(self, inner):
+        def app(environ, start_response):
+            with self._lock:
+                path = environ.get("PATH_INFO", "")
+                self.requests[(environ["REQUEST_METHOD"], path)] += 1
+                rng = environ.get("HTTP_RANGE") or ""
+                if environ["REQUEST_METHOD"] == "GET" and (not rng or rng.startswith("bytes=0-")):
+                    self.fetches[path] += 1  # a download starts here (its later ranged GETs continue it)
+            return inner(environ, start_response)
+
+        return app
+
+    def start(self) -> CountingS3:
+        from moto.moto_server.threaded_moto_server import MotoRequestHandler
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        class Quiet(MotoRequestHandler):
+            def log_request(self, *args, **kwargs):  # one line per request would flood the bench's output
+                pass
+
+        inner = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server("127.0.0.1", 0, self._app(inner), True, request_handler=Quiet)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        host, port = self._server.server_address[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+
+    def fetches_under(self, prefix: str) -> int:
+        """Downloads of objects whose path (``/bucket/key``) starts with ``prefix``: GETs without a range or
+        from byte 0 (a client reads a large object as consecutive ranged GETs, one download)."""
+        with self._lock:
+            return sum(n for p, n in self.fetches.items() if p.startswith(prefix))
+
+
+@contextlib.contextmanager
+def s3_env(url: str, cache_dir: str):
+    """The AWS variables pointing at ``url`` and ``PHANTOM_CACHE_DIR`` (every local scratch root) at
+    ``cache_dir`` for the duration; restored after."""
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "PHANTOM_CACHE_DIR": cache_dir}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def files_under(root: str) -> dict[str, int]:
+    """Relative path -> size of every file under ``root``."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            with contextlib.suppress(OSError):
+                out[os.path.relpath(p, root)] = os.path.getsize(p)
+    return out
+
+
+def measure(videos=VIDEOS, runner: str = "sequential") -> dict:
+    """The sample's ``videos`` curated from and into a fresh bucket on a counting moto server, with a fresh
+    local scratch root; returns the figures, the files left and the run's result."""
+    import boto3
+
+    from curation.config import load_config
+    from curation.demo.footage import build_sample
+    from curation.runner import run_pipeline
+    from curation.sources import load_source
+    from curation.stage import StageContext
+    from curation.storage import Store
+
+    cfg = load_config(str(REPO / "pipelines.yaml"))
+    spec = cfg.sources["sample"]
+    paths = build_sample(REPO / spec.sample_dir)
+    server = CountingS3().start()
+    cache = tempfile.mkdtemp(prefix="bench-map-io-cache-")
+    try:
+        with s3_env(server.url, cache):
+            bucket = f"bench-{uuid.uuid4().hex[:12]}"
+            boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=bucket)
+            src = Store(f"s3://{bucket}/src")
+            rows = []
+            for r in load_source(spec, str(REPO / "output" / "sample")):
+                if r["video_id"] in videos:
+                    name = os.path.basename(r["video_path"])
+                    src.put_file(f"videos/{name}", os.path.join(paths.videos_dir, name))
+                    rows.append({**r, "video_path": src.uri_of(f"videos/{name}")})
+            out = f"s3://{bucket}/run"
+            server.requests.clear()
+            server.fetches.clear()
+            t0 = time.time()
+            res = run_pipeline(cfg, "default", rows, StageContext(out_dir=out, models_dir=cfg.models_dir),
+                               runner=runner, out=out)
+            wall = time.time() - t0
+            left = files_under(cache)
+            n_req = sum(server.requests.values())
+            fetches = server.fetches_under(f"/{bucket}/src/videos/")
+    finally:
+        server.stop()
+    n = max(1, len(rows))
+    return {
+        "figures": {
+            "scratch_bytes_left_after_run": sum(left.values()),
+            "source_video_fetches_per_video": fetches / n,
+            "map_io_store_requests_per_video": n_req / n,
+            "map_io_sample_wall_s": wall,
+        },
+        "files_left": left,
+        "result": res,
+        "n_videos": len(rows),
+    }
+
+
+def run() -> dict[str, float]:
+    return measure()["figures"]
+
+
+if __name__ == "__main__":
+    for k, v in run().items():
+        print(f"{k:42s} {v}")
