@@ -43,7 +43,8 @@ def test_failed_videos_set_the_last_line_and_exit_status_and_a_rerun_retries_the
     rc = curate.main(argv)
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == curate.EXIT_VIDEOS_FAILED == 5
-    assert lines[-1].startswith(f"FAILED: 1 video failed (store:error: 1; {car})") and "again to retry" in lines[-1]
+    assert lines[-1].startswith(f"FAILED: 1 video failed (store:error: 1; {car})")
+    assert "again to retry" in lines[-1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["videos_failed"] == 1 and summary["failed_by_reason"] == {"store:error": 1}
     assert summary["failed_video_ids"] == [car] and summary["videos_rejected"] == 0  # not a rejection
