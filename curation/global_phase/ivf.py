@@ -456,21 +456,42 @@ def search_exact(store: Store, gens: list[list], pp: dict, sdir: str, key: str, 
 
 def merged(partials: list[str], store: Store, r0: int, n: int, m: int):
     """The best ``m`` candidates of each query of a block over its partials: Neighbours with ids local to the
-    block's rows, and the candidates' metadata in the order of ``np.nonzero(idx >= 0)``."""
+    block's rows, and the candidates' metadata in the order of ``np.nonzero(idx >= 0)``. The top m is picked
+    on each partial's (qid, score, cuid) columns; the metadata of the winners is then read one partial at a
+    time, so a task holds the block's top m rows of metadata, not every partial's."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    parts = [read_table(store, f) for f in partials if store.exists(f)]
-    t = pa.concat_tables(parts) if parts else None
+    files = [f for f in partials if store.exists(f)]
     nb = pairing.Neighbours(np.full((n, m), -1, np.int64), np.full((n, m), -np.inf, np.float32))
-    if t is None:
+    if not files:
         return nb, None
+    slim = [read_table(store, f, ["qid", "score", "cuid"]) for f in files]
+    src = np.concatenate([np.full(t.num_rows, i, np.int32) for i, t in enumerate(slim)])
+    row = np.concatenate([np.arange(t.num_rows, dtype=np.int64) for t in slim])
+    t = pa.concat_tables(slim)
     qid, sc = t.column("qid").to_numpy(), t.column("score").to_numpy()
     sel = _top_per_query(qid, -sc, t.column("cuid").to_numpy(), m)
-    t = t.take(pa.array(sel))
-    qid, sc = qid[sel], sc[sel]
+    del t, slim
+    qid, sc, src, row = qid[sel], sc[sel], src[sel], row[sel]
+    pieces, pos = [], []
+    for i, f in enumerate(files):
+        k = np.nonzero(src == i)[0]
+        if len(k):
+            full = read_table(store, f)
+            pieces.append(full.take(pa.array(row[k])).drop_columns(["qid", "score", "cuid"]))
+            pos.append(k)
+            del full
+    if pieces:
+        back = np.argsort(np.concatenate(pos), kind="stable")
+        cands = pa.concat_tables(pieces).take(pa.array(back))
+    else:
+        with store.open_input(files[0]) as fh:
+            schema = pq.read_schema(fh)
+        cands = schema.empty_table().drop_columns(["qid", "score", "cuid"])
     starts = np.r_[True, qid[1:] != qid[:-1]] if len(qid) else np.zeros(0, bool)
     first = np.maximum.accumulate(np.where(starts, np.arange(len(qid)), 0)) if len(qid) else np.zeros(0, int)
     rank = np.arange(len(qid)) - first
-    nb.idx[qid - r0, rank] = 0  # a placeholder >= 0: the candidate's metadata comes from ``t``
+    nb.idx[qid - r0, rank] = 0  # a placeholder >= 0: the candidate's metadata comes from ``cands``
     nb.score[qid - r0, rank] = sc
-    return nb, t.drop_columns(["qid", "score", "cuid"])
+    return nb, cands
