@@ -114,16 +114,36 @@ def unit_ids(t) -> np.ndarray:
     )
 
 
-def _vectors(t) -> np.ndarray:
-    vec = t.column("vector").combine_chunks()
-    x = np.asarray(vec.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(t.num_rows, -1)
-    return pairing.normalize(x)
+def _vectors(t, order: np.ndarray | None = None) -> np.ndarray:
+    """The ``vector`` column as one unit-normalised (rows, D) float32 matrix (rows permuted by ``order``
+    when given: row i is the table's row order[i]), filled a chunk at a time and normalised in place: no
+    combined copy of the column, no second matrix."""
+    col, n = t.column("vector"), t.num_rows
+    if not n:
+        return np.zeros((0, 0), np.float32)
+    dest = None if order is None else np.argsort(order, kind="stable")  # table row -> matrix row
+    x, a = None, 0
+    for ch in col.chunks:
+        if not len(ch):
+            continue
+        v = ch.flatten().to_numpy(zero_copy_only=False).reshape(len(ch), -1)
+        if x is None:
+            x = np.empty((n, v.shape[1]), np.float32)
+        if dest is None:
+            x[a : a + len(ch)] = v
+        else:
+            x[dest[a : a + len(ch)]] = v
+        a += len(ch)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
 
 
 def read_table(store: Store, rel: str, columns=None):
+    """One Parquet file of the store, read from its file handle (no bytes copy of the file)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(io.BytesIO(store.read_bytes(rel)), columns=columns)
+    with store.open_input(rel) as f:
+        return pq.read_table(f, columns=columns)
 
 
 def _read_files(store: Store, files: list, columns=None):
@@ -339,15 +359,18 @@ def search(item: dict, store: Store, params: dict) -> dict:
         return {"skipped": 1, "scored": 0, "read": 0}
     gd = f"{d}/g{h:04d}"
     db = pa.concat_tables([read_table(store, f"{gd}/lists/r{r:05d}/b{b:06d}.parquet") for b in item["db"]])
+    # the units sorted by list: numpy columns and one normalised matrix; the metadata stays in file order
+    # (``order`` maps a sorted row back to it), so the range's vectors are held once
     order = np.argsort(db.column("list").to_numpy(), kind="stable")
-    db = db.take(pa.array(order))
-    lists = db.column("list").to_numpy()
-    x, cgroup, cuid = _vectors(db), db.column("cgroup").to_numpy(), db.column("cuid").to_numpy()
+    lists = db.column("list").to_numpy()[order]
+    cgroup, cuid = db.column("cgroup").to_numpy()[order], db.column("cuid").to_numpy()[order]
+    x = _vectors(db, order)
     meta = db.drop_columns(["vector", "cgroup", "list", "cuid"])
+    scored, read = 0, db.num_rows
+    del db
     uniq, starts = np.unique(lists, return_index=True)
     ends = np.r_[starts[1:], len(lists)]
     span = {int(lst): (int(a), int(e)) for lst, a, e in zip(uniq, starts, ends)}
-    scored, read = 0, db.num_rows
     for g, b in todo:
         p = read_table(store, f"{d}/g{g:04d}/probes/r{r:05d}/b{b:06d}.parquet")
         read += p.num_rows
@@ -370,7 +393,7 @@ def search(item: dict, store: Store, params: dict) -> dict:
         ci = np.concatenate(got_c) if got_c else np.zeros(0, np.int64)
         sc = np.concatenate(got_s) if got_s else np.zeros(0, np.float32)
         sel = _top_per_query(qid[qi], -sc, cuid[ci], m)
-        out = _partial(meta, ci[sel], qid[qi[sel]], sc[sel], cuid[ci[sel]])
+        out = _partial(meta, order[ci[sel]], qid[qi[sel]], sc[sel], cuid[ci[sel]])
         _write(store, f"{d}/partial/g{g:04d}/b{b:06d}/h{h:04d}-r{r:05d}.parquet", out)
     return {"skipped": 0, "scored": int(scored), "read": int(read)}
 
