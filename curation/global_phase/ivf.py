@@ -48,6 +48,7 @@ BLOCK_ROWS = 16384  # query units per assign / merge task
 EXACT_BLOCK_ROWS = 8192  # query units per exact search task (scored against one generation of a category)
 EXACT_CHUNK_ROWS = 1024  # query rows per score matrix in an exact task (CHUNK x generation rows x 4 bytes)
 TRAIN_PER_LIST = 64  # training sample per list (faiss asks for >= 39)
+TRAIN_MAX = 262144  # at most this many training points (768-d: 800 MB); above nlist 4096 fewer than 64 a list
 EPS = 1e-3  # candidates within EPS of a query's m-th fp32 score are scored again in float64
 META = [
     "video_id",
@@ -69,7 +70,13 @@ def shape(n: int, pp: dict) -> dict:
     of a category of ``n`` units."""
     nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(n)))))
     nlist = max(1, min(nlist, n // 39 or 1))
-    return {**_shape_of(nlist, pp), "train_n": min(n, TRAIN_PER_LIST * nlist), "ranges": _ranges(n, nlist)}
+    return {**_shape_of(nlist, pp), "train_n": train_size(n, nlist), "ranges": _ranges(n, nlist)}
+
+
+def train_size(n: int, nlist: int) -> int:
+    """The k-means sample of a category of ``n`` units: TRAIN_PER_LIST points a list, capped at TRAIN_MAX (a
+    sample drawn once, seeded, whatever the size of the category)."""
+    return min(n, TRAIN_PER_LIST * nlist, TRAIN_MAX)
 
 
 def _shape_of(nlist: int, pp: dict) -> dict:
@@ -420,7 +427,7 @@ def search_category(store: Store, gens: list[list], pp: dict, d: str, runner: st
     dn, sh = trained_dir(store, d, n, pp)
     every = [p for parts in gens for p in parts]
     tr = {"nlist": sh["nlist"], "nprobe": sh["nprobe"], "ranges": sh["ranges"], "n": n}
-    tr["train_n"] = sh.get("train_n", min(n, TRAIN_PER_LIST * sh["nlist"]))
+    tr["train_n"] = sh.get("train_n", train_size(n, sh["nlist"]))
     run_items([{"dir": dn, "files": every, "seed": 0, **tr}], train, runner, store=store)
     sh = store.read_json(f"{dn}/train.json")
     known = store.read_json(f"{d}/trained.json") or []

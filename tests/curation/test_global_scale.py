@@ -213,3 +213,13 @@ def test_components_on_ray_match_the_sequential_runner(tmp_path):
         assert _components(tmp_path, edges, runner="ray") == _reference(edges)
     finally:
         ray.shutdown()
+
+
+def test_the_training_sample_is_capped_whatever_the_category_size():
+    """TRAIN_PER_LIST points a list up to TRAIN_MAX: a 150M-unit category (nlist 16k) trains on TRAIN_MAX
+    points, not on 64 x 16k x 768 floats (3 GB) in one task."""
+    pp = {"nprobe": 16}
+    assert ivf.shape(100_000, pp)["train_n"] == ivf.TRAIN_PER_LIST * ivf.shape(100_000, pp)["nlist"]
+    big = ivf.shape(150_000_000, pp)
+    assert big["nlist"] == 16384 and big["train_n"] == ivf.TRAIN_MAX
+    assert ivf.shape(50, pp)["train_n"] == 50  # never more than the units
