@@ -36,7 +36,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -44,11 +43,10 @@ from collections import Counter, defaultdict
 
 from curation import pairing, scenarios
 from curation.execute import run_items
-from curation.global_phase import publish
+from curation.global_phase import plans, publish
 from curation.global_phase.gather import gather_generations, gather_tables
-from curation.global_phase.pairs import find_pairs, read_groups
+from curation.global_phase.pairs import find_pairs
 from curation.global_phase.params import PairParams, ShardParams, validate_step
-from curation.global_phase.plans import plan_partition
 from curation.global_phase.tables import BUCKETS, export_video, sha, video_units, write_parquet
 from curation.global_phase.write import write_partition
 from curation.shards import INDEX_FILE, RECORDS_DIR, atomic_write_json
@@ -97,16 +95,6 @@ def params_of(specs) -> tuple[PairParams, ShardParams]:
     return pair_p, shard_p
 
 
-def n_partitions(n_clips: int, wp: dict) -> int:
-    """Partitions (ranges of the 256 buckets) for the plans and writers: ``partitions`` when set, else one
-    per ``clips_per_partition`` clips, a power of two at most 256."""
-    want = wp["partitions"] or max(1, math.ceil(n_clips / wp["clips_per_partition"]))
-    p = 1
-    while p < want and p < BUCKETS:
-        p *= 2
-    return p
-
-
 def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> dict:
     """The global phase over the tables ``export_video`` wrote under ``tables/<map_hash>/``. Returns the
     summary counts. Each step is skipped when its outputs (a ``_done.json`` under its hash) exist."""
@@ -136,26 +124,15 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
     timings["pairs_s"] = round(time.time() - t0 - sum(timings.values()), 2)
 
     # 5. plans
-    n_part = n_partitions(gather["clips"], wp)
-    span = BUCKETS // n_part
+    # partitions from the data (clips and candidate bytes); each plan task reads its own videos' rows of the
+    # near-duplicate groups file, the driver never reads it
+    n_part = plans.partitions_for(store, gather["clips"], pairs_done["files"], wp)
     gdir = clips_dir(store, gather, n_part, runner)
-    groups = read_groups(store, f"{pdir}/dedup/groups.parquet")
     params = {"write": wp, "config_hash": ctx.config_hash or map_hash, "global_hash": global_hash}
-    plan_items = [
-        {
-            "lo": p * span,
-            "hi": (p + 1) * span,
-            "partition": p,
-            "n_partitions": n_part,
-            "gather": gdir,
-            "pairs": pairs_done["files"],
-            "out": f"{sdir}/part-{p:05d}.parquet",
-        }
-        for p in range(n_part)
-    ]
+    plan_items = plans.plan_items(n_part, pairs_done["files"], gdir, f"{pdir}/dedup/groups.parquet", sdir)
     plans_done = store.read_json(f"{sdir}/_plans_done.json")
     if plans_done is None:
-        res = run_items(plan_items, plan_partition, runner, store=store, groups=groups, params=params)
+        res = run_items(plan_items, plans.plan_partition, runner, store=store, params=params)
         rej: Counter = Counter()
         for r in res:
             rej.update(r["rejections"])
