@@ -4,7 +4,6 @@ near-dup, top_k)."""
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import Counter, defaultdict
 
@@ -69,9 +68,9 @@ def find_pairs(
     dd = components.near_duplicate_groups(
         store, copies, f"{pdir}/dedup", f"{pdir}/dedup/groups.parquet", pp, runner
     )
-    groups = read_groups(store, f"{pdir}/dedup/groups.parquet")
-    items = [{"kind": k, "raw": a, "out": b} for k in KINDS for a, b in raw[k]]
-    res = run_items(items, _finalize_block, runner, store=store, groups=groups, params=pp)
+    gfile = f"{pdir}/dedup/groups.parquet"
+    items = [{"kind": k, "raw": a, "out": b, "groups": gfile} for k in KINDS for a, b in raw[k]]
+    res = run_items(items, _finalize_block, runner, store=store, params=pp)
     verdicts = {k: Counter() for k in KINDS}
     for it, r in zip(items, res):
         verdicts[it["kind"]].update(r["verdicts"])
@@ -256,9 +255,21 @@ def near_duplicate_groups(
 
 
 def read_groups(store: Store, rel: str) -> dict[str, str]:
-    import pyarrow.parquet as pq
+    """The whole near-duplicate map (video -> group) of a groups file (tests and small tools)."""
+    t = ivf.read_table(store, rel)
+    return dict(zip(t.column("video_id").to_pylist(), t.column("group").to_pylist()))
 
-    t = pq.read_table(io.BytesIO(store.read_bytes(rel)))
+
+def groups_of_videos(store: Store, rel: str, videos) -> dict[str, str]:
+    """The near-duplicate group of each of ``videos`` (an Arrow array) that is in one: the rows of the groups
+    file ``rel`` of those videos only, read with a filter."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    if not len(videos) or not store.exists(rel):
+        return {}
+    ds = pds.dataset(store.path(rel), format="parquet", filesystem=store.fs)
+    t = ds.to_table(filter=pc.field("video_id").isin(videos), columns=["video_id", "group"])
     return dict(zip(t.column("video_id").to_pylist(), t.column("group").to_pylist()))
 
 
@@ -285,11 +296,16 @@ def final_verdicts(band: np.ndarray, q_key: np.ndarray, same_group: np.ndarray, 
     return v.astype(str)
 
 
-def _finalize_block(item: dict, store: Store, groups: dict, params: dict) -> dict:
+def _finalize_block(item: dict, store: Store, params: dict) -> dict:
+    """The final verdicts of one query block's candidates; the near-duplicate groups of its own videos (query
+    and candidate) are read from ``item["groups"]``, never the whole map."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
-    t = pq.read_table(io.BytesIO(store.read_bytes(item["raw"])))
+    t = ivf.read_table(store, item["raw"])
+    qv_col, cv_col = t.column("q_video"), t.column("c_video")
+    vids = pc.unique(pa.chunked_array([*qv_col.chunks, *cv_col.chunks], type=qv_col.type))
+    groups = groups_of_videos(store, item["groups"], vids)
     qv, cv = t.column("q_video").to_pylist(), t.column("c_video").to_pylist()
     if params["same_source"]:
         same = np.zeros(len(qv), bool)
