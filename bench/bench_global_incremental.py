@@ -24,12 +24,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
 # the scale bench's generator of synthetic Panda-shaped tables (a script run in a child)
-from bench.bench_global_scale import GEN
+from bench.bench_global_scale import GEN, run_child
 
 N = 40_000
 DIM = 768
@@ -83,24 +82,11 @@ print(json.dumps({"first": first, "incremental": inc, "full": full, "late_videos
 """
 
 
-def _py(code: str, *args) -> str:
-    """Run ``code`` in a child Python (one thread per BLAS) from the repository root; its last stdout line."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=root
-    )
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    lines = out.stdout.strip().splitlines()
-    return lines[-1] if lines else ""
-
-
 def measure(n: int) -> dict:
     root = tempfile.mkdtemp(prefix=f"bench-global-incremental-{n}-")
     try:
-        _py(GEN, root, n, DIM, UNITS_PER_VIDEO, json.dumps(CATEGORIES), REUPLOAD_FRAC)
-        return json.loads(_py(_RUN, root, os.path.join(root, "side"), json.dumps(PAIR), ADDED))
+        run_child(GEN, root, n, DIM, UNITS_PER_VIDEO, json.dumps(CATEGORIES), REUPLOAD_FRAC)
+        return json.loads(run_child(_RUN, root, os.path.join(root, "side"), json.dumps(PAIR), ADDED))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -184,7 +184,8 @@ print(json.dumps({"recall": recall, "in_band_exact": len(want), "queries": len(q
 """
 
 
-def _py(code: str, *args) -> str:
+def run_child(code: str, *args) -> str:
+    """Run ``code`` in a child Python (one thread per BLAS) from the repository root; its last stdout line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
@@ -199,9 +200,9 @@ def _py(code: str, *args) -> str:
 def measure(n: int) -> dict:
     root = tempfile.mkdtemp(prefix=f"bench-global-scale-{n}-")
     try:
-        _py(GEN, root, n, DIM, UNITS_PER_VIDEO, json.dumps(CATEGORIES), REUPLOAD_FRAC)
-        r = json.loads(_py(_RUN, root, json.dumps(PAIR)))
-        r.update(json.loads(_py(_RECALL, root, json.dumps(PAIR), "human", 200)))
+        run_child(GEN, root, n, DIM, UNITS_PER_VIDEO, json.dumps(CATEGORIES), REUPLOAD_FRAC)
+        r = json.loads(run_child(_RUN, root, json.dumps(PAIR)))
+        r.update(json.loads(run_child(_RECALL, root, json.dumps(PAIR), "human", 200)))
         return r
     finally:
         shutil.rmtree(root, ignore_errors=True)
