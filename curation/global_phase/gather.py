@@ -70,22 +70,14 @@ def gather_generations(store: Store, map_hash: str, base: str, runner: str) -> d
         gens.append(_generation(len(gens), _gen_dir(base, epoch, len(gens)), res))
     if new or restarted:
         store.write_json(f"{base}/{STATE}", {"epoch": epoch, "generations": gens})
-    units: Counter = Counter()
-    dims: dict = {}
     parts: dict[str, list] = {}
     for g in gens:
-        units.update(g["units"])
-        dims.update(g["dims"])
         for key, ps in g["parts"].items():
             parts.setdefault(key, []).extend(ps)
     return {
         "epoch": epoch,
         "generations": gens,
-        "units": dict(sorted(units.items())),
-        "dims": dims,
-        "clips": sum(g["clips"] for g in gens),
-        "videos": sum(g["videos"] for g in gens),
-        "parts": {k: parts[k] for k in sorted(parts)},
+        **_totals(gens, parts),
         "digest": _digest(res),
         "new_videos": sum(r["new_videos"] for r in res),
     }
@@ -99,25 +91,31 @@ def _digest(res: list[dict]) -> str:
     return sha("".join(r["digest"] for r in sorted(res, key=lambda r: r["bucket"])), 64)
 
 
-def _generation(gen: int, gdir: str, res: list[dict]) -> dict:
+def _totals(items: list[dict], parts: dict[str, list]) -> dict:
+    """Units per (kind, category), dims, clips and videos summed over ``items`` (bucket results or
+    generations, in order), with their ``parts`` sorted by key."""
     units: Counter = Counter()
     dims: dict = {}
+    for it in items:
+        units.update(it["units"])
+        dims.update(it["dims"])
+    return {
+        "units": dict(sorted(units.items())),
+        "dims": dims,
+        "clips": sum(it["clips"] for it in items),
+        "videos": sum(it["videos"] for it in items),
+        "parts": {k: parts[k] for k in sorted(parts)},
+    }
+
+
+def _generation(gen: int, gdir: str, res: list[dict]) -> dict:
+    res = sorted(res, key=lambda r: r["bucket"])
     parts: dict[str, list] = {}
-    for r in sorted(res, key=lambda r: r["bucket"]):
-        units.update(r["units"])
-        dims.update(r["dims"])
+    for r in res:
         for key, n in sorted(r["units"].items()):
             kind, cat = key.split("\t")
             parts.setdefault(key, []).append([unit_file(gdir, kind, cat, r["bucket"]), n])
-    return {
-        "gen": gen,
-        "dir": gdir,
-        "units": dict(sorted(units.items())),
-        "dims": dims,
-        "clips": sum(r["clips"] for r in res),
-        "videos": sum(r["videos"] for r in res),
-        "parts": {k: parts[k] for k in sorted(parts)},
-    }
+    return {"gen": gen, "dir": gdir, **_totals(res, parts)}
 
 
 def _scan(store: Store, map_hash: str, dst: str, priors: list[str], runner: str) -> list[dict]:
