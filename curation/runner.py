@@ -255,7 +255,7 @@ class VideoWorker:
 
     def _fetch(self, it: dict, rels: set[str]) -> list[str]:
         """Make the files the video's rows name available locally, and its source video when a stage of
-        this group reads it (``reads_source_video``); returns the local copies of source videos it
+        this group reads it (``Stage.reads_source_video``); returns the local copies of source videos it
         downloaded (removed once the video leaves the group)."""
         if not self.store.is_local:
             for rel in rels:
@@ -264,7 +264,7 @@ class VideoWorker:
                     os.makedirs(os.path.dirname(dest), exist_ok=True)
                     os.replace(self.store.local_path(rel), dest)
         ok = [r for r in it["rows"] if r.get("status", "ok") == "ok"]
-        if not any(reads_source_video(s, r) for s in self.group.stages for r in ok):
+        if not any(s.reads_source_video(r) for s in self.group.stages for r in ok):
             return []
         got: dict[str, str] = {}
         for r in it["rows"]:
@@ -309,22 +309,6 @@ def _remove_files(paths: Iterable[str]) -> None:
             os.unlink(p)
         except OSError:
             pass
-
-
-# Stages that read a video's extracted clip (``clip_path``) and the files earlier stages made, never its
-# source video, except for a row without a clip (caption then reads the source span). Any other stage is
-# taken to read the source video; a stage class can say otherwise with ``reads_source_video(row) -> bool``.
-CLIP_READERS = frozenset({"caption", "subjects", "ground", "subject_embed", "faces"})
-
-
-def reads_source_video(stage: Stage, row: Record) -> bool:
-    """Whether ``stage`` reads the source video (``video_path``) of the ``ok`` row ``row``."""
-    own = getattr(stage, "reads_source_video", None)
-    if callable(own):
-        return bool(own(row))
-    if stage.name in CLIP_READERS:
-        return not row.get("clip_path")
-    return True
 
 
 def resume_item(row: Record, mc: MapContext) -> dict:

@@ -94,6 +94,9 @@ class Stage:
     name: ClassVar[str] = "stage"
     Params: ClassVar[type] = None  # a dataclass; None means the stage takes no params
     uses_model: ClassVar[bool] = False
+    # True: the stage reads a row's extracted clip (``clip_path``) and earlier stages' files, and the source
+    # video only for a row without a clip; the map runner then fetches no source video for it.
+    reads_clips: ClassVar[bool] = False
 
     def __init__(self, params=None, backend: dict | None = None, ctx: StageContext | None = None):
         self.params = params if params is not None else (self.Params() if self.Params else None)
@@ -106,6 +109,10 @@ class Stage:
 
     def process(self, rows: list[Record]) -> list[Record]:
         raise NotImplementedError
+
+    def reads_source_video(self, row: Record) -> bool:
+        """Whether ``process`` reads the source video (``video_path``) of the ``ok`` row ``row``."""
+        return not (self.reads_clips and row.get("clip_path"))
 
     def ensure_setup(self) -> None:
         if not self._ready:

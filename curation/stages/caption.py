@@ -112,6 +112,7 @@ class CaptionStage(Stage):
     ``caption:too_short`` (fewer than ``min_words`` words, e.g. a degenerate VLM reply)."""
 
     uses_model = True
+    reads_clips = True
 
     @dataclasses.dataclass
     class Params:

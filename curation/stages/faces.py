@@ -52,6 +52,7 @@ class Faces(Stage):
     {name: arcface, model_path: ...}}``."""
 
     uses_model = True
+    reads_clips = True
 
     @dataclasses.dataclass
     class Params:

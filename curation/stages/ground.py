@@ -28,6 +28,7 @@ class GroundStage(Stage):
     A clip where no subject kept a box is rejected ``ground:no_subject_box`` (a triplet needs a reference)."""
 
     uses_model = True
+    reads_clips = True
 
     @dataclasses.dataclass
     class Params:

@@ -82,6 +82,7 @@ class SubjectEmbed(Stage):
     subject ``crops`` [{ref, box, path, emb_row, phash, duplicate_of, size_px}]."""
 
     uses_model = True
+    reads_clips = True
 
     @dataclasses.dataclass
     class Params:

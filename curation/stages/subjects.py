@@ -66,6 +66,7 @@ class SubjectsStage(Stage):
     ``subjects:unsupported`` (every name missing from the caption)."""
 
     uses_model = True
+    reads_clips = True
 
     @dataclasses.dataclass
     class Params:

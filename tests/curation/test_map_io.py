@@ -7,7 +7,7 @@ their video has left the group), and each source video is downloaded once, by th
 import pytest
 
 from bench.bench_map_io import measure
-from curation.runner import CLIP_READERS, plan, reads_source_video
+from curation.runner import plan
 from curation.stage import StageContext
 from curation.stages.registry import load_all
 
@@ -35,8 +35,9 @@ def test_only_the_cut_group_reads_the_source_video():
     for g in groups:
         built = [stages[s.stage](params={}, backend={}, ctx=ctx) for s in g.specs]
         row = video_row if g.name == "cut" else clip_row
-        reads[g.name] = any(reads_source_video(s, row) for s in built)
+        reads[g.name] = any(s.reads_source_video(row) for s in built)
     assert reads == {"cut": True, "annotate": False, "refs": False}
-    assert set(CLIP_READERS) <= set(stages)  # every name listed is a registered stage
+    clip_readers = {n for n, cls in stages.items() if cls.reads_clips}
+    assert clip_readers == {"caption", "subjects", "ground", "subject_embed", "faces"}
     caption = stages["caption"](params={}, backend={}, ctx=ctx)
-    assert reads_source_video(caption, video_row)  # a row without a clip: caption reads the source span
+    assert caption.reads_source_video(video_row)  # a row without a clip: caption reads the source span
