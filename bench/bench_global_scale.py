@@ -20,7 +20,7 @@ DIM = 768
 UNITS_PER_VIDEO = 50
 CATEGORIES = {"human": 0.6, "animal": 0.1, "product": 0.1, "landmark": 0.1, "vehicle": 0.1}
 REUPLOAD_FRAC = 0.01  # videos with one or two planted re-uploads (near-duplicate groups of 2-3)
-PAIR = {"low": 0.6, "high": 0.99, "candidates": 16, "nprobe": 16}
+PAIR = {"low": 0.6, "high": 0.99, "candidates": 16, "nprobe": 0}  # 0: the default (ivf.NPROBE)
 
 GEN = """
 import json, sys

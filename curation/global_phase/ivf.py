@@ -22,7 +22,7 @@ Layout under ``<search>/`` (``sdir``):
         .../partial/g<G>/b<B>/h<H>-r<R>.parquet   top-m of block B (gen G) among the units of gen H in range R
 
 The centroids are reused while the category grows (a category retrains only when its wanted ``nlist``, about
-sqrt(units), is more than twice or less than half the trained one, or the search params change), so an
+units / LIST_ROWS, is more than twice or less than half the trained one, or the search params change), so an
 incremental run's IVF lists differ from those a from-scratch run would train: its candidates can differ where
 the IVF is approximate (a pair found by probing one set of lists and not the other); its scores never do.
 
@@ -48,7 +48,10 @@ BLOCK_ROWS = 16384  # query units per assign / merge task
 EXACT_BLOCK_ROWS = 8192  # query units per exact search task (scored against one generation of a category)
 EXACT_CHUNK_ROWS = 1024  # query rows per score matrix in an exact task (CHUNK x generation rows x 4 bytes)
 TRAIN_PER_LIST = 64  # training sample per list (faiss asks for >= 39)
-TRAIN_MAX = 262144  # at most this many training points (768-d: 800 MB); above nlist 4096 fewer than 64 a list
+TRAIN_MAX = 262144  # at most this many training points (768-d: 800 MB) in the one training task
+LIST_ROWS = 1024  # units per list: nlist grows with the category, so a query's work (nprobe x LIST_ROWS) does not
+NLIST_MAX = TRAIN_MAX // TRAIN_PER_LIST  # 4096 lists (4M units): above it lists grow (see the README's projection)
+NPROBE = 32  # lists probed per query when the params say 0 (1M units, 977 lists: in-band recall 0.96)
 SCORE_ROWS = 4096  # candidate rows rescored in float64 at a time (was 65536: 2 x 384 MB at 768-d)
 EPS = 1e-3  # candidates within EPS of a query's m-th fp32 score are scored again in float64
 META = [
@@ -67,10 +70,10 @@ META = [
 
 
 def shape(n: int, pp: dict) -> dict:
-    """nlist (a power of two near sqrt(n), at most n / 39), nprobe, the training sample and the list ranges
-    of a category of ``n`` units."""
-    nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(n)))))
-    nlist = max(1, min(nlist, n // 39 or 1))
+    """nlist (about LIST_ROWS units a list, at most NLIST_MAX and n / 39), nprobe, the training sample and the
+    list ranges of a category of ``n`` units. Lists of a fixed size and a fixed nprobe keep a query's work
+    constant, so the search grows linearly with the category (with nlist ~ sqrt(n) it grew as n^1.5)."""
+    nlist = max(1, min(math.ceil(n / LIST_ROWS), NLIST_MAX, n // 39 or 1))
     return {**_shape_of(nlist, pp), "train_n": train_size(n, nlist), "ranges": _ranges(n, nlist)}
 
 
@@ -81,7 +84,7 @@ def train_size(n: int, nlist: int) -> int:
 
 
 def _shape_of(nlist: int, pp: dict) -> dict:
-    return {"nlist": nlist, "nprobe": min(nlist, pp["nprobe"] or pairing.auto_nprobe(nlist))}
+    return {"nlist": nlist, "nprobe": min(nlist, pp["nprobe"] or NPROBE)}
 
 
 def _ranges(n: int, nlist: int) -> int:

@@ -50,6 +50,7 @@ def test_sharded_search_probing_every_list_equals_the_exact_search(synth, monkey
     store, gather = synth
     monkeypatch.setattr(ivf, "RANGE_ROWS", 40)
     monkeypatch.setattr(ivf, "BLOCK_ROWS", 50)
+    monkeypatch.setattr(ivf, "LIST_ROWS", 16)  # several lists in a range
     exact = _run(store, gather, "exact", method="exact")
     sharded = _run(store, gather, "ivf", method="faiss", nprobe=1024)
     assert store.exists(next(iter(store.list("p-ivf/ivf/subject/"))))  # the sharded path ran
@@ -60,8 +61,10 @@ def test_sharded_search_probing_every_list_equals_the_exact_search(synth, monkey
     assert exact["verdicts"] == sharded["verdicts"] and exact["verdicts"]["subject"]["pair"] > 0
 
 
-def test_sharded_search_with_few_probes_keeps_most_in_band_pairs(synth):
+def test_sharded_search_with_few_probes_keeps_most_in_band_pairs(synth, monkeypatch):
     store, gather = synth
+    monkeypatch.setattr(ivf, "LIST_ROWS", 16)
+    assert ivf.shape(max(gather["units"].values()), {"nprobe": 2})["nlist"] > 4  # 2 probes: approximate
     exact = {p for p in _pairs(store, _run(store, gather, "exact2", method="exact")) if p[4] == "pair"}
     approx = {
         p for p in _pairs(store, _run(store, gather, "ivf2", method="faiss", nprobe=2)) if p[4] == "pair"
@@ -216,10 +219,11 @@ def test_components_on_ray_match_the_sequential_runner(tmp_path):
 
 
 def test_the_training_sample_is_capped_whatever_the_category_size():
-    """TRAIN_PER_LIST points a list up to TRAIN_MAX: a 150M-unit category (nlist 16k) trains on TRAIN_MAX
-    points, not on 64 x 16k x 768 floats (3 GB) in one task."""
+    """TRAIN_PER_LIST points a list up to TRAIN_MAX: a 150M-unit category (nlist capped at NLIST_MAX) trains on
+    TRAIN_MAX points, not on 64 x 146k x 768 floats in one task; lists hold about LIST_ROWS units below it."""
     pp = {"nprobe": 16}
     assert ivf.shape(100_000, pp)["train_n"] == ivf.TRAIN_PER_LIST * ivf.shape(100_000, pp)["nlist"]
     big = ivf.shape(150_000_000, pp)
-    assert big["nlist"] == 16384 and big["train_n"] == ivf.TRAIN_MAX
+    assert big["nlist"] == ivf.NLIST_MAX and big["train_n"] == ivf.TRAIN_MAX
+    assert ivf.shape(1_000_000, pp)["nlist"] == 977 and ivf.shape(100_000, pp)["nlist"] == 98
     assert ivf.shape(50, pp)["train_n"] == 50  # never more than the units
