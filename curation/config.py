@@ -226,6 +226,9 @@ class RunConfig:
     # one per part). The parts are keyed by the CSV's digest, so changing this re-splits the CSV once.
     source_part_rows: int = field(10_000, ge=1)
 
+    # Byte cap of each machine's download cache of remote objects (curation.storage: least recently used
+    # files go first; GB = 10^9 bytes; 0 keeps nothing beyond the file in use). Env PHANTOM_CACHE_MAX_GB.
+    cache_max_gb: float = field(20.0, ge=0.0)
 
 @dataclasses.dataclass
 class Config:

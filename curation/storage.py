@@ -4,7 +4,8 @@
 Writes are atomic: a local file is written under a temporary name and renamed; an object-store PUT is
 atomic by itself (readers see the old object or the whole new one). Code that needs a real local file
 (decord, PyAV, ffmpeg) asks ``Store.local_path(rel)``: the file itself for a local store, a cached
-download for a remote one. S3-compatible endpoints (MinIO, moto, R2) come from ``AWS_ENDPOINT_URL`` (the
+download for a remote one, kept in a per-machine cache capped in bytes (least recently used files go first;
+see ``cache_limit_bytes``). S3-compatible endpoints (MinIO, moto, R2) come from ``AWS_ENDPOINT_URL`` (the
 AWS SDK's variable) or ``PHANTOM_S3_ENDPOINT``; credentials from the usual AWS variables.
 
 Every ``Store`` call retries transient errors (connection refused or reset, timeouts, HTTP 5xx, throttling
@@ -16,9 +17,11 @@ raises the last error; a permanent one (missing key, access denied, a bad path) 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import glob
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -136,6 +139,108 @@ def _cache_root() -> Path:
     return Path(os.environ.get("PHANTOM_CACHE_DIR") or Path(tempfile.gettempdir()) / "phantom-cache")
 
 
+# The download cache: <root>/<2 hex>/<key>-<name>, and only those folders are evicted from: <root>/scratch/
+# (stage outputs) and any other folder under the root (curation.download's) are not. Every process on a
+# machine shares it. A hit only touches its file (no walk); a download walks the cache once, under an flock
+# on the root folder, so one process evicts at a time and the cap holds for all of them together with no
+# count or lock file left in the root. A walk stats each cached file (~20 us a file on a busy 2-core box:
+# 0.1 s for 5,000), about the time a 10 MB download takes; the objects read this way are videos, CSVs,
+# shards and model files. A per-process running estimate would skip walks but not see the others' downloads.
+CACHE_MAX_GB_ENV = "PHANTOM_CACHE_MAX_GB"
+STALE_TMP_S = 3600.0  # a download's temp file untouched this long belongs to a killed process
+
+
+def set_cache_limit_gb(max_gb: float) -> None:
+    """Cap this machine's download cache at ``max_gb`` (10^9 bytes; 0: nothing beyond the file in use).
+    Set through PHANTOM_CACHE_MAX_GB so that processes started from here (local Ray workers) inherit it."""
+    gb = float(max_gb)
+    if not gb >= 0:
+        raise ValueError(f"cache_max_gb must be >= 0, not {max_gb!r}")
+    os.environ[CACHE_MAX_GB_ENV] = repr(gb)
+
+
+def cache_limit_bytes() -> int:
+    """The download cache's cap in bytes: PHANTOM_CACHE_MAX_GB, else the default of ``run.cache_max_gb``."""
+    raw = os.environ.get(CACHE_MAX_GB_ENV, "").strip()
+    if not raw:
+        from curation.config import RunConfig
+
+        return round(RunConfig().cache_max_gb * 1e9)
+    gb = float(raw)
+    if not gb >= 0:
+        raise ValueError(f"{CACHE_MAX_GB_ENV}={raw!r}: must be a number of GB >= 0")
+    return round(gb * 1e9)
+
+
+@contextlib.contextmanager
+def _cache_lock(root: Path):
+    """An exclusive flock on the cache's root folder (no lock file: the folder itself)."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _after_download(root: Path, dest: Path, limit: int) -> int:
+    """Evict down to the cap after a download landed at ``dest`` (kept); the bytes the cache then holds."""
+    with _cache_lock(root):
+        return evict_cache(root, limit, keep=str(dest))
+
+
+def _unlink_unpinned(path: str) -> bool:
+    """Remove a cache file unless a reader holds it (``Store.local_path_ctx``'s shared flock); True when it
+    is gone. Another process's unlink or a reader with the file open is no error."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def evict_cache(root: str | os.PathLike, limit: int, keep: str = "") -> int:
+    """Remove the least recently used files of the download cache under ``root`` (its <2 hex> folders only:
+    never scratch/ or another tool's folder; not ``keep``, not a pinned one) until it holds at most ``limit``
+    bytes; returns the bytes it still holds. One walk and a heap: O(files + evicted * log files)."""
+    root = str(root)
+    now = time.time()
+    files: list[tuple[float, str, int]] = []
+    total = 0
+    for folder, dirs, names in os.walk(root):
+        if folder == root:  # the top holds other tools' folders, no cached object
+            dirs[:] = [d for d in dirs if len(d) == 2 and all(c in "0123456789abcdef" for c in d)]
+            continue
+        for name in names:
+            p = os.path.join(folder, name)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue
+            if name.endswith(".tmp"):  # a download in flight (not counted), or a killed one's leftover
+                if now - st.st_mtime > STALE_TMP_S:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(p)
+                continue
+            files.append((st.st_mtime, p, st.st_size))
+            total += st.st_size
+    heapq.heapify(files)
+    while total > limit and files:
+        _, p, size = heapq.heappop(files)
+        if p != keep and _unlink_unpinned(p):
+            total -= size
+    return total
+
+
 class Store:
     """A root (local folder or URI) and relative paths under it. Picklable: Ray tasks receive the URI and
     rebuild the filesystem in the worker."""
@@ -250,19 +355,47 @@ class Store:
 
     @contextlib.contextmanager
     def local_path_ctx(self, rel: str):
-        yield self.local_path(rel)
+        """``local_path(rel)``, pinned for the block: no process's cache eviction removes it meanwhile (a
+        shared flock, which eviction tests before it unlinks)."""
+        if self.is_local:
+            yield self.path(rel)
+            return
+        for _ in range(3):
+            path = self.local_path(rel)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # evicted between the download and the open: fetch again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                try:  # still the file at that path (an eviction may have unlinked it before the lock)?
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    yield path
+                    return
+            finally:
+                os.close(fd)
+        raise OSError(f"{self!r}: {rel!r} was evicted from the cache three times while being pinned")
 
     @_retried
     def local_path(self, rel: str) -> str:
         """A local file with the content of ``rel``: the file itself for a local store, else a download
-        into the cache (re-fetched when its size differs), written atomically."""
+        into the cache (re-fetched when its size differs), written atomically. A hit marks the file used
+        (its mtime); a download may evict the least recently used others (``run.cache_max_gb``), never the
+        file returned. Another process's download may evict it later: hold ``local_path_ctx`` to pin it."""
         if self.is_local:
             return self.path(rel)
         key = hashlib.sha1(self.uri_of(rel).encode()).hexdigest()[:20]
-        dest = _cache_root() / key[:2] / f"{key}-{os.path.basename(rel)}"
+        root = _cache_root()
+        dest = root / key[:2] / f"{key}-{os.path.basename(rel)}"
+        limit = cache_limit_bytes()  # a bad PHANTOM_CACHE_MAX_GB fails before any download
         remote_size = self.size(rel)
-        if dest.exists() and dest.stat().st_size == remote_size:
-            return str(dest)
+        with contextlib.suppress(FileNotFoundError):  # gone: evicted, or never fetched
+            if dest.stat().st_size == remote_size:
+                os.utime(dest)  # used now: the last to be evicted
+                return str(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
         try:
@@ -272,6 +405,10 @@ class Store:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        try:
+            _after_download(root, dest, limit)
+        except OSError as e:  # a cache that cannot be trimmed still served this read
+            log.warning("download cache %s: could not apply its size cap: %s", root, e)
         return str(dest)
 
     # -- writes -----------------------------------------------------------------------------------------

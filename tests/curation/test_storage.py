@@ -173,3 +173,184 @@ def test_store_calls_ride_out_an_s3_outage(tmp_path, monkeypatch):
         assert store.read_bytes("b.bin") == b"during"
     finally:
         server.stop()
+
+
+# -- the download cache's size cap -------------------------------------------------------------------------
+
+
+def _cache_bytes(root) -> int:
+    """Bytes of downloaded objects under the cache root (not scratch/ or curation.download's folder, not the
+    count, the lock or temp files)."""
+    import os
+
+    total = 0
+    for folder, dirs, names in os.walk(root):
+        if folder == str(root):
+            dirs[:] = [d for d in dirs if d not in ("scratch", "phantom-download")]
+            continue  # the count and the lock live at the top; objects one folder down
+        total += sum(os.path.getsize(os.path.join(folder, n)) for n in names if not n.endswith(".tmp"))
+    return total
+
+
+@pytest.fixture
+def capped_cache(tmp_path, monkeypatch):
+    """A fresh cache root; the test sets its cap through PHANTOM_CACHE_MAX_GB (the route to workers)."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("PHANTOM_CACHE_DIR", str(root))
+    monkeypatch.delenv("PHANTOM_CACHE_MAX_GB", raising=False)
+    return root
+
+
+def _objects(n: int) -> dict[str, bytes]:
+    """n objects of different sizes (1.0 to 3.9 kB) and different bytes."""
+    return {f"obj/{i:03d}.bin": bytes([i]) * (1000 + 100 * i) for i in range(n)}
+
+
+def test_the_cache_cap_is_honoured_under_a_run_of_many_videos(s3_bucket, capped_cache, monkeypatch):
+    """30 objects read through local_path with a 10 kB cap: after every read the cache holds at most the cap
+    plus the object just read, the returned file has the object's bytes, an object re-read after every
+    download stays a hit all along (the same file, never downloaded again: least recently used, not first in
+    first out), an old one is evicted and fetched again, and scratch/ is never touched."""
+    import os
+
+    from curation.storage import cache_limit_bytes
+
+    cap = 10_000
+    monkeypatch.setenv("PHANTOM_CACHE_MAX_GB", str(cap / 1e9))
+    assert cache_limit_bytes() == cap
+    store = Store(s3_bucket + "/videos")
+    objs = _objects(30)
+    for rel, data in objs.items():
+        store.write_bytes(rel, data)
+    scratch = scratch_dir(store)
+    kept = os.path.join(scratch, "clip.mp4")
+    with open(kept, "wb") as f:
+        f.write(b"s" * 50_000)  # alone over the cap: must survive every eviction
+    other = capped_cache / "phantom-download" / "part.mp4"  # curation.download's folder under the same root
+    other.parent.mkdir()
+    other.write_bytes(b"d" * 20_000)
+    largest = max(len(d) for d in objs.values())
+    peak = 0
+    evicted_any = False
+    first_paths: dict[str, str] = {}
+    hot, *rest = objs
+    hot_path = store.local_path(hot)
+    hot_ino = os.stat(hot_path).st_ino
+    for rel in rest:
+        data = objs[rel]
+        p = store.local_path(rel)
+        with open(p, "rb") as f:
+            assert f.read() == data, rel
+        size = _cache_bytes(capped_cache)
+        peak = max(peak, size)
+        assert size <= cap + len(data), (rel, size)
+        first_paths[rel] = p
+        # the hot object, used after every download, is never the least recently used: a hit every time
+        assert store.local_path(hot) == hot_path and os.stat(hot_path).st_ino == hot_ino
+        assert _cache_bytes(capped_cache) == size  # a hit neither downloads nor evicts
+        evicted_any |= any(not os.path.exists(q) for q in first_paths.values())
+    assert evicted_any and peak <= cap + largest
+    assert open(hot_path, "rb").read() == objs[hot]
+    assert os.path.getsize(kept) == 50_000 and other.stat().st_size == 20_000
+    # the first object was evicted long ago: read again, it comes back with its bytes
+    first = rest[0]
+    assert not os.path.exists(first_paths[first])
+    with open(store.local_path(first), "rb") as f:
+        assert f.read() == objs[first]
+    assert _cache_bytes(capped_cache) <= cap + largest
+
+
+def test_a_zero_cap_keeps_only_the_file_in_use_and_a_pinned_file_survives(s3_bucket, capped_cache,
+                                                                          monkeypatch):
+    """cache_max_gb 0: each download evicts every other cached file, except one held by local_path_ctx."""
+    import os
+
+    monkeypatch.setenv("PHANTOM_CACHE_MAX_GB", "0")
+    store = Store(s3_bucket + "/zero")
+    objs = _objects(6)
+    for rel, data in objs.items():
+        store.write_bytes(rel, data)
+    rels = list(objs)
+    with store.local_path_ctx(rels[0]) as pinned:
+        for rel in rels[1:]:
+            p = store.local_path(rel)
+            assert open(p, "rb").read() == objs[rel]
+            assert _cache_bytes(capped_cache) == len(objs[rel]) + len(objs[rels[0]])  # this one + the pin
+            assert open(pinned, "rb").read() == objs[rels[0]]
+    last = store.local_path(rels[1])  # a download after the pin was released evicts the old pin
+    assert not os.path.exists(pinned) and _cache_bytes(capped_cache) == len(objs[rels[1]])
+    assert open(last, "rb").read() == objs[rels[1]]
+    os.unlink(last)  # what the runner does with the files it fetches: then the root holds no file at all
+    assert [p for p in capped_cache.rglob("*") if p.is_file()] == []
+
+
+def test_processes_sharing_a_capped_cache_read_the_right_bytes(s3_bucket, capped_cache, monkeypatch):
+    """Two processes read the same 20 objects in opposite orders through one capped cache at once, each
+    object pinned while it is checked: no read fails or sees wrong bytes, no eviction race raises, and the
+    cache ends within its cap plus what one read per process holds."""
+    import subprocess
+    import sys
+
+    cap = 6_000
+    monkeypatch.setenv("PHANTOM_CACHE_MAX_GB", str(cap / 1e9))
+    store = Store(s3_bucket + "/shared")
+    objs = _objects(20)
+    for rel, data in objs.items():
+        store.write_bytes(rel, data)
+    code = (
+        "import sys\n"
+        "from curation.storage import Store\n"
+        "store = Store(sys.argv[1])\n"
+        "rels = [f'obj/{i:03d}.bin' for i in range(20)]\n"
+        "if sys.argv[2] == 'rev':\n"
+        "    rels.reverse()\n"
+        "for _ in range(2):\n"
+        "    for rel in rels:\n"
+        "        i = int(rel[4:7])\n"
+        "        with store.local_path_ctx(rel) as p:\n"
+        "            assert open(p, 'rb').read() == bytes([i]) * (1000 + 100 * i), rel\n"
+        "print('ok')\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, store.uri, order], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for order in ("fwd", "rev")]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+    largest = max(len(d) for d in objs.values())
+    assert _cache_bytes(capped_cache) <= cap + 2 * largest
+
+
+def test_the_cache_cap_from_pipelines_yaml_reaches_storage_and_child_processes(tmp_path, monkeypatch):
+    """run.cache_max_gb in pipelines.yaml is validated (>= 0), and set_cache_limit_gb passes it to this
+    process's downloads and to the processes it starts (as Ray's local workers are)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from curation.config import ConfigError, RunConfig, load_config
+    from curation.storage import cache_limit_bytes, set_cache_limit_gb
+
+    monkeypatch.delenv("PHANTOM_CACHE_MAX_GB", raising=False)
+    assert cache_limit_bytes() == round(RunConfig().cache_max_gb * 1e9)  # unset: the config's default
+    repo = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((repo / "pipelines.yaml").read_text())
+    assert "cache_max_gb" in raw["run"]
+    raw["run"]["cache_max_gb"] = 0.25
+    cfg_path = tmp_path / "p.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_path)
+    assert cfg.run.cache_max_gb == 0.25
+    set_cache_limit_gb(cfg.run.cache_max_gb)
+    assert cache_limit_bytes() == 250_000_000
+    code = "from curation.storage import cache_limit_bytes; print(cache_limit_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=repo)
+    assert child.stdout.strip() == "250000000", child.stderr[-2000:]
+    raw["run"]["cache_max_gb"] = -1
+    cfg_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="cache_max_gb"):
+        load_config(cfg_path)
+    monkeypatch.setenv("PHANTOM_CACHE_MAX_GB", "lots")
+    with pytest.raises(ValueError):
+        cache_limit_bytes()
