@@ -171,7 +171,8 @@ class DownloadParams:
     max_filesize_mb: float = field(2048.0, gt=0)
     max_duration_s: float = field(4 * 3600.0, gt=0)
     rate_limit_bytes_per_s: int = field(0, ge=0)  # per download; 0 = unlimited
-    sections: bool = False  # fetch only the CSV spans where the site reports the duration
+    sections: bool = True  # fetch only the CSV spans (padded) where the site reports the duration; the
+    # curation maps the spans onto the section file (its log's time_offset_s)
     sections_max_fraction: float = field(0.5, gt=0, le=1)
     section_pad_s: float = field(2.0, ge=0)
     allowed_hosts: list[str] = field(YOUTUBE_HOSTS)
@@ -225,10 +226,10 @@ class RunConfig:
     # Panda-70M CSV records per Parquet part of the Ray ingest (curation.ingest; a CSV of at most 256 records:
     # one per part). The parts are keyed by the CSV's digest, so changing this re-splits the CSV once.
     source_part_rows: int = field(10_000, ge=1)
-
     # Byte cap of each machine's download cache of remote objects (curation.storage: least recently used
     # files go first; GB = 10^9 bytes; 0 keeps nothing beyond the file in use). Env PHANTOM_CACHE_MAX_GB.
     cache_max_gb: float = field(20.0, ge=0.0)
+
 
 @dataclasses.dataclass
 class Config:

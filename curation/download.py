@@ -59,7 +59,7 @@ from urllib.parse import urlparse
 
 from curation.config import ConfigError, DownloadParams, from_dict, load_yaml, parse_download_params
 from curation.execute import worker_pool
-from curation.sources.panda70m import DOWNLOAD_LOG_PREFIX, download_log_rel
+from curation.sources.panda70m import DOWNLOAD_LOG_PREFIX, download_log_rel, section_offset
 
 LOG_PREFIX = DOWNLOAD_LOG_PREFIX
 VIDEO_EXTS = ("mp4", "mkv", "webm")
@@ -93,8 +93,7 @@ def existing_video(store, video_id: str) -> str | None:
 
 def section_offset_s(store, video_id: str) -> float:
     """Seconds to subtract from the CSV spans for this video's file (non-zero in section mode)."""
-    log = read_log(store, video_id) or {}
-    return float(log.get("time_offset_s") or 0.0) if log.get("status") == "done" else 0.0
+    return section_offset(read_log(store, video_id))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -292,15 +292,38 @@ def _videos_store(videos_dir: str) -> Store:
     return Store(videos_dir)  # one per folder: an object-store client is not built per row
 
 
-def download_failure(videos_dir: str, video_id: str) -> tuple[str, str] | None:
-    """(``download:<reason>``, detail) when the download step logged this video as failed, else None."""
+def download_log(videos_dir: str, video_id: str) -> dict | None:
+    """The download step's log of this video, or None (locally one stat when there is none)."""
     rel = download_log_rel(video_id)
     if not is_uri(videos_dir) and not os.path.isfile(os.path.join(videos_dir, rel)):
         return None  # the usual case locally: one stat, not a pyarrow open that raises
     log = _videos_store(videos_dir).read_json(rel)
-    if not isinstance(log, dict) or log.get("status") != "failed":
+    return log if isinstance(log, dict) else None
+
+
+def download_failure(log: dict | None) -> tuple[str, str] | None:
+    """(``download:<reason>``, detail) when the download log says the video failed, else None."""
+    if not log or log.get("status") != "failed":
         return None
     return f"download:{log.get('reason') or 'error'}", str(log.get("detail") or "")[:200]
+
+
+def section_offset(log: dict | None) -> float:
+    """Seconds of the source before the video file's 0: non-zero when the download step fetched only a
+    section (``mode: section``); the CSV spans minus this are times in the file."""
+    if not log or log.get("status") != "done":
+        return 0.0
+    return float(log.get("time_offset_s") or 0.0)
+
+
+def shift_spans(rec: dict[str, Any], offset_s: float) -> None:
+    """Map the record's CSV spans (source times) onto a section file that starts ``offset_s`` into the
+    source; the offset is kept on the record (``time_offset_s``) so clip times can be told in source time.
+    Shot boundaries are relative to their span and need no change."""
+    if offset_s <= 0 or not isinstance(rec.get("spans"), list):
+        return
+    rec["spans"] = [[round(max(0.0, a - offset_s), 3), round(max(0.0, b - offset_s), 3)] for a, b in rec["spans"]]
+    rec["time_offset_s"] = offset_s
 
 
 def resolve_video(videos_dir: str, video_id: str) -> tuple[str | None, str | None]:
@@ -343,7 +366,8 @@ def finish_record(rec: dict[str, Any], videos_dir: str, keep_labels=None) -> dic
     """A parsed (and merged) record made final: spans outside ``keep_labels`` taken out first (a record left
     with none needs no video), then the video looked up for a record still ``ok``: its path, or the
     rejection ``missing_video`` (or the download step's logged reason) / ``bad_video_id``. Changes and
-    returns ``rec``. The sequential reader and the Ray ingest (``curation.ingest``) both end here."""
+    returns ``rec``. A video the download step fetched as a section gets its spans moved onto the file's own
+    times (``shift_spans``). The sequential reader and the Ray ingest (``curation.ingest``) both end here."""
     if keep_labels:
         filter_spans_by_label(rec, keep_labels)
     if rec.get("status") != "ok" or rec.get("video_path"):
@@ -352,9 +376,10 @@ def finish_record(rec: dict[str, Any], videos_dir: str, keep_labels=None) -> dic
     path, why = resolve_video(videos_dir, raw_id)
     if path is not None:
         rec["video_path"] = path
+        shift_spans(rec, section_offset(download_log(videos_dir, raw_id)))  # a section file: its own times
         return rec
     detail = f"no {raw_id}.mp4|.mkv|.webm in {videos_dir}"
-    failed = download_failure(videos_dir, raw_id) if why == "missing_video" else None
+    failed = download_failure(download_log(videos_dir, raw_id)) if why == "missing_video" else None
     if failed is not None:  # the download step tried and failed: its reason, not missing_video
         why, detail = failed
     rec.update(status="rejected", reason=why, detail=detail)

@@ -308,6 +308,12 @@ def test_section_download_of_the_csv_spans(tmp_path):
         facts = probe_video(str(tmp_path / "v" / "sec1.mp4"))
         assert 2.5 <= facts["duration_s"] <= 5.0 and facts["width"] == 640
         assert log["bytes"] < 0.8 * len(srv.files["bikes"])
+        # the curation reads the CSV spans in the section file's own times (the file starts 0.5 s in)
+        from curation.sources.panda70m import read_panda_csv
+
+        (rec,) = list(read_panda_csv(spec.csv, str(tmp_path / "v")))
+        assert rec["status"] == "ok" and rec["spans"] == [[1.0, 2.5]] and rec["time_offset_s"] == 0.5
+        assert rec["spans"][0][1] <= facts["duration_s"]
         # a site that does not serve byte ranges: the section cannot be cut, the whole video is fetched
         spec_nr = SourceSpec(kind="panda70m", csv=write_csv(
             tmp_path / "nr.csv", [("nr1", srv.url("watchnr", "nr1"))], "[['0:00:01.500', '0:00:03.000']]"))
@@ -319,7 +325,8 @@ def test_section_download_of_the_csv_spans(tmp_path):
         assert (tmp_path / "nr" / "nr1.mp4").read_bytes() == srv.files["bikes"] and log["time_offset_s"] == 0
         # sections off: the whole file
         store2 = Store(tmp_path / "v2")
-        download_source(spec, store2, params=params(max_filesize_mb=5), runner="threads", progress=None)
+        download_source(spec, store2, params=params(max_filesize_mb=5, sections=False), runner="threads",
+                        progress=None)
         assert logs(store2)["sec1"]["mode"] == "full"
         assert (tmp_path / "v2" / "sec1.mp4").read_bytes() == srv.files["bikes"]
 
