@@ -29,7 +29,7 @@ from curation.manifest import GroupCache, Manifest, source_signature
 from curation.models import record_unpinned
 from curation.stage import Record, Stage, StageContext, StageGroup
 from curation.stages.registry import load_all, validate_stage_spec
-from curation.storage import Store, is_uri, scratch_dir
+from curation.storage import Store, is_uri, scratch_dir, set_cache_limit_gb
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,8 @@ class VideoWorker:
                 dest = os.path.join(self.ctx.out_dir, rel)
                 if not os.path.exists(dest) and self.store.exists(rel):
                     os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    os.replace(self.store.local_path(rel), dest)
+                    with self.store.local_path_ctx(rel) as got:  # pinned: no eviction before the move
+                        os.replace(got, dest)
         ok = [r for r in it["rows"] if r.get("status", "ok") == "ok"]
         if not any(s.reads_source_video(r) for s in self.group.stages for r in ok):
             return []
@@ -555,6 +556,7 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
     specs = cfg.pipelines[pipeline]
     groups, global_specs = plan(specs)
     run_cfg = cfg.run
+    set_cache_limit_gb(run_cfg.cache_max_gb)  # here, and in the workers through PHANTOM_CACHE_MAX_GB
     mc = MapContext(groups, store.uri, ctx.models_dir, run_cfg.max_fail_frac, run_cfg.min_fail_rows)
     mh = map_hash(groups)
     totals = _Totals()
