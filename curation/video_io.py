@@ -6,6 +6,9 @@ import dataclasses
 import fractions
 import logging
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -15,6 +18,7 @@ log = logging.getLogger(__name__)
 
 MAX_PIXELS_8K = 7680 * 4320
 X264_THREADS = 4  # encoder threads per clip, fixed so a clip's bytes do not depend on the machine
+FFMPEG = "ffmpeg"  # the CLI that encodes clips (``make setup`` installs it with apt)
 
 
 class BadVideo(Exception):
@@ -400,14 +404,24 @@ def encode_clips(
     job's frames to H.264 mp4 (libx264, yuv420p, even size, the source frame rate). Each file is written
     to a temp name and os.replace'd, so a reader never sees half a clip. Decoding stops after the last
     frame any job needs. A keyframe every ``keyframe_interval_s`` bounds what a training loader must
-    decode to reach a random frame (0 leaves it to x264)."""
+    decode to reach a random frame (0 leaves it to x264).
+
+    Each clip is encoded by its own ffmpeg CLI process (libx264, bitexact), fed raw yuv420p frames on
+    stdin: libx264 inside this process (PyAV) gave different bytes for the same frames depending on what
+    the process had done before and on the load (decoder threads, earlier encodes), so a clip re-encoded
+    after a killed run did not match; a fresh ffmpeg process given the same frames writes the same bytes."""
     import av
 
     jobs = sorted(jobs, key=lambda j: j.start_frame)
     if not jobs:
         return []
+    ffmpeg = shutil.which(FFMPEG)
+    if ffmpeg is None:
+        raise RuntimeError(
+            f"the {FFMPEG!r} binary is not on PATH; clips are encoded with it: run `make setup`"
+        )
     last_needed = max(j.end_frame for j in jobs)
-    open_enc: dict[int, tuple] = {}  # job index -> (container, stream, tmp_path)
+    open_enc: dict[int, tuple] = {}  # job index -> (ffmpeg process, tmp_path, stderr file)
     with av.open(src_path) as src:
         vstream = src.streams.video[0]
         vstream.thread_type = "AUTO"
@@ -432,19 +446,26 @@ def encode_clips(
                 if rotation:
                     upright = rotate_frames(frame.to_ndarray(format="rgb24"), rotation)
                     frame = av.VideoFrame.from_ndarray(upright, format="rgb24")
+                yuv = None
                 for k, job in enumerate(jobs):
-                    if not (job.start_frame <= idx < job.end_frame):
+                    if job.error or not (job.start_frame <= idx < job.end_frame):
                         continue
                     if k not in open_enc:
                         gop = max(1, round(float(rate) * keyframe_interval_s)) if keyframe_interval_s else 0
-                        open_enc[k] = _open_encoder(job, w, h, rate, crf, preset, gop)
-                    out, ost, _ = open_enc[k]
-                    # reformat scales (when asked) and converts to yuv420p in one swscale call.
-                    vf = frame.reformat(width=w, height=h, format="yuv420p")
-                    vf.pts = job.n_written  # time_base is 1/rate: one tick per frame, constant rate
-                    vf.time_base = ost.codec_context.time_base
-                    for pkt in ost.encode(vf):
-                        out.mux(pkt)
+                        open_enc[k] = _open_encoder(ffmpeg, job, w, h, rate, crf, preset, gop)
+                    if yuv is None:  # once per frame, shared by overlapping jobs
+                        # reformat scales (when asked) and converts to yuv420p in one swscale call;
+                        # to_ndarray packs the planes without row padding: (h * 3 / 2, w), what
+                        # rawvideo yuv420p expects.
+                        yuv = np.ascontiguousarray(
+                            frame.reformat(width=w, height=h, format="yuv420p").to_ndarray()
+                        )
+                    try:
+                        open_enc[k][0].stdin.write(memoryview(yuv).cast("B"))
+                    except OSError:  # ffmpeg exited early: say why, from its exit code and stderr
+                        job.error = _ffmpeg_failure(open_enc[k])
+                        _close_encoder(open_enc.pop(k), job)
+                        continue
                     job.n_written += 1
                     if idx == job.end_frame - 1:
                         _close_encoder(open_enc.pop(k), job)
@@ -462,41 +483,70 @@ def encode_clips(
 
 
 def _open_encoder(
-    job: ClipJob, w: int, h: int, rate: fractions.Fraction, crf: int, preset: str, gop: int = 0
-):
-    import av
-
+    ffmpeg: str, job: ClipJob, w: int, h: int, rate: fractions.Fraction, crf: int, preset: str, gop: int = 0
+) -> tuple[subprocess.Popen, str, object]:
+    """An ffmpeg process that reads raw yuv420p frames on stdin and writes ``job``'s mp4 to a temp name;
+    returns (process, temp path, its stderr file)."""
     Path(job.out_path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{job.out_path}.tmp{os.getpid()}"
-    out = av.open(tmp, "w", format="mp4", options={"movflags": "+faststart"})
-    ost = out.add_stream("libx264", rate=rate)
-    ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
-    ost.codec_context.time_base = 1 / rate
     # A fixed thread count: x264's output depends on it, and "auto" follows the CPUs a worker sees, so
-    # the same clip would come out differently from a Ray worker and the sequential runner.
-    ost.options = {
-        "crf": str(crf),
-        "preset": preset,
-        "threads": str(X264_THREADS),
-        **({"g": str(gop)} if gop else {}),
-    }
-    return out, ost, tmp
+    # the same clip would come out differently from a Ray worker and the sequential runner. bitexact
+    # keeps version strings out of the file; -map_metadata -1 keeps out any metadata (no creation_time).
+    cmd = [
+        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+        "-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", f"{w}x{h}",
+        "-framerate", f"{rate.numerator}/{rate.denominator}", "-i", "pipe:0",
+        "-map_metadata", "-1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+        "-crf", str(crf), "-preset", preset, "-threads", str(X264_THREADS),
+        *(["-g", str(gop)] if gop else []),
+        "-flags:v", "+bitexact", "-fflags", "+bitexact",
+        "-movflags", "+faststart", "-f", "mp4", tmp,
+    ]  # fmt: skip
+    err = tempfile.TemporaryFile()  # a file, not a pipe: a pipe nobody reads could fill and stall ffmpeg
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+    return proc, tmp, err
+
+
+def _ffmpeg_failure(enc: tuple) -> str:
+    """A job's error text for an ffmpeg that failed: its exit code and the last line it wrote to stderr."""
+    proc, _, err = enc
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+    rc = proc.wait()
+    err.seek(0)
+    lines = err.read().decode(errors="replace").strip().splitlines()
+    return f"encode failed: ffmpeg exit {rc}" + (f": {lines[-1][:200]}" if lines else "")
 
 
 def _close_encoder(enc: tuple, job: ClipJob) -> None:
-    out, ost, tmp = enc
+    """End ``job``'s ffmpeg: os.replace its file into place when every frame went in and it exited 0;
+    otherwise stop it, remove the temp file and say why in ``job.error``."""
+    proc, tmp, err = enc
+    complete = not job.error and job.n_written >= job.end_frame - job.start_frame
     try:
-        for pkt in ost.encode():
-            out.mux(pkt)
-        out.close()
-        if job.error or job.n_written < job.end_frame - job.start_frame:
+        if not complete:
+            proc.kill()  # a clip that will be discarded need not be finished
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass  # ffmpeg already gone; its exit code says why
+        rc = proc.wait()
+        if not complete:
             job.error = (
                 job.error or f"source ended after {job.n_written} of {job.end_frame - job.start_frame} frames"
             )
-            os.remove(tmp)
+        elif rc != 0:
+            job.error = _ffmpeg_failure(enc)
         else:
             os.replace(tmp, job.out_path)
     except Exception as e:
         job.error = job.error or f"encode failed: {e}"
+    finally:
+        err.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         if os.path.exists(tmp):
             os.remove(tmp)
