@@ -353,6 +353,15 @@ class Store:
             out.append(info.path[len(base):] if info.path.startswith(base) else info.path)
         yield from sorted(out)
 
+    def subdirs(self, prefix: str = "") -> list[str]:
+        """Names of the folders directly under ``prefix`` (one listing level: on an object store one LIST
+        with a delimiter, whatever lies below them), sorted."""
+        from pyarrow import fs
+
+        sel = fs.FileSelector(self.path(prefix), recursive=False, allow_not_found=True)
+        infos = call_with_retry(self.fs.get_file_info, sel, what=f"{self!r}.subdirs({prefix!r})")
+        return sorted(i.path.rstrip("/").rsplit("/", 1)[-1] for i in infos if i.type == fs.FileType.Directory)
+
     @contextlib.contextmanager
     def local_path_ctx(self, rel: str):
         """``local_path(rel)``, pinned for the block: no process's cache eviction removes it meanwhile (a

@@ -79,12 +79,8 @@ def _swap_link(store: Store, sub: str, target_rel: str) -> None:
 
 def _collect(store: Store, keep: set, subs: list[str]) -> None:
     """Delete the results not in ``keep`` (their index, records and tars)."""
-    from pyarrow import fs
-
-    sel = fs.FileSelector(store.path(RESULTS), recursive=False, allow_not_found=True)
-    for info in store.fs.get_file_info(sel):
-        gh = info.path.rstrip("/").rsplit("/", 1)[-1]
-        if info.type != fs.FileType.Directory or gh in keep or gh.startswith("legacy-"):
+    for gh in store.subdirs(RESULTS):
+        if gh in keep or gh.startswith("legacy-"):
             continue
         store.delete_dir(f"{RESULTS}/{gh}")
         if not store.is_local:

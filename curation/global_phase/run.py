@@ -114,8 +114,8 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
 
     # 2-4. pairs (search, near-duplicate groups, final verdicts)
     pairs_done = store.read_json(f"{pdir}/_done.json")
+    search_dir = f"global/search-{search_hash(map_hash, gather['epoch'], pp)}"
     if pairs_done is None:
-        search_dir = f"global/search-{search_hash(map_hash, gather['epoch'], pp)}"
         pairs_done = find_pairs(store, gather, pp, pdir, runner, search_dir=search_dir)
         store.write_json(f"{pdir}/_done.json", pairs_done)
         store.write_json(f"{pdir}/histogram.json", pairs_done["histogram"])
@@ -173,8 +173,9 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
                 "total_samples": sum(e["samples"] for e in mine),
                 "total_bytes": sum(e["bytes"] for e in mine),
             }
-    # 7. publish: the pointers last (publish.py)
+    # 7. publish: the pointers last (publish.py); then the step folders no later run can reuse
     publish.publish(store, global_hash, indexes)
+    collect_steps(store, map_hash, gather["epoch"], [pdir, sdir, search_dir, gdir])
     timings["shards_s"] = round(time.time() - t0 - sum(timings.values()), 2)
 
     counts: Counter = Counter()
@@ -215,6 +216,29 @@ def run_global(specs, store: Store, ctx, map_hash: str, runner: str = "ray") -> 
         time.time() - t0,
     )
     return summary
+
+
+STEP_PREFIXES = ("gen-", "search-", "pairs-", "plans-", "clips-")
+
+
+def collect_steps(store: Store, map_hash: str, epoch: int, keep: list[str]) -> list[str]:
+    """After a publish, delete the step folders under ``global/`` that no later run reads: the pairs, plans,
+    search and union-of-clips folders of earlier results (their shards stay under ``global/results/`` as
+    ``publish`` keeps them), the gathered generations of this map phase's earlier epochs, and those of other
+    map phases (a return to one gathers again). Kept: ``keep`` (this result's folders, including the search
+    partials and the generations the next incremental run extends). Two listings of one level; returns the
+    folders deleted."""
+    names = {k.split("/", 2)[1] for k in keep if k.startswith("global/")}
+    gone = []
+    for name in store.subdirs("global"):
+        if name.startswith(STEP_PREFIXES) and name not in names and name != f"gen-{map_hash}":
+            store.delete_dir(f"global/{name}")
+            gone.append(f"global/{name}")
+    for name in store.subdirs(f"global/gen-{map_hash}"):
+        if name.startswith("e") and not name.startswith(f"e{epoch:04d}-"):
+            store.delete_dir(f"global/gen-{map_hash}/{name}")
+            gone.append(f"global/gen-{map_hash}/{name}")
+    return gone
 
 
 def clips_dir(store: Store, gather: dict, n_part: int, runner: str) -> str:

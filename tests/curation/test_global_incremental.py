@@ -174,6 +174,13 @@ def test_a_changed_video_starts_a_new_epoch_that_matches_a_fresh_run(synth, tmp_
     assert second["units"] == want["units"] != first["units"]
     assert (second["pair_hash"], second["global_hash"]) == (want["pair_hash"], want["global_hash"])
     assert _published(root) == _published(fresh)
+    # the first result's step folders and the first epoch's generations are gone; the new ones stay
+    steps = set(store.subdirs("global"))
+    assert f"pairs-{second['pair_hash']}" in steps and f"plans-{second['global_hash']}" in steps
+    assert f"pairs-{first['pair_hash']}" not in steps and f"plans-{first['global_hash']}" not in steps
+    assert sum(d.startswith("search-") for d in steps) == 1
+    assert [d[:6] for d in store.subdirs("global/gen-synth")] == ["e0001-"]
+    assert _run(root, runner="sequential")["global_hash"] == second["global_hash"]  # still resumes
 
 
 def _planted(root: Path, n_videos: int = 240, per: int = 6, dim: int = 64) -> None:
