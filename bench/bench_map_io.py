@@ -5,7 +5,9 @@
   the per-store scratch folder and the download cache) after the run (goal 0: no download cache is kept);
 - ``source_video_fetches_per_video``: downloads of a source video object per video (GETs from its first
   byte; goal 1: only the group that reads the source video fetches it, once);
-- ``map_io_store_requests_per_video``: every request the server answered, per video (for comparison)."""
+- ``map_io_store_requests_per_video``: every request the server answered, per video (for comparison);
+- ``objects_written_per_clip`` / ``store_requests_per_clip``: distinct objects written under the run's prefix
+  (map and global phase) and every request, per clip the map phase cut."""
 
 from __future__ import annotations
 
@@ -63,6 +65,11 @@ class CountingS3:
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+
+    def objects_written_under(self, prefix: str) -> int:
+        """Distinct objects under ``prefix`` that were written (a PUT, or a multipart upload's POSTs)."""
+        with self._lock:
+            return len({p for (m, p), _ in self.requests.items() if m in ("PUT", "POST") and p.startswith(prefix)})
 
     def fetches_under(self, prefix: str) -> int:
         """Downloads of objects whose path (``/bucket/key``) starts with ``prefix``: GETs without a range or
@@ -138,14 +145,18 @@ def measure(videos=VIDEOS, runner: str = "sequential") -> dict:
             left = files_under(cache)
             n_req = sum(server.requests.values())
             fetches = server.fetches_under(f"/{bucket}/src/videos/")
+            written = server.objects_written_under(f"/{bucket}/run/")
     finally:
         server.stop()
     n = max(1, len(rows))
+    clips = max(1, int(res.totals.get("clips", 0)))
     return {
         "figures": {
             "scratch_bytes_left_after_run": sum(left.values()),
             "source_video_fetches_per_video": fetches / n,
             "map_io_store_requests_per_video": n_req / n,
+            "objects_written_per_clip": round(written / clips, 2),
+            "store_requests_per_clip": round(n_req / clips, 1),
             "map_io_sample_wall_s": wall,
         },
         "files_left": left,
