@@ -161,6 +161,7 @@ def measure(videos=VIDEOS, runner: str = "sequential") -> dict:
         },
         "files_left": left,
         "result": res,
+        "rows": rows,
         "n_videos": len(rows),
     }
 

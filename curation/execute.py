@@ -15,9 +15,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # The store's endpoint and credentials as the driver sees them reach the workers, also on a cluster.
+# PHANTOM_CACHE_DIR is not passed on: each node keeps its own local scratch and cache folder.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "PHANTOM_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "PHANTOM_CACHE_DIR",
-               "PHANTOM_CACHE_MAX_GB")
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "PHANTOM_CACHE_MAX_GB")
 
 
 def storage_runtime_env() -> dict:

@@ -168,6 +168,7 @@ class MapContext:
     models_dir: str
     max_fail_frac: float = 0.5
     min_fail_rows: int = 20
+    cache_max_gb: float | None = None  # the download cache's cap on every worker (None: the env's or default)
 
     @property
     def store(self) -> Store:
@@ -196,6 +197,8 @@ class VideoWorker:
 
     def setup(self) -> None:
         if not self._ready:
+            if self.mc.cache_max_gb is not None:  # on whichever node this worker runs
+                set_cache_limit_gb(self.mc.cache_max_gb)
             with record_unpinned() as seen:
                 self.group.setup()
             self.unpinned |= seen
@@ -268,14 +271,14 @@ class VideoWorker:
         if not any(s.reads_source_video(r) for s in self.group.stages for r in ok):
             return []
         got: dict[str, str] = {}
-        for r in it["rows"]:
+        for i, r in enumerate(it["rows"]):
             p = r.get("video_path")
             if isinstance(p, str) and is_uri(p):
                 if p not in got:
                     d, name = p.rsplit("/", 1)
                     got[p] = Store(d).local_path(name)
-                r["video_uri"] = p
-                r["video_path"] = got[p]
+                # a new row: the caller's source row (the sequential runner hands it over) keeps its URI
+                it["rows"][i] = {**r, "video_uri": p, "video_path": got[p]}
         return sorted(set(got.values()))
 
     def _commit(self, it: dict, rows: list[Record]) -> dict:
@@ -556,8 +559,9 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
     specs = cfg.pipelines[pipeline]
     groups, global_specs = plan(specs)
     run_cfg = cfg.run
-    set_cache_limit_gb(run_cfg.cache_max_gb)  # here, and in the workers through PHANTOM_CACHE_MAX_GB
-    mc = MapContext(groups, store.uri, ctx.models_dir, run_cfg.max_fail_frac, run_cfg.min_fail_rows)
+    set_cache_limit_gb(run_cfg.cache_max_gb)  # here; each map worker sets it in setup (MapContext)
+    mc = MapContext(groups, store.uri, ctx.models_dir, run_cfg.max_fail_frac, run_cfg.min_fail_rows,
+                    run_cfg.cache_max_gb)
     mh = map_hash(groups)
     totals = _Totals()
     committed = skipped = 0

@@ -20,6 +20,8 @@ def test_sample_into_s3_leaves_no_scratch_and_fetches_each_source_video_once():
     assert f["scratch_bytes_left_after_run"] == 0, m["files_left"]
     assert m["files_left"] == {}
     assert f["source_video_fetches_per_video"] == 1
+    # the caller's source rows are not changed by the run (their URIs stay: a second run can reuse them)
+    assert all(r["video_path"].startswith("s3://") and "video_uri" not in r for r in m["rows"])
 
 
 def test_only_the_cut_group_reads_the_source_video():
