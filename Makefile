@@ -34,7 +34,7 @@ setup: $(STAMP) ## create .venv with the pinned stack, and ffmpeg (apt) if missi
 $(STAMP): pyproject.toml Makefile
 	@command -v ffmpeg >/dev/null || { echo "installing ffmpeg (apt)"; \
 		(apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null) || \
-		echo "warning: could not install ffmpeg; clips are cut with PyAV, which does not need it"; }
+		echo "warning: could not install ffmpeg: clips are encoded by the ffmpeg CLI, so curation needs it (apt-get install ffmpeg)"; }
 	@test -d /usr/share/doc/opencv-doc/examples/data || { echo "installing opencv-doc (apt): real AVIs for the decode tests"; \
 		(apt-get update -qq && apt-get install -y -qq opencv-doc >/dev/null) || \
 		echo "warning: could not install opencv-doc; tests/curation/test_decode_corpus.py will fail"; }
