@@ -69,7 +69,7 @@ class CountingS3:
     def objects_written_under(self, prefix: str) -> int:
         """Distinct objects under ``prefix`` that were written (a PUT, or a multipart upload's POSTs)."""
         with self._lock:
-            return len({p for (m, p), _ in self.requests.items() if m in ("PUT", "POST") and p.startswith(prefix)})
+            return len({p for (m, p) in self.requests if m in ("PUT", "POST") and p.startswith(prefix)})
 
     def fetches_under(self, prefix: str) -> int:
         """Downloads of objects whose path (``/bucket/key``) starts with ``prefix``: GETs without a range or
@@ -107,34 +107,43 @@ def files_under(root: str) -> dict[str, int]:
     return out
 
 
+def sample_rows_in_store(src_uri: str, videos=VIDEOS) -> list[dict]:
+    """The bundled sample's ``videos`` as source rows whose videos are objects under ``src_uri``/videos/
+    (uploaded here)."""
+    from curation.config import load_config
+    from curation.demo.footage import build_sample
+    from curation.sources import load_source
+    from curation.storage import Store
+
+    spec = load_config(str(REPO / "pipelines.yaml")).sources["sample"]
+    paths = build_sample(REPO / spec.sample_dir)
+    src = Store(src_uri)
+    rows = []
+    for r in load_source(spec, str(REPO / "output" / "sample")):
+        if r["video_id"] in videos:
+            name = os.path.basename(r["video_path"])
+            src.put_file(f"videos/{name}", os.path.join(paths.videos_dir, name))
+            rows.append({**r, "video_path": src.uri_of(f"videos/{name}")})
+    return rows
+
+
 def measure(videos=VIDEOS, runner: str = "sequential") -> dict:
     """The sample's ``videos`` curated from and into a fresh bucket on a counting moto server, with a fresh
     local scratch root; returns the figures, the files left and the run's result."""
     import boto3
 
     from curation.config import load_config
-    from curation.demo.footage import build_sample
     from curation.runner import run_pipeline
-    from curation.sources import load_source
     from curation.stage import StageContext
-    from curation.storage import Store
 
     cfg = load_config(str(REPO / "pipelines.yaml"))
-    spec = cfg.sources["sample"]
-    paths = build_sample(REPO / spec.sample_dir)
     server = CountingS3().start()
     cache = tempfile.mkdtemp(prefix="bench-map-io-cache-")
     try:
         with s3_env(server.url, cache):
             bucket = f"bench-{uuid.uuid4().hex[:12]}"
             boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=bucket)
-            src = Store(f"s3://{bucket}/src")
-            rows = []
-            for r in load_source(spec, str(REPO / "output" / "sample")):
-                if r["video_id"] in videos:
-                    name = os.path.basename(r["video_path"])
-                    src.put_file(f"videos/{name}", os.path.join(paths.videos_dir, name))
-                    rows.append({**r, "video_path": src.uri_of(f"videos/{name}")})
+            rows = sample_rows_in_store(f"s3://{bucket}/src", videos)
             out = f"s3://{bucket}/run"
             server.requests.clear()
             server.fetches.clear()

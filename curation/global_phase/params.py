@@ -27,7 +27,7 @@ class PairParams:
     same_source: bool = False  # also pair with other clips of the same source video
     method: str = field("auto", choices=["auto", "exact", "faiss", "ray"])
     exact_max: int = field(20000, ge=1)  # auto: exact search up to this many subjects per category
-    nprobe: int = field(0, ge=0)  # IVF lists visited per query; 0: ivf.NPROBE (32, lists of ivf.LIST_ROWS units)
+    nprobe: int = field(0, ge=0)  # IVF lists probed per query; 0: ivf.NPROBE (32 lists of ~LIST_ROWS units)
     phash_copy_distance: int = field(4, ge=-1, le=64)  # crops this close across videos are copies; -1 off
     face_low: float = field(0.5, ge=-1.0, le=1.0)
     face_high: float = field(0.99, ge=-1.0, le=1.0)

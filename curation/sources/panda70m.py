@@ -322,7 +322,8 @@ def shift_spans(rec: dict[str, Any], offset_s: float) -> None:
     Shot boundaries are relative to their span and need no change."""
     if offset_s <= 0 or not isinstance(rec.get("spans"), list):
         return
-    rec["spans"] = [[round(max(0.0, a - offset_s), 3), round(max(0.0, b - offset_s), 3)] for a, b in rec["spans"]]
+    rec["spans"] = [[round(max(0.0, a - offset_s), 3), round(max(0.0, b - offset_s), 3)]
+                    for a, b in rec["spans"]]
     rec["time_offset_s"] = offset_s
 
 

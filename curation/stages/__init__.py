@@ -1,1 +1,1 @@
-"""Pipeline stages, one module each; ``curation.stages.registry.load_all`` imports them, which registers them."""
+"""Pipeline stages, one module each; ``curation.stages.registry.load_all`` imports (and so registers) them."""

@@ -167,7 +167,8 @@ def test_validating_the_config_does_not_import_torch():
     import sys
 
     code = (
-        "import sys; from curation.runner import load_pipeline_config; load_pipeline_config('pipelines.yaml'); "
+        "import sys; from curation.runner import load_pipeline_config; "
+        "load_pipeline_config('pipelines.yaml'); "
         "print(sorted(m for m in ('torch', 'scipy', 'transformers') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -219,8 +219,8 @@ def test_components_on_ray_match_the_sequential_runner(tmp_path):
 
 
 def test_the_training_sample_is_capped_whatever_the_category_size():
-    """TRAIN_PER_LIST points a list up to TRAIN_MAX: a 150M-unit category (nlist capped at NLIST_MAX) trains on
-    TRAIN_MAX points, not on 64 x 146k x 768 floats in one task; lists hold about LIST_ROWS units below it."""
+    """TRAIN_PER_LIST points a list up to TRAIN_MAX: a 150M-unit category (nlist capped at NLIST_MAX) trains
+    on TRAIN_MAX points, not on 64 x 146k x 768 floats in one task; below it lists hold ~LIST_ROWS units."""
     pp = {"nprobe": 16}
     assert ivf.shape(100_000, pp)["train_n"] == ivf.TRAIN_PER_LIST * ivf.shape(100_000, pp)["nlist"]
     big = ivf.shape(150_000_000, pp)

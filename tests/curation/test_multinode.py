@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import curation.execute  # noqa: F401  (sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported)
+from bench.bench_map_io import sample_rows_in_store
 from tests.curation.test_runner import ray_listeners
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,20 +24,7 @@ VIDEOS = ("gen01", "gen02")
 
 def _sample_rows(src_uri: str) -> list[dict]:
     """The sample's ``VIDEOS`` as source rows whose videos are objects under ``src_uri`` (uploaded here)."""
-    from curation.config import load_config
-    from curation.demo.footage import build_sample
-    from curation.sources import load_source
-    from curation.storage import Store
-
-    spec = load_config(str(REPO / "pipelines.yaml")).sources["sample"]
-    paths = build_sample(REPO / spec.sample_dir)
-    src = Store(src_uri)
-    rows = []
-    for r in load_source(spec, str(REPO / "output" / "sample")):
-        if r["video_id"] in VIDEOS:
-            name = os.path.basename(r["video_path"])
-            src.put_file(f"videos/{name}", os.path.join(paths.videos_dir, name))
-            rows.append({**r, "video_path": src.uri_of(f"videos/{name}")})
+    rows = sample_rows_in_store(src_uri, VIDEOS)
     assert sorted(r["video_id"] for r in rows) == sorted(VIDEOS)
     return rows
 
@@ -47,7 +35,7 @@ def _curate(rows: list[dict], out: str, runner: str):
     from curation.stage import StageContext
 
     cfg = load_config(str(REPO / "pipelines.yaml"))
-    rows = copy.deepcopy(rows)  # the sequential runner rewrites a row's video_path to its local download
+    rows = copy.deepcopy(rows)  # each run gets rows of its own
     return run_pipeline(cfg, "default", rows, StageContext(out_dir=out, models_dir=cfg.models_dir),
                         runner=runner, out=out)
 
