@@ -220,10 +220,11 @@ def test_components_on_ray_match_the_sequential_runner(tmp_path):
 
 def test_the_training_sample_is_capped_whatever_the_category_size():
     """TRAIN_PER_LIST points a list up to TRAIN_MAX: a 150M-unit category (nlist capped at NLIST_MAX) trains
-    on TRAIN_MAX points, not on 64 x 146k x 768 floats in one task; below it lists hold ~LIST_ROWS units."""
+    on TRAIN_MAX points, not on 256 x 146k x 768 floats in one task; below it lists hold ~LIST_ROWS units."""
     pp = {"nprobe": 16}
     assert ivf.shape(100_000, pp)["train_n"] == ivf.TRAIN_PER_LIST * ivf.shape(100_000, pp)["nlist"]
     big = ivf.shape(150_000_000, pp)
     assert big["nlist"] == ivf.NLIST_MAX and big["train_n"] == ivf.TRAIN_MAX
+    assert big["train_n"] // big["nlist"] >= ivf.TRAIN_PER_LIST_MIN >= 39  # what faiss asks for a list
     assert ivf.shape(1_000_000, pp)["nlist"] == 977 and ivf.shape(100_000, pp)["nlist"] == 98
     assert ivf.shape(50, pp)["train_n"] == 50  # never more than the units
