@@ -41,6 +41,7 @@ import numpy as np
 
 from curation import pairing
 from curation.execute import run_items
+from curation.global_phase import quantizer
 from curation.storage import Store
 
 RANGE_ROWS = 65536  # database units per search task (about RANGE_ROWS x D x 4 bytes of vectors in memory)
@@ -55,7 +56,12 @@ TRAIN_PER_LIST_MIN = 64  # the sample per list once TRAIN_MAX caps it (large cat
 TRAIN_MAX = 262144  # at most this many training points (768-d: 800 MB) in the one training task
 # Units per list: nlist grows with the category, so a query's work (nprobe x LIST_ROWS) does not.
 LIST_ROWS = 1024
-NLIST_MAX = TRAIN_MAX // TRAIN_PER_LIST_MIN  # 4096 lists (4M units); above it lists grow (README projection)
+# One-level quantizer up to NLIST_MAX lists (4M units): one k-means over at most TRAIN_MAX points.
+# Above it the quantizer has two levels: at most NLIST_MAX first-level cells of about SUB_LISTS lists
+# each, every cell's lists trained on its own sample in its own task (README: "At scale").
+NLIST_MAX = TRAIN_MAX // TRAIN_PER_LIST_MIN  # 4096
+SUB_LISTS = 64  # lists per first-level cell (a cell: about SUB_LISTS x LIST_ROWS units)
+PROBE_CELLS = 8  # first-level cells among whose lists a unit picks its list and a query its probes
 NPROBE = 32  # lists probed per query when the params say 0
 SCORE_ROWS = 4096  # candidate rows rescored in float64 at a time (was 65536: 2 x 384 MB at 768-d)
 EPS = 1e-3  # candidates within EPS of a query's m-th fp32 score are scored again in float64
@@ -78,8 +84,14 @@ def shape(n: int, pp: dict) -> dict:
     """nlist (about LIST_ROWS units a list, at most NLIST_MAX and n / 39), nprobe, the training sample and the
     list ranges of a category of ``n`` units. Lists of a fixed size and a fixed nprobe keep a query's work
     constant, so the search grows linearly with the category (with nlist ~ sqrt(n) it grew as n^1.5)."""
-    nlist = max(1, min(math.ceil(n / LIST_ROWS), NLIST_MAX, n // 39 or 1))
-    return {**_shape_of(nlist, pp), "train_n": train_size(n, nlist), "ranges": _ranges(n, nlist)}
+    nlist = max(1, min(math.ceil(n / LIST_ROWS), n // 39 or 1))
+    if nlist <= NLIST_MAX:
+        return {**_shape_of(nlist, pp), "train_n": train_size(n, nlist), "ranges": _ranges(n, nlist)}
+    # two levels: the first trained like a one-level quantizer of ``cells`` lists; nlist is what the cells'
+    # own k-means give (about the wanted one), fixed when the quantizer is trained (train.json)
+    cells = min(NLIST_MAX, math.ceil(nlist / SUB_LISTS))
+    sh = {**_shape_of(nlist, pp), "cells": cells, "train_n": train_size(n, cells)}
+    return {**sh, "ranges": _ranges(n, nlist)}
 
 
 def train_size(n: int, nlist: int) -> int:
@@ -286,8 +298,6 @@ def exact_items(sdir: str, key: str, gens: list[list], m: int) -> tuple[list[dic
 def train(item: dict, store: Store) -> dict:
     """k-means (spherical, faiss) on a seeded sample of ``train_n`` units, read one bucket file at a time;
     ``train.json`` (nlist, nprobe, ranges) is written after the centroids."""
-    import faiss
-
     out = f"{item['dir']}/centroids.npy"
     if store.exists(f"{item['dir']}/train.json"):
         return {"skipped": 1}
@@ -301,21 +311,131 @@ def train(item: dict, store: Store) -> dict:
             x = np.empty((k, v.shape[1]), np.float32) if x is None else x
             x[lo:hi] = v
         off += rows
-    faiss.omp_set_num_threads(1)
-    km = faiss.Kmeans(x.shape[1], item["nlist"], niter=20, seed=1234, spherical=True, verbose=False)
-    km.cp.max_points_per_centroid = max(1, k // item["nlist"] + 1)  # the sample is the size we chose
-    km.cp.min_points_per_centroid = 1
-    km.train(x)
-    buf = io.BytesIO()
-    np.save(buf, pairing.normalize(km.centroids))
-    store.write_bytes(out, buf.getvalue())
+    _save(store, out, quantizer.kmeans(x, item["nlist"]))
     keep = ("nlist", "nprobe", "ranges", "train_n", "n")
     store.write_json(f"{item['dir']}/train.json", {k: item[k] for k in keep})
     return {"skipped": 0, "trained_on": int(len(x))}
 
 
+def _save(store: Store, rel: str, a: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    store.write_bytes(rel, buf.getvalue())
+
+
+def _load(store: Store, rel: str) -> np.ndarray:
+    return np.load(io.BytesIO(store.read_bytes(rel)), allow_pickle=False)
+
+
 def _centroids(store: Store, d: str) -> np.ndarray:
-    return np.load(io.BytesIO(store.read_bytes(f"{d}/centroids.npy")), allow_pickle=False)
+    return _load(store, f"{d}/centroids.npy")
+
+
+def probe_cells(nprobe: int, cells: int) -> int:
+    """First-level cells whose lists a unit or query of a two-level quantizer chooses among: PROBE_CELLS, or
+    enough to hold twice ``nprobe`` lists."""
+    return min(cells, max(PROBE_CELLS, math.ceil(2 * nprobe / SUB_LISTS)))
+
+
+def _cell_ranges(n: int, cells: int, rate: float) -> int:
+    """Tasks of the second-level training: about RANGE_ROWS sampled units each, whole cells."""
+    return max(1, min(cells, math.ceil(rate * n / RANGE_ROWS)))
+
+
+def _cells_of_range(r: int, cells: int, n_ranges: int) -> np.ndarray:
+    return np.nonzero(np.arange(cells) * n_ranges // cells == r)[0]
+
+
+def cell_sample(item: dict, store: Store) -> dict:
+    """One block of a two-level quantizer's category: the units drawn for the second-level training (a
+    seeded draw by unit id at ``rate``, so a rerun draws the same) with their nearest first-level cell,
+    written per range of cells."""
+    import pyarrow as pa
+
+    d, b, cells, n_ranges = item["dir"], item["block"], item["cells"], item["cell_ranges"]
+    done = f"{d}/level2/sample/b{b:06d}.json"
+    if store.exists(done):
+        return {"skipped": 1}
+    t = _read_files(store, item["files"], ["vector", "clip_id", "subject"])
+    keep = np.nonzero((unit_ids(t) & 0xFFFFF) < int(item["rate"] * (1 << 20)))[0]
+    x = _vectors(t.select(["vector"]).take(pa.array(keep, pa.int64())))
+    del t
+    cell = quantizer.nearest(x, _centroids(store, f"{d}/level1"), 1)[:, 0] if len(x) else np.zeros(0, int)
+    of_range = cell * n_ranges // cells
+    for r in range(n_ranges):
+        sel = np.nonzero(of_range == r)[0]
+        part = pa.table({"cell": pa.array(cell[sel].astype(np.int32)), "vector": _vec_col(x[sel])})
+        _write(store, f"{d}/level2/sample/r{r:05d}/b{b:06d}.parquet", part)
+    store.write_json(done, {"rows": int(len(keep))})
+    return {"skipped": 0}
+
+
+def train_cells(item: dict, store: Store) -> dict:
+    """One range of first-level cells: each cell's lists (about its units / LIST_ROWS, k-means on the cell's
+    sample), saved with the number of lists of every cell of the range."""
+    import pyarrow as pa
+
+    d, r = item["dir"], item["range"]
+    out = f"{d}/level2/r{r:05d}"
+    if store.exists(f"{out}.json"):
+        return {"skipped": 1}
+    t = pa.concat_tables(
+        [read_table(store, f"{d}/level2/sample/r{r:05d}/b{b:06d}.parquet") for b in range(item["blocks"])]
+    )
+    cell = t.column("cell").to_numpy()
+    order = np.argsort(cell, kind="stable")
+    x, cell = _vectors(t, order), cell[order]
+    del t
+    mats, counts = [], []
+    for c in _cells_of_range(r, item["cells"], item["cell_ranges"]):
+        a, e = np.searchsorted(cell, [c, c + 1])
+        k = quantizer.lists_per_cell(e - a, item["rate"], LIST_ROWS, TRAIN_PER_LIST_MIN) if e > a else 0
+        if k:
+            mats.append(quantizer.kmeans(x[a:e], k))
+        counts.append(k)
+    dim = x.shape[1] if x.size else 0
+    _save(store, f"{out}.npy", np.concatenate(mats) if mats else np.zeros((0, dim), np.float32))
+    store.write_json(f"{out}.json", {"lists": counts})
+    return {"skipped": 0, "lists": int(sum(counts))}
+
+
+def join_cells(item: dict, store: Store) -> dict:
+    """Every list's centroid in cell order (``centroids.npy``) and the cell of each list (``cells.npy``),
+    then ``train.json`` (the final nlist and its list ranges), written last."""
+    d = item["dir"]
+    if store.exists(f"{d}/train.json"):
+        return {"skipped": 1}
+    mats, cell_of = [], []
+    for r in range(item["cell_ranges"]):
+        counts = store.read_json(f"{d}/level2/r{r:05d}.json")["lists"]
+        mats.append(_load(store, f"{d}/level2/r{r:05d}.npy"))
+        for c, k in zip(_cells_of_range(r, item["cells"], item["cell_ranges"]), counts):
+            cell_of += [int(c)] * k
+    _save(store, f"{d}/cells.npy", np.array(cell_of, np.int32))
+    _save(store, f"{d}/centroids.npy", np.concatenate([m for m in mats if len(m)]))
+    sh = {**_shape_of(len(cell_of), item["pp"]), "ranges": _ranges(item["n"], len(cell_of))}
+    store.write_json(
+        f"{d}/train.json", {**sh, "cells": item["cells"], "train_n": item["train_n"], "n": item["n"]}
+    )
+    return {"skipped": 0}
+
+
+def train_two_level(store: Store, d: str, files: list, n: int, sh: dict, pp: dict, runner: str) -> None:
+    """The two-level quantizer of a category under ``d``: the first level (``train`` of ``cells`` lists, under
+    ``d/level1``), a sample drawn per query block and split by cell range, each range's cells trained in their
+    own task, and the lists joined. Each step skips the outputs that exist."""
+    cells = sh["cells"]
+    first = {"dir": f"{d}/level1", "files": files, "seed": 0, "nlist": cells, "nprobe": 1, "ranges": 1}
+    run_items([{**first, "n": n, "train_n": sh["train_n"]}], train, runner, store=store)
+    rate = min(1.0, TRAIN_PER_LIST / LIST_ROWS)  # TRAIN_PER_LIST training units a list of LIST_ROWS
+    n_ranges = _cell_ranges(n, cells, rate)
+    blocks = blocks_of(files)
+    common = {"dir": d, "cells": cells, "cell_ranges": n_ranges, "rate": rate}
+    items = [{**common, "block": b, "files": blk["files"]} for b, blk in enumerate(blocks)]
+    run_items(items, cell_sample, runner, store=store)
+    items = [{**common, "range": r, "blocks": len(blocks)} for r in range(n_ranges)]
+    run_items(items, train_cells, runner, store=store)
+    run_items([{**common, "n": n, "pp": pp, "train_n": sh["train_n"]}], join_cells, runner, store=store)
 
 
 def assign(item: dict, store: Store, params: dict) -> dict:
@@ -334,8 +454,7 @@ def assign(item: dict, store: Store, params: dict) -> dict:
     ids = np.arange(item["r0"], item["r0"] + t.num_rows, dtype=np.int64)
     grp = group_ids(t, params["same_source"])
     uid = unit_ids(t)
-    s = x @ c.T  # (b, nlist)
-    top = np.argsort(-s, axis=1, kind="stable")[:, :nprobe]  # (b, nprobe) probed lists, nearest first
+    top = _probed(store, d, x, c, nprobe, item.get("cells", 0))  # (b, nprobe) probed lists, nearest first
     own = top[:, 0]
     rng_of = lambda lists: lists * n_ranges // nlist  # noqa: E731  contiguous ranges of lists
     meta = t.drop_columns(["vector"])
@@ -361,6 +480,22 @@ def assign(item: dict, store: Store, params: dict) -> dict:
         _write(store, f"{gd}/probes/r{r:05d}/b{b:06d}.parquet", probes)
     store.write_bytes(done, json.dumps({"rows": int(t.num_rows)}).encode())
     return {"skipped": 0}
+
+
+def _probed(store: Store, d: str, x: np.ndarray, c: np.ndarray, nprobe: int, cells: int) -> np.ndarray:
+    """(rows, nprobe) the lists each row probes, nearest first; the first is the row's own list. Two levels:
+    chosen among the lists of the row's nearest cells (-1 where they hold fewer), every list scored for the
+    rare row whose nearest cells hold none."""
+    if not cells:
+        return quantizer.nearest(x, c, nprobe)
+    cell_of = _load(store, f"{d}/cells.npy")
+    top = quantizer.nearest_two_level(
+        x, _centroids(store, f"{d}/level1"), c, cell_of, nprobe, probe_cells(nprobe, cells)
+    )
+    bad = np.nonzero(top[:, 0] < 0)[0]
+    if len(bad):
+        top[bad] = quantizer.nearest(x[bad], c, nprobe)
+    return top
 
 
 def search(item: dict, store: Store, params: dict) -> dict:
@@ -441,7 +576,10 @@ def search_category(store: Store, gens: list[list], pp: dict, d: str, runner: st
     every = [p for parts in gens for p in parts]
     tr = {"nlist": sh["nlist"], "nprobe": sh["nprobe"], "ranges": sh["ranges"], "n": n}
     tr["train_n"] = sh.get("train_n", train_size(n, sh["nlist"]))
-    run_items([{"dir": dn, "files": every, "seed": 0, **tr}], train, runner, store=store)
+    if sh.get("cells"):
+        train_two_level(store, dn, every, n, {**sh, **tr}, pp, runner)
+    else:
+        run_items([{"dir": dn, "files": every, "seed": 0, **tr}], train, runner, store=store)
     sh = store.read_json(f"{dn}/train.json")
     known = store.read_json(f"{d}/trained.json") or []
     if dn not in [k["dir"] for k in known]:
@@ -458,6 +596,7 @@ def search_category(store: Store, gens: list[list], pp: dict, d: str, runner: st
             "gdir": f"{dn}/g{g:04d}",
             "nprobe": sh["nprobe"],
             "ranges": sh["ranges"],
+            "cells": sh.get("cells", 0),
         }
         for g, gb in enumerate(by_gen)
         for b, blk in enumerate(gb)

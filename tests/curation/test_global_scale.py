@@ -72,6 +72,67 @@ def test_sharded_search_with_few_probes_keeps_most_in_band_pairs(synth, monkeypa
     assert len(approx & exact) >= 0.9 * len(exact)
 
 
+def _two_level(monkeypatch):
+    """Constants that put the synthetic set's large categories on the two-level quantizer."""
+    monkeypatch.setattr(ivf, "RANGE_ROWS", 40)
+    monkeypatch.setattr(ivf, "BLOCK_ROWS", 50)
+    monkeypatch.setattr(ivf, "LIST_ROWS", 16)
+    monkeypatch.setattr(ivf, "NLIST_MAX", 2)
+    monkeypatch.setattr(ivf, "SUB_LISTS", 2)
+    monkeypatch.setattr(ivf, "PROBE_CELLS", 2)
+    monkeypatch.setattr(ivf, "TRAIN_PER_LIST_MIN", 4)
+
+
+def test_two_level_quantizer_probing_every_list_equals_the_exact_search(synth, monkeypatch):
+    """Above NLIST_MAX lists the quantizer has two levels (first-level cells, each cell's lists trained in its
+    own task on its own sample); probing every list still gives the exact search's pairs and verdicts."""
+    store, gather = synth
+    _two_level(monkeypatch)
+    sh = ivf.shape(max(gather["units"].values()), {"nprobe": 1024})
+    assert sh["cells"] == 2 and sh["nlist"] > ivf.NLIST_MAX
+    exact = _run(store, gather, "exact3", method="exact")
+    two = _run(store, gather, "ivf3", method="faiss", nprobe=1024)
+    trained = [f for f in store.list("p-ivf3/ivf/subject/") if f.endswith("/train.json") and "level" not in f]
+    assert trained and all(store.read_json(f).get("cells") for f in trained)
+    assert any(store.read_json(f)["nlist"] > ivf.NLIST_MAX for f in trained)
+    assert _pairs(store, exact) == _pairs(store, two)
+    assert exact["verdicts"] == two["verdicts"]
+
+
+def test_two_level_quantizer_with_few_probes_keeps_most_in_band_pairs(synth, monkeypatch):
+    store, gather = synth
+    _two_level(monkeypatch)
+    exact = {p for p in _pairs(store, _run(store, gather, "exact4", method="exact")) if p[4] == "pair"}
+    approx = {
+        p for p in _pairs(store, _run(store, gather, "ivf4", method="faiss", nprobe=3)) if p[4] == "pair"
+    }
+    trained = [f for f in store.list("p-ivf4/ivf/subject/") if f.endswith("/train.json") and "level" not in f]
+    assert max(store.read_json(f)["nlist"] for f in trained) > 3 * 2  # 3 probes of more lists: approximate
+    assert len(approx & exact) >= 0.9 * len(exact)
+
+
+def test_two_level_nearest_lists_over_every_cell_equal_the_one_level_ones():
+    """With every cell probed the two-level choice is the one-level nearest lists, best first, ties to the
+    lower list id; with fewer cells, lists of far cells are never chosen and missing ones are -1."""
+    from curation.global_phase import quantizer
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    lists = rng.standard_normal((23, 8)).astype(np.float32)
+    lists[5] = lists[4]  # a tie: list 4 ranks first
+    cell_of = np.array([0] * 5 + [1] * 7 + [2] * 1 + [3] * 10, np.int32)
+    cells = np.stack([lists[cell_of == c].mean(0) for c in range(4)])
+    one = quantizer.nearest(x, lists, 6)
+    assert (quantizer.nearest_two_level(x, cells, lists, cell_of, 6, 4) == one).all()
+    near = quantizer.nearest(x, cells, 1)[:, 0]
+    two = quantizer.nearest_two_level(x, cells, lists, cell_of, 8, 1)
+    for i in range(len(x)):
+        own = np.nonzero(cell_of == near[i])[0]
+        got = two[i][two[i] >= 0]
+        assert set(got) <= set(own) and len(got) == min(8, len(own))
+    assert (two[near == 2][:, 1:] == -1).all()  # cell 2 holds one list
+
+
 def test_same_source_hits_are_filtered_by_id_not_by_asking_for_more(tmp_path, monkeypatch):
     """Video A has 40 units of one identity, video B one unit of it: B's unit is the only candidate of A's
     units from another source, and every partial result holds at most ``candidates`` rows per query (the old
@@ -219,12 +280,14 @@ def test_components_on_ray_match_the_sequential_runner(tmp_path):
 
 
 def test_the_training_sample_is_capped_whatever_the_category_size():
-    """TRAIN_PER_LIST points a list up to TRAIN_MAX: a 150M-unit category (nlist capped at NLIST_MAX) trains
-    on TRAIN_MAX points, not on 256 x 146k x 768 floats in one task; below it lists hold ~LIST_ROWS units."""
+    """TRAIN_PER_LIST points a list up to TRAIN_MAX: a 150M-unit category trains its first level on TRAIN_MAX
+    points, not on 256 x 146k x 768 floats in one task; its lists still hold ~LIST_ROWS units."""
     pp = {"nprobe": 16}
     assert ivf.shape(100_000, pp)["train_n"] == ivf.TRAIN_PER_LIST * ivf.shape(100_000, pp)["nlist"]
-    big = ivf.shape(150_000_000, pp)
-    assert big["nlist"] == ivf.NLIST_MAX and big["train_n"] == ivf.TRAIN_MAX
-    assert big["train_n"] // big["nlist"] >= ivf.TRAIN_PER_LIST_MIN >= 39  # what faiss asks for a list
+    at_cap = ivf.shape(ivf.NLIST_MAX * ivf.LIST_ROWS, pp)  # the largest one-level quantizer
+    assert at_cap["nlist"] == ivf.NLIST_MAX and at_cap["train_n"] == ivf.TRAIN_MAX and "cells" not in at_cap
+    assert at_cap["train_n"] // at_cap["nlist"] >= ivf.TRAIN_PER_LIST_MIN >= 39  # what faiss asks for a list
+    big = ivf.shape(150_000_000, pp)  # two levels: lists stay ~LIST_ROWS units, the first level is capped
+    assert big["nlist"] == 146_485 and big["cells"] == 2_289 and big["train_n"] == ivf.TRAIN_MAX
     assert ivf.shape(1_000_000, pp)["nlist"] == 977 and ivf.shape(100_000, pp)["nlist"] == 98
     assert ivf.shape(50, pp)["train_n"] == 50  # never more than the units
