@@ -61,7 +61,6 @@ LIST_ROWS = 1024
 # each, every cell's lists trained on its own sample in its own task (README: "At scale").
 NLIST_MAX = TRAIN_MAX // TRAIN_PER_LIST_MIN  # 4096
 SUB_LISTS = 64  # lists per first-level cell (a cell: about SUB_LISTS x LIST_ROWS units)
-PROBE_CELLS = 8  # first-level cells among whose lists a unit picks its list and a query its probes
 NPROBE = 32  # lists probed per query when the params say 0
 SCORE_ROWS = 4096  # candidate rows rescored in float64 at a time (was 65536: 2 x 384 MB at 768-d)
 EPS = 1e-3  # candidates within EPS of a query's m-th fp32 score are scored again in float64
@@ -331,12 +330,6 @@ def _centroids(store: Store, d: str) -> np.ndarray:
     return _load(store, f"{d}/centroids.npy")
 
 
-def probe_cells(nprobe: int, cells: int) -> int:
-    """First-level cells whose lists a unit or query of a two-level quantizer chooses among: PROBE_CELLS, or
-    enough to hold twice ``nprobe`` lists."""
-    return min(cells, max(PROBE_CELLS, math.ceil(2 * nprobe / SUB_LISTS)))
-
-
 def _cell_ranges(n: int, cells: int, rate: float) -> int:
     """Tasks of the second-level training: about RANGE_ROWS sampled units each, whole cells."""
     return max(1, min(cells, math.ceil(rate * n / RANGE_ROWS)))
@@ -400,20 +393,17 @@ def train_cells(item: dict, store: Store) -> dict:
 
 
 def join_cells(item: dict, store: Store) -> dict:
-    """Every list's centroid in cell order (``centroids.npy``) and the cell of each list (``cells.npy``),
+    """Every list's centroid in cell order (``centroids.npy``), the HNSW graph over them (``lists.hnsw``),
     then ``train.json`` (the final nlist and its list ranges), written last."""
     d = item["dir"]
     if store.exists(f"{d}/train.json"):
         return {"skipped": 1}
-    mats, cell_of = [], []
-    for r in range(item["cell_ranges"]):
-        counts = store.read_json(f"{d}/level2/r{r:05d}.json")["lists"]
-        mats.append(_load(store, f"{d}/level2/r{r:05d}.npy"))
-        for c, k in zip(_cells_of_range(r, item["cells"], item["cell_ranges"]), counts):
-            cell_of += [int(c)] * k
-    _save(store, f"{d}/cells.npy", np.array(cell_of, np.int32))
-    _save(store, f"{d}/centroids.npy", np.concatenate([m for m in mats if len(m)]))
-    sh = {**_shape_of(len(cell_of), item["pp"]), "ranges": _ranges(item["n"], len(cell_of))}
+    mats = [_load(store, f"{d}/level2/r{r:05d}.npy") for r in range(item["cell_ranges"])]
+    c = np.concatenate([m for m in mats if len(m)])
+    del mats
+    _save(store, f"{d}/centroids.npy", c)
+    store.write_bytes(f"{d}/lists.hnsw", quantizer.hnsw(c))
+    sh = {**_shape_of(len(c), item["pp"]), "ranges": _ranges(item["n"], len(c))}
     store.write_json(
         f"{d}/train.json", {**sh, "cells": item["cells"], "train_n": item["train_n"], "n": item["n"]}
     )
@@ -483,15 +473,12 @@ def assign(item: dict, store: Store, params: dict) -> dict:
 
 
 def _probed(store: Store, d: str, x: np.ndarray, c: np.ndarray, nprobe: int, cells: int) -> np.ndarray:
-    """(rows, nprobe) the lists each row probes, nearest first; the first is the row's own list. Two levels:
-    chosen among the lists of the row's nearest cells (-1 where they hold fewer), every list scored for the
-    rare row whose nearest cells hold none."""
-    if not cells:
+    """(rows, nprobe) the lists each row probes, nearest first; the first is the row's own list. Two levels
+    (and fewer probes than lists): found through the HNSW graph over the list centroids (-1 where it returns
+    fewer), every list scored for the rare row it returns none for."""
+    if not cells or nprobe >= c.shape[0]:
         return quantizer.nearest(x, c, nprobe)
-    cell_of = _load(store, f"{d}/cells.npy")
-    top = quantizer.nearest_two_level(
-        x, _centroids(store, f"{d}/level1"), c, cell_of, nprobe, probe_cells(nprobe, cells)
-    )
+    top = quantizer.nearest_hnsw(x, store.read_bytes(f"{d}/lists.hnsw"), nprobe)
     bad = np.nonzero(top[:, 0] < 0)[0]
     if len(bad):
         top[bad] = quantizer.nearest(x[bad], c, nprobe)

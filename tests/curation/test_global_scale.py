@@ -79,13 +79,13 @@ def _two_level(monkeypatch):
     monkeypatch.setattr(ivf, "LIST_ROWS", 16)
     monkeypatch.setattr(ivf, "NLIST_MAX", 2)
     monkeypatch.setattr(ivf, "SUB_LISTS", 2)
-    monkeypatch.setattr(ivf, "PROBE_CELLS", 2)
     monkeypatch.setattr(ivf, "TRAIN_PER_LIST_MIN", 4)
 
 
 def test_two_level_quantizer_probing_every_list_equals_the_exact_search(synth, monkeypatch):
     """Above NLIST_MAX lists the quantizer has two levels (first-level cells, each cell's lists trained in its
-    own task on its own sample); probing every list still gives the exact search's pairs and verdicts."""
+    own task on its own sample, an HNSW graph over the lists); probing every list still gives the exact
+    search's pairs and verdicts."""
     store, gather = synth
     _two_level(monkeypatch)
     sh = ivf.shape(max(gather["units"].values()), {"nprobe": 1024})
@@ -111,26 +111,23 @@ def test_two_level_quantizer_with_few_probes_keeps_most_in_band_pairs(synth, mon
     assert len(approx & exact) >= 0.9 * len(exact)
 
 
-def test_two_level_nearest_lists_over_every_cell_equal_the_one_level_ones():
-    """With every cell probed the two-level choice is the one-level nearest lists, best first, ties to the
-    lower list id; with fewer cells, lists of far cells are never chosen and missing ones are -1."""
+def test_the_hnsw_graph_finds_the_nearest_lists():
+    """The two-level quantizer's HNSW graph over the list centroids: the same first list as scoring every
+    centroid for nearly every unit, most of the exact nearest lists, nearest first; the same bytes when
+    built twice."""
     from curation.global_phase import quantizer
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((300, 8)).astype(np.float32)
-    lists = rng.standard_normal((23, 8)).astype(np.float32)
-    lists[5] = lists[4]  # a tie: list 4 ranks first
-    cell_of = np.array([0] * 5 + [1] * 7 + [2] * 1 + [3] * 10, np.int32)
-    cells = np.stack([lists[cell_of == c].mean(0) for c in range(4)])
-    one = quantizer.nearest(x, lists, 6)
-    assert (quantizer.nearest_two_level(x, cells, lists, cell_of, 6, 4) == one).all()
-    near = quantizer.nearest(x, cells, 1)[:, 0]
-    two = quantizer.nearest_two_level(x, cells, lists, cell_of, 8, 1)
-    for i in range(len(x)):
-        own = np.nonzero(cell_of == near[i])[0]
-        got = two[i][two[i] >= 0]
-        assert set(got) <= set(own) and len(got) == min(8, len(own))
-    assert (two[near == 2][:, 1:] == -1).all()  # cell 2 holds one list
+    lists = quantizer.kmeans(rng.standard_normal((4000, 64)).astype(np.float32), 400)
+    x = rng.standard_normal((2000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    graph = quantizer.hnsw(lists)
+    assert graph == quantizer.hnsw(lists)
+    got, want = quantizer.nearest_hnsw(x, graph, 16), quantizer.nearest(x, lists, 16)
+    assert (got[:, 0] == want[:, 0]).mean() >= 0.99
+    assert np.mean([len(set(g) & set(w)) / 16 for g, w in zip(got, want)]) >= 0.95
+    s = np.take_along_axis(x @ lists.T, got, 1)
+    assert (np.diff(s, axis=1) <= 1e-6).all()  # nearest first
 
 
 def test_same_source_hits_are_filtered_by_id_not_by_asking_for_more(tmp_path, monkeypatch):
