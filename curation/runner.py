@@ -415,9 +415,18 @@ def _no_fusion() -> dict:
     return {}
 
 
-def check_resources(groups: list[GroupPlan], cluster: dict) -> None:
-    """Each worker must fit on the cluster, and so must every actor pool at its minimum size at once (a
-    streaming run keeps them all alive), with room left for one task of each CPU group."""
+def node_resources() -> list[dict]:
+    """The resources of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_resources(groups: list[GroupPlan], cluster: dict, nodes: list[dict] | None = None) -> None:
+    """Each worker must fit on the cluster and on one of its ``nodes`` (Ray places a worker's CPUs and GPUs
+    on one node: two 1-CPU nodes never run a 2-CPU worker, and Ray Data's read tasks need 1 CPU on one node),
+    and so must every actor pool at its minimum size at once (a streaming run keeps them all alive), with
+    room left for one task of each CPU group."""
     for g in groups:
         for what, need in (("CPU", g.num_cpus), ("GPU", g.num_gpus)):
             have = float(cluster.get(what, 0.0))
@@ -426,6 +435,8 @@ def check_resources(groups: list[GroupPlan], cluster: dict) -> None:
                     f"stage group {g.name!r} asks for {need:g} {what} per worker but the Ray cluster has "
                     f"{have:g}; lower resources.num_{what.lower()}s in pipelines.yaml or use a cluster "
                     f"that has them (RAY_ADDRESS)")
+    if nodes is not None:
+        _check_nodes(groups, nodes)
     for what in ("CPU", "GPU"):
         key = "num_cpus" if what == "CPU" else "num_gpus"
         pools = [(g.name, g.pool[0], getattr(g, key)) for g in groups if g.uses_model and getattr(g, key)]
@@ -440,6 +451,23 @@ def check_resources(groups: list[GroupPlan], cluster: dict) -> None:
                 f"lower resources.concurrency or resources.num_{what.lower()}s in pipelines.yaml")
 
 
+def _check_nodes(groups: list[GroupPlan], nodes: list[dict]) -> None:
+    def fits(cpu: float, gpu: float) -> bool:
+        return any(float(n.get("CPU", 0.0)) >= cpu - 1e-9 and float(n.get("GPU", 0.0)) >= gpu - 1e-9
+                   for n in nodes)
+
+    sizes = ", ".join(sorted({f"{n.get('CPU', 0.0):g} CPU / {n.get('GPU', 0.0):g} GPU" for n in nodes}))
+    if not fits(1.0, 0.0):
+        raise ResourceError(f"no Ray node has 1 CPU (nodes: {sizes or 'none'}); Ray Data's read tasks "
+                            f"need 1 CPU on one node")
+    for g in groups:
+        if not fits(g.num_cpus, g.num_gpus):
+            raise ResourceError(
+                f"stage group {g.name!r} asks for {g.num_cpus:g} CPU and {g.num_gpus:g} GPU per worker "
+                f"but no Ray node has that much (nodes: {sizes}); a worker runs on one node: lower "
+                f"resources.num_cpus/num_gpus in pipelines.yaml or add larger nodes")
+
+
 def run_ray(ds, mc: MapContext, cfg: Config) -> Iterator[dict]:
     """The map groups over ``ds``, the source as a Ray Dataset of ``video_id`` / ``rec`` (record JSON) rows
     (``curation.ingest``); yields each video's status item as it finishes."""
@@ -447,7 +475,7 @@ def run_ray(ds, mc: MapContext, cfg: Config) -> Iterator[dict]:
     from ray.data import ActorPoolStrategy, DataContext
 
     init_ray(cfg.ray)
-    check_resources(mc.groups, ray.cluster_resources())
+    check_resources(mc.groups, ray.cluster_resources(), node_resources())
     if ds is None:
         return
     dctx = DataContext.get_current()
@@ -573,7 +601,7 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
         from curation.ingest import ensure_csv_parts, panda_dataset, rows_dataset, write_row_parts
 
         init_ray(cfg.ray)
-        check_resources(groups, ray.cluster_resources())
+        check_resources(groups, ray.cluster_resources(), node_resources())
         src = getattr(source_rows, "ingest", None)
         if src is not None:  # a Panda-70M CSV: converted into parts by Ray tasks, keyed by its digest
             parts = ensure_csv_parts(src, store, run_cfg.source_part_rows)

@@ -290,3 +290,22 @@ def test_resource_check_names_the_group_and_counts_pools():
     with pytest.raises(ResourceError, match=r"actor pools need 3 GPU.*caption 2 x 1 \+ ground 1 x 1"):
         check_resources(two, {"CPU": 8.0, "GPU": 2.0})
     check_resources(two, {"CPU": 8.0, "GPU": 3.0})
+
+
+def test_resource_check_wants_each_worker_on_one_node():
+    """Two 1-CPU nodes have 2 CPUs between them but never run a 2-CPU worker (Ray would wait forever), and
+    nodes without a whole CPU never run Ray Data's read tasks."""
+    from curation.runner import GroupPlan, ResourceError, check_resources
+
+    cut = GroupPlan("cut", [], False, 2.0, 0.0, 1, 1)
+    small = [{"CPU": 1.0}, {"CPU": 1.0}]
+    check_resources([cut], {"CPU": 2.0})  # the cluster total alone would let it start
+    with pytest.raises(ResourceError, match=r"'cut' asks for 2 CPU and 0 GPU per worker but no Ray node"):
+        check_resources([cut], {"CPU": 2.0}, small)
+    check_resources([cut], {"CPU": 3.0}, [{"CPU": 1.0}, {"CPU": 2.0}])
+    gpu = GroupPlan("annotate", [], True, 2.0, 1.0, 8, 1)
+    nodes = [{"CPU": 2.0}, {"CPU": 2.0, "GPU": 0.5}, {"GPU": 0.5}]
+    with pytest.raises(ResourceError, match=r"'annotate' asks for 2 CPU and 1 GPU"):
+        check_resources([gpu], {"CPU": 4.0, "GPU": 1.0}, nodes)
+    with pytest.raises(ResourceError, match=r"Ray Data's read tasks need 1 CPU"):
+        check_resources([], {"CPU": 1.0}, [{"CPU": 0.5}, {"CPU": 0.5}])
