@@ -4,7 +4,9 @@ re-uploads) at two sizes 10x apart; wall time, the driver's and every Ray worker
 sharded search against an exact search on a query sample, and the planted near-duplicate groups found.
 
 ``make bench`` runs the small size only; ``make bench-scale`` (BENCH_GLOBAL_SCALE_LARGE=1) adds the large one
-(over 10 minutes on a 2-core machine). Plans and shards are not part of it (bench_global measures those)."""
+(over 10 minutes on a 2-core machine). BENCH_GLOBAL_SCALE_SUB_LISTS=<k> puts every IVF category on the
+two-level quantizer (first-level cells of about k lists), which otherwise starts above 4M units a category.
+Plans and shards are not part of it (bench_global measures those)."""
 
 from __future__ import annotations
 
@@ -80,6 +82,9 @@ from curation.global_phase.pairs import find_pairs, read_groups
 from curation.storage import Store
 
 root, pair = sys.argv[1], json.loads(sys.argv[2])
+if os.environ.get("BENCH_GLOBAL_SCALE_SUB_LISTS"):  # the two-level quantizer at a size this machine runs
+    ivf.TWO_LEVEL_LISTS = 1
+    ivf.SUB_LISTS = int(os.environ["BENCH_GLOBAL_SCALE_SUB_LISTS"])
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 peak, uss, secs, step, stop = {}, {}, {}, ["gather"], threading.Event()
 

@@ -60,6 +60,7 @@ LIST_ROWS = 1024
 # Above it the quantizer has two levels: at most NLIST_MAX first-level cells of about SUB_LISTS lists
 # each, every cell's lists trained on its own sample in its own task (README: "At scale").
 NLIST_MAX = TRAIN_MAX // TRAIN_PER_LIST_MIN  # 4096
+TWO_LEVEL_LISTS = NLIST_MAX  # above this many lists the quantizer has two levels
 SUB_LISTS = 64  # lists per first-level cell (a cell: about SUB_LISTS x LIST_ROWS units)
 NPROBE = 32  # lists probed per query when the params say 0
 SCORE_ROWS = 4096  # candidate rows rescored in float64 at a time (was 65536: 2 x 384 MB at 768-d)
@@ -80,11 +81,12 @@ META = [
 
 
 def shape(n: int, pp: dict) -> dict:
-    """nlist (about LIST_ROWS units a list, at most NLIST_MAX and n / 39), nprobe, the training sample and the
-    list ranges of a category of ``n`` units. Lists of a fixed size and a fixed nprobe keep a query's work
-    constant, so the search grows linearly with the category (with nlist ~ sqrt(n) it grew as n^1.5)."""
+    """nlist (about LIST_ROWS units a list, at most n / 39), nprobe, the training sample and the list ranges
+    of a category of ``n`` units, and above TWO_LEVEL_LISTS lists the first-level cells of a two-level
+    quantizer (at most NLIST_MAX). Lists of a fixed size and a fixed nprobe keep a query's work constant, so
+    the search grows linearly with the category (with nlist ~ sqrt(n) it grew as n^1.5)."""
     nlist = max(1, min(math.ceil(n / LIST_ROWS), n // 39 or 1))
-    if nlist <= NLIST_MAX:
+    if nlist <= TWO_LEVEL_LISTS:
         return {**_shape_of(nlist, pp), "train_n": train_size(n, nlist), "ranges": _ranges(n, nlist)}
     # two levels: the first trained like a one-level quantizer of ``cells`` lists; nlist is what the cells'
     # own k-means give (about the wanted one), fixed when the quantizer is trained (train.json)

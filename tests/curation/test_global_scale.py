@@ -78,6 +78,7 @@ def _two_level(monkeypatch):
     monkeypatch.setattr(ivf, "BLOCK_ROWS", 50)
     monkeypatch.setattr(ivf, "LIST_ROWS", 16)
     monkeypatch.setattr(ivf, "NLIST_MAX", 2)
+    monkeypatch.setattr(ivf, "TWO_LEVEL_LISTS", 2)
     monkeypatch.setattr(ivf, "SUB_LISTS", 2)
     monkeypatch.setattr(ivf, "TRAIN_PER_LIST_MIN", 4)
 
