@@ -128,10 +128,16 @@ def _keep_order(fn):
 
 class ActorPool:
     """Up to ``size`` Ray actors of ``worker_cls`` (built with no arguments; ``ready()`` and ``call(*args)``
-    methods); each ``submit`` is one actor call. A worker that dies is replaced and the call raises."""
+    methods); each ``submit`` is one actor call. A worker that dies is replaced and the call raises.
+
+    ``per_node=True``: ``size`` actors at most on each node of ``nodes`` (the alive nodes with ``num_cpus``
+    CPUs or more when the pool starts, ids from ``ray.nodes()``), each pinned to its node (hard node
+    affinity), ``n_start`` of them started on every node; ``submit(*args, node=id)`` runs the call on an
+    idle actor of that node, creating one there when none is idle (the caller keeps each node within
+    ``size`` calls in flight). A dead actor is replaced on the same node."""
 
     def __init__(self, worker_cls, size: int, num_cpus: float, ray_cfg: RayConfig | None = None,
-                 n_start: int = 1):
+                 n_start: int = 1, per_node: bool = False):
         import ray
 
         init_ray(ray_cfg)
@@ -142,19 +148,50 @@ class ActorPool:
         self.cls = ray.remote(num_cpus=num_cpus, max_restarts=0, max_task_retries=0)(worker_cls)
         self.opts = storage_runtime_env()
         self.size = size
-        self.idle = [self._new() for _ in range(max(1, min(n_start, size)))]
+        self.per_node = per_node
+        self.busy: dict = {}  # handle -> (actor, node)
+        if per_node:
+            self.nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive")
+                                and float(n.get("Resources", {}).get("CPU", 0.0)) >= num_cpus)
+            if not self.nodes:
+                raise RuntimeError(f"num_cpus {num_cpus:g} per worker; no alive Ray node has that many CPUs")
+            k = max(1, min(n_start, size))
+            self.idle_on = {n: [self._new(n) for _ in range(k)] for n in self.nodes}
+            self.count_on = {n: k for n in self.nodes}  # live actors per node
+            starting = [a for actors in self.idle_on.values() for a in actors]
+        else:
+            self.nodes = [None]
+            self.idle = [self._new() for _ in range(max(1, min(n_start, size)))]
+            starting = self.idle
         # wait until they are up (or until a minute passed: those that fit start later, as resources free)
-        ray.wait([a.ready.remote() for a in self.idle], num_returns=len(self.idle), timeout=60)
-        self.busy: dict = {}
+        ray.wait([a.ready.remote() for a in starting], num_returns=len(starting), timeout=60)
 
-    def _new(self):
-        return self.cls.options(**self.opts).remote()
+    def _new(self, node=None):
+        if node is None:
+            return self.cls.options(**self.opts).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def submit(self, *args):
-        actor = self.idle.pop() if self.idle else self._new()
+        pin = NodeAffinitySchedulingStrategy(node, soft=False)
+        return self.cls.options(**self.opts, scheduling_strategy=pin).remote()
+
+    def submit(self, *args, node=None):
+        if not self.per_node:
+            actor = self.idle.pop() if self.idle else self._new()
+        elif node not in self.idle_on:
+            raise ValueError(f"node {node!r} is not one of this pool's nodes")
+        elif self.idle_on[node]:
+            actor = self.idle_on[node].pop()
+        elif self.count_on[node] < self.size:
+            actor = self._new(node)
+            self.count_on[node] += 1
+        else:
+            raise RuntimeError(f"node {node}: all {self.size} workers are busy")
         h = actor.call.remote(*args)
-        self.busy[h] = actor
+        self.busy[h] = (actor, node)
         return h
+
+    def _idle(self, node) -> list:
+        return self.idle_on[node] if self.per_node else self.idle
 
     def wait(self, handles: list, timeout: float) -> list:
         done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
@@ -164,34 +201,43 @@ class ActorPool:
         return done
 
     def result(self, h) -> Any:
-        actor = self.busy.pop(h)
+        actor, node = self.busy.pop(h)
         try:
             out = self.ray.get(h)
         except self.ray.exceptions.RayActorError:
             self.ray.kill(actor)
-            self.idle.append(self._new())  # a worker that died is replaced; the item counts a try
+            self._idle(node).append(self._new(node))  # replaced (on its node); the item counts a try
             raise
         except Exception:
-            self.idle.append(actor)  # the call raised (e.g. the store refused a write): the actor is fine
+            self._idle(node).append(actor)  # the call raised (a store write failed...): the actor is fine
             raise
-        self.idle.append(actor)
+        self._idle(node).append(actor)
         return out
 
     def close(self):
-        for a in self.idle + list(self.busy.values()):
+        idle = [a for v in self.idle_on.values() for a in v] if self.per_node else self.idle
+        for a in idle + [a for a, _ in self.busy.values()]:
             self.ray.kill(a)  # free their CPUs for the stages that follow
-        self.idle, self.busy = [], {}
+        if self.per_node:
+            self.idle_on = {n: [] for n in self.nodes}
+        else:
+            self.idle = []
+        self.busy = {}
 
 
 class ThreadPool:
-    """The same interface in this process: one ``worker_cls()`` shared by ``size`` threads."""
+    """The same interface in this process: one ``worker_cls()`` shared by ``size`` threads. ``per_node``:
+    one node, ``"local"`` (``submit(*args, node="local")``)."""
 
     def __init__(self, worker_cls, size: int, num_cpus: float = 0.0, ray_cfg: RayConfig | None = None,
-                 n_start: int = 1):
+                 n_start: int = 1, per_node: bool = False):
         self.worker = worker_cls()
         self.pool = cf.ThreadPoolExecutor(max_workers=size, thread_name_prefix=worker_cls.__name__)
+        self.nodes = ["local"] if per_node else [None]
 
-    def submit(self, *args):
+    def submit(self, *args, node=None):
+        if node not in self.nodes:
+            raise ValueError(f"node {node!r} is not one of this pool's nodes {self.nodes}")
         return self.pool.submit(self.worker.call, *args)
 
     def wait(self, handles: list, timeout: float) -> list:
@@ -206,7 +252,8 @@ class ThreadPool:
 
 
 def worker_pool(runner: str, worker_cls, size: int, num_cpus: float, ray_cfg: RayConfig | None = None,
-                n_start: int = 1):
-    """An ActorPool when ``runner == "ray"``, else a ThreadPool."""
+                n_start: int = 1, per_node: bool = False):
+    """An ActorPool when ``runner == "ray"``, else a ThreadPool. ``per_node``: ``size`` workers on each
+    node (``pool.nodes``), ``submit(*args, node=...)`` picks the node."""
     cls = ActorPool if runner == "ray" else ThreadPool
-    return cls(worker_cls, size, num_cpus, ray_cfg, n_start)
+    return cls(worker_cls, size, num_cpus, ray_cfg, n_start, per_node)
