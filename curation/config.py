@@ -160,9 +160,13 @@ YOUTUBE_HOSTS = ["www.youtube.com", "youtube.com", "m.youtube.com", "youtu.be"]
 @dataclasses.dataclass
 class DownloadParams:
     max_height: int = field(720, ge=144)  # format selection: an H.264 MP4 at most this tall
-    concurrency: int = field(8, ge=1)  # tasks in flight, all hosts together
-    per_host_concurrency: int = field(4, ge=1)
-    per_host_rate_per_s: float = field(2.0, gt=0)  # task starts per second per host
+    # The limits hold per node (video sites rate-limit per egress address, i.e. per machine):
+    per_node_concurrency: int = field(8, ge=1)  # downloads in flight on one node, all hosts together
+    # 0: per_node_concurrency x the nodes the pool runs on (alive, num_cpus CPUs or more); > 0: also a cap on
+    # the downloads in flight over the whole cluster
+    concurrency: int = field(0, ge=0)
+    per_host_concurrency: int = field(4, ge=1)  # downloads in flight per (node, host)
+    per_host_rate_per_s: float = field(2.0, gt=0)  # download starts per second per (node, host)
     max_attempts: int = field(3, ge=1)  # per video per run, transient errors only
     max_total_attempts: int = field(9, ge=1)  # per video over all runs; then it is skipped (gave_up:<reason>)
     backoff_s: float = field(5.0, ge=0)  # first retry delay; doubles per attempt

@@ -5,10 +5,16 @@ from ``curation.run``, ``download_source(spec, store)``. ``store`` is the videos
 videos land at ``{videoID}.{mp4|mkv|webm}``, the names ``read_panda_csv`` looks for.
 
 Decisions:
-- One Ray task per video (``runner="threads"`` runs the same function in a thread pool). The driver streams
-  the CSV in chunks of ``chunk_rows`` and keeps a bounded window: at most ``concurrency`` tasks in flight,
-  at most ``per_host_concurrency`` per host, starts per host spaced by ``1 / per_host_rate_per_s``; rows
-  waiting on a busy host are buffered (at most two chunks), never the whole CSV.
+- One call per video on a pool of long-lived workers (Ray actors pinned to their node; ``runner="threads"``
+  runs the same function in a thread pool, one node ``local``). The limits hold per node, since sites
+  rate-limit per egress address: at most ``per_node_concurrency`` (8) downloads in flight on a node, at most
+  ``per_host_concurrency`` (4) per (node, host), starts per (node, host) spaced by ``1 /
+  per_host_rate_per_s`` (2/s); ``concurrency`` (0) caps the whole cluster when > 0, else it is
+  ``per_node_concurrency`` x the nodes (alive Ray nodes with ``num_cpus`` CPUs, read at start). A row goes
+  to the least-loaded node with room in both windows whose rate allows a start now; a ``rate_limited``
+  answer backs off only that (node, host). The driver streams the CSV in chunks of ``chunk_rows``; rows
+  waiting on busy hosts are buffered (at most two chunks), never the whole CSV. The summary names the nodes
+  and, per node, its download calls, videos downloaded and most downloads in flight at once.
 - Each video is fetched into a local temporary folder, probed with PyAV (a decodable video stream, its
   duration and size under the caps), then copied into the store under a temporary name and renamed
   (``Store.put_file``); a killed run leaves at most a temporary folder outside the store, named with its
@@ -687,9 +693,15 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
     exhausted = False
     queues: dict[str, deque[_Pending]] = {}
     retry_heap: list[tuple[float, int, str, _Pending]] = []
-    in_flight: dict[Any, tuple[str, _Pending]] = {}
-    per_host: Counter = Counter()
-    next_start: dict[str, float] = {}
+    in_flight: dict[Any, tuple[Any, str, _Pending]] = {}  # handle -> (node, host, row)
+    nodes: list = []  # the pool's nodes (Ray node ids, or "local" for threads)
+    window = 0  # downloads in flight over all nodes: concurrency, or per_node_concurrency x nodes
+    per_node: Counter = Counter()  # in flight per node
+    per_node_host: Counter = Counter()  # in flight per (node, host)
+    next_start: dict[tuple[Any, str], float] = {}  # the next start allowed per (node, host)
+    node_tasks: Counter = Counter()  # download calls run per node (tries, retries included)
+    node_done: Counter = Counter()  # videos downloaded per node
+    node_peak: Counter = Counter()  # the most downloads in flight at once per node
     active: dict[str, _Pending] = {}  # queued, waiting on a retry or in flight: dedup of repeated ids
     seq = 0
     last_line = time.time()
@@ -734,26 +746,45 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
             while retry_heap and retry_heap[0][0] <= now:
                 _, _, host, pend = heapq.heappop(retry_heap)
                 queues.setdefault(host, deque()).appendleft(pend)
-            # 3. start tasks within the global window, the per-host window and the per-host rate
+            # 3. start downloads: each on the least-loaded node with room in its node window and its
+            # (node, host) window whose (node, host) rate allows a start now; at most `window` in all
             wake = now + 1.0
             if run is None and queued():
-                n_start = min(p.concurrency, sum(len(q) for q in queues.values()))
+                n_start = min(p.per_node_concurrency, sum(len(q) for q in queues.values()))
                 ray_cfg = cfg.ray if cfg else None
-                run = worker_pool(runner, _DownloadWorker, p.concurrency, p.num_cpus, ray_cfg, n_start)
+                run = worker_pool(runner, _DownloadWorker, p.per_node_concurrency, p.num_cpus, ray_cfg,
+                                  n_start, per_node=True)
+                nodes = list(run.nodes)
+                window = p.per_node_concurrency * len(nodes)
+                window = min(window, p.concurrency) if p.concurrency else window
                 stats.t0 = now = time.time()  # rates count from here: the workers are up
             for host, q in queues.items():
-                while q and len(in_flight) < p.concurrency and per_host[host] < p.per_host_concurrency:
-                    t = next_start.get(host, 0.0)
-                    if t > now:
-                        wake = min(wake, t)
+                while q and len(in_flight) < window:
+                    best, best_key = None, None
+                    for i, node in enumerate(nodes):
+                        if per_node[node] >= p.per_node_concurrency or \
+                                per_node_host[node, host] >= p.per_host_concurrency:
+                            continue
+                        t = next_start.get((node, host), 0.0)
+                        if t > now:  # room, but the rate says not yet
+                            wake = min(wake, t)
+                            continue
+                        key = (per_node[node], per_node_host[node, host], i)
+                        if best_key is None or key < best_key:
+                            best, best_key = node, key
+                    if best_key is None:
                         break
                     pend = q.popleft()
                     pend.tries_now += 1
                     final = pend.tries_now >= p.max_attempts or pend.attempt >= p.max_total_attempts
-                    h = run.submit(pend.row, p, store.uri, pend.attempt, final)
-                    in_flight[h] = (host, pend)
-                    per_host[host] += 1
-                    next_start[host] = max(now, t) + 1.0 / p.per_host_rate_per_s
+                    h = run.submit(pend.row, p, store.uri, pend.attempt, final, node=best)
+                    in_flight[h] = (best, host, pend)
+                    per_node[best] += 1
+                    per_node_host[best, host] += 1
+                    node_tasks[best] += 1
+                    node_peak[best] = max(node_peak[best], per_node[best])
+                    t = next_start.get((best, host), 0.0)
+                    next_start[best, host] = max(now, t) + 1.0 / p.per_host_rate_per_s
             if retry_heap:
                 wake = min(wake, retry_heap[0][0])
             if exhausted and not in_flight and not queued():
@@ -763,8 +794,9 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
             if not in_flight:
                 time.sleep(max(0.0, min(1.0, wake - time.time())))
             for h in done:
-                host, pend = in_flight.pop(h)
-                per_host[host] -= 1
+                node, host, pend = in_flight.pop(h)
+                per_node[node] -= 1
+                per_node_host[node, host] -= 1
                 try:
                     res = run.result(h)
                 except Exception as e:  # the task itself died (worker lost): a transient failure
@@ -775,13 +807,15 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
                     stats.done += 1
                     stats.bytes += int(res.get("bytes") or 0)
                     stats.modes[res.get("mode") or "full"] += 1
+                    node_done[node] += 1
                     active.pop(vid, None)
                 elif res.get("transient") and pend.tries_now < p.max_attempts \
                         and pend.attempt < p.max_total_attempts:
                     stats.retried += 1
                     delay = backoff_delay_s(pend.tries_now, p.backoff_s, p.max_backoff_s)
-                    if res.get("reason") == "rate_limited":  # the host asked us to slow down
-                        next_start[host] = max(next_start.get(host, 0.0), time.time() + delay)
+                    if res.get("reason") == "rate_limited":  # the host asked this node to slow down
+                        key = (node, host)
+                        next_start[key] = max(next_start.get(key, 0.0), time.time() + delay)
                     pend.attempt += 1
                     seq += 1
                     heapq.heappush(retry_heap, (time.time() + delay, seq, host, pend))
@@ -795,7 +829,9 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
         triage_pool.shutdown(wait=False)
         if run is not None:
             run.close()
-    summary = {"store": store.uri, "csv": csv_path, **stats.summary()}
+    summary = {"store": store.uri, "csv": csv_path, **stats.summary(), "nodes": [str(n) for n in nodes],
+               "per_node": {str(n): {"downloads": node_tasks[n], "downloaded": node_done[n],
+                                     "max_in_flight": node_peak[n]} for n in nodes}}
     say(stats.line(0, 0))
     store.write_json(f"{LOG_PREFIX}/summary.json", summary, indent=2)
     return summary
@@ -836,13 +872,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="where videos go, a folder or s3://... (default: the source's videos_dir)")
     ap.add_argument("--runner", choices=["ray", "threads"], default="ray")
     ap.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    ap.add_argument("--concurrency", type=int, default=None)
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help="downloads in flight over the whole cluster (0: per-node-concurrency x nodes)")
+    ap.add_argument("--per-node-concurrency", type=int, default=None, help="downloads in flight per node")
     args = ap.parse_args(argv)
     try:
         cfg, spec, params = _load(args.config, args.source)
         if spec.kind != "panda70m":
             raise ConfigError(f"--source {args.source}: kind {spec.kind!r} has no URLs to download")
-        over = {k: v for k, v in (("limit", args.limit), ("concurrency", args.concurrency)) if v is not None}
+        over = {k: v for k, v in (("limit", args.limit), ("concurrency", args.concurrency),
+                                  ("per_node_concurrency", args.per_node_concurrency)) if v is not None}
         params = from_dict(DownloadParams, {**dataclasses.asdict(params), **over}, "download")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -190,7 +190,8 @@ def write_csv(path: Path, rows: list[tuple[str, str]], stamp: str = STAMP) -> st
 def params(**kw) -> dict:
     base = {"allowed_hosts": ["127.0.0.1"], "max_attempts": 3, "backoff_s": 0.05, "max_backoff_s": 0.2,
             "socket_timeout_s": 1.0, "per_host_rate_per_s": 50.0, "per_host_concurrency": 4,
-            "concurrency": 4, "max_filesize_mb": 0.8, "max_duration_s": 3600.0, "progress_every_s": 60.0}
+            "per_node_concurrency": 4, "max_filesize_mb": 0.8, "max_duration_s": 3600.0,
+            "progress_every_s": 60.0}
     return {**base, **kw}
 
 
@@ -199,7 +200,7 @@ def logs(store: Store) -> dict[str, dict]:
             for r in store.list("_download/log", suffix=".json")}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_local():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
@@ -259,6 +260,10 @@ def test_fault_cases(tmp_path):
         assert summary["videos_per_s"] > 0 and summary["bytes_per_s"] > 0
         assert "videos/s" in lines[-1] and "ETA" in lines[-1]
         assert store.read_json("_download/summary.json")["downloaded"] == 3
+        # the threads runner is one node, "local": every download ran there, within its window
+        assert summary["nodes"] == ["local"] and summary["per_node"]["local"]["downloaded"] == 3
+        assert summary["per_node"]["local"]["downloads"] == 11 + summary["retries"]  # okA twice: one call
+        assert 1 <= summary["per_node"]["local"]["max_in_flight"] <= 4
 
         # a rerun: done and permanently failed videos are not fetched again, retryable ones are
         before = srv.count("ok", "okA"), srv.count("missing", "gone404"), srv.count("truncated", "trunc1")
@@ -277,15 +282,16 @@ def test_through_ray_to_s3_and_vanished_file_is_refetched(tmp_path, ray_local, s
                 ("s3f", srv.url("flaky", "s3f")), ("s3x", srv.url("missing", "s3x"))]
         spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
         store = Store(s3_bucket + "/panda/videos")
-        s = download_source(spec, store, params=params(concurrency=2), runner="ray", progress=None)
+        s = download_source(spec, store, params=params(per_node_concurrency=2), runner="ray", progress=None)
         assert s["downloaded"] == 3 and s["failures_by_reason"] == {"not_found": 1} and s["retries"] == 1
+        assert len(s["nodes"]) == 1 and s["per_node"][s["nodes"][0]]["downloaded"] == 3
         got = logs(store)
         assert got["s3f"]["attempts"] == 2 and got["s3x"]["reason"] == "not_found"
         assert sorted(store.list("", suffix=".mp4")) == ["s3a.mp4", "s3b.mp4", "s3f.mp4"]
         assert store.read_bytes("s3a.mp4") == srv.files["ok"] and store.is_file(log_rel("s3b"))
         gets = srv.count("ok", "s3a"), srv.count("ok", "s3b")
         store.delete("s3a.mp4")  # the video vanished although its log says done: fetched again
-        s = download_source(spec, store, params=params(concurrency=2), runner="ray", progress=None)
+        s = download_source(spec, store, params=params(per_node_concurrency=2), runner="ray", progress=None)
         assert s["downloaded"] == 1 and s["skipped"] == {"already_done": 2, "failed_before:not_found": 1}
         assert srv.count("ok", "s3a") == 2 * gets[0] and srv.count("ok", "s3b") == gets[1]
         assert store.read_bytes("s3a.mp4") == srv.files["ok"]
@@ -424,6 +430,73 @@ def test_per_host_window_and_rate(tmp_path):
         starts = sorted(a for a, _ in iv.values())
         assert len(starts) == 4 and min(b - a for a, b in zip(starts, starts[1:])) >= 0.5 - 0.1
         assert _max_overlap(list(iv.values())) >= 2  # spaced by the rate, not serialised by a window
+
+
+@pytest.fixture
+def short_tmp():
+    """A fresh folder with a short path (Ray's unix socket paths live under RAY_TMPDIR), removed after."""
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="dl-")
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_limits_hold_per_node_on_a_two_node_cluster(tmp_path, short_tmp, monkeypatch):
+    """A real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, 1 CPU a node, every
+    listener on 127.0.0.1): 12 videos over two host names of the loopback server, per_node_concurrency 2 and
+    per_host_concurrency 1. Both nodes download; per node never more than 2 in flight; per host never more
+    than 1 per node, i.e. 2 at once over the cluster (a cluster-wide per-host limit would allow 1), and
+    the two nodes did run the same host side by side. Both nodes share 127.0.0.1, so the windows are read
+    from the summary (per node) and from the videos' logged start and end times (per host); the server's
+    own count of open requests would also count the generic extractor's first look at a URL, whose
+    connection outlives it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from curation.download import download_source
+
+    if ray.is_initialized():  # another test's local instance: this one joins its own cluster
+        ray.shutdown()
+    scratch = {k: os.path.join(short_tmp, k) for k in ("driver", "node0", "node1")}
+    monkeypatch.setenv("PHANTOM_CACHE_DIR", scratch["driver"])
+    # this cluster's address file goes here, not to /tmp/ray where another ray.init() on the machine looks
+    monkeypatch.setenv("RAY_TMPDIR", os.path.join(short_tmp, "ray"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    common = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    with LoopbackVideoServer(throttle_bps=1_000_000) as srv:  # ~0.6 s per video
+        n = 12
+        rows = [(f"n{i}", srv.url("ok", f"n{i}").replace("127.0.0.1", "localhost") if i % 2 else
+                 srv.url("ok", f"n{i}")) for i in range(n)]
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
+        store = Store(tmp_path / "v")
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={**common, "env_vars": {"PHANTOM_CACHE_DIR": scratch["node0"]}})
+        try:
+            cluster.add_node(**common, env_vars={"PHANTOM_CACHE_DIR": scratch["node1"]})
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+            alive = sorted(nd["NodeID"] for nd in ray.nodes() if nd["Alive"])
+            s = download_source(spec, store, runner="ray", progress=None,
+                                params=params(allowed_hosts=["127.0.0.1", "localhost"],
+                                              per_node_concurrency=2, per_host_concurrency=1))
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    assert len(alive) == 2 and s["nodes"] == alive
+    assert s["downloaded"] == n and s["retries"] == 0 and s["failed"] == 0
+    per_node = s["per_node"]
+    assert sum(v["downloaded"] for v in per_node.values()) == n
+    assert sum(v["downloads"] for v in per_node.values()) == n
+    assert all(v["downloaded"] >= 1 for v in per_node.values()), per_node  # both nodes ran downloads
+    assert all(1 <= v["max_in_flight"] <= 2 for v in per_node.values()), per_node
+    assert store.read_json("_download/summary.json")["per_node"] == per_node
+    iv = _intervals(store)
+    by_host = [_max_overlap([iv[v] for v in iv if int(v[1:]) % 2 == k]) for k in (0, 1)]
+    assert max(by_host) == 2 and min(by_host) >= 1, by_host  # 1 per (node, host): 2 over two nodes
+    assert _max_overlap(list(iv.values())) <= 4  # 2 per node
+    assert all(f.read_bytes() == srv.files["ok"] for f in (tmp_path / "v").glob("*.mp4"))
 
 
 def test_format_selection_is_h264_mp4_at_most_max_height():
