@@ -443,12 +443,39 @@ def short_tmp():
     shutil.rmtree(base, ignore_errors=True)
 
 
+def _actor_dies_and_is_replaced_on_its_node(ray, node: str, url: str, store_uri: str) -> bool:
+    """The per-node ActorPool's actors sit on their nodes; one killed mid-call raises there and is replaced
+    by a new actor on the same node."""
+    from curation.download import _DownloadWorker
+    from curation.execute import ActorPool
+
+    def where(self):
+        return ray.get_runtime_context().get_node_id()
+
+    pool = ActorPool(_DownloadWorker, 1, 0.25, per_node=True)
+    try:
+        assert all(ray.get(pool.idle_on[n][0].__ray_call__.remote(where)) == n for n in pool.nodes)
+        row = {"video_id": "st1", "url": url, "spans": None}
+        h = pool.submit(row, params(), store_uri, 1, True, node=node)
+        victim, _ = pool.busy[h]
+        ray.kill(victim)
+        with pytest.raises(ray.exceptions.RayActorError):
+            pool.result(h)
+        (new,) = pool.idle_on[node]
+        assert new is not victim and ray.get(new.__ray_call__.remote(where)) == node
+        assert pool.count_on[node] == 1
+    finally:
+        pool.close()
+    return True
+
+
 def test_limits_hold_per_node_on_a_two_node_cluster(tmp_path, short_tmp, monkeypatch):
     """A real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, 1 CPU a node, every
     listener on 127.0.0.1): 12 videos over two host names of the loopback server, per_node_concurrency 2 and
     per_host_concurrency 1. Both nodes download; per node never more than 2 in flight; per host never more
     than 1 per node, i.e. 2 at once over the cluster (a cluster-wide per-host limit would allow 1), and
-    the two nodes did run the same host side by side. Both nodes share 127.0.0.1, so the windows are read
+    the two nodes did run the same host side by side; an actor killed mid-call is replaced on its node.
+    Both nodes share 127.0.0.1, so the windows are read
     from the summary (per node) and from the videos' logged start and end times (per host); the server's
     own count of open requests would also count the generic extractor's first look at a URL, whose
     connection outlives it."""
@@ -481,9 +508,12 @@ def test_limits_hold_per_node_on_a_two_node_cluster(tmp_path, short_tmp, monkeyp
             s = download_source(spec, store, runner="ray", progress=None,
                                 params=params(allowed_hosts=["127.0.0.1", "localhost"],
                                               per_node_concurrency=2, per_host_concurrency=1))
+            replaced = _actor_dies_and_is_replaced_on_its_node(ray, alive[1], srv.url("stall", "st1"),
+                                                               str(tmp_path / "x"))
         finally:
             ray.shutdown()
             cluster.shutdown()
+    assert replaced
     assert len(alive) == 2 and s["nodes"] == alive
     assert s["downloaded"] == n and s["retries"] == 0 and s["failed"] == 0
     per_node = s["per_node"]
