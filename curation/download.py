@@ -750,7 +750,8 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
             # (node, host) window whose (node, host) rate allows a start now; at most `window` in all
             wake = now + 1.0
             if run is None and queued():
-                n_start = min(p.per_node_concurrency, sum(len(q) for q in queues.values()))
+                n_start = min(p.per_node_concurrency, sum(len(q) for q in queues.values()))  # per node
+                n_start = min(n_start, p.concurrency) if p.concurrency else n_start
                 ray_cfg = cfg.ray if cfg else None
                 run = worker_pool(runner, _DownloadWorker, p.per_node_concurrency, p.num_cpus, ray_cfg,
                                   n_start, per_node=True)
