@@ -66,6 +66,7 @@ from urllib.parse import urlparse
 from curation.config import ConfigError, DownloadParams, from_dict, load_yaml, parse_download_params
 from curation.execute import worker_pool
 from curation.sources.panda70m import DOWNLOAD_LOG_PREFIX, download_log_rel, section_offset
+from curation.video_io import FFMPEG
 
 LOG_PREFIX = DOWNLOAD_LOG_PREFIX
 VIDEO_EXTS = ("mp4", "mkv", "webm")
@@ -279,7 +280,7 @@ def sweep_stale_tmp(max_age_s: float = 6 * 3600) -> int:
 
 
 def _ffmpeg_ok() -> bool:
-    return shutil.which("ffmpeg") is not None
+    return shutil.which(FFMPEG) is not None
 
 
 def _fetch(url: str, video_id: str, spans, p: DownloadParams, tmp: str, sections: bool) -> dict:
