@@ -12,6 +12,7 @@ local scratch folder and the runner moves the files they name between it and the
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
@@ -179,6 +180,9 @@ class MapContext:
                             config_hash=map_hash(self.groups))
 
 
+IO_THREADS = 16  # store fetches and uploads of one worker in flight at once (I/O-bound: threads, not CPUs)
+
+
 class VideoWorker:
     """Runs one map group over a batch of videos (one item per video: ``{video_id, start, sig, rows}``).
     Items already finished (``status`` set) or resuming after this group pass through. The last group
@@ -194,6 +198,22 @@ class VideoWorker:
         self.group = build_group(self.plan, self.ctx)
         self._ready = False
         self.unpinned: set[str] = set()  # model files this group's stages loaded under `sha256: unpinned`
+        self._io: cf.ThreadPoolExecutor | None = None
+
+    def _parallel(self, fn, items) -> None:
+        """``fn`` over ``items`` on the worker's I/O threads (store round trips overlap instead of queueing
+        one after another on a model worker); the first error is raised once all have run."""
+        items = list(items)
+        if len(items) < 2:
+            for x in items:
+                fn(x)
+            return
+        if self._io is None:
+            self._io = cf.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="store-io")
+        futures = [self._io.submit(fn, x) for x in items]
+        cf.wait(futures)
+        for f in futures:
+            f.result()
 
     def setup(self) -> None:
         if not self._ready:
@@ -233,9 +253,8 @@ class VideoWorker:
             vrows = [_restore_video_path(r) for r in by_video[vid]]
             new_files = files_of(vrows) - before[vid]
             try:
-                for rel in sorted(new_files):
-                    if os.path.exists(os.path.join(local, rel)):
-                        self.store.put_file(rel, os.path.join(local, rel))
+                made = [rel for rel in sorted(new_files) if os.path.exists(os.path.join(local, rel))]
+                self._parallel(lambda rel: self.store.put_file(rel, os.path.join(local, rel)), made)
                 if self.last:
                     done[vid] = self._commit(it, vrows)
                 else:
@@ -261,12 +280,15 @@ class VideoWorker:
         this group reads it (``Stage.reads_source_video``); returns the local copies of source videos it
         downloaded (removed once the video leaves the group)."""
         if not self.store.is_local:
-            for rel in rels:
+
+            def fetch(rel: str) -> None:
                 dest = os.path.join(self.ctx.out_dir, rel)
                 if not os.path.exists(dest) and self.store.exists(rel):
                     os.makedirs(os.path.dirname(dest), exist_ok=True)
                     with self.store.local_path_ctx(rel) as got:  # pinned: no eviction before the move
                         os.replace(got, dest)
+
+            self._parallel(fetch, sorted(rels))
         ok = [r for r in it["rows"] if r.get("status", "ok") == "ok"]
         if not any(s.reads_source_video(r) for s in self.group.stages for r in ok):
             return []
