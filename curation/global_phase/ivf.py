@@ -17,7 +17,8 @@ Layout under ``<search>/`` (``sdir``):
     exact/<kind>/<category>/g<G>/b<B>/h<H>.parquet      partial: block B of generation G x generation H
     ivf/<kind>/<category>/n<nlist>-p<nprobe>/train.json, centroids.npy   trained once (nlist, ranges)
         .../g<G>/lists/r<R>/b<B>.parquet     units of block B (gen G) whose list falls in range R
-        .../g<G>/probes/r<R>/b<B>.parquet    units of block B probing a list of range R (+ the lists)
+        .../g<G>/queries/b<B>.parquet        the query vectors of block B (written once)
+        .../g<G>/probes/r<R>/b<B>.parquet    ids of block B's units probing a list of range R (+ the lists)
         .../g<G>/assign/b<B>.json            block B assigned (its files above are complete)
         .../partial/g<G>/b<B>/h<H>-r<R>.parquet   top-m of block B (gen G) among the units of gen H in range R
 
@@ -442,7 +443,9 @@ def train_two_level(store: Store, d: str, files: list, n: int, sh: dict, pp: dic
 
 def assign(item: dict, store: Store, params: dict) -> dict:
     """One query block of one generation: each unit's list (its nearest centroid) and the ``nprobe`` lists it
-    probes; the units written to their list range, the queries to every range they probe."""
+    probes; the units written to their list range, the block's query vectors once (``queries/``), and per
+    range the queries that probe it with the lists they probe there (ids only: a query's vector is written
+    once, not once per range it probes, which at 1M units was ten copies of every vector)."""
     import pyarrow as pa
 
     d, gd, b = item["dir"], item["gdir"], item["block"]
@@ -460,6 +463,9 @@ def assign(item: dict, store: Store, params: dict) -> dict:
     own = top[:, 0]
     rng_of = lambda lists: lists * n_ranges // nlist  # noqa: E731  contiguous ranges of lists
     meta = t.drop_columns(["vector"])
+    queries = pa.table({"qid": pa.array(ids), "qgroup": pa.array(grp), "vector": _vec_col(x)})
+    _write(store, f"{gd}/queries/b{b:06d}.parquet", queries)
+    del queries
     for r in range(n_ranges):
         sel = np.nonzero(rng_of(own) == r)[0]
         db = meta.take(pa.array(sel)).append_column("cuid", pa.array(uid[sel]))
@@ -472,12 +478,7 @@ def assign(item: dict, store: Store, params: dict) -> dict:
         qsel = np.nonzero(hit.any(1))[0]
         lists = [top[i][hit[i]].astype(np.int32) for i in qsel]
         probes = pa.table(
-            {
-                "qid": pa.array(ids[qsel]),
-                "qgroup": pa.array(grp[qsel]),
-                "lists": pa.array([v.tolist() for v in lists], pa.list_(pa.int32())),
-                "vector": _vec_col(x[qsel]),
-            }
+            {"qid": pa.array(ids[qsel]), "lists": pa.array([v.tolist() for v in lists], pa.list_(pa.int32()))}
         )
         _write(store, f"{gd}/probes/r{r:05d}/b{b:06d}.parquet", probes)
     store.write_bytes(done, json.dumps({"rows": int(t.num_rows)}).encode())
@@ -495,6 +496,20 @@ def _probed(store: Store, d: str, x: np.ndarray, c: np.ndarray, nprobe: int, cel
     if len(bad):
         top[bad] = quantizer.nearest(x[bad], c, nprobe)
     return top
+
+
+def _probing(store: Store, gd: str, b: int, p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The vectors, ids and groups of the queries of block ``b`` named in the probes table ``p``, read from
+    the block's query file (a probes file of the earlier layout carries its own vectors and groups)."""
+    import pyarrow as pa
+
+    qid = p.column("qid").to_numpy()
+    if "vector" in p.column_names:
+        return _vectors(p), qid, p.column("qgroup").to_numpy()
+    qt = read_table(store, f"{gd}/queries/b{b:06d}.parquet")
+    pos = np.searchsorted(qt.column("qid").to_numpy(), qid)
+    qgroup = qt.column("qgroup").to_numpy()[pos]
+    return _vectors(qt.select(["vector"]).take(pa.array(pos))), qid, qgroup
 
 
 def search(item: dict, store: Store, params: dict) -> dict:
@@ -528,7 +543,7 @@ def search(item: dict, store: Store, params: dict) -> dict:
     for g, b in todo:
         p = read_table(store, f"{d}/g{g:04d}/probes/r{r:05d}/b{b:06d}.parquet")
         read += p.num_rows
-        q, qid, qgroup = _vectors(p), p.column("qid").to_numpy(), p.column("qgroup").to_numpy()
+        q, qid, qgroup = _probing(store, f"{d}/g{g:04d}", b, p)
         lcol = p.column("lists").combine_chunks()
         flat = lcol.flatten().to_numpy()
         owner = np.repeat(np.arange(len(lcol)), np.diff(lcol.offsets.to_numpy()))
