@@ -41,9 +41,10 @@ class LoopbackVideoServer:
     video | ``/junk/<x>.mp4`` random bytes as video/mp4 | ``/watch/<x>`` an HTML page whose schema.org
     VideoObject (JSON-LD) names ``/bikes/<x>.mp4`` and its duration | ``/watchlong/<x>`` the same claiming
     two hours | ``/watchnr/<x>`` the same naming ``/norange/<x>.mp4`` (bikes, Range ignored) |
-    ``/nolen/<x>.mp4`` bigbuckbunny without a Content-Length (its size is known once it is in). Byte
+    ``/nolen/<x>.mp4`` bigbuckbunny without a Content-Length (its size is known once it is in) |
+    ``/limited/<x>.mp4`` 429 Too Many Requests for the first GET of the path, then carphone. Byte
     ranges are honoured elsewhere (ffmpeg seeks for section downloads); ``throttle_bps`` paces every body per
-    connection. ``gets`` counts GETs per path.
+    connection. ``gets`` counts GETs per path, ``times`` keeps each path's GET times.
     """
 
     def __init__(self, throttle_bps: int = 0, flaky_failures: int = 2, stall_s: float = 4.0):
@@ -51,6 +52,7 @@ class LoopbackVideoServer:
                       (("ok", "carphone_pristine.mp4"), ("bikes", "bikes.mp4"), ("big", "bigbuckbunny.mp4"))}
         self.throttle_bps, self.flaky_failures, self.stall_s = throttle_bps, flaky_failures, stall_s
         self.gets: Counter = Counter()
+        self.times: dict[str, list[float]] = {}
         self.lock = threading.Lock()
         owner = self
 
@@ -99,6 +101,7 @@ class LoopbackVideoServer:
         path = h.path.split("?")[0]
         with self.lock:
             self.gets[path] += 1
+            self.times.setdefault(path, []).append(time.time())
             n = self.gets[path]
         kind, _, name = path.strip("/").partition("/")
         stem = name.rsplit(".", 1)[0]
@@ -117,6 +120,10 @@ class LoopbackVideoServer:
         if kind == "flaky":
             if n <= self.flaky_failures:
                 return self._plain(h, 500, b"internal error")
+            return self._body(h, self.files["ok"])
+        if kind == "limited":
+            if n <= 1:
+                return self._plain(h, 429, b"too many requests")
             return self._body(h, self.files["ok"])
         if kind == "truncated":
             data = self.files["ok"]
@@ -430,6 +437,36 @@ def test_per_host_window_and_rate(tmp_path):
         starts = sorted(a for a, _ in iv.values())
         assert len(starts) == 4 and min(b - a for a, b in zip(starts, starts[1:])) >= 0.5 - 0.1
         assert _max_overlap(list(iv.values())) >= 2  # spaced by the rate, not serialised by a window
+
+
+def test_rate_limited_slows_only_its_host(tmp_path):
+    """A 429 from one host backs off that host only: its next start (the retry, and a second video queued
+    behind it on the same host) waits the backoff, while the other host's videos start at once. One node
+    here (threads runner); the key is (node, host), so on a cluster the other nodes keep that host's rate."""
+    from curation.download import download_source
+
+    backoff = 2.0
+    with LoopbackVideoServer() as srv:
+        rows = [("lim1", srv.url("limited", "lim1")), ("same1", srv.url("ok", "same1"))]
+        rows += [(f"oth{i}", srv.url("ok", f"oth{i}").replace("127.0.0.1", "localhost")) for i in range(4)]
+        store = Store(tmp_path / "v")
+        s = download_source(SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows)), store,
+                            params=params(allowed_hosts=["127.0.0.1", "localhost"], per_host_concurrency=1,
+                                          backoff_s=backoff, max_backoff_s=backoff),
+                            runner="threads", progress=None)
+        times = {k: list(v) for k, v in srv.times.items()}
+    assert s["downloaded"] == 6 and s["failed"] == 0 and s["retries"] == 1
+    got = logs(store)
+    assert got["lim1"]["attempts"] == 2 and got["same1"]["attempts"] == 1
+    refused = times["/limited/lim1.mp4"][0]  # the 429
+    retried = times["/limited/lim1.mp4"][1]
+    same = min(times["/ok/same1.mp4"])
+    assert retried - refused >= backoff * 0.9, (refused, retried)  # the retry waited its backoff
+    assert same - refused >= backoff * 0.9, (refused, same)  # so did the next video of that host
+    # the other host (one at a time) started at once and each next video as the last one ended
+    iv = sorted(v for k, v in _intervals(store).items() if k.startswith("oth"))
+    assert iv[0][0] < refused + backoff * 0.5, (refused, iv)
+    assert all(b[0] - a[1] < backoff * 0.5 for a, b in zip(iv, iv[1:])), iv
 
 
 @pytest.fixture
