@@ -65,6 +65,7 @@ TWO_LEVEL_LISTS = NLIST_MAX  # above this many lists the quantizer has two level
 SUB_LISTS = 64  # lists per first-level cell (a cell: about SUB_LISTS x LIST_ROWS units)
 NPROBE = 32  # lists probed per query when the params say 0
 SCORE_ROWS = 4096  # candidate rows rescored in float64 at a time (was 65536: 2 x 384 MB at 768-d)
+WIDEN_ROWS = 8192  # an indexed side of exact_scores up to this many rows is widened whole (48 MB at 768-d)
 EPS = 1e-3  # candidates within EPS of a query's m-th fp32 score are scored again in float64
 META = [
     "video_id",
@@ -205,13 +206,13 @@ def exact_scores(q: np.ndarray, c: np.ndarray, qi: np.ndarray | None = None, ci:
     """Row-wise cosine of aligned unit rows (``q[qi]`` and ``c[ci]`` when the index arrays are given) as a
     float64 dot product rounded to float32: the same value for a pair whatever block, generation or kernel it
     is computed in. Gathered and widened SCORE_ROWS rows at a time (2 x SCORE_ROWS x D x 8 bytes); an indexed
-    side with no more rows than there are pairs is widened once and its float64 rows gathered (the same
-    values; in the IVF search a list's queries and units are rescored ~17 times a row, and widening each
-    gathered copy again took two thirds of the search's time)."""
+    side with no more rows than there are pairs (and at most WIDEN_ROWS) is widened once and its float64 rows
+    gathered (the same values; in a per-list rescoring a list's queries and units were rescored ~17 times a
+    row, and widening each gathered copy again took two thirds of the search's time)."""
     n = len(q) if qi is None else len(qi)
     out = np.empty(n, np.float32)
-    q64 = q.astype(np.float64) if qi is not None and len(q) <= n else None
-    c64 = c.astype(np.float64) if ci is not None and len(c) <= n else None
+    q64 = q.astype(np.float64) if qi is not None and len(q) <= min(n, WIDEN_ROWS) else None
+    c64 = c.astype(np.float64) if ci is not None and len(c) <= min(n, WIDEN_ROWS) else None
 
     def rows(x, x64, idx, a):
         if idx is None:
@@ -225,11 +226,19 @@ def exact_scores(q: np.ndarray, c: np.ndarray, qi: np.ndarray | None = None, ci:
 
 
 def top_m(
-    q: np.ndarray, x: np.ndarray, qgroup: np.ndarray, cgroup: np.ndarray, cuid: np.ndarray, m: int
+    q: np.ndarray,
+    x: np.ndarray,
+    qgroup: np.ndarray,
+    cgroup: np.ndarray,
+    cuid: np.ndarray,
+    m: int,
+    rescore: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each query row's best ``m`` rows of ``x`` from other groups: (query row, candidate row, score), sorted
     by query, then score descending, then candidate unit id. Every candidate within EPS of the row's m-th
-    fp32 score is rescored exactly (``exact_scores``): ties and last-bit differences rank alike everywhere."""
+    fp32 score is rescored exactly (``exact_scores``): ties and last-bit differences rank alike everywhere.
+    ``rescore=False``: those candidates with their fp32 scores, unsorted (a superset of the best ``m``, for a
+    caller that merges several lists first and rescores once, ``near_top``)."""
     if not len(q) or not len(x):
         z = np.zeros(0, np.int64)
         return z, z, np.zeros(0, np.float32)
@@ -238,9 +247,27 @@ def top_m(
     k = min(m, s.shape[1])
     kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]
     qi, ci = np.nonzero(np.isfinite(s) & (s >= (kth - EPS)[:, None]))
+    if not rescore:
+        return qi, ci, s[qi, ci]
     sc = exact_scores(q, x, qi, ci)
     sel = _top_per_query(qi, -sc, cuid[ci], m)
     return qi[sel], ci[sel], sc[sel]
+
+
+def near_top(qi: np.ndarray, s: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the fp32 candidates within EPS of their query's m-th best fp32 score (all of a query's when
+    it has fewer than ``m``). Applied to the union of per-list supersets it keeps every candidate that can
+    be in the query's exact top m (fp32 and float64 cosines differ by far less than EPS / 2), so rescoring
+    only these gives the same top m as rescoring each list's."""
+    if not len(qi):
+        return np.zeros(0, np.int64)
+    order = np.lexsort((-s, qi))
+    q = qi[order]
+    starts = np.r_[0, np.nonzero(q[1:] != q[:-1])[0] + 1]
+    ends = np.r_[starts[1:], len(q)]
+    kth = s[order[np.minimum(starts + m, ends) - 1]]  # per query: its m-th best (or its last) fp32 score
+    bound = np.repeat(kth, ends - starts)
+    return np.sort(order[s[order] >= bound - EPS])
 
 
 def _top_per_query(qid: np.ndarray, neg_score: np.ndarray, cid: np.ndarray, m: int) -> np.ndarray:
@@ -553,7 +580,7 @@ def search(item: dict, store: Store, params: dict) -> dict:
                 continue
             a, e = span[int(lst)]
             qs = owner[flat == lst]
-            qi, ci, sc = top_m(q[qs], x[a:e], qgroup[qs], cgroup[a:e], cuid[a:e], m)
+            qi, ci, sc = top_m(q[qs], x[a:e], qgroup[qs], cgroup[a:e], cuid[a:e], m, rescore=False)
             scored += len(qs) * (e - a)
             got_q.append(qs[qi])
             got_c.append(ci + a)
@@ -561,6 +588,12 @@ def search(item: dict, store: Store, params: dict) -> dict:
         qi = np.concatenate(got_q) if got_q else np.zeros(0, np.int64)
         ci = np.concatenate(got_c) if got_c else np.zeros(0, np.int64)
         sc = np.concatenate(got_s) if got_s else np.zeros(0, np.float32)
+        # the lists' fp32 supersets merged per query, then one exact rescoring of what can be in its top m
+        # (rescoring each list's top m did ~4x the float64 work at 1M units: a query probes several lists
+        # of a range and keeps m of all of them)
+        keep = near_top(qi, sc, m)
+        qi, ci = qi[keep], ci[keep]
+        sc = exact_scores(q, x, qi, ci)
         sel = _top_per_query(qid[qi], -sc, cuid[ci], m)
         out = _partial(meta, order[ci[sel]], qid[qi[sel]], sc[sel], cuid[ci[sel]])
         _write(store, f"{d}/partial/g{g:04d}/b{b:06d}/h{h:04d}-r{r:05d}.parquet", out)
