@@ -131,6 +131,41 @@ def test_the_hnsw_graph_finds_the_nearest_lists():
     assert (np.diff(s, axis=1) <= 1e-6).all()  # nearest first
 
 
+def test_one_rescoring_of_merged_lists_gives_each_lists_top_m():
+    """A range's lists merged before the float64 rescoring (``near_top``) give the same top m, row for row,
+    as rescoring each list's top m; on coarse vectors with many tied fp32 scores and same-source hits."""
+    rng = np.random.default_rng(3)
+    d, per, n_lists, n_q, m = 16, 40, 5, 60, 4
+    nx = per * n_lists
+    x = rng.integers(-1, 2, (nx, d)).astype(np.float32) + 1e-3 * rng.standard_normal((nx, d))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    q = x[rng.integers(0, len(x), n_q)] + np.float32(0.05) * rng.standard_normal((n_q, d)).astype(np.float32)
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    cgroup, qgroup = rng.integers(0, 30, len(x)), rng.integers(0, 30, n_q)
+    cuid = rng.permutation(len(x)).astype(np.int64)
+    probe = np.stack([rng.choice(n_lists, 3, replace=False) for _ in range(n_q)])
+    out = {}
+    for merged in (False, True):
+        got = [[], [], []]
+        for lst in range(n_lists):
+            qs = np.nonzero((probe == lst).any(1))[0]
+            a, e = lst * per, (lst + 1) * per
+            qi, ci, sc = ivf.top_m(q[qs], x[a:e], qgroup[qs], cgroup[a:e], cuid[a:e], m, rescore=not merged)
+            for acc, v in zip(got, (qs[qi], ci + a, sc)):
+                acc.append(v)
+        qi, ci, sc = (np.concatenate(v) for v in got)
+        if merged:
+            keep = ivf.near_top(qi, sc, m)
+            assert len(keep) < len(qi)  # the merge does leave candidates out
+            qi, ci = qi[keep], ci[keep]
+            sc = ivf.exact_scores(q, x, qi, ci)
+        sel = ivf._top_per_query(qi, -sc, cuid[ci], m)
+        out[merged] = (qi[sel], ci[sel], sc[sel])
+    assert len(out[False][0]) == n_q * m
+    for a, b in zip(out[False], out[True]):
+        assert np.array_equal(a, b)
+
+
 def test_same_source_hits_are_filtered_by_id_not_by_asking_for_more(tmp_path, monkeypatch):
     """Video A has 40 units of one identity, video B one unit of it: B's unit is the only candidate of A's
     units from another source, and every partial result holds at most ``candidates`` rows per query (the old
