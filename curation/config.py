@@ -165,6 +165,7 @@ class DownloadParams:
     # 0: per_node_concurrency x the nodes the pool runs on (alive, num_cpus CPUs or more); > 0: also a cap on
     # the downloads in flight over the whole cluster
     concurrency: int = field(0, ge=0)
+    nodes_every_s: float = field(30.0, gt=0)  # the alive nodes are read again this often (new ones get work)
     per_host_concurrency: int = field(4, ge=1)  # downloads in flight per (node, host)
     per_host_rate_per_s: float = field(2.0, gt=0)  # download starts per second per (node, host)
     max_attempts: int = field(3, ge=1)  # per video per run, transient errors only

@@ -10,7 +10,8 @@ Decisions:
   rate-limit per egress address: at most ``per_node_concurrency`` (8) downloads in flight on a node, at most
   ``per_host_concurrency`` (4) per (node, host), starts per (node, host) spaced by ``1 /
   per_host_rate_per_s`` (2/s); ``concurrency`` (0) caps the whole cluster when > 0, else it is
-  ``per_node_concurrency`` x the nodes (alive Ray nodes with ``num_cpus`` CPUs, read at start). A row goes
+  ``per_node_concurrency`` x the nodes (alive Ray nodes with ``num_cpus`` CPUs, read at start and every
+  ``nodes_every_s``: a node that joins gets downloads, one that leaves gets no more). A row goes
   to the least-loaded node with room in both windows whose rate allows a start now; a ``rate_limited``
   answer backs off only that (node, host). The driver streams the CSV in chunks of ``chunk_rows``; rows
   waiting on busy hosts are buffered (at most two chunks), never the whole CSV. The summary names the nodes
@@ -695,7 +696,9 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
     queues: dict[str, deque[_Pending]] = {}
     retry_heap: list[tuple[float, int, str, _Pending]] = []
     in_flight: dict[Any, tuple[Any, str, _Pending]] = {}  # handle -> (node, host, row)
-    nodes: list = []  # the pool's nodes (Ray node ids, or "local" for threads)
+    nodes: list = []  # the pool's nodes now (Ray node ids, or "local" for threads), read every nodes_every_s
+    seen_nodes: list = []  # every node the pool had during the run
+    nodes_at = 0.0
     window = 0  # downloads in flight over all nodes: concurrency, or per_node_concurrency x nodes
     per_node: Counter = Counter()  # in flight per node
     per_node_host: Counter = Counter()  # in flight per (node, host)
@@ -757,9 +760,17 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
                 run = worker_pool(runner, _DownloadWorker, p.per_node_concurrency, p.num_cpus, ray_cfg,
                                   n_start, per_node=True)
                 nodes = list(run.nodes)
+                seen_nodes = list(nodes)
                 window = p.per_node_concurrency * len(nodes)
                 window = min(window, p.concurrency) if p.concurrency else window
                 stats.t0 = now = time.time()  # rates count from here: the workers are up
+                nodes_at = now
+            elif run is not None and now - nodes_at >= p.nodes_every_s:  # nodes that joined or left
+                nodes = list(run.refresh_nodes())
+                seen_nodes += [n for n in nodes if n not in seen_nodes]
+                window = p.per_node_concurrency * len(nodes)
+                window = min(window, p.concurrency) if p.concurrency else window
+                nodes_at = now
             for host, q in queues.items():
                 while q and len(in_flight) < window:
                     best, best_key = None, None
@@ -831,9 +842,9 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
         triage_pool.shutdown(wait=False)
         if run is not None:
             run.close()
-    summary = {"store": store.uri, "csv": csv_path, **stats.summary(), "nodes": [str(n) for n in nodes],
+    summary = {"store": store.uri, "csv": csv_path, **stats.summary(), "nodes": [str(n) for n in seen_nodes],
                "per_node": {str(n): {"downloads": node_tasks[n], "downloaded": node_done[n],
-                                     "max_in_flight": node_peak[n]} for n in nodes}}
+                                     "max_in_flight": node_peak[n]} for n in seen_nodes}}
     say(stats.line(0, 0))
     store.write_json(f"{LOG_PREFIX}/summary.json", summary, indent=2)
     return summary

@@ -131,10 +131,11 @@ class ActorPool:
     methods); each ``submit`` is one actor call. A worker that dies is replaced and the call raises.
 
     ``per_node=True``: ``size`` actors at most on each node of ``nodes`` (the alive nodes with ``num_cpus``
-    CPUs or more when the pool starts, ids from ``ray.nodes()``), each pinned to its node (hard node
-    affinity), ``n_start`` of them started on every node; ``submit(*args, node=id)`` runs the call on an
-    idle actor of that node, creating one there when none is idle (the caller keeps each node within
-    ``size`` calls in flight). A dead actor is replaced on the same node."""
+    CPUs or more when the pool starts, and again at ``refresh_nodes``; ids from ``ray.nodes()``), each
+    pinned to its node (hard node affinity), ``n_start`` of them started on every node;
+    ``submit(*args, node=id)`` runs the call on an idle actor of that node, creating one there when none is
+    idle (the caller keeps each node within ``size`` calls in flight). A dead actor is replaced on the same
+    node."""
 
     def __init__(self, worker_cls, size: int, num_cpus: float, ray_cfg: RayConfig | None = None,
                  n_start: int = 1, per_node: bool = False):
@@ -149,12 +150,10 @@ class ActorPool:
         self.opts = storage_runtime_env()
         self.size = size
         self.per_node = per_node
+        self.num_cpus = num_cpus
         self.busy: dict = {}  # handle -> (actor, node)
         if per_node:
-            self.nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive")
-                                and float(n.get("Resources", {}).get("CPU", 0.0)) >= num_cpus)
-            if not self.nodes:
-                raise RuntimeError(f"num_cpus {num_cpus:g} per worker; no alive Ray node has that many CPUs")
+            self.nodes = self._alive_nodes()
             k = max(1, min(n_start, size))
             self.idle_on = {n: [self._new(n) for _ in range(k)] for n in self.nodes}
             self.count_on = {n: k for n in self.nodes}  # live actors per node
@@ -165,6 +164,37 @@ class ActorPool:
             starting = self.idle
         # wait until they are up (or until a minute passed: those that fit start later, as resources free)
         ray.wait([a.ready.remote() for a in starting], num_returns=len(starting), timeout=60)
+
+    def _alive_nodes(self) -> list:
+        nodes = sorted(n["NodeID"] for n in self.ray.nodes() if n.get("Alive")
+                       and float(n.get("Resources", {}).get("CPU", 0.0)) >= self.num_cpus)
+        if not nodes:
+            raise RuntimeError(f"num_cpus {self.num_cpus:g} per worker; no alive Ray node has that many CPUs")
+        return nodes
+
+    def refresh_nodes(self) -> list:
+        """``per_node``: the alive nodes read again. A node that joined is added (its actors start at its
+        first call); one that left is dropped with its idle actors (a call in flight there fails as a lost
+        actor and is not replaced). Returns the nodes."""
+        if not self.per_node:
+            return self.nodes
+        alive = self._alive_nodes()
+        for n in alive:
+            if n not in self.idle_on:
+                self.idle_on[n], self.count_on[n] = [], 0
+        for n in [n for n in self.idle_on if n not in alive]:
+            for a in self.idle_on.pop(n):
+                self.ray.kill(a)
+            self.count_on.pop(n, None)
+        self.nodes = alive
+        return alive
+
+    def _back(self, node, actor) -> None:
+        """An actor done with its call goes back to its node's idle list (killed if its node was dropped)."""
+        if self.per_node and node not in self.idle_on:
+            self.ray.kill(actor)
+        else:
+            self._idle(node).append(actor)
 
     def _new(self, node=None):
         if node is None:
@@ -206,12 +236,13 @@ class ActorPool:
             out = self.ray.get(h)
         except self.ray.exceptions.RayActorError:
             self.ray.kill(actor)
-            self._idle(node).append(self._new(node))  # replaced (on its node); the item counts a try
+            if not self.per_node or node in self.idle_on:  # replaced on its node, unless the node left
+                self._idle(node).append(self._new(node))  # the item counts a try
             raise
         except Exception:
-            self._idle(node).append(actor)  # the call raised (a store write failed...): the actor is fine
+            self._back(node, actor)  # the call raised (a store write failed...): the actor is fine
             raise
-        self._idle(node).append(actor)
+        self._back(node, actor)
         return out
 
     def close(self):
@@ -234,6 +265,9 @@ class ThreadPool:
         self.worker = worker_cls()
         self.pool = cf.ThreadPoolExecutor(max_workers=size, thread_name_prefix=worker_cls.__name__)
         self.nodes = ["local"] if per_node else [None]
+
+    def refresh_nodes(self) -> list:
+        return self.nodes
 
     def submit(self, *args, node=None):
         if node not in self.nodes:

@@ -566,6 +566,50 @@ def test_limits_hold_per_node_on_a_two_node_cluster(tmp_path, short_tmp, monkeyp
     assert all(f.read_bytes() == srv.files["ok"] for f in (tmp_path / "v").glob("*.mp4"))
 
 
+def test_a_node_that_joins_mid_run_gets_downloads(tmp_path, short_tmp, monkeypatch):
+    """The pool reads the alive nodes again every ``nodes_every_s``: a real Ray cluster that starts with one
+    node and gets a second one while 24 videos download (2 in flight a node, ~0.6 s each) runs some of them
+    on the new node, within its per-node window; the summary names both nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from curation.download import download_source
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("PHANTOM_CACHE_DIR", os.path.join(short_tmp, "driver"))
+    monkeypatch.setenv("RAY_TMPDIR", os.path.join(short_tmp, "ray"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    common = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    with LoopbackVideoServer(throttle_bps=1_000_000) as srv:
+        n = 24
+        rows = [(f"j{i}", srv.url("ok", f"j{i}")) for i in range(n)]
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
+        store = Store(tmp_path / "v")
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={**common, "env_vars": {"PHANTOM_CACHE_DIR": f"{short_tmp}/n0"}})
+        added = []
+
+        def join_once(_line: str) -> None:  # the first progress line (driver thread): a node joins
+            if not added:
+                added.append(cluster.add_node(**common, env_vars={"PHANTOM_CACHE_DIR": f"{short_tmp}/n1"}))
+
+        try:
+            ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+            first = [nd["NodeID"] for nd in ray.nodes() if nd["Alive"]]
+            s = download_source(spec, store, runner="ray", progress=join_once,
+                                params=params(per_node_concurrency=2, per_host_concurrency=2,
+                                              nodes_every_s=0.5, progress_every_s=0.5))
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    assert len(first) == 1 and len(s["nodes"]) == 2 and s["nodes"][0] == first[0], (first, s["nodes"])
+    assert s["downloaded"] == n and s["failed"] == 0
+    late = s["per_node"][s["nodes"][1]]
+    assert late["downloaded"] >= 1 and 1 <= late["max_in_flight"] <= 2, s["per_node"]
+    assert sum(v["downloaded"] for v in s["per_node"].values()) == n
+
+
 def test_format_selection_is_h264_mp4_at_most_max_height():
     from curation.download import format_selector
 
