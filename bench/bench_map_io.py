@@ -7,7 +7,10 @@
   byte; goal 1: only the group that reads the source video fetches it, once);
 - ``map_io_store_requests_per_video``: every request the server answered, per video (for comparison);
 - ``objects_written_per_clip`` / ``store_requests_per_clip``: distinct objects written under the run's prefix
-  (map and global phase) and every request, per clip the map phase cut."""
+  (map and global phase) and every request, per clip the map phase cut (goal <= 4), on the whole sample;
+- ``map_objects_written_per_clip`` / ``map_objects_written_per_video``: the map phase's share (the packs,
+  manifests and tables: grows with the videos), and ``global_objects_written``: the global phase's and the
+  shards' (grows with the hash buckets and partitions, not with the clips)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-VIDEOS = ("gen01", "gen02")
+VIDEOS = ("gen01", "gen02")  # the tests' two videos
+SAMPLE = ("gen01", "gen02", "gen03", "gen04", "gen05", "gen06", "gen07", "gen08", "bikes", "carphone",
+          "bigbuckbunny")  # the bench's: the whole bundled sample
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -70,6 +75,12 @@ class CountingS3:
         """Distinct objects under ``prefix`` that were written (a PUT, or a multipart upload's POSTs)."""
         with self._lock:
             return len({p for (m, p) in self.requests if m in ("PUT", "POST") and p.startswith(prefix)})
+
+    def written_by_folder(self, prefix: str) -> Counter:
+        """Distinct objects written under ``prefix``, by the first folder below it."""
+        with self._lock:
+            paths = {p for (m, p) in self.requests if m in ("PUT", "POST") and p.startswith(prefix)}
+        return Counter(p[len(prefix):].split("/", 1)[0] for p in paths)
 
     def fetches_under(self, prefix: str) -> int:
         """Downloads of objects whose path (``/bucket/key``) starts with ``prefix``: GETs without a range or
@@ -127,6 +138,22 @@ def sample_rows_in_store(src_uri: str, videos=VIDEOS) -> list[dict]:
     return rows
 
 
+def shard_members(uri: str) -> dict[str, bytes]:
+    """``<shard>/<member>`` -> bytes of every member of every shard tar under ``uri``."""
+    import io
+    import tarfile
+
+    from curation.storage import Store
+
+    store, out = Store(uri), {}
+    for rel in store.list("", suffix=".tar"):
+        if rel.startswith(("shards/", "shards_eval/")):
+            with tarfile.open(fileobj=io.BytesIO(store.read_bytes(rel))) as tf:
+                for m in tf.getmembers():
+                    out[f"{rel}/{m.name}"] = tf.extractfile(m).read()
+    return out
+
+
 def measure(videos=VIDEOS, runner: str = "sequential") -> dict:
     """The sample's ``videos`` curated from and into a fresh bucket on a counting moto server, with a fresh
     local scratch root; returns the figures, the files left and the run's result."""
@@ -155,10 +182,13 @@ def measure(videos=VIDEOS, runner: str = "sequential") -> dict:
             n_req = sum(server.requests.values())
             fetches = server.fetches_under(f"/{bucket}/src/videos/")
             written = server.objects_written_under(f"/{bucket}/run/")
+            by_folder = server.written_by_folder(f"/{bucket}/run/")
+            members = shard_members(out)  # after the counts: what the shards hold, for the tests to check
     finally:
         server.stop()
     n = max(1, len(rows))
     clips = max(1, int(res.totals.get("clips", 0)))
+    global_written = sum(v for k, v in by_folder.items() if k in ("global", "shards", "shards_eval"))
     return {
         "figures": {
             "scratch_bytes_left_after_run": sum(left.values()),
@@ -166,9 +196,14 @@ def measure(videos=VIDEOS, runner: str = "sequential") -> dict:
             "map_io_store_requests_per_video": n_req / n,
             "objects_written_per_clip": round(written / clips, 2),
             "store_requests_per_clip": round(n_req / clips, 1),
+            "map_objects_written_per_clip": round((written - global_written) / clips, 2),
+            "map_objects_written_per_video": round((written - global_written) / n, 2),
+            "global_objects_written": global_written,
             "map_io_sample_wall_s": wall,
         },
         "files_left": left,
+        "written_by_folder": dict(by_folder),
+        "shard_members": members,
         "result": res,
         "rows": rows,
         "n_videos": len(rows),
@@ -176,7 +211,7 @@ def measure(videos=VIDEOS, runner: str = "sequential") -> dict:
 
 
 def run() -> dict[str, float]:
-    return measure()["figures"]
+    return measure(videos=SAMPLE)["figures"]
 
 
 if __name__ == "__main__":

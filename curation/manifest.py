@@ -2,9 +2,10 @@
 
 - ``manifest/videos/<xx>/<video>.json``: one record per input video once its last map group finished
   (status, every clip row, a small summary, the map-phase hash), written by the worker that finished it;
-- ``cache/<group>-<hash>/<xx>/<video>.json``: a video's rows after an earlier map group, keyed by the hash
-  of the stages up to and including that group, so a changed later stage re-runs from there and reuses the
-  earlier groups' work (clips, crops) instead of redoing it.
+- ``cache/<group>-<hash>/<xx>/<video>.tar``: a video's pack after a map group (``curation.packs``): its rows
+  and, on an object store, the files the group made (clips, crops, embeddings), keyed by the hash of the
+  stages up to and including that group, so a changed later stage re-runs from there and reuses the
+  earlier groups' work instead of redoing it.
 
 Each file is written atomically, so a run killed at any moment leaves whole records or none."""
 
@@ -19,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from curation.packs import read_head, write_pack
 from curation.storage import Store
 
 _SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,120}$")
@@ -44,11 +46,11 @@ def video_summary(rows: list[dict]) -> dict:
     }
 
 
-def video_rel(prefix: str, video_id: str) -> str:
-    """``<prefix>/<xx>/<name>.json``: a sharded path whose name never escapes ``prefix``."""
+def video_rel(prefix: str, video_id: str, suffix: str = ".json") -> str:
+    """``<prefix>/<xx>/<name><suffix>``: a sharded path whose name never escapes ``prefix``."""
     digest = hashlib.sha1(video_id.encode()).hexdigest()
     name = video_id if _SAFE.match(video_id) else f"id-{digest}"
-    return f"{prefix}/{digest[:2]}/{name}.json"
+    return f"{prefix}/{digest[:2]}/{name}{suffix}"
 
 
 class Manifest:
@@ -110,24 +112,34 @@ class Manifest:
 
 
 class GroupCache:
-    """A video's rows after map group ``group`` under hash ``h``: ``cache/<group>-<h>/<xx>/<video>.json``."""
+    """A video after map group ``group`` under hash ``h``: one pack ``cache/<group>-<h>/<xx>/<video>.tar``
+    whose head holds its rows, the source signature and the earlier groups' packs, and whose members are the
+    files the group made (none on a local store, where they stay in place)."""
 
     def __init__(self, store: Store):
         self.store = store
 
     def rel(self, group: str, h: str, video_id: str) -> str:
-        return video_rel(f"cache/{group}-{h}", video_id)
+        return video_rel(f"cache/{group}-{h}", video_id, ".tar")
 
-    def load(self, group: str, h: str, video_id: str, source_sig: str) -> list[dict] | None:
-        rec = self.store.read_json(self.rel(group, h, video_id), default=None)
-        if not rec or rec.get("source_sig") != source_sig:
+    def load(self, group: str, h: str, video_id: str, source_sig: str) -> dict | None:
+        """``{"rows", "packs"}`` (every pack that holds the video's files so far, this one included) when the
+        pack exists for this source; else None."""
+        rel = self.rel(group, h, video_id)
+        head = read_head(self.store, rel)
+        if not head or head.get("source_sig") != source_sig:
             return None
-        return rec["rows"]
+        packs = list(head.get("packs") or [])
+        return {"rows": head["rows"], "packs": packs + [rel] if head.get("members") else packs}
 
-    def save(self, group: str, h: str, video_id: str, rows: list[dict], source_sig: str) -> None:
-        self.store.write_json(self.rel(group, h, video_id),
-                              {"video_id": video_id, "group": group, "hash": h, "source_sig": source_sig,
-                               "rows": rows})
+    def save(self, group: str, h: str, video_id: str, rows: list[dict], source_sig: str,
+             files: dict[str, str], packs: list[str], scratch: str) -> tuple[str, dict[str, str]]:
+        """Write the video's pack: ``files`` (member -> local file) and a head with ``rows`` and ``packs``
+        (the earlier groups'). Returns (its path, member -> packed reference)."""
+        rel = self.rel(group, h, video_id)
+        head = {"video_id": video_id, "group": group, "hash": h, "source_sig": source_sig, "rows": rows,
+                "packs": packs, "members": sorted(files)}
+        return rel, write_pack(self.store, rel, head, files, scratch)
 
 
 def count_reasons(rows: list[dict]) -> Counter:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from curation.execute import init_ray
 from curation.global_phase import STEPS, export_video, run_global, validate_step
 from curation.manifest import GroupCache, Manifest, source_signature
 from curation.models import record_unpinned
+from curation.packs import unpack
 from curation.stage import Record, Stage, StageContext, StageGroup
 from curation.stages.registry import load_all, validate_stage_spec
 from curation.storage import Store, is_uri, scratch_dir, set_cache_limit_gb
@@ -160,6 +162,24 @@ def files_of(obj) -> set[str]:
     return out
 
 
+def with_refs(obj, refs: dict[str, str]):
+    """``obj`` with every file path it names (as ``files_of`` finds them) that ``refs`` maps replaced by its
+    packed reference: committed rows name where the shard writer reads each clip and crop."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(v, str) and (k in _FILE_KEYS or k.endswith("_file")):
+                out[k] = refs.get(v, v)
+            elif isinstance(v, (dict, list)):
+                out[k] = with_refs(v, refs)
+            else:
+                out[k] = v
+        return out
+    if isinstance(obj, list):
+        return [with_refs(v, refs) for v in obj]
+    return obj
+
+
 @dataclass
 class MapContext:
     """What every map worker needs: the groups, the store and its local scratch folder."""
@@ -200,20 +220,17 @@ class VideoWorker:
         self.unpinned: set[str] = set()  # model files this group's stages loaded under `sha256: unpinned`
         self._io: cf.ThreadPoolExecutor | None = None
 
-    def _parallel(self, fn, items) -> None:
+    def _parallel(self, fn, items) -> list:
         """``fn`` over ``items`` on the worker's I/O threads (store round trips overlap instead of queueing
-        one after another on a model worker); the first error is raised once all have run."""
+        one after another on a model worker); the results in order, the first error raised once all ran."""
         items = list(items)
         if len(items) < 2:
-            for x in items:
-                fn(x)
-            return
+            return [fn(x) for x in items]
         if self._io is None:
             self._io = cf.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="store-io")
         futures = [self._io.submit(fn, x) for x in items]
         cf.wait(futures)
-        for f in futures:
-            f.result()
+        return [f.result() for f in futures]
 
     def setup(self) -> None:
         if not self._ready:
@@ -229,9 +246,8 @@ class VideoWorker:
         todo = [it for it in items if "status" not in it and it["start"] <= self.index]
         if not todo:
             return items
-        local = self.ctx.out_dir
         before = {it["video_id"]: files_of(it["rows"]) for it in todo}
-        downloaded = {it["video_id"]: self._fetch(it, before[it["video_id"]]) for it in todo}
+        fetched = {it["video_id"]: self._fetch(it, before[it["video_id"]]) for it in todo}
         rows = [r for it in todo for r in it["rows"]]
         with record_unpinned() as seen:  # a backend may load its model on first use
             out = self.group(rows)
@@ -247,51 +263,57 @@ class VideoWorker:
             c = counts.get(name, [0, 0, None])
             counts[name] = [c[0] + n_in, c[1] + n_failed, c[2] or err]
         todo[0]["stage_counts"] = counts
-        done: dict[str, dict] = {}
-        for it in todo:
-            vid = it["video_id"]
-            vrows = [_restore_video_path(r) for r in by_video[vid]]
-            new_files = files_of(vrows) - before[vid]
-            try:
-                made = [rel for rel in sorted(new_files) if os.path.exists(os.path.join(local, rel))]
-                self._parallel(lambda rel: self.store.put_file(rel, os.path.join(local, rel)), made)
-                if self.last:
-                    done[vid] = self._commit(it, vrows)
-                else:
-                    GroupCache(self.store).save(self.plan.name, self.plan.hash, vid, vrows, it["sig"])
-                    done[vid] = {**it, "rows": vrows}
-            except Exception as e:  # the store failed for this video: report it, keep the batch going
-                log.warning("video %s: could not save its outputs: %s", vid, e)
-                done[vid] = {"video_id": vid, "status": "failed", "reason": "store:error", "error": str(e),
-                             "summary": {"n_clips": 0, "n_ok": 0, "reasons": {"store:error": 1}},
-                             "stage_counts": it.get("stage_counts"), "state": "processed",
-                             **unpinned_of(vrows)}
-            # The video has left this group (saved for the next one, or committed): none of its local files
-            # is needed here any more. The next group fetches what it reads, on whichever node it runs.
-            if not self.store.is_local:
-                _remove_local(local, before[vid] | files_of(vrows))
-            _remove_files(downloaded[vid])
-            if "spans_skipped" in it:
-                done[vid]["spans_skipped"] = it["spans_skipped"]
+        done: dict[str, dict] = dict(zip([it["video_id"] for it in todo],
+                                         self._parallel(lambda it: self._leave(it, by_video, before, fetched),
+                                                        todo)))
         return [done.get(it["video_id"], it) if "status" not in it else it for it in items]
 
-    def _fetch(self, it: dict, rels: set[str]) -> list[str]:
-        """Make the files the video's rows name available locally, and its source video when a stage of
-        this group reads it (``Stage.reads_source_video``); returns the local copies of source videos it
-        downloaded (removed once the video leaves the group)."""
+    def _leave(self, it: dict, by_video: dict, before: dict, fetched: dict) -> dict:
+        """One video leaves the group: its new files and rows go to the store as one pack (saved for the next
+        group, or committed), and none of its local files is kept (the next group, on whichever node it
+        runs, fetches the pack). A store failure is this video's (``store:error``), not the batch's."""
+        vid, local = it["video_id"], self.ctx.out_dir
+        vrows = [_restore_video_path(r) for r in by_video[vid]]
+        downloaded, refs = fetched[vid]
+        new_files = files_of(vrows) - before[vid]
+        try:
+            made = [rel for rel in sorted(new_files) if os.path.exists(os.path.join(local, rel))]
+            # on a local store the files already sit in the output folder: the pack holds the rows only
+            files = {} if self.store.is_local else {rel: os.path.join(local, rel) for rel in made}
+            packs = list(it.get("packs") or [])
+            save = functools.partial(GroupCache(self.store).save, self.plan.name, self.plan.hash, vid)
+            if self.last:
+                if files:  # the last group's files, packed, for the shard writer (its rows: the manifest)
+                    _, own = save([], it["sig"], files, packs, local)
+                    refs = {**refs, **own}
+                out = self._commit(it, with_refs(vrows, refs) if refs else vrows)
+            else:
+                rel, _ = save(vrows, it["sig"], files, packs, local)
+                out = {**it, "rows": vrows, "packs": packs + [rel] if files else packs}
+        except Exception as e:  # the store failed for this video: report it, keep the batch going
+            log.warning("video %s: could not save its outputs: %s", vid, e)
+            out = {"video_id": vid, "status": "failed", "reason": "store:error", "error": str(e),
+                   "summary": {"n_clips": 0, "n_ok": 0, "reasons": {"store:error": 1}},
+                   "stage_counts": it.get("stage_counts"), "state": "processed", **unpinned_of(vrows)}
         if not self.store.is_local:
+            _remove_local(local, before[vid] | files_of(vrows))
+        _remove_files(downloaded)
+        if "spans_skipped" in it:
+            out["spans_skipped"] = it["spans_skipped"]
+        return out
 
-            def fetch(rel: str) -> None:
-                dest = os.path.join(self.ctx.out_dir, rel)
-                if not os.path.exists(dest) and self.store.exists(rel):
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    with self.store.local_path_ctx(rel) as got:  # pinned: no eviction before the move
-                        os.replace(got, dest)
-
-            self._parallel(fetch, sorted(rels))
+    def _fetch(self, it: dict, rels: set[str]) -> tuple[list[str], dict[str, str]]:
+        """Make the files the video's rows name available locally (each earlier group's pack downloaded once,
+        the named members unpacked), and its source video when a stage of this group reads it
+        (``Stage.reads_source_video``). Returns the local copies of source videos it downloaded (removed
+        once the video leaves the group) and member -> packed reference of the earlier packs."""
+        refs: dict[str, str] = {}
+        if not self.store.is_local and it.get("packs"):
+            for got in self._parallel(lambda p: unpack(self.store, p, rels, self.ctx.out_dir), it["packs"]):
+                refs.update(got)
         ok = [r for r in it["rows"] if r.get("status", "ok") == "ok"]
         if not any(s.reads_source_video(r) for s in self.group.stages for r in ok):
-            return []
+            return [], refs
         got: dict[str, str] = {}
         for i, r in enumerate(it["rows"]):
             p = r.get("video_path")
@@ -301,7 +323,7 @@ class VideoWorker:
                     got[p] = Store(d).local_path(name)
                 # a new row: the caller's source row (the sequential runner hands it over) keeps its URI
                 it["rows"][i] = {**r, "video_uri": p, "video_path": got[p]}
-        return sorted(set(got.values()))
+        return sorted(set(got.values())), refs
 
     def _commit(self, it: dict, rows: list[Record]) -> dict:
         mh = self.plan.hash
@@ -367,9 +389,10 @@ def _resume_item(row: Record, mc: MapContext) -> dict:
     cache = GroupCache(store)
     for gi in range(len(mc.groups) - 2, -1, -1):
         g = mc.groups[gi]
-        rows = cache.load(g.name, g.hash, vid, sig)
-        if rows is not None:
-            return {"video_id": vid, "start": gi + 1, "sig": sig, "rows": rows, "resumed_from": g.name}
+        got = cache.load(g.name, g.hash, vid, sig)
+        if got is not None:
+            return {"video_id": vid, "start": gi + 1, "sig": sig, "rows": got["rows"], "packs": got["packs"],
+                    "resumed_from": g.name}
     return {"video_id": vid, "start": 0, "sig": sig, "rows": [row]}
 
 

@@ -119,6 +119,9 @@ def _s3_filesystem():
         kw["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
         kw["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
     kw["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    # an object written whole before its stream closes goes up as one PUT, not a multipart upload of three
+    # requests (most map-phase objects are packs, records and tables of a few MB or less)
+    kw["allow_delayed_open"] = True
     return fs.S3FileSystem(**kw)
 
 

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from curation.composition import best_crop, tight_box
+from curation.packs import member_rel
 from curation.shards import safe_component
 from curation.storage import Store
 
@@ -115,7 +116,7 @@ def video_units(rows: list[dict], local_root: str) -> tuple[list[dict], dict[str
             items = [s.get(item_key) or [] for s in subjects]
             if not r.get(file_key) or not any(items):
                 continue
-            rel = r[file_key]
+            rel = member_rel(r[file_key])  # committed rows name packed files: the worker has the member
             try:
                 if rel not in cache:
                     base = os.path.realpath(local_root)

@@ -12,6 +12,7 @@ import tempfile
 from collections import Counter
 
 from curation.global_phase.tables import sha
+from curation.packs import read_ref, ref_size
 from curation.shards import RECORDS_DIR, member_bytes, plan_shards
 from curation.storage import Store
 
@@ -40,20 +41,11 @@ def _write_tar_local(path: str, samples: list[dict], store: Store) -> None:
             key = s["__key__"]
             for ext in sorted(k for k in s if k != "__key__"):
                 v = s[ext]
-                data = store.read_bytes(v[1]) if isinstance(v, tuple) else v
+                data = read_ref(store, v[1]) if isinstance(v, tuple) else v  # a packed clip or crop
                 ti = tarfile.TarInfo(f"{key}.{ext}")
                 ti.size, ti.mtime, ti.mode = len(data), 0, 0o444
                 ti.uname = ti.gname = "phantom"
                 tf.addfile(ti, io.BytesIO(data))
-
-
-def _file_size(store: Store, rel: str) -> int:
-    from pyarrow import fs
-
-    info = store.fs.get_file_info(store.path(rel))
-    if info.type != fs.FileType.File:
-        raise FileNotFoundError(f"missing {rel}")
-    return int(info.size)
 
 
 def write_partition(item: dict, store: Store, params: dict) -> dict:
@@ -82,7 +74,7 @@ def write_partition(item: dict, store: Store, params: dict) -> dict:
                     raise FileNotFoundError("no clip_path")
                 size = 0
                 for rel in [rec["clip_path"], *rec["refs"]]:
-                    size += member_bytes(_file_size(store, rel))
+                    size += member_bytes(ref_size(store, rel))
             except (OSError, ValueError) as e:
                 rejections[f"write_shards:{type(e).__name__}"] += 1
                 log.warning("write_shards: %s: %s", rec["key"], e)

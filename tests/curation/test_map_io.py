@@ -2,9 +2,14 @@
 S3 API (moto's server on loopback, each request counted at the server): once the run is over no local
 scratch file is left (the fetched source videos and every group's intermediate files are deleted once
 their video has left the group), and each source video is downloaded once, by the one group that reads it
-(the annotate and refs groups read the clips only)."""
+(the annotate and refs groups read the clips only). Each video's files go to the store as one pack per map
+group, and the shard writer reads its clips and crops out of those packs."""
 
+import io
+
+import decord
 import pytest
+from PIL import Image
 
 from bench.bench_map_io import measure
 from curation.runner import plan
@@ -20,6 +25,20 @@ def test_sample_into_s3_leaves_no_scratch_and_fetches_each_source_video_once():
     assert f["scratch_bytes_left_after_run"] == 0, m["files_left"]
     assert m["files_left"] == {}
     assert f["source_video_fetches_per_video"] == 1
+    # one pack per video per group (cut, annotate, refs), its manifest record and its two tables; no loose
+    # clip, crop or embedding object
+    assert m["written_by_folder"]["cache"] == 3 * 2
+    assert {"clips", "refs", "embeddings"}.isdisjoint(m["written_by_folder"])
+    assert f["map_objects_written_per_video"] == 6
+    # the shards' clips and crops, read out of the packs by offset, are whole files
+    members = m["shard_members"]
+    mp4s = {k: v for k, v in members.items() if k.endswith(".mp4")}
+    jpgs = {k: v for k, v in members.items() if k.endswith(".jpg")}
+    assert mp4s and jpgs
+    for data in mp4s.values():
+        assert data[4:8] == b"ftyp" and decord.VideoReader(io.BytesIO(data)).get_batch([0]).shape[0] == 1
+    for data in jpgs.values():
+        Image.open(io.BytesIO(data)).load()
     # the caller's source rows are not changed by the run (their URIs stay: a second run can reuse them)
     assert all(r["video_path"].startswith("s3://") and "video_uri" not in r for r in m["rows"])
 

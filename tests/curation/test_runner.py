@@ -142,7 +142,8 @@ def test_changed_later_stage_reruns_from_its_group_only(tmp_path):
     rows, out = _rows(tmp_path), str(tmp_path / "out")
     run_pipeline(_cfg(), "p", rows, StageContext(out_dir=out), runner="sequential")
     first = _manifest_rows(out)
-    cache = sorted(Path(out, "cache").rglob("*.json"))
+    cache = sorted(Path(out, "cache").rglob("*.tar"))  # one pack per video per group (rows only: local store)
+    assert len(cache) == 3  # bikes, carphone and the failed empty.mp4 (gone was rejected before any group)
     cache_bytes = [p.read_bytes() for p in cache]
     res = run_pipeline(_cfg(tag="b"), "p", rows, StageContext(out_dir=out), runner="sequential")
     assert res.videos_committed == 4 and res.videos_skipped == 0
