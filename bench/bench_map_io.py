@@ -9,8 +9,10 @@
 - ``objects_written_per_clip`` / ``store_requests_per_clip``: distinct objects written under the run's prefix
   (map and global phase) and every request, per clip the map phase cut (goal <= 4), on the whole sample;
 - ``map_objects_written_per_clip`` / ``map_objects_written_per_video``: the map phase's share (the packs,
-  manifests and tables: grows with the videos), and ``global_objects_written``: the global phase's and the
-  shards' (grows with the hash buckets and partitions, not with the clips)."""
+  manifests and tables: grows with the videos), ``map_store_requests_per_video`` its requests (with the
+  source video's download; the rest are the global phase's per-bucket listings and reads), and
+  ``global_objects_written``: the global phase's and the shards' (grows with the hash buckets and
+  partitions, not with the clips)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ VIDEOS = ("gen01", "gen02")  # the tests' two videos
 SAMPLE = ("gen01", "gen02", "gen03", "gen04", "gen05", "gen06", "gen07", "gen08", "bikes", "carphone",
           "bigbuckbunny")  # the bench's: the whole bundled sample
 REPO = Path(__file__).resolve().parents[1]
+GLOBAL_FOLDERS = ("global", "shards", "shards_eval")  # what the global phase writes under the run's prefix
 
 
 class CountingS3:
@@ -81,6 +84,12 @@ class CountingS3:
         with self._lock:
             paths = {p for (m, p) in self.requests if m in ("PUT", "POST") and p.startswith(prefix)}
         return Counter(p[len(prefix):].split("/", 1)[0] for p in paths)
+
+    def requests_under(self, prefix: str, but: tuple[str, ...] = ()) -> int:
+        """Requests whose path is under ``prefix``, but not under ``prefix`` + one of ``but``."""
+        with self._lock:
+            return sum(n for (_, p), n in self.requests.items()
+                       if p.startswith(prefix) and p[len(prefix):].split("/", 1)[0] not in but)
 
     def fetches_under(self, prefix: str) -> int:
         """Downloads of objects whose path (``/bucket/key``) starts with ``prefix``: GETs without a range or
@@ -183,12 +192,14 @@ def measure(videos=VIDEOS, runner: str = "sequential") -> dict:
             fetches = server.fetches_under(f"/{bucket}/src/videos/")
             written = server.objects_written_under(f"/{bucket}/run/")
             by_folder = server.written_by_folder(f"/{bucket}/run/")
+            map_req = server.requests_under(f"/{bucket}/run/", but=GLOBAL_FOLDERS)
+            map_req += server.requests_under(f"/{bucket}/src/")
             members = shard_members(out)  # after the counts: what the shards hold, for the tests to check
     finally:
         server.stop()
     n = max(1, len(rows))
     clips = max(1, int(res.totals.get("clips", 0)))
-    global_written = sum(v for k, v in by_folder.items() if k in ("global", "shards", "shards_eval"))
+    global_written = sum(v for k, v in by_folder.items() if k in GLOBAL_FOLDERS)
     return {
         "figures": {
             "scratch_bytes_left_after_run": sum(left.values()),
@@ -198,6 +209,7 @@ def measure(videos=VIDEOS, runner: str = "sequential") -> dict:
             "store_requests_per_clip": round(n_req / clips, 1),
             "map_objects_written_per_clip": round((written - global_written) / clips, 2),
             "map_objects_written_per_video": round((written - global_written) / n, 2),
+            "map_store_requests_per_video": round(map_req / n, 1),
             "global_objects_written": global_written,
             "map_io_sample_wall_s": wall,
         },

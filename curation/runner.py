@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -201,6 +202,7 @@ class MapContext:
 
 
 IO_THREADS = 16  # store fetches and uploads of one worker in flight at once (I/O-bound: threads, not CPUs)
+ACTOR_CALLS = 2  # batches a model group's actor holds at once: one on the models, one fetching or uploading
 
 
 class VideoWorker:
@@ -219,6 +221,8 @@ class VideoWorker:
         self._ready = False
         self.unpinned: set[str] = set()  # model files this group's stages loaded under `sha256: unpinned`
         self._io: cf.ThreadPoolExecutor | None = None
+        self._model_lock = threading.Lock()
+        self._io_lock = threading.Lock()
 
     def _parallel(self, fn, items) -> list:
         """``fn`` over ``items`` on the worker's I/O threads (store round trips overlap instead of queueing
@@ -226,8 +230,9 @@ class VideoWorker:
         items = list(items)
         if len(items) < 2:
             return [fn(x) for x in items]
-        if self._io is None:
-            self._io = cf.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="store-io")
+        with self._io_lock:
+            if self._io is None:
+                self._io = cf.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="store-io")
         futures = [self._io.submit(fn, x) for x in items]
         cf.wait(futures)
         return [f.result() for f in futures]
@@ -249,9 +254,13 @@ class VideoWorker:
         before = {it["video_id"]: files_of(it["rows"]) for it in todo}
         fetched = {it["video_id"]: self._fetch(it, before[it["video_id"]]) for it in todo}
         rows = [r for it in todo for r in it["rows"]]
-        with record_unpinned() as seen:  # a backend may load its model on first use
-            out = self.group(rows)
-        self.unpinned |= seen
+        # One batch at a time on the models; another batch's fetches and uploads (the actor runs two calls at
+        # once, ACTOR_CALLS) overlap this one's model work instead of leaving the GPU idle.
+        with self._model_lock:
+            with record_unpinned() as seen:  # a backend may load its model on first use
+                out = self.group(rows)
+            self.unpinned |= seen
+            group_counts = dict(self.group.counts)
         if self.unpinned:  # each row names the model files that ran unpinned on it (tables, shards, summary)
             out = [{**r, "unpinned_models": sorted(self.unpinned.union(r.get("unpinned_models") or ()))}
                    for r in out]
@@ -259,7 +268,7 @@ class VideoWorker:
         for r in out:
             by_video.setdefault(r["video_id"], []).append(r)
         counts = dict(todo[0].get("stage_counts") or {})
-        for name, (n_in, n_failed, err) in self.group.counts.items():
+        for name, (n_in, n_failed, err) in group_counts.items():
             c = counts.get(name, [0, 0, None])
             counts[name] = [c[0] + n_in, c[1] + n_failed, c[2] or err]
         todo[0]["stage_counts"] = counts
@@ -535,8 +544,10 @@ def run_ray(ds, mc: MapContext, cfg: Config) -> Iterator[dict]:
             common["num_gpus"] = g.num_gpus
         if g.uses_model:
             lo, hi = g.pool
-            ds = ds.map_batches(_GroupActor, fn_constructor_kwargs={"index": i, "mc": mc},
-                                compute=ActorPoolStrategy(min_size=lo, max_size=hi), **common)
+            pool = ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=ACTOR_CALLS,
+                                     enable_true_multi_threading=True)  # the worker's lock: one on the models
+            ds = ds.map_batches(_GroupActor, fn_constructor_kwargs={"index": i, "mc": mc}, compute=pool,
+                                **common)
         else:
             ds = ds.map_batches(_group_task, fn_kwargs={"index": i, "mc": mc},
                                 ray_remote_args_fn=_no_fusion, **common)

@@ -244,6 +244,9 @@ def evict_cache(root: str | os.PathLike, limit: int, keep: str = "") -> int:
     return total
 
 
+DOWNLOAD_CHUNK = 16 << 20  # bytes per read of a download: on S3 each read is one ranged GET
+
+
 class Store:
     """A root (local folder or URI) and relative paths under it. Picklable: Ray tasks receive the URI and
     rebuild the filesystem in the worker."""
@@ -412,7 +415,7 @@ class Store:
         fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as out, self.fs.open_input_stream(self.path(rel)) as src:
-                shutil.copyfileobj(src, out, 1 << 20)
+                shutil.copyfileobj(src, out, DOWNLOAD_CHUNK)
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):

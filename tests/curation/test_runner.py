@@ -310,3 +310,28 @@ def test_resource_check_wants_each_worker_on_one_node():
         check_resources([gpu], {"CPU": 4.0, "GPU": 1.0}, nodes)
     with pytest.raises(ResourceError, match=r"Ray Data's read tasks need 1 CPU"):
         check_resources([], {"CPU": 1.0}, [{"CPU": 0.5}, {"CPU": 0.5}])
+
+
+def test_two_calls_on_one_worker_take_turns_on_the_models(tmp_path):
+    """A model group's actor runs two batches at once (runner.ACTOR_CALLS) so one's store I/O overlaps the
+    other's model work; the models themselves see one batch at a time."""
+    import threading
+
+    from curation.runner import MapContext, VideoWorker
+
+    groups, _ = plan(_cfg(sleep_s=0.4).pipelines["p"])
+    w = VideoWorker(1, MapContext(groups=groups, store_uri=str(tmp_path / "out"), models_dir=""))
+
+    def item(vid):
+        return {"video_id": vid, "start": 1, "sig": "s",
+                "rows": [{"video_id": vid, "clip_id": f"{vid}-0000", "status": "ok"}]}
+
+    got = {}
+    threads = [threading.Thread(target=lambda v=v: got.update({v: w([item(v)])[0]})) for v in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {v: it["status"] for v, it in got.items()} == {"a": "done", "b": "done"}
+    at = sorted(Manifest(str(tmp_path / "out")).load(v)["rows"][0]["tagged_at"] for v in ("a", "b"))
+    assert at[1] - at[0] >= 0.35  # the second batch's stage ran after the first's (no overlap)
