@@ -1,7 +1,9 @@
 """Benchmark of the sources: Panda-70M CSV parsing throughput, the safe-literal overhead, the sample build,
 and the Ray source ingest (``curation.ingest``): the driver's peak RSS on synthetic Panda CSVs of 100k and
 1M rows (the 1M case only with ``BENCH_INGEST_1M=1``: about 10 minutes on 2 cores), its growth from 100k to
-1M rows, the rows per second, and the largest Ray worker's peak RSS."""
+1M rows, the rows per second, and the largest Ray worker's peak RSS and private memory (USS, by task).
+Knobs for experiments: ``BENCH_PART_ROWS`` (records per part, default 10 000) and ``BENCH_BLOCK_KB`` (Ray
+Data's target block size for the ingest's dataset)."""
 
 from __future__ import annotations
 
@@ -149,8 +151,12 @@ from curation.storage import Store
 
 csv_path, videos, out = sys.argv[1:4]
 init_ray(RayConfig(num_cpus=int(sys.argv[4])))
+if os.environ.get("BENCH_BLOCK_KB"):
+    import ray.data
+    ray.data.DataContext.get_current().target_max_block_size = int(os.environ["BENCH_BLOCK_KB"]) * 1024
 me = psutil.Process()
 worker_peak = [0, ""]
+by_task: dict = {}  # task name -> its workers' peak USS
 uss_peak = [0, ""]  # private pages only: a worker's RSS also counts the object-store pages it maps (shared)
 stop = threading.Event()
 
@@ -185,6 +191,7 @@ def sample():  # the peak RSS (VmHWM) of every Ray worker process under this dri
                     u = c.memory_full_info().uss
                     if u > uss_peak[0]:
                         uss_peak[:] = [u, cmd.split()[0]]
+                    by_task[cmd.split()[0]] = max(by_task.get(cmd.split()[0], 0), u)
             except psutil.Error:
                 pass
         if stop.wait(0.5):
@@ -194,7 +201,7 @@ threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
 src = PandaCsvSource(csv_path, videos, "panda70m", ("desirable",))
 store = Store(out)
-parts = ensure_csv_parts(src, store, 10_000)
+parts = ensure_csv_parts(src, store, int(os.environ.get("BENCH_PART_ROWS") or 10_000))
 def count(batch):  # in the worker: as in the runner, only small items reach the driver
     import pandas as pd
 
@@ -212,7 +219,8 @@ print(json.dumps({"rows": n, "csv_rows": parts.rows, "wall_s": dt, "parts": len(
                   "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "driver_peak_anon_mb": anon_peak[0] / 2**20,
                   "worker_peak_rss_mb": worker_peak[0] / 2**20, "worker_peak_was": worker_peak[1],
-                  "worker_peak_uss_mb": uss_peak[0] / 2**20, "worker_peak_uss_was": uss_peak[1]}))
+                  "worker_peak_uss_mb": uss_peak[0] / 2**20, "worker_peak_uss_was": uss_peak[1],
+                  "worker_peak_uss_mb_by_task": {k: round(v / 2**20) for k, v in by_task.items()}}))
 """
 
 

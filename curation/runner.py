@@ -526,16 +526,16 @@ def run_ray(ds, mc: MapContext, cfg: Config) -> Iterator[dict]:
     """The map groups over ``ds``, the source as a Ray Dataset of ``video_id`` / ``rec`` (record JSON) rows
     (``curation.ingest``); yields each video's status item as it finishes."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     init_ray(cfg.ray)
     check_resources(mc.groups, ray.cluster_resources(), node_resources())
     if ds is None:
         return
-    dctx = DataContext.get_current()
-    # One video per block: a finished video leaves its task at once instead of waiting for its block-mates,
-    # so it reaches the committing group (and the manifest) while other videos are still in flight.
-    dctx.target_max_block_size = 64 * 1024
+    # Blocks follow the source's parts (run.source_part_rows / run.videos_per_part videos): a group task
+    # passes a block's videos to the next group when it has done them all (each video still commits as
+    # soon as its last group is done). Smaller blocks were measured to cost the driver ~2 KB per video
+    # (bench_sources at 64 KB blocks), so the part size is the knob, not Ray's block size.
     ds = ds.map_batches(_resume_task, fn_kwargs={"mc": mc}, batch_size=1, batch_format="pandas",
                         num_cpus=0.1)
     for i, g in enumerate(mc.groups):
