@@ -67,3 +67,20 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_public_bucket(s3_bucket, s3_server):
+    """``s3_bucket`` that anyone may read (a bucket policy allowing GetObject to every principal): shards
+    read as plain ``http://`` URLs (webdataset's curl) need that on real S3, and moto checks it too."""
+    import json
+
+    import boto3
+
+    name = s3_bucket[len("s3://"):]
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*",
+                                                       "Action": "s3:GetObject",
+                                                       "Resource": f"arn:aws:s3:::{name}/*"}]}
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").put_bucket_policy(
+        Bucket=name, Policy=json.dumps(policy))
+    return s3_bucket

@@ -195,9 +195,10 @@ def test_ray_runner_writes_the_same_shards_as_the_sequential_one(tmp_path, ray_l
     assert read_index(seq / "shards")["shards"] == read_index(dist / "shards")["shards"]
 
 
-def test_global_phase_into_s3_and_back(tmp_path, s3_bucket):
+def test_global_phase_into_s3_and_back(tmp_path, s3_public_bucket):
     """Tables, pairs, plans and shards in a real S3 API (moto on loopback); the clips and crops are in the
     bucket as the map phase leaves them; the shards are read back with webdataset from the bucket."""
+    s3_bucket = s3_public_bucket  # its shards are read over plain http too
     import webdataset as wds
 
     from curation.storage import Store
