@@ -17,7 +17,7 @@ import re
 import tarfile
 import tempfile
 
-from curation.storage import Store, call_with_retry, is_transient
+from curation.storage import Store, atomic_local, call_with_retry, is_transient
 
 HEAD = "_head.json"  # the pack's first member: the group's record of the video (rows, earlier packs)
 _REF = re.compile(r"^(?P<pack>[^#]+)#(?P<member>[^#@]+)@(?P<offset>\d+)\+(?P<size>\d+)$")
@@ -109,8 +109,8 @@ def read_head(store: Store, rel: str) -> dict | None:
 
 
 def unpack(store: Store, pack: str, members: set[str] | None, root: str) -> dict[str, str]:
-    """Download the pack once and copy ``members`` (all when None) to ``root``/<member> (each written under
-    a temporary name, then moved into place); the downloaded copy is deleted after (a pack is read once per
+    """Download the pack once and copy ``members`` (all when None) to ``root``/<member> (each written
+    atomically: ``storage.atomic_local``); the downloaded copy is deleted after (a pack is read once per
     group). Returns member -> packed reference of every member."""
     out: dict[str, str] = {}
     # pinned while it is opened: the cache's cap cannot evict it first
@@ -128,16 +128,8 @@ def unpack(store: Store, pack: str, members: set[str] | None, root: str) -> dict
             dest = os.path.join(root, name)
             if os.path.exists(dest):
                 continue
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".unpack-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    src.seek(off)
-                    _copy_n(src, f, size)
-                os.replace(tmp, dest)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            src.seek(off)
+            atomic_local(dest, lambda f, n=size: _copy_n(src, f, n))
     return out
 
 

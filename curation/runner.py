@@ -147,38 +147,33 @@ def build_group(g: GroupPlan, ctx: StageContext) -> StageGroup:
 _FILE_KEYS = ("clip_path", "path")
 
 
-def files_of(obj) -> set[str]:
-    """Relative file paths a row names (``clip_path``, ``path``, ``*_file``), at any depth."""
-    out: set[str] = set()
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if isinstance(v, str) and (k in _FILE_KEYS or k.endswith("_file")):
-                if v and not os.path.isabs(v) and not is_uri(v):
-                    out.add(v)
-            elif isinstance(v, (dict, list)):
-                out |= files_of(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            out |= files_of(v)
-    return out
-
-
-def with_refs(obj, refs: dict[str, str]):
-    """``obj`` with every file path it names (as ``files_of`` finds them) that ``refs`` maps replaced by its
-    packed reference: committed rows name where the shard writer reads each clip and crop."""
+def map_files(obj, fn):
+    """``obj`` with ``fn`` applied to every relative file path it names (``clip_path``, ``path``,
+    ``*_file``, at any depth); everything else is kept as it is."""
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
             if isinstance(v, str) and (k in _FILE_KEYS or k.endswith("_file")):
-                out[k] = refs.get(v, v)
-            elif isinstance(v, (dict, list)):
-                out[k] = with_refs(v, refs)
+                out[k] = fn(v) if v and not os.path.isabs(v) and not is_uri(v) else v
             else:
-                out[k] = v
+                out[k] = map_files(v, fn) if isinstance(v, (dict, list)) else v
         return out
     if isinstance(obj, list):
-        return [with_refs(v, refs) for v in obj]
+        return [map_files(v, fn) for v in obj]
     return obj
+
+
+def files_of(obj) -> set[str]:
+    """Relative file paths a row names (``clip_path``, ``path``, ``*_file``), at any depth."""
+    out: set[str] = set()
+    map_files(obj, lambda v: out.add(v) or v)
+    return out
+
+
+def with_refs(obj, refs: dict[str, str]):
+    """``obj`` with every file path it names that ``refs`` maps replaced by its packed reference: committed
+    rows name where the shard writer reads each clip and crop."""
+    return map_files(obj, lambda v: refs.get(v, v))
 
 
 @dataclass
