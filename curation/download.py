@@ -839,6 +839,12 @@ def download_source(spec, store, *, params: DownloadParams | dict | None = None,
                 else:
                     stats.failed[res.get("reason") or "unknown"] += 1
                     active.pop(vid, None)
+                    if res.get("reason") == "task_error":  # its worker died before logging: log it here,
+                        # retryable, so the reader says why the video is missing and a later run tries it
+                        _write_log(store, vid, {"video_id": vid, "url": pend.row.get("url"),
+                                                "attempts": pend.attempt, "status": "failed",
+                                                "reason": "task_error", "retryable": True,
+                                                "detail": res.get("detail")}, time.time())
             if time.time() - last_line >= p.progress_every_s:
                 say(stats.line(len(in_flight), queued()))
                 last_line = time.time()

@@ -282,6 +282,34 @@ def test_fault_cases(tmp_path):
         assert logs(store)["trunc1"]["attempts"] == 4
 
 
+def test_a_call_that_dies_is_logged_and_retried_by_the_next_run(tmp_path):
+    """A download call that raises instead of returning (here: the store cannot take the file, a folder
+    stands where the video goes) is a ``task_error``: retried within the run, and when its tries are spent
+    the driver logs it (its worker could not), retryable, so the reader names the reason and a rerun
+    fetches it once the store is fixed."""
+    from curation.download import download_source
+    from curation.sources.panda70m import finish_record
+
+    with LoopbackVideoServer() as srv:
+        rows = [("dies1", srv.url("ok", "dies1")), ("fine1", srv.url("ok", "fine1"))]
+        spec = SourceSpec(kind="panda70m", csv=write_csv(tmp_path / "p.csv", rows))
+        videos = tmp_path / "videos"
+        (videos / "dies1.mp4").mkdir(parents=True)  # put_file cannot replace a folder: the call raises
+        s = download_source(spec, Store(videos), params=params(max_attempts=2), runner="threads",
+                            progress=None)
+        assert s["downloaded"] == 1 and s["failures_by_reason"] == {"task_error": 1} and s["retries"] == 1
+        got = logs(Store(videos))["dies1"]
+        assert (got["status"], got["reason"], got["retryable"], got["attempts"]) == ("failed", "task_error",
+                                                                                   True, 2)
+        assert "IsADirectoryError" in got["detail"] or "directory" in got["detail"].lower(), got
+        rec = finish_record({"video_id": "dies1", "status": "ok", "spans": [[0.0, 1.0]]}, str(videos))
+        assert rec["status"] == "rejected" and rec["reason"] == "download:task_error", rec
+        (videos / "dies1.mp4").rmdir()
+        again = download_source(spec, Store(videos), params=params(), runner="threads", progress=None)
+    assert again["downloaded"] == 1 and logs(Store(videos))["dies1"]["status"] == "done"
+    assert (videos / "dies1.mp4").read_bytes() == srv.files["ok"]
+
+
 def test_through_ray_to_s3_and_vanished_file_is_refetched(tmp_path, ray_local, s3_bucket):
     from curation.download import download_source, log_rel
 
