@@ -1,9 +1,11 @@
 """Benchmark of the sources: Panda-70M CSV parsing throughput, the safe-literal overhead, the sample build,
 and the Ray source ingest (``curation.ingest``): the driver's peak RSS on synthetic Panda CSVs of 100k and
 1M rows (the 1M case only with ``BENCH_INGEST_1M=1``: about 10 minutes on 2 cores), its growth from 100k to
-1M rows, the rows per second, and the largest Ray worker's peak RSS and private memory (USS, by task).
-Knobs for experiments: ``BENCH_PART_ROWS`` (records per part, default 10 000) and ``BENCH_BLOCK_KB`` (Ray
-Data's target block size for the ingest's dataset)."""
+1M rows, the rows per second, and the largest Ray worker's peak RSS, private memory (USS, by task) and heap
+(``Anonymous`` in smaps_rollup: USS also counts object-store pages only that worker maps). Knobs for
+experiments: ``BENCH_PART_ROWS`` (records per part, default 10 000), ``BENCH_ROWS_PER_BLOCK`` (videos per
+block; default as the runner cuts them, ``ingest.block_rows``) and ``BENCH_BLOCK_KB`` (Ray Data's target
+block size for the ingest's dataset)."""
 
 from __future__ import annotations
 
@@ -143,9 +145,9 @@ def write_synthetic_panda_csv(path: str, n_rows: int, seed: int = 0) -> int:
 _INGEST_CHILD = """
 import json, os, resource, sys, threading, time
 import psutil
-from curation.config import RayConfig
+from curation.config import RayConfig, RunConfig
 from curation.execute import init_ray
-from curation.ingest import ensure_csv_parts, panda_dataset
+from curation.ingest import block_rows, ensure_csv_parts, panda_dataset
 from curation.sources.panda70m import PandaCsvSource
 from curation.storage import Store
 
@@ -179,6 +181,24 @@ def hwm(p):
         pass
     return 0
 
+anon_w = [0, ""]  # a worker's own heap (Anonymous in smaps_rollup), the part its code controls
+shm_w = [0]  # object-store pages mapped by that worker alone (private file pages, counted in its USS)
+
+
+def rollup(p):
+    anon = shm = 0
+    try:
+        for line in open(f"/proc/{p.pid}/smaps_rollup"):
+            k, _, v = line.partition(":")
+            if k == "Anonymous":
+                anon = int(v.split()[0]) * 1024
+            elif k in ("Private_Clean", "Private_Dirty"):
+                shm += int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return anon, max(0, shm - anon)
+
+
 def sample():  # the peak RSS (VmHWM) of every Ray worker process under this driver, until the end
     while True:
         anon_peak[0] = max(anon_peak[0], anon_now())
@@ -192,6 +212,10 @@ def sample():  # the peak RSS (VmHWM) of every Ray worker process under this dri
                     if u > uss_peak[0]:
                         uss_peak[:] = [u, cmd.split()[0]]
                     by_task[cmd.split()[0]] = max(by_task.get(cmd.split()[0], 0), u)
+                    a, s = rollup(c)
+                    if a > anon_w[0]:
+                        anon_w[:] = [a, cmd.split()[0]]
+                    shm_w[0] = max(shm_w[0], s)
             except psutil.Error:
                 pass
         if stop.wait(0.5):
@@ -209,7 +233,10 @@ def count(batch):  # in the worker: as in the runner, only small items reach the
 
 
 n = 0
-for batch in panda_dataset(src, parts, store).map_batches(count, batch_format="pandas").iter_batches(
+rc = RunConfig()
+rpb = block_rows(parts, rc.videos_per_block, rc.max_source_blocks)  # as the runner cuts it
+rpb = int(os.environ.get("BENCH_ROWS_PER_BLOCK") or rpb)
+for batch in panda_dataset(src, parts, store, rpb).map_batches(count, batch_format="pandas").iter_batches(
         batch_size=None, batch_format="pandas"):
     n += int(batch["n"].sum())  # the driver counts: it never holds the records
 dt = time.perf_counter() - t0
@@ -220,7 +247,9 @@ print(json.dumps({"rows": n, "csv_rows": parts.rows, "wall_s": dt, "parts": len(
                   "driver_peak_anon_mb": anon_peak[0] / 2**20,
                   "worker_peak_rss_mb": worker_peak[0] / 2**20, "worker_peak_was": worker_peak[1],
                   "worker_peak_uss_mb": uss_peak[0] / 2**20, "worker_peak_uss_was": uss_peak[1],
-                  "worker_peak_uss_mb_by_task": {k: round(v / 2**20) for k, v in by_task.items()}}))
+                  "worker_peak_uss_mb_by_task": {k: round(v / 2**20) for k, v in by_task.items()},
+                  "worker_peak_anon_mb": anon_w[0] / 2**20, "worker_peak_anon_was": anon_w[1],
+                  "worker_peak_private_file_mb": shm_w[0] / 2**20}))
 """
 
 
@@ -261,6 +290,7 @@ def source_ingest(tmp: str) -> dict[str, float]:
     out["source_ingest_worker_peak_rss_mb"] = small["worker_peak_rss_mb"]
     out["source_ingest_worker_peak_uss_mb_100k"] = small["worker_peak_uss_mb"]
     out["source_ingest_driver_peak_anon_mb_100k"] = small["driver_peak_anon_mb"]
+    out["source_ingest_worker_peak_anon_mb_100k"] = small["worker_peak_anon_mb"]  # the worker's own heap
     if os.environ.get("BENCH_INGEST_1M") == "1":
         big = ingest_once(tmp, 1_000_000)
         out["source_ingest_driver_peak_rss_mb_1m"] = big["driver_peak_rss_mb"]
@@ -270,6 +300,9 @@ def source_ingest(tmp: str) -> dict[str, float]:
         out["source_ingest_driver_peak_anon_mb_1m"] = big["driver_peak_anon_mb"]
         out["source_ingest_worker_peak_rss_mb"] = max(small["worker_peak_rss_mb"], big["worker_peak_rss_mb"])
         out["source_ingest_worker_peak_uss_mb_1m"] = big["worker_peak_uss_mb"]
+        out["source_ingest_worker_peak_anon_mb_1m"] = big["worker_peak_anon_mb"]
+        out["source_ingest_worker_anon_ratio_1m_over_100k"] = big["worker_peak_anon_mb"] / max(
+            1e-9, small["worker_peak_anon_mb"])
         out["source_ingest_worker_uss_ratio_1m_over_100k"] = big["worker_peak_uss_mb"] / max(
             1e-9, small["worker_peak_uss_mb"])
     return out

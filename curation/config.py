@@ -227,7 +227,14 @@ class RayConfig:
 class RunConfig:
     max_fail_frac: float = field(0.5, ge=0.0, le=1.0)  # a stage failing more of its rows stops the run
     min_fail_rows: int = field(20, ge=1)  # ... once it has seen at least this many rows
-    videos_per_part: int = field(16, ge=1)  # source rows per Ray read task (small sources: 1)
+    videos_per_part: int = field(16, ge=1)  # source rows per Parquet part of a folder/sample source
+    # Videos per Ray Data block from the source on: a map group's task hands a block's videos to the next
+    # group once it has done them all, and the blocks in flight bound how many workers have input. A source
+    # of fewer than 256 videos gets one per block. Ray keeps every block's stats in the driver until the
+    # run ends, so a source makes at most max_source_blocks blocks (more videos per block beyond that):
+    # the driver's memory stays bounded whatever the source size (README, "The source at cluster size").
+    videos_per_block: int = field(64, ge=1)
+    max_source_blocks: int = field(4096, ge=0)  # 0: no cap
     # Panda-70M CSV records per Parquet part of the Ray ingest (curation.ingest; a CSV of at most 256 records:
     # one per part). The parts are keyed by the CSV's digest, so changing this re-splits the CSV once.
     source_part_rows: int = field(10_000, ge=1)

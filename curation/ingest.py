@@ -16,7 +16,8 @@
   and refused.
 
 Either way the map phase (``curation.runner.run_ray``) reads a Ray Dataset with columns ``video_id`` and
-``rec`` (the record as JSON)."""
+``rec`` (the record as JSON): each part read whole by its own task (``read_parts``), then streamed on in
+blocks of ``run.videos_per_block`` videos (``block_rows``), the unit a map group hands to the next."""
 
 from __future__ import annotations
 
@@ -193,23 +194,62 @@ def _finish(batch, videos_dir: str, keep_labels: tuple[str, ...]):
                          "rec": [json.dumps(r, sort_keys=True) for r in recs]})
 
 
-def panda_dataset(src: PandaCsvSource, parts: SourceParts, store: Store):
-    """The final records of the CSV as a Ray Dataset (``video_id``, ``rec``): duplicates merged in Ray,
-    then ``finish_record`` per row (label prefilter, the video looked up by the worker)."""
-    import ray
-
+def panda_dataset(src: PandaCsvSource, parts: SourceParts, store: Store, rows_per_block: int = 0):
+    """The final records of the CSV as a Ray Dataset (``video_id``, ``rec``) in blocks of ``rows_per_block``
+    records (0: a part per block): duplicates merged in Ray, then ``finish_record`` per row (label
+    prefilter, the video looked up by the worker)."""
     if not parts.paths:  # a header and nothing else
         return None
-    ds = ray.data.read_parquet([store.path(p) for p in parts.paths], filesystem=store.fs,
-                               override_num_blocks=max(1, len(parts.paths)))
+    ds = read_parts(parts.paths, store)
+    one_block = {"batch_size": None, "batch_format": "pandas"}  # a task per block: blocks keep their size
     if parts.dup_ids:
         kw = {"store_uri": store.uri, "rel": f"{parts.prefix}/dups"}
-        merged = (ds.map_batches(_select, fn_kwargs={**kw, "dup": True}, batch_format="pandas")
+        merged = (ds.map_batches(_select, fn_kwargs={**kw, "dup": True}, **one_block)
                   .groupby("video_id", num_partitions=_partitions(parts.dup_ids // 1000))
                   .map_groups(_merge_group, batch_format="pandas"))
-        ds = ds.map_batches(_select, fn_kwargs={**kw, "dup": False}, batch_format="pandas").union(merged)
-    return ds.map_batches(_finish, fn_kwargs={"videos_dir": src.videos_dir, "keep_labels": src.keep_labels},
-                          batch_format="pandas", batch_size=64, num_cpus=0.5)
+        ds = ds.map_batches(_select, fn_kwargs={**kw, "dup": False}, **one_block).union(merged)
+    ds = ds.map_batches(_finish, fn_kwargs={"videos_dir": src.videos_dir, "keep_labels": src.keep_labels},
+                        num_cpus=0.5, **one_block)
+    return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
+
+
+def _read_part(batch, store_uri: str, columns: list[str] | None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = Store(store_uri)
+    tables = []
+    for rel in batch["part"].to_pylist():
+        with store.open_input(rel) as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables)
+
+
+def read_parts(paths: list[str], store: Store, rows_per_block: int = 0, columns: list[str] | None = None):
+    """The Parquet parts ``paths`` as a Ray Dataset, each part read whole by its own task (through the
+    store, with its retries), then (``rows_per_block`` > 0) cut into blocks of that many rows as they stream.
+    Not ``ray.data.read_parquet``: Ray Data 2.60's reader packs small files into one read task whatever
+    ``override_num_blocks`` says (9 parts came back as one block), so one task read many parts and one
+    group task got a whole read's videos. Here a reader holds one part (``run.source_part_rows`` records);
+    the driver holds the part names, as it already does."""
+    import ray
+
+    ds = ray.data.from_items([{"part": p} for p in paths], override_num_blocks=max(1, len(paths)))
+    ds = ds.map_batches(_read_part, fn_kwargs={"store_uri": store.uri, "columns": columns}, batch_size=1,
+                        batch_format="pyarrow")
+    return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
+
+
+def block_rows(parts: SourceParts, videos_per_block: int, max_blocks: int = 0) -> int:
+    """Videos per block of the map phase: ``videos_per_block``, or one for a source of fewer than
+    ``SMALL_SOURCE_ROWS`` rows (each video its own task, so a small run spreads over every worker); raised
+    so the source makes at most ``max_blocks`` blocks (0: no cap). Ray Data keeps stats of every block each
+    operator has made in the driver until the run ends (measured ~28 KB per source block over the ingest's
+    operators), so the cap is what bounds the driver at any source size."""
+    if parts.rows < SMALL_SOURCE_ROWS:
+        return 1
+    rows = max(1, videos_per_block)
+    return max(rows, -(-parts.rows // max_blocks)) if max_blocks > 0 else rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,11 +324,8 @@ def _count_duplicates(store: Store, paths: list[str]) -> tuple[int, str | None]:
     return n, (dups.sort("video_id").take(1)[0]["video_id"] if n else None)
 
 
-def rows_dataset(parts: SourceParts, store: Store):
-    import ray
-
-    return ray.data.read_parquet([store.path(p) for p in parts.paths], filesystem=store.fs,
-                                 override_num_blocks=max(1, len(parts.paths)))
+def rows_dataset(parts: SourceParts, store: Store, rows_per_block: int = 0):
+    return read_parts(parts.paths, store, rows_per_block)
 
 
 def remove_parts(store: Store, parts: SourceParts) -> None:

@@ -527,10 +527,10 @@ def run_ray(ds, mc: MapContext, cfg: Config) -> Iterator[dict]:
     check_resources(mc.groups, ray.cluster_resources(), node_resources())
     if ds is None:
         return
-    # Blocks follow the source's parts (run.source_part_rows / run.videos_per_part videos): a group task
-    # passes a block's videos to the next group when it has done them all (each video still commits as
-    # soon as its last group is done). Smaller blocks were measured to cost the driver ~2 KB per video
-    # (bench_sources at 64 KB blocks), so the part size is the knob, not Ray's block size.
+    # The source arrives in blocks of run.videos_per_block videos (curation.ingest repartitions its read):
+    # a group task passes a block's videos to the next group when it has done them all (each video still
+    # commits as soon as its last group is done), and the blocks in flight are what keeps every worker of
+    # a pool fed.
     ds = ds.map_batches(_resume_task, fn_kwargs={"mc": mc}, batch_size=1, batch_format="pandas",
                         num_cpus=0.1)
     for i, g in enumerate(mc.groups):
@@ -649,17 +649,19 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
     if runner == "ray":
         import ray
 
-        from curation.ingest import ensure_csv_parts, panda_dataset, rows_dataset, write_row_parts
+        from curation.ingest import block_rows, ensure_csv_parts, panda_dataset, rows_dataset, write_row_parts
 
         init_ray(cfg.ray)
         check_resources(groups, ray.cluster_resources(), node_resources())
         src = getattr(source_rows, "ingest", None)
         if src is not None:  # a Panda-70M CSV: converted into parts by Ray tasks, keyed by its digest
             parts = ensure_csv_parts(src, store, run_cfg.source_part_rows)
-            ds = panda_dataset(src, parts, store)
+            ds = panda_dataset(src, parts, store, block_rows(parts, run_cfg.videos_per_block,
+                                                             run_cfg.max_source_blocks))
         else:
             parts = write_row_parts(source_rows, store, run_cfg.videos_per_part)
-            ds = rows_dataset(parts, store) if parts.paths else None
+            rpb = block_rows(parts, run_cfg.videos_per_block, run_cfg.max_source_blocks)
+            ds = rows_dataset(parts, store, rpb) if parts.paths else None
         ingest = parts.as_dict()
         stream = run_ray(ds, mc, cfg)
     else:

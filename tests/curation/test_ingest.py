@@ -167,6 +167,43 @@ def test_ray_ingest_gives_the_sequential_records_rows_in_equal_rows_out(tmp_path
     assert not list(Path(tmp_path / "run-ray").glob("source/run-*"))
 
 
+def _block_sizes(ds) -> list[int]:
+    """The rows of each block of ``ds`` (a task per block: ``batch_size=None``), counted in the workers."""
+    import pandas as pd
+
+    def rows(batch):
+        return pd.DataFrame({"n": [len(batch)]})
+
+    return [r["n"] for r in ds.map_batches(rows, batch_size=None, batch_format="pandas").take_all()]
+
+
+def test_a_part_per_read_task_and_blocks_of_videos_per_block(tmp_path, ray_local):
+    """Ray Data 2.60's Parquet reader packs small files into one read task up to 128 MB: 9 parts came back
+    as 1 block, so one group task got every video and a reader held many parts. ``read_parts`` reads a part
+    per task, and the source reaches the map phase in blocks of ``videos_per_block`` videos, with the same
+    records; a source of fewer than 256 rows gets a video per block."""
+    from curation.ingest import SourceParts, block_rows, ensure_csv_parts, panda_dataset, read_parts
+
+    rows = panda_rows(300, dups=4)
+    p = write_csv(tmp_path / "p.csv", rows)
+    videos = make_videos(tmp_path / "videos", [f"v{i:07d}" for i in range(0, 300, 3)])
+    store = Store(tmp_path / "out")
+    src = PandaCsvSource(p, videos, "panda70m", ("desirable",))
+    parts = ensure_csv_parts(src, store, rows_per_part=37)
+    sizes = sorted(_block_sizes(read_parts(parts.paths, store)))
+    assert len(sizes) == len(parts.paths) == 9 and sum(sizes) == 307 and max(sizes) <= 37, sizes
+    blocks = _block_sizes(panda_dataset(src, parts, store, rows_per_block=16))
+    assert sum(blocks) == 303 and max(blocks) <= 16 and len(blocks) >= 303 // 16, blocks
+    after = _block_sizes(panda_dataset(src, parts, store, rows_per_block=16).map_batches(
+        lambda b: b, batch_size=1, batch_format="pandas"))  # as the runner's first map (_resume_task)
+    assert sum(after) == 303 and max(after) <= 16, after
+    assert _records(panda_dataset(src, parts, store, rows_per_block=16)) == _records(
+        panda_dataset(src, parts, store))
+    assert block_rows(parts, 64) == 64 and block_rows(SourceParts([], rows=255), 64) == 1
+    assert block_rows(parts, 16, max_blocks=10) == 31  # 307 rows in at most 10 blocks
+    assert block_rows(SourceParts([], rows=3_800_000), 64, max_blocks=4096) == 928
+
+
 _KILL_DRIVER = """
 import sys
 from curation.execute import init_ray
