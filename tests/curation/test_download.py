@@ -595,6 +595,17 @@ def test_limits_hold_per_node_on_a_two_node_cluster(tmp_path, short_tmp, monkeyp
     assert all(f.read_bytes() == srv.files["ok"] for f in (tmp_path / "v").glob("*.mp4"))
 
 
+def _own_cluster_env(ray, monkeypatch, short_tmp) -> dict:
+    """A test that starts its own ``Cluster``: no other Ray in this process, the driver's scratch and Ray's
+    address file under ``short_tmp``; returns the node arguments (1 CPU, 127.0.0.1, no dashboard)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("PHANTOM_CACHE_DIR", os.path.join(short_tmp, "driver"))
+    monkeypatch.setenv("RAY_TMPDIR", os.path.join(short_tmp, "ray"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+
+
 def test_a_node_that_joins_mid_run_gets_downloads(tmp_path, short_tmp, monkeypatch):
     """The pool reads the alive nodes again every ``nodes_every_s``: a real Ray cluster that starts with one
     node and gets a second one while 24 videos download (2 in flight a node, ~0.6 s each) runs some of them
@@ -604,12 +615,7 @@ def test_a_node_that_joins_mid_run_gets_downloads(tmp_path, short_tmp, monkeypat
 
     from curation.download import download_source
 
-    if ray.is_initialized():
-        ray.shutdown()
-    monkeypatch.setenv("PHANTOM_CACHE_DIR", os.path.join(short_tmp, "driver"))
-    monkeypatch.setenv("RAY_TMPDIR", os.path.join(short_tmp, "ray"))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    common = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    common = _own_cluster_env(ray, monkeypatch, short_tmp)
     with LoopbackVideoServer(throttle_bps=1_000_000) as srv:
         n = 24
         rows = [(f"j{i}", srv.url("ok", f"j{i}")) for i in range(n)]
@@ -651,12 +657,7 @@ def test_a_node_that_leaves_mid_run_loses_no_video(tmp_path, short_tmp, monkeypa
 
     from curation.download import download_source
 
-    if ray.is_initialized():
-        ray.shutdown()
-    monkeypatch.setenv("PHANTOM_CACHE_DIR", os.path.join(short_tmp, "driver"))
-    monkeypatch.setenv("RAY_TMPDIR", os.path.join(short_tmp, "ray"))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    common = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    common = _own_cluster_env(ray, monkeypatch, short_tmp)
     with LoopbackVideoServer(throttle_bps=1_000_000) as srv:
         n = 24
         rows = [(f"g{i}", srv.url("ok", f"g{i}")) for i in range(n)]
