@@ -34,8 +34,8 @@ def init_ray(ray_cfg: RayConfig | None = None) -> None:
         return
     rc = ray_cfg or RayConfig()
     address = rc.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if address:  # a cluster's nodes have their own environment: the store's settings go with the job
+        ray.init(address=address, log_to_driver=True, runtime_env=storage_runtime_env().get("runtime_env"))
         return
     ray.init(
         num_cpus=rc.num_cpus,

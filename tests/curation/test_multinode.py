@@ -3,6 +3,7 @@ on 127.0.0.1), from and into a real S3 API (moto's server on loopback), each nod
 local scratch root (``PHANTOM_CACHE_DIR``, given to the node's raylet), the driver with a third: the same
 shards as the sequential runner, work on both nodes, and no scratch file left on any node."""
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -16,9 +17,21 @@ import pytest
 
 import curation.execute  # noqa: F401  (sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported)
 from bench.bench_map_io import sample_rows_in_store
+from curation.config import RayConfig
+from curation.execute import STORAGE_ENV, init_ray
 from tests.curation.test_runner import ray_listeners
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def _env_without(keys):
+    """This process's environment without ``keys`` inside the block (processes started there lack them)."""
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 VIDEOS = ("gen01", "gen02")
 
 
@@ -140,12 +153,16 @@ def test_two_node_cluster_gives_the_sequential_shards_with_node_local_scratch(s3
     # two logical CPUs a node: with one, the two model actor pools (0.5 CPU each, spread one per node) leave
     # no node a whole CPU for Ray Data's 1-CPU read task, which then waits forever
     common = {"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={**common, "env_vars": {"PHANTOM_CACHE_DIR": roots["node0"]}})
+    # the nodes start without the store's settings, as a real cluster's nodes do: the map workers reach
+    # the S3 server only through what the driver's job passes them (init_ray's runtime_env)
+    with _env_without(STORAGE_ENV):
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={**common, "env_vars": {"PHANTOM_CACHE_DIR": roots["node0"]}})
     try:
-        cluster.add_node(**common, env_vars={"PHANTOM_CACHE_DIR": roots["node1"]})
+        with _env_without(STORAGE_ENV):
+            cluster.add_node(**common, env_vars={"PHANTOM_CACHE_DIR": roots["node1"]})
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        init_ray(RayConfig(address=cluster.address))
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         assert len(nodes) == 2
 
