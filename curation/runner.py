@@ -197,7 +197,10 @@ class MapContext:
 
 
 IO_THREADS = 16  # store fetches and uploads of one worker in flight at once (I/O-bound: threads, not CPUs)
-ACTOR_CALLS = 2  # batches a model group's actor holds at once: one on the models, one fetching or uploading
+# Calls a model group's actor holds at once: one on the models, one fetching or uploading. A call is a
+# bundle of blocks (run.videos_per_block videos) whose batches run one after another, so what overlaps is
+# one block's store I/O with another block's model work, batch by batch.
+ACTOR_CALLS = 2
 
 
 class VideoWorker:
@@ -247,7 +250,7 @@ class VideoWorker:
         if not todo:
             return items
         before = {it["video_id"]: files_of(it["rows"]) for it in todo}
-        fetched = {it["video_id"]: self._fetch(it, before[it["video_id"]]) for it in todo}
+        fetched = self._fetch(todo, before)
         rows = [r for it in todo for r in it["rows"]]
         # One batch at a time on the models; another batch's fetches and uploads (the actor runs two calls at
         # once, ACTOR_CALLS) overlap this one's model work instead of leaving the GPU idle.
@@ -306,18 +309,25 @@ class VideoWorker:
             out["spans_skipped"] = it["spans_skipped"]
         return out
 
-    def _fetch(self, it: dict, rels: set[str]) -> tuple[list[str], dict[str, str]]:
-        """Make the files the video's rows name available locally (each earlier group's pack downloaded once,
-        the named members unpacked), and its source video when a stage of this group reads it
-        (``Stage.reads_source_video``). Returns the local copies of source videos it downloaded (removed
-        once the video leaves the group) and member -> packed reference of the earlier packs."""
-        refs: dict[str, str] = {}
-        if not self.store.is_local and it.get("packs"):
-            for got in self._parallel(lambda p: unpack(self.store, p, rels, self.ctx.out_dir), it["packs"]):
-                refs.update(got)
+    def _fetch(self, todo: list[dict], rels: dict[str, set[str]]) -> dict[str, tuple[list[str], dict]]:
+        """Make the files each video's rows name available locally (each earlier group's pack downloaded
+        once, the named members unpacked), and its source video when a stage of this group reads it
+        (``Stage.reads_source_video``); the batch's packs, then its source videos, on the I/O threads. Per
+        video: the local copies of source videos it downloaded (removed once the video leaves the group) and
+        member -> packed reference of the earlier packs."""
+        refs: dict[str, dict[str, str]] = {it["video_id"]: {} for it in todo}
+        if not self.store.is_local:
+            jobs = [(it["video_id"], p) for it in todo for p in it.get("packs") or ()]
+            got = self._parallel(lambda j: unpack(self.store, j[1], rels[j[0]], self.ctx.out_dir), jobs)
+            for (vid, _), members in zip(jobs, got):
+                refs[vid].update(members)
+        sources = self._parallel(self._source_video, todo)
+        return {it["video_id"]: (src, refs[it["video_id"]]) for it, src in zip(todo, sources)}
+
+    def _source_video(self, it: dict) -> list[str]:
         ok = [r for r in it["rows"] if r.get("status", "ok") == "ok"]
         if not any(s.reads_source_video(r) for s in self.group.stages for r in ok):
-            return [], refs
+            return []
         got: dict[str, str] = {}
         for i, r in enumerate(it["rows"]):
             p = r.get("video_path")
@@ -327,7 +337,7 @@ class VideoWorker:
                     got[p] = Store(d).local_path(name)
                 # a new row: the caller's source row (the sequential runner hands it over) keeps its URI
                 it["rows"][i] = {**r, "video_uri": p, "video_path": got[p]}
-        return sorted(set(got.values())), refs
+        return sorted(set(got.values()))
 
     def _commit(self, it: dict, rows: list[Record]) -> dict:
         mh = self.plan.hash
