@@ -210,10 +210,15 @@ def panda_dataset(src: PandaCsvSource, parts: SourceParts, store: Store, rows_pe
         ds = ds.map_batches(_select, fn_kwargs={**kw, "dup": False}, **one_block).union(merged)
     ds = ds.map_batches(_finish, fn_kwargs={"videos_dir": src.videos_dir, "keep_labels": src.keep_labels},
                         num_cpus=0.5, **one_block)
+    return _in_blocks(ds, rows_per_block)
+
+
+def _in_blocks(ds, rows_per_block: int):
+    """``ds`` cut into blocks of ``rows_per_block`` rows as it streams (0: as it is)."""
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 
-def _read_part(batch, store_uri: str, columns: list[str] | None):
+def _read_part(batch, store_uri: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -221,11 +226,11 @@ def _read_part(batch, store_uri: str, columns: list[str] | None):
     tables = []
     for rel in batch["part"].to_pylist():
         with store.open_input(rel) as f:
-            tables.append(pq.read_table(f, columns=columns))
+            tables.append(pq.read_table(f))
     return pa.concat_tables(tables)
 
 
-def read_parts(paths: list[str], store: Store, rows_per_block: int = 0, columns: list[str] | None = None):
+def read_parts(paths: list[str], store: Store, rows_per_block: int = 0):
     """The Parquet parts ``paths`` as a Ray Dataset, each part read whole by its own task (through the
     store, with its retries), then (``rows_per_block`` > 0) cut into blocks of that many rows as they stream.
     Not ``ray.data.read_parquet``: Ray Data 2.60's reader packs small files into one read task whatever
@@ -235,9 +240,8 @@ def read_parts(paths: list[str], store: Store, rows_per_block: int = 0, columns:
     import ray
 
     ds = ray.data.from_items([{"part": p} for p in paths], override_num_blocks=max(1, len(paths)))
-    ds = ds.map_batches(_read_part, fn_kwargs={"store_uri": store.uri, "columns": columns}, batch_size=1,
-                        batch_format="pyarrow")
-    return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
+    ds = ds.map_batches(_read_part, fn_kwargs={"store_uri": store.uri}, batch_size=1, batch_format="pyarrow")
+    return _in_blocks(ds, rows_per_block)
 
 
 def block_rows(parts: SourceParts, videos_per_block: int, max_blocks: int = 0) -> int:
@@ -322,10 +326,6 @@ def _count_duplicates(store: Store, paths: list[str]) -> tuple[int, str | None]:
     dups = dups.filter(lambda r: r["count()"] > 1).materialize()
     n = dups.count()
     return n, (dups.sort("video_id").take(1)[0]["video_id"] if n else None)
-
-
-def rows_dataset(parts: SourceParts, store: Store, rows_per_block: int = 0):
-    return read_parts(parts.paths, store, rows_per_block)
 
 
 def remove_parts(store: Store, parts: SourceParts) -> None:

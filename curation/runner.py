@@ -659,7 +659,7 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
     if runner == "ray":
         import ray
 
-        from curation.ingest import block_rows, ensure_csv_parts, panda_dataset, rows_dataset, write_row_parts
+        from curation.ingest import block_rows, ensure_csv_parts, panda_dataset, read_parts, write_row_parts
 
         init_ray(cfg.ray)
         check_resources(groups, ray.cluster_resources(), node_resources())
@@ -671,7 +671,7 @@ def run_pipeline(cfg: Config, pipeline: str, source_rows: Iterable[Record], ctx:
         else:
             parts = write_row_parts(source_rows, store, run_cfg.videos_per_part)
             rpb = block_rows(parts, run_cfg.videos_per_block, run_cfg.max_source_blocks)
-            ds = rows_dataset(parts, store, rpb) if parts.paths else None
+            ds = read_parts(parts.paths, store, rpb) if parts.paths else None
         ingest = parts.as_dict()
         stream = run_ray(ds, mc, cfg)
     else:
