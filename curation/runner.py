@@ -33,7 +33,7 @@ from curation.models import record_unpinned
 from curation.packs import unpack
 from curation.stage import Record, Stage, StageContext, StageGroup
 from curation.stages.registry import load_all, validate_stage_spec
-from curation.storage import Store, is_uri, scratch_dir, set_cache_limit_gb
+from curation.storage import IO_THREADS, Store, is_uri, scratch_dir, set_cache_limit_gb
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,6 @@ class MapContext:
                             config_hash=map_hash(self.groups))
 
 
-IO_THREADS = 16  # store fetches and uploads of one worker in flight at once (I/O-bound: threads, not CPUs)
 # Calls a model group's actor holds at once: one on the models, one fetching or uploading. A call is a
 # bundle of blocks (run.videos_per_block videos) whose batches run one after another, so what overlaps is
 # one block's store I/O with another block's model work, batch by batch.

@@ -16,6 +16,7 @@ raises the last error; a permanent one (missing key, access denied, a bad path) 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import fcntl
 import functools
@@ -29,7 +30,8 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -49,6 +51,7 @@ TRANSIENT_FRAGMENTS = (
     "service_unavailable", "service unavailable", "internal_failure", "internalerror", "internal error",
     "bad gateway", "gateway timeout", "http response code: 5", "response code 5", "temporarily unavailable",
 )
+IO_THREADS = 16  # store requests one process keeps in flight at once (I/O-bound: threads, not CPUs)
 # never retried: the answer will not change (a missing key, no permission, a path that is a folder)
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                     FileExistsError, ValueError, TypeError)
@@ -104,6 +107,28 @@ def _retried(method):
 
 def is_uri(path: str | os.PathLike) -> bool:
     return urlparse(str(path)).scheme in REMOTE_SCHEMES
+
+
+def in_order(fn, items: Iterable, threads: int = IO_THREADS) -> Iterator:
+    """``fn`` of each of ``items``, yielded in their order, ``threads`` calls in flight: a task that reads
+    thousands of small objects waits one round trip per ``threads`` objects, not per object. Calls run ahead
+    of the consumer by at most ``2 * threads`` items, so memory holds that many results whatever the length
+    of ``items``; the first error is raised when its item's turn comes."""
+    it = iter(items)
+    if threads <= 1:
+        yield from (fn(x) for x in it)
+        return
+    pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="store-io")
+    try:
+        ahead: deque = deque(pool.submit(fn, x) for _, x in zip(range(2 * threads), it))
+        while ahead:
+            out = ahead.popleft().result()
+            for x in it:  # one more in flight for the one taken
+                ahead.append(pool.submit(fn, x))
+                break
+            yield out
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _s3_filesystem():
@@ -325,6 +350,10 @@ class Store:
         # (160 GETs for a 40 MB table, counted at moto's server)
         with self.fs.open_input_file(self.path(rel)) as f:
             return f.read()
+
+    def read_each(self, rels: Iterable[str], threads: int = IO_THREADS) -> Iterator[bytes]:
+        """The bytes of each of ``rels``, in their order, ``threads`` GETs in flight (``in_order``)."""
+        return in_order(self.read_bytes, rels, threads)
 
     def read_json(self, rel: str, default=None):
         """The JSON at ``rel``; ``default`` when it is missing or unreadable (a torn local write)."""

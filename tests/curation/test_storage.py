@@ -381,3 +381,73 @@ def test_read_bytes_is_one_get_whatever_the_size(monkeypatch):
         assert srv.requests[("GET", "/read-bytes/run/t/table.bin")] == 1, dict(srv.requests)
     finally:
         srv.stop()
+
+
+def test_read_each_keeps_order_overlaps_requests_and_bounds_its_read_ahead(monkeypatch):
+    """``Store.read_each`` on a real S3 API (moto behind a layer that holds every GET 50 ms and counts the GETs
+    in flight at the server): the objects come back in the order asked, several GETs are in flight at once
+    (no more than the threads), a slow consumer never has more than ``2 * threads`` objects read ahead, and a
+    missing object raises at its turn, after the ones before it."""
+    import threading
+    import time
+
+    import boto3
+
+    from bench.bench_map_io import CountingS3
+
+    class SlowS3(CountingS3):
+        def __init__(self):
+            super().__init__()
+            self.now = self.most = 0
+            self.gets = 0
+            self.gate = threading.Lock()
+
+        def _app(self, inner):
+            counted = super()._app(inner)
+
+            def app(environ, start_response):
+                if environ["REQUEST_METHOD"] != "GET":
+                    return counted(environ, start_response)
+                with self.gate:
+                    self.now += 1
+                    self.gets += 1
+                    self.most = max(self.most, self.now)
+                try:
+                    time.sleep(0.05)
+                    return counted(environ, start_response)
+                finally:
+                    with self.gate:
+                        self.now -= 1
+
+            return app
+
+    srv = SlowS3().start()
+    try:
+        env = {"AWS_ENDPOINT_URL": srv.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        boto3.client("s3", endpoint_url=srv.url, region_name="us-east-1").create_bucket(Bucket="read-each")
+        store = Store("s3://read-each/run")
+        objs = {f"t/{i:03d}.bin": os.urandom(1000 + i) for i in range(40)}
+        for rel, data in objs.items():
+            store.write_bytes(rel, data)
+        rels = list(objs)[::-1]  # not the listing order: the order asked is the order given back
+        srv.gets = srv.most = 0
+        assert list(store.read_each(rels, threads=8)) == [objs[r] for r in rels]
+        assert srv.gets == 40 and 2 <= srv.most <= 8, (srv.gets, srv.most)
+
+        srv.gets = 0
+        it = store.read_each(rels, threads=4)
+        assert next(it) == objs[rels[0]]
+        time.sleep(0.5)  # a slow consumer: the reads wait for it
+        assert srv.gets <= 2 * 4 + 1, srv.gets
+        it.close()
+
+        got = []
+        with pytest.raises(FileNotFoundError):
+            for data in store.read_each([rels[0], rels[1], "t/missing.bin", rels[2]], threads=4):
+                got.append(data)
+        assert got == [objs[rels[0]], objs[rels[1]]]
+    finally:
+        srv.stop()
