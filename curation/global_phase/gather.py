@@ -194,9 +194,12 @@ def _ident(t) -> str:
 def _gather_bucket(item: dict, store: Store) -> dict:
     """One bucket: the video tables no earlier generation holds, gathered into this generation's files. A
     table an earlier generation holds with another content, or one that disappeared, marks the bucket
-    ``stale`` (nothing is written then)."""
+    ``stale`` (nothing is written then).
+
+    The tables stream through: they are read ``IO_THREADS`` at a time in listing order (``Store.read_each``)
+    and each goes to its (kind, category) file as it arrives, so the task holds its read-ahead and one row
+    group per file (``ROW_GROUP_ROWS``), not the bucket: a bucket of Panda-70M holds ~15k videos."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     b, src, dst = item["bucket"], item["src"], item["dst"]
@@ -206,73 +209,126 @@ def _gather_bucket(item: dict, store: Store) -> dict:
         if store.exists(rel):
             for r in pq.read_table(io.BytesIO(store.read_bytes(rel))).to_pylist():
                 prior[(r["what"], r["rel"])] = r
-    counts: Counter = Counter()
-    dims: dict[str, int] = {}
-    n_clips = n_videos = 0
-    seen: list[dict] = []
-    new_rows: list[dict] = []
-    schemas = {"units": unit_schema(), "clips": clip_schema()}
-    tables: dict[tuple[str, str], object] = {}
-    listed: set = set()
-    stale = False
-    for what in ("units", "clips"):
-        for rel, size, mtime in _listing(store, f"{src}/{what}/{b:02x}/"):
-            listed.add((what, rel))
-            old = prior.get((what, rel))
-            if old is not None and old["size"] == size and old["mtime_ns"] == mtime and mtime >= 0:
-                seen.append(old)
-                continue
-            t = pq.read_table(io.BytesIO(store.read_bytes(rel)), schema=schemas[what])
-            rec = {"what": what, "rel": rel, "size": size, "mtime_ns": mtime, "ident": _ident(t)}
-            seen.append(rec)
-            if old is not None:
-                stale = stale or old["ident"] != rec["ident"]  # the same content written again is kept
-                continue
-            new_rows.append(rec)
-            tables[(what, rel)] = t
-    stale = stale or any(k not in listed for k in prior)
-    h = hashlib.sha256()  # what this bucket holds, over every generation (the order of a from-scratch run)
-    for rec in sorted(seen, key=lambda r: (r["what"] != "units", r["rel"])):
-        h.update(rec["rel"].encode() + b"\0" + bytes.fromhex(rec["ident"]))
-    out = {"bucket": b, "stale": stale, "new": len(new_rows), "digest": h.hexdigest()}
-    if stale or not new_rows:
-        return {**out, "units": {}, "dims": {}, "clips": 0, "videos": 0, "new_videos": 0}
+    listed = [(what, *f) for what in ("units", "clips") for f in _listing(store, f"{src}/{what}/{b:02x}/")]
+    seen: list[dict] = []  # what the bucket holds, over every generation
+    changed: list[tuple] = []  # held by an earlier generation, but another size or time: read to compare
+    new: list[tuple] = []
+    for what, rel, size, mtime in listed:
+        old = prior.get((what, rel))
+        if old is None:
+            new.append((what, rel, size, mtime))
+        elif old["size"] == size and old["mtime_ns"] == mtime and mtime >= 0:
+            seen.append(old)
+        else:
+            changed.append((what, rel, size, mtime))
+    names = {(what, rel) for what, rel, *_ in listed}
+    stale = any(k not in names for k in prior)
+    for (what, rel, size, mtime), data in zip(changed, store.read_each(c[1] for c in changed)):
+        rec = _record(what, rel, size, mtime, _table(data, what))
+        seen.append(rec)
+        stale = stale or prior[(what, rel)]["ident"] != rec["ident"]  # the same content written again is kept
+    out = {"bucket": b, "stale": stale, "new": len(new)}
+    empty = {"units": {}, "dims": {}, "clips": 0, "videos": 0, "new_videos": 0}
+    if stale:  # the caller gathers everything again in a new epoch: nothing of this scan is kept
+        return {**out, "digest": "", **empty}
+    if not new:
+        return {**out, "digest": _bucket_digest(seen), **empty}
+    files = _BucketFiles(store, dst, b)
+    new_rows = []
     with contextlib.ExitStack() as stack:  # an error leaves no file behind (each writer is atomic)
-        writers: dict = {}  # one streaming writer per (kind, category) of this bucket, and one for the clips
-
-        def writer(key: str, rel: str, schema):
-            if key not in writers:
-                f = stack.enter_context(store.writer(rel))
-                writers[key] = pq.ParquetWriter(f, schema, compression="zstd")
-            return writers[key]
-
-        for rec in new_rows:
-            what, t = rec["what"], tables[(rec["what"], rec["rel"])]
-            if not t.num_rows:
-                continue
-            if what == "clips":
-                writer("clips", f"{dst}/clips-{b:02x}.parquet", schemas["clips"]).write_table(t)
-                n_clips += t.num_rows
-                n_videos += 1
-                continue
-            kinds, cats = t.column("kind").to_pylist(), t.column("category").to_pylist()
-            for kind, cat in sorted(set(zip(kinds, cats))):
-                key = f"{kind}\t{cat}"
-                part = t.filter(pc.and_(pc.equal(t["kind"], kind), pc.equal(t["category"], cat)))
-                writer(key, unit_file(dst, kind, cat, b), schemas["units"]).write_table(part)
-                counts[key] += part.num_rows
-                dims.setdefault(kind, len(part.column("vector")[0]))
-        for w in writers.values():
-            w.close()
+        for (what, rel, size, mtime), data in zip(new, store.read_each(n[1] for n in new)):
+            t = _table(data, what)
+            rec = _record(what, rel, size, mtime, t)
+            seen.append(rec)
+            new_rows.append(rec)
+            files.add(stack, what, t)
+        files.close()
     # the bucket's video list last: a generation killed before it is gathered again whole
     vt = pa.Table.from_pylist(new_rows, schema=_videos_schema())
     with store.writer(videos_file(dst, b)) as f:
         pq.write_table(vt, f, compression="zstd")
     return {
         **out,
-        "units": dict(counts),
-        "dims": dims,
-        "clips": n_clips,
-        "videos": n_videos,
+        "digest": _bucket_digest(seen),
+        "units": dict(files.counts),
+        "dims": files.dims,
+        "clips": files.n_clips,
+        "videos": files.n_videos,
         "new_videos": len({rec["rel"].rsplit("/", 1)[-1] for rec in new_rows}),  # units or clips table
     }
+
+
+ROW_GROUP_ROWS = 4096  # rows a gathered file's writer buffers before it writes a row group
+
+
+def _table(data: bytes, what: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(data), schema=unit_schema() if what == "units" else clip_schema())
+
+
+def _record(what: str, rel: str, size: int, mtime: int, t) -> dict:
+    return {"what": what, "rel": rel, "size": size, "mtime_ns": mtime, "ident": _ident(t)}
+
+
+def _bucket_digest(seen: list[dict]) -> str:
+    """What a bucket holds over every generation, in the order of a from-scratch run."""
+    h = hashlib.sha256()
+    for rec in sorted(seen, key=lambda r: (r["what"] != "units", r["rel"])):
+        h.update(rec["rel"].encode() + b"\0" + bytes.fromhex(rec["ident"]))
+    return h.hexdigest()
+
+
+class _BucketFiles:
+    """A bucket's gathered files of one generation: its clips file and one units file per (kind, category),
+    each a streaming Parquet writer that buffers up to ``ROW_GROUP_ROWS`` rows (row groups of a few thousand
+    rows, not one per video) and counts what it took."""
+
+    def __init__(self, store: Store, dst: str, bucket: int):
+        self.store, self.dst, self.bucket = store, dst, bucket
+        self.writers: dict[str, object] = {}
+        self.buffers: dict[str, list] = {}
+        self.counts: Counter = Counter()
+        self.dims: dict[str, int] = {}
+        self.n_clips = self.n_videos = 0
+
+    def add(self, stack: contextlib.ExitStack, what: str, t) -> None:
+        import pyarrow.compute as pc
+
+        if not t.num_rows:
+            return
+        if what == "clips":
+            self._put(stack, "clips", f"{self.dst}/clips-{self.bucket:02x}.parquet", clip_schema(), t)
+            self.n_clips += t.num_rows
+            self.n_videos += 1
+            return
+        kinds, cats = t.column("kind").to_pylist(), t.column("category").to_pylist()
+        for kind, cat in sorted(set(zip(kinds, cats))):
+            key = f"{kind}\t{cat}"
+            part = t.filter(pc.and_(pc.equal(t["kind"], kind), pc.equal(t["category"], cat)))
+            self._put(stack, key, unit_file(self.dst, kind, cat, self.bucket), unit_schema(), part)
+            self.counts[key] += part.num_rows
+            self.dims.setdefault(kind, len(part.column("vector")[0]))
+
+    def _put(self, stack: contextlib.ExitStack, key: str, rel: str, schema, t) -> None:
+        import pyarrow.parquet as pq
+
+        if key not in self.writers:
+            f = stack.enter_context(self.store.writer(rel))
+            self.writers[key] = pq.ParquetWriter(f, schema, compression="zstd")
+            self.buffers[key] = []
+        self.buffers[key].append(t)
+        if sum(x.num_rows for x in self.buffers[key]) >= ROW_GROUP_ROWS:
+            self._flush(key)
+
+    def _flush(self, key: str) -> None:
+        import pyarrow as pa
+
+        if self.buffers[key]:
+            self.writers[key].write_table(pa.concat_tables(self.buffers[key]))  # one row group
+            self.buffers[key] = []
+
+    def close(self) -> None:
+        for key, w in self.writers.items():
+            self._flush(key)
+            w.close()

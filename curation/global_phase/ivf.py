@@ -43,7 +43,7 @@ import numpy as np
 from curation import pairing
 from curation.execute import run_items
 from curation.global_phase import quantizer
-from curation.storage import Store
+from curation.storage import Store, in_order
 
 RANGE_ROWS = 65536  # database units per search task (about RANGE_ROWS x D x 4 bytes of vectors in memory)
 BLOCK_ROWS = 16384  # query units per assign / merge task
@@ -181,7 +181,7 @@ def read_table(store: Store, rel: str, columns=None):
 def _read_files(store: Store, files: list, columns=None):
     import pyarrow as pa
 
-    return pa.concat_tables([read_table(store, f, columns) for f, _ in files])
+    return pa.concat_tables(list(in_order(lambda f: read_table(store, f[0], columns), files)))
 
 
 def _write(store: Store, rel: str, table) -> None:
@@ -554,7 +554,8 @@ def search(item: dict, store: Store, params: dict) -> dict:
     if not todo:
         return {"skipped": 1, "scored": 0, "read": 0}
     gd = f"{d}/g{h:04d}"
-    db = pa.concat_tables([read_table(store, f"{gd}/lists/r{r:05d}/b{b:06d}.parquet") for b in item["db"]])
+    db = pa.concat_tables(list(in_order(lambda b: read_table(store, f"{gd}/lists/r{r:05d}/b{b:06d}.parquet"),
+                                        item["db"])))
     # the units sorted by list: numpy columns and one normalised matrix; the metadata stays in file order
     # (``order`` maps a sorted row back to it), so the range's vectors are held once
     order = np.argsort(db.column("list").to_numpy(), kind="stable")
@@ -691,11 +692,11 @@ def merged(partials: list[str], store: Store, r0: int, n: int, m: int):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = [f for f in partials if store.exists(f)]
+    files = [f for f, there in zip(partials, in_order(store.exists, partials)) if there]
     nb = pairing.Neighbours(np.full((n, m), -1, np.int64), np.full((n, m), -np.inf, np.float32))
     if not files:
         return nb, None
-    slim = [read_table(store, f, ["qid", "score", "cuid"]) for f in files]
+    slim = list(in_order(lambda f: read_table(store, f, ["qid", "score", "cuid"]), files))
     src = np.concatenate([np.full(t.num_rows, i, np.int32) for i, t in enumerate(slim)])
     row = np.concatenate([np.arange(t.num_rows, dtype=np.int64) for t in slim])
     t = pa.concat_tables(slim)

@@ -324,3 +324,43 @@ def test_the_training_sample_is_capped_whatever_the_category_size():
     assert big["nlist"] == 146_485 and big["cells"] == 2_289 and big["train_n"] == ivf.TRAIN_MAX
     assert ivf.shape(1_000_000, pp)["nlist"] == 977 and ivf.shape(100_000, pp)["nlist"] == 98
     assert ivf.shape(50, pp)["train_n"] == 50  # never more than the units
+
+
+def test_gather_streams_a_bucket_into_row_groups_of_many_videos(s3_bucket, monkeypatch):
+    """A bucket of 40 videos on a real S3 API (moto), gathered with ``ROW_GROUP_ROWS`` at 16: the units file
+    holds every video's units in listing order, written as row groups of about 16 rows (not one per video,
+    not the whole bucket at once), the clips file every clip, and the counts and digest match."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation.global_phase import gather
+    from curation.global_phase.tables import bucket_of, clip_schema, unit_schema, write_parquet
+
+    monkeypatch.setattr(gather, "ROW_GROUP_ROWS", 16)
+    store = Store(s3_bucket + "/run")
+    vids = [v for v in (f"v{i:05d}" for i in range(20000)) if bucket_of(v) == 7][:40]
+    want = []
+    rng = np.random.default_rng(0)
+    for v in vids:
+        units = pa.table({
+            "kind": ["subject"] * 3, "bucket": [7] * 3, "video_id": [v] * 3,
+            "clip_id": [f"{v}-{i:04d}" for i in range(3)], "subject": [0, 1, 2], "category": ["animal"] * 3,
+            "vector": [list(rng.standard_normal(4).astype(np.float32)) for _ in range(3)],
+            "phashes": [[1, 2]] * 3, "crop_path": ["c.jpg"] * 3, "crop_box": [[0, 0, 8, 8]] * 3,
+            "crop_box_tight": [[0, 0, 8, 8]] * 3, "crop_ref": [0] * 3, "ref_t_s": [0.0] * 3,
+            "ref_frame_index": [0] * 3, "v_n_clips": [3] * 3,
+        }, schema=unit_schema())
+        clips = pa.Table.from_pylist(
+            [{"video_id": v, "clip_id": f"{v}-{i:04d}", "bucket": 7, "row": "{}"} for i in range(3)], schema=clip_schema()
+        )
+        write_parquet(store, f"tables/m/units/07/{v}.parquet", units)
+        write_parquet(store, f"tables/m/clips/07/{v}.parquet", clips)
+        want.append(units)
+    got = gather.gather_tables(store, "m", "g", "sequential")
+    assert got["units"] == {"subject\tanimal": 120} and got["clips"] == 120 and got["videos"] == 40
+    f = pq.ParquetFile(store.open_input(gather.unit_file("g", "subject", "animal", 7)))
+    assert f.read().to_pylist() == pa.concat_tables(want).to_pylist()  # listing order = video id order
+    sizes = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
+    assert sizes == [18] * 6 + [12], sizes
+    again = gather.gather_tables(store, "m", "g2", "sequential")
+    assert again["digest"] == got["digest"]
