@@ -480,7 +480,7 @@ class Store:
             atomic_local(dest, lambda f: _copy_into(local, f))
             return
         with open(local, "rb") as src, self.fs.open_output_stream(self.path(rel)) as f:
-            shutil.copyfileobj(src, f, 1 << 20)
+            _upload(src, f)
 
     @contextlib.contextmanager
     def writer(self, rel: str):
@@ -508,7 +508,7 @@ class Store:
             def upload():
                 f.seek(0)
                 with self.fs.open_output_stream(self.path(rel)) as out:
-                    shutil.copyfileobj(f, out, 1 << 20)
+                    _upload(f, out)
 
             call_with_retry(upload, what=f"{self!r}.writer({rel!r})")
 
@@ -520,6 +520,23 @@ class Store:
     def delete_dir(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.delete_dir(self.path(rel))
+
+
+UPLOAD_WINDOW = 64 << 20  # bytes of an upload that may wait in memory for their part's PUT
+
+
+def _upload(src, out) -> None:
+    """Copy ``src`` into an object-store output stream, waiting for the queued parts every ``UPLOAD_WINDOW``
+    bytes: pyarrow's S3 stream uploads parts in the background and queues every part handed to it, so a
+    file read from disk faster than the link takes it sat in memory whole (a 300 MB file: ~350 MB RSS,
+    measured against moto). An object under the window still goes up as one PUT."""
+    sent = 0
+    while chunk := src.read(1 << 20):
+        out.write(chunk)
+        sent += len(chunk)
+        if sent >= UPLOAD_WINDOW:
+            out.flush()  # returns once every part handed over so far is uploaded
+            sent = 0
 
 
 _FILE_MODE: int | None = None

@@ -451,3 +451,40 @@ def test_read_each_keeps_order_overlaps_requests_and_bounds_its_read_ahead(monke
         assert got == [objs[rels[0]], objs[rels[1]]]
     finally:
         srv.stop()
+
+
+_UPLOAD_CHILD = """
+import os, sys, tempfile
+from curation.storage import Store
+
+def hwm_mb():
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")) / 1024
+
+store = Store(sys.argv[1])
+store.write_bytes("warm.bin", b"x")  # the S3 client and its threads exist before the baseline
+with tempfile.NamedTemporaryFile() as t:
+    for _ in range(160):
+        t.write(os.urandom(1 << 20))
+    t.flush()
+    base = hwm_mb()
+    store.put_file("big.bin", t.name)
+    after_put = hwm_mb()
+    with store.writer("big2.bin") as f, open(t.name, "rb") as src:
+        while chunk := src.read(1 << 20):
+            f.write(chunk)
+    print(after_put - base, hwm_mb() - base, store.size("big.bin"), store.size("big2.bin"))
+"""
+
+
+def test_an_upload_holds_a_window_not_the_file(s3_bucket):
+    """A 160 MB file put on a real S3 API (moto), by ``put_file`` and through ``writer``, in a fresh process:
+    its peak RSS grows by about ``UPLOAD_WINDOW`` (64 MB), not by the file (pyarrow's stream queued every part
+    for its background upload: 158 MB more for this file before ``_upload`` waited every window)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _UPLOAD_CHILD, s3_bucket + "/run"], capture_output=True,
+                         text=True, check=True, env=os.environ)
+    put_mb, writer_mb, size1, size2 = out.stdout.split()
+    assert int(size1) == int(size2) == 160 << 20
+    assert float(put_mb) < 120 and float(writer_mb) < 120, out.stdout
