@@ -143,7 +143,7 @@ def write_synthetic_panda_csv(path: str, n_rows: int, seed: int = 0) -> int:
 
 
 _INGEST_CHILD = """
-import json, os, resource, sys, threading, time
+import json, os, sys, threading, time
 import psutil
 from curation.config import RayConfig, RunConfig
 from curation.execute import init_ray
@@ -243,7 +243,7 @@ dt = time.perf_counter() - t0
 stop.set()
 time.sleep(0.6)
 print(json.dumps({"rows": n, "csv_rows": parts.rows, "wall_s": dt, "parts": len(parts.paths),
-                  "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "driver_peak_rss_mb": hwm(psutil.Process()) / 2**20,
                   "driver_peak_anon_mb": anon_peak[0] / 2**20,
                   "worker_peak_rss_mb": worker_peak[0] / 2**20, "worker_peak_was": worker_peak[1],
                   "worker_peak_uss_mb": uss_peak[0] / 2**20, "worker_peak_uss_was": uss_peak[1],
@@ -254,8 +254,9 @@ print(json.dumps({"rows": n, "csv_rows": parts.rows, "wall_s": dt, "parts": len(
 
 
 def ingest_once(tmp: str, n_rows: int, num_cpus: int = 2) -> dict:
-    """The Ray ingest of a synthetic ``n_rows`` CSV in a child process that does only that (so its
-    ``ru_maxrss`` is the ingest's driver peak); the CSV is deleted afterwards."""
+    """The Ray ingest of a synthetic ``n_rows`` CSV in a child process that does only that (so its VmHWM is
+    the ingest's driver peak; not getrusage's ru_maxrss, which Linux carries from the forking parent through
+    exec); the CSV is deleted afterwards."""
     csv_path = os.path.join(tmp, f"panda_{n_rows}.csv")
     t0 = time.perf_counter()
     write_synthetic_panda_csv(csv_path, n_rows)
