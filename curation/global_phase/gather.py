@@ -258,7 +258,7 @@ def _gather_bucket(item: dict, store: Store) -> dict:
     }
 
 
-ROW_GROUP_ROWS = 1024  # rows a gathered file's writer buffers before it writes a row group (~3 MB of 768-d vectors)
+ROW_GROUP_ROWS = 1024  # rows a gathered file buffers before it writes a row group (~3 MB of 768-d vectors)
 
 
 def _table(data: bytes, what: str):

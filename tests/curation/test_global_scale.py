@@ -351,7 +351,8 @@ def test_gather_streams_a_bucket_into_row_groups_of_many_videos(s3_bucket, monke
             "ref_frame_index": [0] * 3, "v_n_clips": [3] * 3,
         }, schema=unit_schema())
         clips = pa.Table.from_pylist(
-            [{"video_id": v, "clip_id": f"{v}-{i:04d}", "bucket": 7, "row": "{}"} for i in range(3)], schema=clip_schema()
+            [{"video_id": v, "clip_id": f"{v}-{i:04d}", "bucket": 7, "row": "{}"} for i in range(3)],
+            schema=clip_schema(),
         )
         write_parquet(store, f"tables/m/units/07/{v}.parquet", units)
         write_parquet(store, f"tables/m/clips/07/{v}.parquet", clips)

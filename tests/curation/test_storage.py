@@ -384,10 +384,10 @@ def test_read_bytes_is_one_get_whatever_the_size(monkeypatch):
 
 
 def test_read_each_keeps_order_overlaps_requests_and_bounds_its_read_ahead(monkeypatch):
-    """``Store.read_each`` on a real S3 API (moto behind a layer that holds every GET 50 ms and counts the GETs
-    in flight at the server): the objects come back in the order asked, several GETs are in flight at once
-    (no more than the threads), a slow consumer never has more than ``2 * threads`` objects read ahead, and a
-    missing object raises at its turn, after the ones before it."""
+    """``Store.read_each`` on a real S3 API (moto behind a layer that holds every GET 50 ms and counts the
+    GETs in flight at the server): the objects come back in the order asked, several GETs are in flight at
+    once (no more than the threads), a slow consumer never has more than ``2 * threads`` objects read ahead,
+    and a missing object raises at its turn, after the ones before it."""
     import threading
     import time
 
