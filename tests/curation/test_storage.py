@@ -358,21 +358,27 @@ def test_the_cache_cap_from_pipelines_yaml_reaches_storage_and_child_processes(t
         cache_limit_bytes()
 
 
+def _store_behind(srv, bucket: str, monkeypatch) -> Store:
+    """A store in a new bucket of the counting moto server ``srv``, the AWS variables set for this test."""
+    import boto3
+
+    env = {"AWS_ENDPOINT_URL": srv.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=srv.url, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return Store(f"s3://{bucket}/run")
+
+
 def test_read_bytes_is_one_get_whatever_the_size(monkeypatch):
     """``Store.read_bytes`` of a 3 MB object on a real S3 API (moto, every request counted at the server):
     one GET (pyarrow's S3 input stream made one per 256 KB: 12 here, 160 for a 40 MB table)."""
-    import boto3
 
     from bench.bench_map_io import CountingS3
 
     srv = CountingS3().start()
     try:
-        env = {"AWS_ENDPOINT_URL": srv.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        boto3.client("s3", endpoint_url=srv.url, region_name="us-east-1").create_bucket(Bucket="read-bytes")
-        store = Store("s3://read-bytes/run")
+        store = _store_behind(srv, "read-bytes", monkeypatch)
         data = os.urandom(3 << 20)
         with store.writer("t/table.bin") as f:
             f.write(data)
@@ -390,8 +396,6 @@ def test_read_each_keeps_order_overlaps_requests_and_bounds_its_read_ahead(monke
     and a missing object raises at its turn, after the ones before it."""
     import threading
     import time
-
-    import boto3
 
     from bench.bench_map_io import CountingS3
 
@@ -423,12 +427,7 @@ def test_read_each_keeps_order_overlaps_requests_and_bounds_its_read_ahead(monke
 
     srv = SlowS3().start()
     try:
-        env = {"AWS_ENDPOINT_URL": srv.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        boto3.client("s3", endpoint_url=srv.url, region_name="us-east-1").create_bucket(Bucket="read-each")
-        store = Store("s3://read-each/run")
+        store = _store_behind(srv, "read-each", monkeypatch)
         objs = {f"t/{i:03d}.bin": os.urandom(1000 + i) for i in range(40)}
         for rel, data in objs.items():
             store.write_bytes(rel, data)
