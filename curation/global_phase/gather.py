@@ -233,15 +233,15 @@ def _gather_bucket(item: dict, store: Store) -> dict:
         return {**out, "digest": "", **empty}
     if not new:
         return {**out, "digest": _bucket_digest(seen), **empty}
-    files = _BucketFiles(store, dst, b)
     new_rows = []
     with contextlib.ExitStack() as stack:  # an error leaves no file behind (each writer is atomic)
+        files = _BucketFiles(store, dst, b, stack)
         for (what, rel, size, mtime), data in zip(new, store.read_each(n[1] for n in new)):
             t = _table(data, what)
             rec = _record(what, rel, size, mtime, t)
             seen.append(rec)
             new_rows.append(rec)
-            files.add(stack, what, t)
+            files.add(what, t)
         files.close()
     # the bucket's video list last: a generation killed before it is gathered again whole
     vt = pa.Table.from_pylist(new_rows, schema=_videos_schema())
@@ -281,24 +281,25 @@ def _bucket_digest(seen: list[dict]) -> str:
 
 class _BucketFiles:
     """A bucket's gathered files of one generation: its clips file and one units file per (kind, category),
-    each a streaming Parquet writer that buffers up to ``ROW_GROUP_ROWS`` rows (row groups of a few thousand
-    rows, not one per video) and counts what it took."""
+    each a streaming Parquet writer (its atomic store writer entered on ``stack``) that buffers up to
+    ``ROW_GROUP_ROWS`` rows (row groups of ~1k rows, not one per video) and counts what it took."""
 
-    def __init__(self, store: Store, dst: str, bucket: int):
-        self.store, self.dst, self.bucket = store, dst, bucket
+    def __init__(self, store: Store, dst: str, bucket: int, stack: contextlib.ExitStack):
+        self.store, self.dst, self.bucket, self.stack = store, dst, bucket, stack
         self.writers: dict[str, object] = {}
         self.buffers: dict[str, list] = {}
+        self.buffered: Counter = Counter()  # rows in each buffer
         self.counts: Counter = Counter()
         self.dims: dict[str, int] = {}
         self.n_clips = self.n_videos = 0
 
-    def add(self, stack: contextlib.ExitStack, what: str, t) -> None:
+    def add(self, what: str, t) -> None:
         import pyarrow.compute as pc
 
         if not t.num_rows:
             return
         if what == "clips":
-            self._put(stack, "clips", f"{self.dst}/clips-{self.bucket:02x}.parquet", clip_schema(), t)
+            self._put("clips", f"{self.dst}/clips-{self.bucket:02x}.parquet", clip_schema(), t)
             self.n_clips += t.num_rows
             self.n_videos += 1
             return
@@ -306,19 +307,20 @@ class _BucketFiles:
         for kind, cat in sorted(set(zip(kinds, cats))):
             key = f"{kind}\t{cat}"
             part = t.filter(pc.and_(pc.equal(t["kind"], kind), pc.equal(t["category"], cat)))
-            self._put(stack, key, unit_file(self.dst, kind, cat, self.bucket), unit_schema(), part)
+            self._put(key, unit_file(self.dst, kind, cat, self.bucket), unit_schema(), part)
             self.counts[key] += part.num_rows
             self.dims.setdefault(kind, len(part.column("vector")[0]))
 
-    def _put(self, stack: contextlib.ExitStack, key: str, rel: str, schema, t) -> None:
+    def _put(self, key: str, rel: str, schema, t) -> None:
         import pyarrow.parquet as pq
 
         if key not in self.writers:
-            f = stack.enter_context(self.store.writer(rel))
+            f = self.stack.enter_context(self.store.writer(rel))
             self.writers[key] = pq.ParquetWriter(f, schema, compression="zstd")
             self.buffers[key] = []
         self.buffers[key].append(t)
-        if sum(x.num_rows for x in self.buffers[key]) >= ROW_GROUP_ROWS:
+        self.buffered[key] += t.num_rows
+        if self.buffered[key] >= ROW_GROUP_ROWS:
             self._flush(key)
 
     def _flush(self, key: str) -> None:
@@ -326,7 +328,7 @@ class _BucketFiles:
 
         if self.buffers[key]:
             self.writers[key].write_table(pa.concat_tables(self.buffers[key]))  # one row group
-            self.buffers[key] = []
+            self.buffers[key], self.buffered[key] = [], 0
 
     def close(self) -> None:
         for key, w in self.writers.items():
